@@ -1,0 +1,310 @@
+"""Feature backbones: DINO ViTs (timm) and ResNet + FPN (torchvision), plus weight loading.
+
+Every backbone maps ImageNet-normalised images [B, 3, H, W] to a feature map
+[B, C, H / stride, W / stride]. ViTs can also return the pre-softmax attention logits
+of their last block between patch tokens (used by HP's local hidden positives).
+Nothing here downloads weights: models are built randomly initialised (seed with
+``torch.manual_seed``) and checkpoints are loaded only from a path or s3:// URI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# backbone name -> timm structure name
+VIT_MODELS = {
+    "vit_small_patch16": "vit_small_patch16_224",
+    "vit_small_patch8": "vit_small_patch8_224",
+    "vit_base_patch8": "vit_base_patch8_224",
+}
+# backbone name -> (torchvision constructor name, channels of layer1..layer4)
+RESNET_MODELS = {
+    "resnet18_fpn": ("resnet18", (64, 128, 256, 512)),
+    "resnet50_fpn": ("resnet50", (256, 512, 1024, 2048)),
+}
+BACKBONE_NAMES = tuple(VIT_MODELS) + tuple(RESNET_MODELS)
+DEFAULT_FPN_DIM = 128
+
+
+class BackboneError(ValueError):
+    """Bad backbone name, arguments or input."""
+
+
+class BackboneWeightsError(BackboneError):
+    """A checkpoint that cannot be read or does not fit the backbone."""
+
+
+@dataclass
+class BackboneOutput:
+    """features: [B, C, h, w]; attn_logits: [B, h*w, h*w] head-mean pre-softmax logits
+    of the last block between patch tokens (row = query), or None."""
+
+    features: Tensor
+    attn_logits: Tensor | None = None
+
+
+def normalize(images_uint8: Tensor) -> Tensor:
+    """uint8 images [B, H, W, 3] -> ImageNet-normalised float32 [B, 3, H, W]."""
+    if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or images_uint8.shape[-1] != 3:
+        raise BackboneError(
+            f"normalize expects uint8 images shaped [B, H, W, 3], got {images_uint8.dtype} "
+            f"{tuple(images_uint8.shape)}; convert the batch to uint8 NHWC RGB first"
+        )
+    x = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def vit_attention_logits(attn: nn.Module, x: Tensor) -> Tensor:
+    """Pre-softmax attention logits of a timm ``Attention`` module.
+
+    attn: the module (uses its qkv, q_norm, k_norm, scale, num_heads, head_dim);
+    x: the module's input tokens [B, T, D]. Returns [B, heads, T, T] with
+    logits[b, h, i, j] = scale * q_i . k_j, exactly what timm softmaxes.
+    """
+    b, t, _ = x.shape
+    qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return (q * attn.scale) @ k.transpose(-2, -1)
+
+
+class Backbone(nn.Module):
+    """Base class. Attributes: name, dim (feature channels C), stride (pixels per cell),
+    frozen (parameters fixed and module always in eval mode)."""
+
+    name: str
+    dim: int
+    stride: int
+
+    def __init__(self, name: str, dim: int, stride: int):
+        super().__init__()
+        self.name, self.dim, self.stride = name, dim, stride
+        self.frozen = False
+
+    def freeze(self) -> Backbone:
+        """Disable gradients for every parameter and pin eval mode."""
+        self.requires_grad_(False)
+        self.frozen = True
+        return self.eval()
+
+    def train(self, mode: bool = True) -> Backbone:
+        # A frozen backbone stays in eval mode (BatchNorm statistics, dropout) whatever the caller does.
+        return super().train(mode and not self.frozen)
+
+    def forward(self, x: Tensor, with_attention: bool = False) -> BackboneOutput:
+        """x: ImageNet-normalised [B, 3, H, W] with H, W divisible by ``stride``."""
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % self.stride or x.shape[3] % self.stride:
+            raise BackboneError(
+                f"backbone {self.name} needs images [B, 3, H, W] with H and W divisible by "
+                f"{self.stride}, got {tuple(x.shape)}; resize or crop the input"
+            )
+        return self._features(x, with_attention)
+
+    def _features(self, x: Tensor, with_attention: bool) -> BackboneOutput:
+        raise NotImplementedError
+
+
+class ViTBackbone(Backbone):
+    """timm VisionTransformer; features are the final-normed patch tokens."""
+
+    def __init__(self, name: str):
+        vit = timm.create_model(VIT_MODELS[name], pretrained=False, num_classes=0, dynamic_img_size=True)
+        super().__init__(name, dim=vit.embed_dim, stride=vit.patch_embed.patch_size[0])
+        self.vit = vit
+        self.vit.blocks[-1].attn.fused_attn = False
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens
+
+    def forward_tokens(self, x: Tensor, with_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        """All output tokens [B, T, C] (prefix tokens first) and, if asked, the last block's
+        per-head pre-softmax attention logits [B, heads, T, T]."""
+        if not with_attention:
+            return self.vit.forward_features(x), None
+        last_attn = self.vit.blocks[-1].attn
+        captured: list[Tensor] = []
+        hook = last_attn.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+        try:
+            tokens = self.vit.forward_features(x)
+        finally:
+            hook.remove()
+        return tokens, vit_attention_logits(last_attn, captured[0])
+
+    def _features(self, x: Tensor, with_attention: bool) -> BackboneOutput:
+        h, w = x.shape[2] // self.stride, x.shape[3] // self.stride
+        tokens, head_logits = self.forward_tokens(x, with_attention)
+        p = self.num_prefix_tokens
+        features = tokens[:, p:].reshape(x.shape[0], h, w, self.dim).permute(0, 3, 1, 2).contiguous()
+        attn_logits = head_logits[:, :, p:, p:].mean(dim=1) if head_logits is not None else None
+        return BackboneOutput(features=features, attn_logits=attn_logits)
+
+
+class FPN(nn.Module):
+    """Top-down feature pyramid: 1x1 lateral convs on the four ResNet stages, coarse maps
+    bilinearly upsampled and summed into finer ones; returns the stride-4 map."""
+
+    def __init__(self, in_channels: tuple[int, ...], out_dim: int):
+        super().__init__()
+        self.laterals = nn.ModuleList(nn.Conv2d(c, out_dim, kernel_size=1) for c in in_channels)
+
+    def forward(self, stages: list[Tensor]) -> Tensor:
+        """stages: [B, C_i, H_i, W_i] finest first -> [B, out_dim, H_0, W_0]."""
+        out = self.laterals[-1](stages[-1])
+        for lateral, stage in zip(reversed(self.laterals[:-1]), reversed(stages[:-1])):
+            out = lateral(stage) + F.interpolate(out, size=stage.shape[-2:], mode="bilinear", align_corners=False)
+        return out
+
+
+class ResNetFPNBackbone(Backbone):
+    """torchvision ResNet trunk (no fc) + FPN, features at stride 4."""
+
+    def __init__(self, name: str, fpn_dim: int = DEFAULT_FPN_DIM):
+        arch, channels = RESNET_MODELS[name]
+        super().__init__(name, dim=fpn_dim, stride=4)
+        self.trunk = getattr(torchvision.models, arch)(weights=None)
+        self.trunk.fc = nn.Identity()
+        self.fpn = FPN(channels, fpn_dim)
+
+    def _features(self, x: Tensor, with_attention: bool) -> BackboneOutput:
+        if with_attention:
+            raise BackboneError(
+                f"backbone {self.name} has no attention; use a ViT backbone or with_attention=False"
+            )
+        t = self.trunk
+        x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
+        stages = []
+        for layer in (t.layer1, t.layer2, t.layer3, t.layer4):
+            x = layer(x)
+            stages.append(x)
+        return BackboneOutput(features=self.fpn(stages))
+
+
+def build_backbone(
+    name: str, weights: str | None = None, frozen: bool = True, fpn_dim: int | None = None
+) -> Backbone:
+    """Build a randomly initialised backbone, optionally load ``weights`` (path or s3:// URI),
+    and freeze it if ``frozen``. ``fpn_dim`` (ResNet-FPN only) defaults to 128."""
+    if name in VIT_MODELS:
+        if fpn_dim is not None:
+            raise BackboneError(f"fpn_dim is only for ResNet-FPN backbones, not {name}; drop it")
+        model: Backbone = ViTBackbone(name)
+    elif name in RESNET_MODELS:
+        model = ResNetFPNBackbone(name, DEFAULT_FPN_DIM if fpn_dim is None else fpn_dim)
+    else:
+        raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}")
+    if weights:
+        load_backbone_weights(model, weights, name)
+    return model.freeze() if frozen else model
+
+
+# Key prefixes stripped from checkpoints (DDP wrapper, DINO backbone, MoCo query encoder).
+_WRAPPER_PREFIXES = ("module.", "backbone.", "encoder_q.")
+# Keys of training heads that are never part of a backbone.
+_DROPPED_PREFIXES = ("head.", "fc.")
+
+
+def _checkpoint_state_dict(obj: object) -> dict[str, Tensor] | None:
+    """Find the backbone state dict in a loaded checkpoint (plain, DINO or MoCo layout)."""
+    if isinstance(obj, dict):
+        for key in ("teacher", "student", "state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        return None
+    keys = list(obj)
+    if any(k.startswith(("encoder_q.", "module.encoder_q.")) for k in keys):
+        # MoCo: keep only the query encoder (drops encoder_k, queue, queue_ptr).
+        obj = {k: v for k, v in obj.items() if k.startswith(("encoder_q.", "module.encoder_q."))}
+    cleaned = {}
+    for key, value in obj.items():
+        for prefix in _WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        if not key.startswith(_DROPPED_PREFIXES):
+            cleaned[key] = value
+    return cleaned
+
+
+def _model_key(module: Backbone, key: str) -> str:
+    """Map a checkpoint key to the Backbone's own state-dict namespace."""
+    if isinstance(module, ViTBackbone):
+        return key if key.startswith("vit.") else "vit." + key
+    if key.startswith(("trunk.", "fpn.")):
+        return key
+    return "trunk." + key
+
+
+def _few(keys: list[str], limit: int = 4) -> str:
+    """A short listing of keys, without the Backbone's own vit./trunk. namespace."""
+    shown = ", ".join(k.removeprefix("vit.").removeprefix("trunk.") for k in keys[:limit])
+    return f"[{shown}{f', ... +{len(keys) - limit} more' if len(keys) > limit else ''}]"
+
+
+def load_backbone_weights(module: Backbone, uri: str, name: str) -> None:
+    """Load a checkpoint from a local path or s3:// URI into ``module`` (in place).
+
+    Accepts a plain state dict, DINO checkpoints (``teacher``/``student``/``state_dict``/
+    ``model``; ``module.``/``backbone.`` prefixes; ``head.*`` dropped) and torchvision/MoCo
+    ResNet trunks (``module.encoder_q.``; ``fc.*`` dropped). A trunk-only checkpoint
+    leaves the FPN as initialised. Raises BackboneWeightsError on any other mismatch.
+    """
+    from raysseg.storage import read_bytes
+
+    data = read_bytes(uri)
+    try:
+        # Full DINO checkpoints also pickle their argparse.Namespace of training args.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a torch checkpoint"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackboneWeightsError(
+            f"weights {uri} for backbone {name} are not a readable torch checkpoint ({first_line}); "
+            "point weights at a .pth/.pt state dict"
+        ) from None
+    state = _checkpoint_state_dict(checkpoint)
+    if state is None:
+        raise BackboneWeightsError(
+            f"weights {uri} for backbone {name} hold no state dict of tensors (looked at the top level "
+            "and keys teacher/student/state_dict/model); point weights at a model checkpoint"
+        )
+    state = {_model_key(module, k): v for k, v in state.items()}
+    expected = module.state_dict()
+    has_fpn = any(k.startswith("fpn.") for k in state)
+    missing = [
+        k for k in expected
+        if k not in state
+        and not k.endswith("num_batches_tracked")  # BatchNorm step counter, unused in eval
+        and not (k.startswith("fpn.") and not has_fpn)  # trunk-only checkpoint: FPN stays as initialised
+    ]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_few(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches {_few(mismatched, 2)}")
+        raise BackboneWeightsError(
+            f"weights {uri} do not fit backbone {name}: {'; '.join(problems)}; "
+            "pick the backbone that matches the checkpoint (or the right checkpoint for this backbone)"
+        )
+    module.load_state_dict(state, strict=False)

@@ -1,0 +1,175 @@
+"""The ``raysseg`` command line. Every user-facing error is one line on stderr, exit code 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _config(args):
+    from raysseg.config import load_config
+
+    return load_config(args.config, args.set or [])
+
+
+def cmd_train(args) -> None:
+    from raysseg.train import train
+
+    cfg = _config(args)  # validated before Ray starts
+    result = train(cfg, restart=args.restart)
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"MLflow run: {result.run_id} ({result.tracking_uri})")
+
+
+def cmd_evaluate(args) -> None:
+    from raysseg.evaluate import evaluate
+
+    evaluate(args.checkpoint, split=args.split, crf=False if args.no_crf else None,
+             probe=False if args.no_probe else None, out=args.out)
+
+
+def cmd_run(args) -> None:
+    """Train, then evaluate the final checkpoint: the quick start."""
+    from raysseg.evaluate import evaluate
+    from raysseg.train import train
+
+    cfg = _config(args)
+    result = train(cfg, restart=args.restart)
+    evaluate(result.checkpoint, out=args.out)
+    print(f"MLflow run {result.run_id} in {result.tracking_uri}; "
+          f"browse with: mlflow ui --backend-store-uri {result.tracking_uri}")
+
+
+def cmd_predict(args) -> None:
+    from raysseg.predict import predict
+
+    predict(args.checkpoint, args.images, args.out)
+
+
+def cmd_data_synth(args) -> None:
+    from raysseg.data import synth_dataset
+
+    if os.path.isdir(os.path.join(args.out, "train", "images")) and not args.force:
+        print(f"{args.out} already holds a dataset (use --force to regenerate)")
+        return
+    synth_dataset(args.out, n_train=args.train, n_val=args.val, seed=args.seed)
+    print(f"wrote a synthetic dataset to {args.out}")
+
+
+def cmd_data_upload(args) -> None:
+    from raysseg.data import upload
+
+    upload(args.src, args.dst)
+
+
+def cmd_storage_serve(args) -> None:
+    import secrets
+    import time
+
+    from raysseg.storage import SeaweedServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "raysseg")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", secrets.token_hex(16))
+    with SeaweedServer(args.dir, port=args.port) as server:
+        if args.bucket:
+            server.create_bucket(args.bucket)
+        print("S3 server running; in another shell:")
+        print(f"  export AWS_ENDPOINT_URL={server.endpoint}")
+        print(f"  export AWS_ACCESS_KEY_ID={os.environ['AWS_ACCESS_KEY_ID']}")
+        print(f"  export AWS_SECRET_ACCESS_KEY={os.environ['AWS_SECRET_ACCESS_KEY']}")
+        print("Ctrl-C stops it; data stays in", args.dir, flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+def cmd_bench(args) -> None:
+    from raysseg import bench
+
+    bench.main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raysseg", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("--config", required=True, help="built-in config name (e.g. hp_camvid) or a YAML path")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set train.epochs=2")
+        sp.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start over")
+        return sp
+
+    with_config(sub.add_parser("train", help="train (or resume) a run")).set_defaults(fn=cmd_train)
+    sp = with_config(sub.add_parser("run", help="train then evaluate (the quick start)"))
+    sp.add_argument("--out", default="outputs/eval")
+    sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("evaluate", help="score a checkpoint on a labelled split")
+    sp.add_argument("--checkpoint", required=True, help="model.pt, its folder, s3://... or runs:/<id>/checkpoint")
+    sp.add_argument("--split", help="folder or s3:// prefix with images/ and labels/ (default: the config's val)")
+    sp.add_argument("--no-crf", action="store_true")
+    sp.add_argument("--no-probe", action="store_true")
+    sp.add_argument("--out", default="outputs/eval")
+    sp.set_defaults(fn=cmd_evaluate)
+
+    sp = sub.add_parser("predict", help="write label PNGs and overlays for a folder of images")
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--images", required=True)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(fn=cmd_predict)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    sp = data.add_parser("synth", help="generate the labelled procedural dataset")
+    sp.add_argument("out")
+    sp.add_argument("--train", type=int, default=48)
+    sp.add_argument("--val", type=int, default=16)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--force", action="store_true")
+    sp.set_defaults(fn=cmd_data_synth)
+    sp = data.add_parser("upload", help="copy a dataset folder into s3://bucket/prefix")
+    sp.add_argument("src")
+    sp.add_argument("dst")
+    sp.set_defaults(fn=cmd_data_upload)
+
+    storage = sub.add_parser("storage", help="the embedded S3 server").add_subparsers(dest="storage_command",
+                                                                                     required=True)
+    sp = storage.add_parser("serve", help="run SeaweedFS S3 on 127.0.0.1 and print the variables to set")
+    sp.add_argument("--dir", default="data/s3")
+    sp.add_argument("--port", type=int, default=8333)
+    sp.add_argument("--bucket", default="raysseg")
+    sp.set_defaults(fn=cmd_storage_serve)
+
+    sp = sub.add_parser("bench", help="benchmarks that print a table")
+    sp.add_argument("what", choices=["data", "eval", "step"])
+    sp.add_argument("--method", default="hp", choices=["hp"])
+    sp.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+    sp.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from raysseg.backbones import BackboneError
+    from raysseg.config import ConfigError
+    from raysseg.storage import StorageError
+    from raysseg.train import RunFailed
+
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except ConfigError as e:
+        sys.exit(_fail(f"config error: {e}"))
+    except (StorageError, BackboneError, RunFailed) as e:
+        sys.exit(_fail(f"error: {e}"))
+    except KeyboardInterrupt:
+        sys.exit(_fail("interrupted; run the same command again to resume"))
+
+
+def _fail(message: str) -> int:
+    print(message.splitlines()[0] if message else "error", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Typed run configuration: dataclasses loaded from YAML plus ``--set a.b=v`` overrides.
+
+Everything is validated here, before Ray starts: an unknown key, a wrong type or an
+out-of-range value raises :class:`ConfigError` with one line naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line naming the key."""
+
+
+def _f(default, *, lo=None, hi=None, choices=None, help=""):
+    """A dataclass field with validation metadata (inclusive bounds, allowed values)."""
+    kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(metadata={"lo": lo, "hi": hi, "choices": choices, "help": help}, **kw)
+
+
+BACKBONES = ("vit_small_patch16", "vit_small_patch8", "vit_base_patch8", "resnet18_fpn", "resnet50_fpn")
+METHODS = ("kmeans", "hp")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("data/synth/train", help="training split: folder or s3://bucket/prefix with images/")
+    val: str = _f("data/synth/val", help="evaluation split with images/ and labels/")
+    image_size: int = _f(224, lo=32, hi=4096)
+    crop_scale_min: float = _f(0.5, lo=0.05, hi=1.0, help="smallest crop area fraction in training")
+    n_classes: int = _f(5, lo=2, hi=1000, help="classes in the evaluation labels")
+    ignore_index: int = _f(255, lo=0, hi=65535)
+    class_names: list = _f([], help="optional names, one per class")
+    limit: int = _f(0, lo=0, help="use only the first N images of each split (0 = all)")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _f("vit_small_patch16", choices=BACKBONES)
+    weights: str = _f("", help="backbone checkpoint: path or s3:// URI; empty = random init")
+    frozen: bool = _f(True)
+    code_dim: int = _f(256, lo=2, hi=4096, help="K, segmentation code size")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(1, lo=1, hi=10000)
+    batch_size: int = _f(8, lo=1, hi=4096, help="images per worker per step")
+    lr: float = _f(5e-4, lo=0.0, hi=10.0)
+    weight_decay: float = _f(0.1, lo=0.0, hi=10.0)
+    grad_clip: float = _f(10.0, lo=0.0)
+    num_workers: int = _f(2, lo=1, hi=4096, help="Ray Train workers")
+    use_gpu: bool = _f(False)
+    seed: int = _f(0, lo=0)
+    storage: str = _f("runs", help="checkpoint root: folder or s3://bucket/prefix")
+    run_name: str = _f("", help="empty = <config>-<hash of the settings>")
+    log_every: int = _f(10, lo=1)
+    checkpoints_to_keep: int = _f(2, lo=1)
+
+
+@dataclass
+class KMeansConfig:
+    n_clusters: int = _f(0, lo=0, help="0 = data.n_classes")
+    pixels_per_image: int = _f(100, lo=1, help="features sampled per image for fitting")
+    iterations: int = _f(20, lo=1, hi=1000)
+    redo: int = _f(1, lo=1, hi=100, help="k-means restarts; the best objective wins")
+
+
+@dataclass
+class HPConfig:
+    pool_size: int = _f(2048, lo=1, help="M: one patch from each of M different images")
+    renew_every: int = _f(100, lo=1, help="N: iterations between task-specific pool renewals")
+    tau: float = _f(0.8, lo=1e-3, hi=10.0)
+    rho: float = _f(0.02, lo=0.0, hi=1.0, help="fraction of non-positives kept as negatives")
+    alpha: float = _f(0.05, lo=0.0, hi=100.0, help="consistency regulariser weight")
+    warmup: int = _f(1000, lo=0, help="iterations with lambda = 0")
+    ema: float = _f(0.99, lo=0.0, hi=1.0, help="EMA momentum of the task-specific head")
+    sigma: float = _f(28.0, lo=0.0, help="attention scale in local hidden positives")
+    local: bool = _f(True, help="local hidden positives (gradient propagation)")
+    chunk: int = _f(2048, lo=16, help="anchor rows per block in selection and loss")
+
+
+@dataclass
+class EvalConfig:
+    crf: bool = _f(True)
+    probe: bool = _f(True, help="linear probe trained on training-split labels")
+    probe_epochs: int = _f(50, lo=1)
+    probe_pixels_per_image: int = _f(400, lo=1)
+    batch_size: int = _f(8, lo=1)
+    overlays: int = _f(6, lo=0, hi=64)
+    workers: int = _f(2, lo=1, help="scoring actors")
+
+
+@dataclass
+class MlflowConfig:
+    experiment: str = _f("raysseg")
+    tracking_uri: str = _f("", help="empty = $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
+
+
+@dataclass
+class Config:
+    name: str = _f("custom")
+    method: str = _f("kmeans", choices=METHODS)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    hp: HPConfig = field(default_factory=HPConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    @property
+    def n_clusters(self) -> int:
+        return self.kmeans.n_clusters or self.data.n_classes
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 5e-4, ...}`` for MLflow params."""
+        out = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": v for k, v in values.items()})
+            else:
+                out[section] = values
+        return out
+
+    def run_name(self) -> str:
+        """The run's identity: the same settings give the same name, so a rerun resumes."""
+        if self.train.run_name:
+            return self.train.run_name
+        settings = {k: v for k, v in self.flat().items() if not k.startswith(("eval.", "mlflow.", "train.log_every"))}
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        return f"{self.name}-{digest}"
+
+
+def available_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("raysseg.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> tuple[str, dict]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        text, name = path.read_text(), path.stem
+    else:
+        res = resources.files("raysseg.configs") / f"{name_or_path}.yaml"
+        if not res.is_file():
+            hint = difflib.get_close_matches(name_or_path, available_configs(), n=1)
+            raise ConfigError(
+                f"unknown config {name_or_path!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + f" (built-in: {', '.join(available_configs())}; or give a .yaml path)"
+            )
+        text, name = res.read_text(), name_or_path
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {name_or_path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {name_or_path}: top level must be a mapping of sections")
+    raw.setdefault("name", name)
+    return name, raw
+
+
+def _coerce(key: str, value: Any, typ: type, meta: dict) -> Any:
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif typ is str:
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            value = str(value)
+    elif typ is list or get_origin(typ) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key}: {value} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value} is above the maximum {hi}")
+    return value
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            hint = difflib.get_close_matches(key, fields, n=1)
+            where = f"{prefix}{key}"
+            raise ConfigError(
+                f"unknown config key {where!r}" + (f"; did you mean '{prefix}{hint[0]}'?" if hint else "")
+            )
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            values[key] = _build(typ, value, f"{prefix}{key}.")
+        else:
+            values[key] = _coerce(f"{prefix}{key}", value, typ, fields[key].metadata)
+    return cls(**values)
+
+
+def _apply_override(raw: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.sub=value")
+    key, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _check_consistency(cfg: Config) -> None:
+    stride = 8 if "patch8" in cfg.model.backbone else 16 if "patch16" in cfg.model.backbone else 32
+    if cfg.data.image_size % stride:
+        raise ConfigError(
+            f"data.image_size: {cfg.data.image_size} is not a multiple of {stride}, the stride of {cfg.model.backbone}"
+        )
+    if cfg.data.class_names and len(cfg.data.class_names) != cfg.data.n_classes:
+        raise ConfigError(
+            f"data.class_names: {len(cfg.data.class_names)} names for data.n_classes = {cfg.data.n_classes}"
+        )
+    if cfg.method == "hp" and not cfg.model.backbone.startswith("vit"):
+        raise ConfigError(f"model.backbone: HP needs a ViT backbone (last-block attention), got {cfg.model.backbone}")
+    if cfg.method == "hp" and not cfg.model.frozen:
+        raise ConfigError("model.frozen: HP trains heads on a frozen backbone; set model.frozen=true")
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a built-in config by name (``hp_camvid``) or a YAML path, then apply overrides."""
+    _, raw = _read_yaml(name_or_path)
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    cfg = _build(Config, raw, "")
+    _check_consistency(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Rebuild a config stored in a checkpoint (validated like any other)."""
+    return _build(Config, raw, "")

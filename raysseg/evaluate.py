@@ -1,0 +1,240 @@
+"""Evaluation shared by every method (``raysseg evaluate``).
+
+1. Linear probe: codes at sampled labelled pixels of the *training* split (Ray Data
+   actor pool), then a 1x1 linear layer fitted on the driver.
+2. Scoring: the evaluation split streams through a pool of scoring actors; each batch
+   returns confusion matrices for clusters, clusters + CRF, probe and probe + CRF.
+3. The driver sums them into one matrix per variant over the whole split, matches
+   clusters to classes (Hungarian), and writes a JSON report, a table, pictures and
+   MLflow metrics into the training run.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("clusters", "clusters_crf", "probe", "probe_crf")
+
+
+def _segmenter(ref):
+    from raysseg.config import config_from_dict
+    from raysseg.model import Segmenter
+
+    ckpt = ray.get(ref[0])
+    seg = Segmenter(config_from_dict(ckpt["config"]), load_backbone_weights=False)
+    seg.load_state_dict(ckpt["state"])
+    torch.set_num_threads(1)
+    return seg.eval(), config_from_dict(ckpt["config"])
+
+
+class ProbeSampler:
+    """Actor: codes (upsampled to pixels) and labels at random labelled pixels of each image."""
+
+    def __init__(self, ckpt_ref, per_image: int, seed: int):
+        self.seg, self.cfg = _segmenter(ckpt_ref)
+        self.per_image = per_image
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, batch: dict) -> dict:
+        from raysseg.data import valid_rows
+
+        batch, _ = valid_rows(batch)
+        if len(batch["image"]) == 0:
+            return {"codes": np.zeros((0, self.seg.code_dim), np.float32), "labels": np.zeros(0, np.int64)}
+        images = torch.from_numpy(batch["image"])
+        codes = F.interpolate(self.seg.codes(images), size=images.shape[1:3], mode="bilinear", align_corners=False)
+        out_codes, out_labels = [], []
+        for b, label in enumerate(batch["label"]):
+            ys, xs = np.nonzero((label != self.cfg.data.ignore_index) & (label < self.cfg.data.n_classes))
+            if len(ys) == 0:
+                continue
+            pick = self.rng.choice(len(ys), min(self.per_image, len(ys)), replace=False)
+            out_codes.append(codes[b, :, ys[pick], xs[pick]].T.numpy())
+            out_labels.append(label[ys[pick], xs[pick]])
+        if not out_codes:
+            return {"codes": np.zeros((0, self.seg.code_dim), np.float32), "labels": np.zeros(0, np.int64)}
+        return {"codes": np.concatenate(out_codes).astype(np.float32), "labels": np.concatenate(out_labels)}
+
+
+class Scorer:
+    """Actor: per-batch confusion matrices of every variant, plus pictures of chosen images."""
+
+    def __init__(self, ckpt_ref, probe_state: dict | None, crf: bool, picture_paths: list[str]):
+        from raysseg.metrics import LinearProbe
+
+        self.seg, self.cfg = _segmenter(ckpt_ref)
+        self.probe = None
+        if probe_state is not None:
+            self.probe = LinearProbe(self.seg.code_dim, self.cfg.data.n_classes)
+            self.probe.load_state_dict(probe_state)
+            self.probe.eval()
+        self.crf, self.picture_paths = crf, set(picture_paths)
+
+    def __call__(self, batch: dict) -> dict:
+        from raysseg.crf import dense_crf
+        from raysseg.data import valid_rows
+        from raysseg.metrics import cluster_probs, confusion_matrix
+
+        cfg = self.cfg
+        k, n = cfg.n_clusters, cfg.data.n_classes
+        batch, bad = valid_rows(batch)
+        confs = {v: np.zeros((k if v.startswith("clusters") else n, n), np.int64) for v in VARIANTS}
+        pictures = []
+        if len(batch["image"]):
+            images = torch.from_numpy(batch["image"])
+            size = images.shape[1:3]
+            with torch.no_grad():
+                codes = self.seg.codes(images)
+                up = F.interpolate(codes, size=size, mode="bilinear", align_corners=False)
+                probs = {"clusters": cluster_probs(up, self.seg.centroids).numpy()}
+                if self.probe is not None:
+                    probs["probe"] = torch.softmax(self.probe.predict_logits(up), 1).numpy()
+            for b in range(len(images)):
+                label = batch["label"][b]
+                maps = {}
+                for name, p in probs.items():
+                    maps[name] = p[b].argmax(0)
+                    if self.crf:
+                        maps[name + "_crf"] = dense_crf(batch["image"][b], p[b]).argmax(0)
+                for name, pred in maps.items():
+                    confs[name] += confusion_matrix(pred, label, confs[name].shape[0], n, cfg.data.ignore_index)
+                if str(batch["path"][b]) in self.picture_paths:
+                    pictures.append((str(batch["path"][b]), batch["image"][b], label, maps))
+        return {
+            **{f"conf_{v}": c[None] for v, c in confs.items()},
+            "n_images": np.array([len(batch["image"])]),
+            "skipped": np.array([json.dumps(bad)]),
+            "pictures": np.array([pictures], dtype=object),
+        }
+
+
+def _table(report: dict) -> str:
+    names = report["class_names"]
+    rows = [v for v in VARIANTS if v in report["scores"]]
+    head = f"{'':14s}" + "".join(f"{r:>14s}" for r in rows)
+    lines = [head, "-" * len(head)]
+    for metric in ("accuracy", "miou"):
+        lines.append(f"{metric:14s}" + "".join(f"{100 * report['scores'][r][metric]:14.1f}" for r in rows))
+    lines.append("per-class IoU")
+    for c, name in enumerate(names):
+        vals = [report["scores"][r]["per_class_iou"][c] for r in rows]
+        lines.append(f"  {name[:12]:12s}" + "".join(f"{'-' if v is None else f'{100 * v:.1f}':>14s}" for v in vals))
+    return "\n".join(lines)
+
+
+def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None, probe: bool | None = None,
+             out: str | None = None, log_to_mlflow: bool = True) -> dict:
+    """Score a checkpoint on ``split`` (default: the config's ``data.val``). Returns the report."""
+    from raysseg import tracking
+    from raysseg.config import config_from_dict
+    from raysseg.data import make_dataset, list_split
+    from raysseg.metrics import direct_scores, fit_linear_probe, hungarian_scores, matched_confusion
+    from raysseg.model import read_checkpoint
+    from raysseg.train import init_ray
+    from raysseg.viz import confusion_figure, overlay_grid
+
+    ckpt = read_checkpoint(checkpoint)
+    cfg = config_from_dict(ckpt["config"])
+    split = split or cfg.data.val
+    crf = cfg.eval.crf if crf is None else crf
+    probe = cfg.eval.probe if probe is None else probe
+    list_split(split, with_labels=True)  # a clear error before Ray starts
+    init_ray()
+    t0 = time.time()
+    ref = [ray.put(ckpt)]
+    workers = cfg.eval.workers
+
+    probe_state = None
+    if probe:
+        print(f"[evaluate] linear probe: sampling labelled pixels of {cfg.data.train}", flush=True)
+        train_ds = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=False, with_labels=True,
+                                limit=cfg.data.limit or None)
+        sampled = train_ds.map_batches(ProbeSampler, fn_constructor_kwargs={"ckpt_ref": ref,
+                                       "per_image": cfg.eval.probe_pixels_per_image, "seed": cfg.train.seed},
+                                       batch_size=cfg.eval.batch_size, concurrency=workers, batch_format="numpy")
+        codes, labels = [], []
+        for b in sampled.iter_batches(batch_size=None, batch_format="numpy"):
+            codes.append(b["codes"])
+            labels.append(b["labels"])
+        x, y = torch.from_numpy(np.concatenate(codes)), torch.from_numpy(np.concatenate(labels)).long()
+        print(f"[evaluate] fitting the probe on {len(y)} pixels", flush=True)
+        model = fit_linear_probe(x, y, cfg.data.n_classes, cfg.data.ignore_index, epochs=cfg.eval.probe_epochs,
+                                 seed=cfg.train.seed)
+        probe_state = model.state_dict()
+
+    files = list_split(split, with_labels=True).images
+    picture_paths = files[: cfg.eval.overlays]
+    ds = make_dataset(split, image_size=cfg.data.image_size, train=False, with_labels=True)
+    scored = ds.map_batches(Scorer, fn_constructor_kwargs={"ckpt_ref": ref, "probe_state": probe_state, "crf": crf,
+                                                          "picture_paths": picture_paths},
+                            batch_size=cfg.eval.batch_size, concurrency=workers, batch_format="numpy")
+    totals: dict[str, np.ndarray] = {}
+    n_images, skipped, pictures = 0, [], []
+    done = 0
+    for b in scored.iter_batches(batch_size=1, batch_format="numpy"):
+        for v in VARIANTS:
+            totals[v] = totals.get(v, 0) + b[f"conf_{v}"][0]
+        n_images += int(b["n_images"][0])
+        skipped += json.loads(str(b["skipped"][0]))
+        pictures += list(b["pictures"][0])
+        done += 1
+        print(f"[evaluate] scored {n_images} images of {len(files)}", flush=True)
+
+    scores = {}
+    for v in VARIANTS:
+        if v.startswith("probe") and not probe or v.endswith("_crf") and not crf:
+            continue
+        s = hungarian_scores(totals[v]) if v.startswith("clusters") else direct_scores(totals[v])
+        scores[v] = s.to_dict()
+    names = cfg.data.class_names or [f"class {i}" for i in range(cfg.data.n_classes)]
+    report = {
+        "checkpoint": checkpoint, "split": split, "method": cfg.method, "n_images": n_images,
+        "skipped_files": len(skipped), "skipped": skipped, "class_names": names, "scores": scores,
+        "seconds": round(time.time() - t0, 1),
+    }
+    print(_table(report))
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable files:")
+        for path, error in skipped:
+            print(f"  {path}: {error}")
+    out_dir = Path(out or "outputs/eval")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    mapping = scores["clusters"]["mapping"]
+    confusion_png = confusion_figure(matched_confusion(totals["clusters"], mapping), names, "clusters (matched)")
+    (out_dir / "confusion_clusters.png").write_bytes(confusion_png)
+    grid = None
+    if pictures:
+        pictures.sort(key=lambda p: p[0])
+        from raysseg.metrics import apply_mapping
+
+        preds = [apply_mapping(p[3]["clusters"], mapping, cfg.data.ignore_index) for p in pictures]
+        grid = overlay_grid([p[1] for p in pictures], preds, [p[2] for p in pictures], cfg.data.ignore_index)
+        from raysseg.viz import save_png
+
+        save_png(grid, out_dir / "overlays_clusters.png")
+    print(f"report: {out_dir / 'report.json'}")
+
+    run_id = ckpt.get("run_id")
+    if log_to_mlflow and run_id:
+        uri = ckpt.get("tracking_uri") or tracking.tracking_uri(cfg.mlflow.tracking_uri)
+        try:
+            logger = tracking.RunLogger(uri, run_id)
+            tag = Path(split.rstrip("/")).name
+            metrics = {f"eval/{tag}/{v}_{m}": s[m] for v, s in scores.items() for m in ("accuracy", "miou")}
+            metrics[f"eval/{tag}/skipped_files"] = len(skipped)
+            logger.log_metrics(metrics, step=int(ckpt.get("progress", {}).get("step", 0)))
+            logger.log_bytes(json.dumps(report, indent=2).encode(), f"eval/{tag}/report.json")
+            logger.log_bytes(confusion_png, f"eval/{tag}/confusion_clusters.png")
+            if grid is not None:
+                logger.log_image(grid, f"eval/{tag}/overlays_clusters.png")
+            print(f"logged to MLflow run {run_id} at {uri}")
+        except Exception as e:  # noqa: BLE001 - the report is written; a tracking problem must not lose it
+            print(f"warning: could not log to MLflow run {run_id} at {uri}: {e}")
+    return report

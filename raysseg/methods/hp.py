@@ -1,0 +1,204 @@
+"""HP's training loop on one Ray Train worker (the maths is in :mod:`hp_core`).
+
+Shared state goes through the concept bank (:mod:`raysseg.bank`):
+- ``pool`` (version 1, built once): the backbone features of M patches, one random
+  patch from each of M images drawn by the driver across the whole training split.
+  Each worker computes the features of its shard of those images. Q_ag is this table
+  (L2-normalised inside the loss). The backbone is frozen, so it never goes stale.
+- ``sp`` (version v = step // N + 1): the EMA-head codes of the same pool patches,
+  renewed every N iterations; worker r computes rows r, r + W, r + 2W, ... Since the
+  EMA head is identical on every worker (DDP keeps the trained head in sync and the
+  EMA update is deterministic), the table equals what one worker would compute.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+import ray
+import torch
+from torch import nn
+
+from raysseg.backbones import IMAGENET_MEAN, IMAGENET_STD
+from raysseg.config import Config
+from raysseg.data import photometric_augment, valid_rows
+from raysseg.methods.hp_core import ema_update, lambda_at
+
+
+class _HPLoss(nn.Module):
+    """Wraps ``HPModel.loss`` as ``forward`` so DistributedDataParallel syncs its gradients."""
+
+    def __init__(self, head: nn.Module, cfg: Config, generator: torch.Generator):
+        super().__init__()
+        self.head, self.cfg, self.generator = head, cfg, generator
+
+    def forward(self, feats, feats_aug, attn, q_ag, q_sp, lam):
+        hp = self.cfg.hp
+        return self.head.loss(feats, feats_aug, attn, q_ag, q_sp, lam, tau=hp.tau, rho=hp.rho, alpha=hp.alpha,
+                              sigma=hp.sigma, chunk=hp.chunk, generator=self.generator)
+
+
+def _normalize_float(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (B, 3, H, W) -> ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class HPTrainer:
+    def __init__(self, cfg: Config, seg, bank, rank: int, world: int, device, total_steps: int,
+                 pool_plan: dict[str, tuple[int, int]]):
+        import ray.train.torch
+
+        self.cfg, self.seg, self.bank = cfg, seg, bank
+        self.rank, self.world, self.device = rank, world, device
+        self.total_steps, self.pool_plan = max(total_steps, 1), pool_plan
+        self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+        self.loss_module = ray.train.torch.prepare_model(_HPLoss(seg.head, cfg, self.generator))
+        params = [p for p in seg.head.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.q_ag: torch.Tensor | None = None
+        self.q_sp: torch.Tensor | None = None
+        self.sp_version = 0
+        self.timers: dict[str, float] = defaultdict(float)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the config's rate wins on resume (e.g. lowered after a NaN)
+            group["lr"] = self.cfg.train.lr
+        self.generator.set_state(state["generator"])
+
+    # ---------------------------------------------------------- shared pools
+
+    @torch.no_grad()
+    def setup(self, pool_shard) -> None:
+        """Build Q_ag once (all workers contribute), then fetch it."""
+        t0 = time.perf_counter()
+        if ray.get(self.bank.version.remote("pool")) == 0:
+            index, rows = [], []
+            for batch in pool_shard.iter_batches(batch_size=self.cfg.eval.batch_size, batch_format="numpy"):
+                batch, _ = valid_rows(batch)
+                if len(batch["image"]) == 0:
+                    continue
+                feats = self.seg.backbone(_normalize_float(self._float_images(batch["image"]))).features
+                flat = feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
+                for b, path in enumerate(batch["path"]):
+                    k, patch = self.pool_plan[str(path)]
+                    index.append(k)
+                    rows.append(flat[b, patch].cpu().numpy())
+            dim = self.seg.backbone.dim
+            self.bank.put_part.remote("pool", 1, self.rank, np.asarray(index, dtype=np.int64),
+                                      np.stack(rows) if rows else np.zeros((0, dim), np.float32))
+        _, table = ray.get(self.bank.get.remote("pool", 1, self.rank))
+        self.q_ag = torch.from_numpy(table).to(self.device)
+        self.timers["bank"] += time.perf_counter() - t0
+        if self.rank == 0:
+            print(f"[hp] task-agnostic pool: {len(table)} patches from {len(table)} images", flush=True)
+
+    @torch.no_grad()
+    def _refresh_sp(self, step: int) -> None:
+        """Q_sp version step // N + 1: contribute this rank's rows if it is not published yet, then fetch."""
+        needed = step // self.cfg.hp.renew_every + 1
+        if self.sp_version >= needed:
+            return
+        t0 = time.perf_counter()
+        if ray.get(self.bank.version.remote("sp")) < needed:
+            index = np.arange(self.rank, len(self.q_ag), self.world)
+            pool = self.q_ag[torch.from_numpy(index).to(self.device)][:, :, None, None]
+            codes = self.seg.head.ema_codes(pool)[:, :, 0, 0].cpu().numpy()
+            self.bank.put_part.remote("sp", needed, self.rank, index, codes)
+        self.sp_version, table = ray.get(self.bank.get.remote("sp", needed, self.rank))
+        self.q_sp = torch.from_numpy(table).to(self.device)
+        self.timers["bank"] += time.perf_counter() - t0
+
+    # ---------------------------------------------------------- training
+
+    def _float_images(self, images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+
+    def train_step(self, images: np.ndarray, step: int) -> dict[str, float]:
+        """One iteration on this worker's batch (uint8 (B, S, S, 3)); may be empty (all rows invalid)."""
+        hp, seg = self.cfg.hp, self.seg
+        weight = 1.0
+        if len(images) == 0:  # keep DDP in step with the other workers; contributes nothing
+            images, weight = np.zeros((1, self.cfg.data.image_size, self.cfg.data.image_size, 3), np.uint8), 0.0
+        t0 = time.perf_counter()
+        x = self._float_images(images)
+        with torch.no_grad():
+            out = seg.backbone(_normalize_float(x), with_attention=hp.local)
+            aug = seg.backbone(_normalize_float(photometric_augment(x, self.generator))).features
+        t1 = time.perf_counter()
+        self._refresh_sp(step)
+        t2 = time.perf_counter()
+        lam = lambda_at(step, hp.warmup, self.total_steps)
+        loss, stats = self.loss_module(out.features, aug, out.attn_logits, self.q_ag, self.q_sp, lam)
+        t3 = time.perf_counter()
+        self._check_finite(loss, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * weight).backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(seg.head.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        ema_update(seg.head.ema_seg, seg.head.seg, hp.ema)
+        t4 = time.perf_counter()
+        self.timers["backbone"] += t1 - t0
+        self.timers["selection"] += stats.pop("time_selection_s")
+        self.timers["loss"] += stats.pop("time_loss_s")
+        self.timers["head_forward"] += t3 - t2  # selection + contrastive + consistency
+        self.timers["backward"] += t4 - t3  # backward, clipping, optimizer and EMA
+        self.timers["step"] += t4 - t0
+        stats["sp_version"] = self.sp_version
+        return stats
+
+    def _check_finite(self, loss: torch.Tensor, step: int) -> None:
+        """Stop every worker together, before the weights change, if any worker's loss is not finite."""
+        from raysseg.train import NonFiniteLoss, _dist
+
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+        dist = _dist()
+        if dist is not None:
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            raise NonFiniteLoss(
+                f"the loss became {float(loss)} at step {step}; the last good checkpoint is kept: "
+                f"lower train.lr (now {self.cfg.train.lr}) and run the same command again to resume from it"
+            )
+
+    def train_epoch(self, shard, epoch: int, progress: dict, logger):
+        """One pass over this worker's shard. Returns (epoch stats, last images, skipped files)."""
+        from raysseg.train import Progress
+
+        cfg = self.cfg
+        steps = self.total_steps // cfg.train.epochs
+        bar = Progress(steps, f"hp epoch {epoch + 1}/{cfg.train.epochs}", cfg.train.log_every) if self.rank == 0 else None
+        self.timers.clear()
+        sums: dict[str, float] = defaultdict(float)
+        skipped, last, n = [], None, 0
+        t_epoch = time.perf_counter()
+        wait = time.perf_counter()
+        for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
+            self.timers["data_wait"] += time.perf_counter() - wait
+            batch, bad = valid_rows(batch)
+            skipped += bad
+            stats = self.train_step(batch["image"], progress["step"])
+            progress["step"] += 1
+            n += 1
+            for k, v in stats.items():
+                sums[k] += v
+            if len(batch["image"]):
+                last = batch["image"]
+            if self.rank == 0:
+                if progress["step"] % cfg.train.log_every == 0:
+                    logger.log_metrics({f"train/{k}": v for k, v in stats.items()}, step=progress["step"])
+                bar.update(loss=stats["loss_total"], lam=stats["lam"])
+            wait = time.perf_counter()
+        elapsed = time.perf_counter() - t_epoch
+        epoch_stats = {k: v / max(n, 1) for k, v in sums.items()}
+        epoch_stats["iterations_per_s"] = n / max(elapsed, 1e-9)
+        for k, v in self.timers.items():
+            epoch_stats[f"time_{k}_s"] = v / max(n, 1)
+        return epoch_stats, last, skipped

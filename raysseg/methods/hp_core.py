@@ -1,0 +1,450 @@
+"""Hidden Positives (HP) core: selection, losses and heads in plain PyTorch.
+
+Implements METHODS.md section 1 / hidden-positives.txt. Notation: a local batch of B
+images gives N = B*h*w patches; f = frozen backbone features (C dims), s = codes of
+the segmentation head (K dims), z = projected, L2-normalised codes.
+
+Readings of details the paper leaves open (each checked against METHODS.md):
+
+- GHP loss. Both GHP sets are folded into one supervised-contrastive term with
+  positive weights w = m_ag + lambda*m_sp; P_i = {j : w_ij > 0}; one negative set
+  per anchor, sampled among patches that are in neither positive set. The anchor
+  weighting by |P_i| (mean 1 over kept anchors) cancels the 1/|P_i| of the SupCon
+  mean, so the loss equals exactly
+      (tau/0.07) * sum_ij w_ij * (-log p_ij) / sum_i |P_i|,
+  which is what lets it be summed over anchor chunks without a second pass.
+- Local term (Psi). METHODS says the same contrastive loss is "applied to Z(s_mix)":
+  the released code puts mixed codes on both sides (anchor z_mix_i against z_mix_p and
+  z_mix_n); that is the default (`mixed_contrast=True`). The paper's Eq. 10 read
+  literally mixes only the anchor (z_mix_i against plain z_p, z_n); that is
+  `mixed_contrast=False` (the `anchors=` argument of the losses). Positive and
+  negative sets are the GHP ones.
+- |N_i| in s_mix_i = sum_j a_ij s_j / |N_i| is the size of the 3x3 window of i inside
+  the image (9 inside, 6 on an edge, 4 in a corner), as in the released code; the
+  paper writes |I_i^local| (only the above-mean neighbours).
+- Selection uses clean (no dropout) backbone features and EMA codes; the heads see
+  Dropout2d(0.1) features during training.
+- Negatives are Bernoulli(rho) per candidate pair, so an anchor keeps a rho fraction
+  of its candidates in expectation.
+
+Memory (N patches, M pool size, chunk rows at a time):
+- selection: each positive mask and the negative mask is one N x N bool (N^2 bytes);
+  HPModel.loss holds at most four (m_ag, m_sp, their union, negatives) while sampling,
+  three during the loss. Float work is chunk x max(N, M).
+- loss: forward and backward work one anchor chunk at a time (torch.utils.checkpoint
+  recomputes the chunk's logits in backward), so float activations are a few
+  chunk x N buffers; what stays alive for backward is z, the anchors and views of the
+  masks. Nothing float is N x N. Gradients are N x K.
+- local term: attention weights are B x n x n float with n = h*w (per image, not per
+  batch).
+So peak memory grows with N^2 bytes (the bool masks) plus ~6 * 4 * chunk * N bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+BASE_TEMPERATURE = 0.07  # the released code multiplies the loss by tau / 0.07
+
+
+class HPInputError(ValueError):
+    """Bad input to an HP function; the message names the function, field and fix."""
+
+
+def _fail(where: str, message: str) -> None:
+    raise HPInputError(f"hp_core.{where}: {message}")
+
+
+def _check_2d(where: str, name: str, x: Tensor, dim: int | None = None) -> None:
+    if x.dim() != 2:
+        _fail(where, f"{name} must be 2-D [rows, dims], got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        _fail(where, f"{name} has {x.shape[1]} dims but the features have {dim}; "
+                     "build the pool from the same backbone/head")
+
+
+def _check_unit(where: str, name: str, x: Tensor) -> None:
+    norms = x.detach().float().norm(dim=1)
+    if x.shape[0] and not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+        _fail(where, f"{name} rows must be L2-normalised; apply F.normalize(x, dim=1) first")
+
+
+def _check_chunk(where: str, chunk: int) -> None:
+    if not isinstance(chunk, int) or chunk < 1:
+        _fail(where, f"chunk must be a positive int, got {chunk!r}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+@torch.no_grad()
+def anchor_criterion(feats: Tensor, pool: Tensor, chunk: int) -> Tensor:
+    """c_i = max_m cos(pool_m, f_i). feats [N, C], pool [M, C], both L2-normalised -> [N]."""
+    _check_2d("anchor_criterion", "feats", feats)
+    _check_2d("anchor_criterion", "pool", pool, feats.shape[1])
+    _check_chunk("anchor_criterion", chunk)
+    if pool.shape[0] == 0:
+        _fail("anchor_criterion", "pool is empty; build the reference pool before training")
+    _check_unit("anchor_criterion", "feats", feats)
+    _check_unit("anchor_criterion", "pool", pool)
+    f, q = feats.float(), pool.float()
+    return torch.cat([(f[i:i + chunk] @ q.T).amax(dim=1) for i in range(0, f.shape[0], chunk)])
+
+
+@torch.no_grad()
+def hidden_positive_mask(feats: Tensor, pool: Tensor, chunk: int) -> Tensor:
+    """Global hidden positives: (i, j) iff cos(f_i, f_j) > c_i or > c_j, i != j.
+
+    feats [N, C] and pool [M, C] L2-normalised -> bool [N, N]. Built chunk rows at a
+    time, so the float work is chunk x N.
+    """
+    crit = anchor_criterion(feats, pool, chunk)
+    f = feats.float()
+    n = f.shape[0]
+    mask = torch.empty(n, n, dtype=torch.bool, device=f.device)
+    for i in range(0, n, chunk):
+        sim = f[i:i + chunk] @ f.T
+        torch.logical_or(sim > crit[i:i + chunk, None], sim > crit[None, :], out=mask[i:i + chunk])
+    mask.fill_diagonal_(False)
+    return mask
+
+
+@torch.no_grad()
+def sample_negatives(positive_any: Tensor, rho: float, generator: torch.Generator | None,
+                     chunk: int = 1024) -> Tensor:
+    """Each anchor keeps each non-positive, non-self patch with probability rho.
+
+    positive_any bool [N, N] (union of the positive sets) -> bool [N, N]. Random numbers
+    are drawn chunk rows at a time from `generator` (same device as the mask).
+    """
+    if positive_any.dim() != 2 or positive_any.shape[0] != positive_any.shape[1]:
+        _fail("sample_negatives", f"positive_any must be square [N, N], got {tuple(positive_any.shape)}")
+    if positive_any.dtype != torch.bool:
+        _fail("sample_negatives", f"positive_any must be a bool mask, got {positive_any.dtype}")
+    if not 0.0 <= rho <= 1.0:
+        _fail("sample_negatives", f"rho must be a fraction in [0, 1], got {rho} (2% is rho=0.02)")
+    _check_chunk("sample_negatives", chunk)
+    n = positive_any.shape[0]
+    neg = torch.empty_like(positive_any)
+    for i in range(0, n, chunk):
+        rows = positive_any[i:i + chunk]
+        keep = torch.rand(rows.shape, generator=generator, device=rows.device) < rho
+        torch.logical_and(keep, ~rows, out=neg[i:i + chunk])
+    neg.fill_diagonal_(False)
+    return neg
+
+
+# ----------------------------------------------------------------------------- contrastive loss
+
+
+def _weights(parts: tuple[Tensor, ...], coefs: tuple[float, ...]) -> Tensor:
+    return sum(c * p.to(torch.float32) for c, p in zip(coefs, parts))
+
+
+def _chunk_nll_sum(anchors: Tensor, z: Tensor, neg: Tensor, *parts: Tensor,
+                   coefs: tuple[float, ...], tau: float) -> Tensor:
+    """sum_{i in chunk, j} w_ij * (logsumexp_{n in N_i u P_i} l_in - l_ij), l = a.z/tau."""
+    w = _weights(parts, coefs)
+    pos = w > 0
+    # Rows without positives get a full (finite) denominator; their w = 0 removes them.
+    denom = pos | neg | ~pos.any(dim=1, keepdim=True)
+    logits = (anchors.float() @ z.float().T) / tau
+    lse = logits.masked_fill(~denom, float("-inf")).logsumexp(dim=1, keepdim=True)
+    return (w * (lse - logits)).sum()
+
+
+@torch.no_grad()
+def _positive_counts(parts: tuple[Tensor, ...], coefs: tuple[float, ...], chunk: int) -> Tensor:
+    n = parts[0].shape[0]
+    return torch.cat([(_weights(tuple(p[i:i + chunk] for p in parts), coefs) > 0).sum(dim=1)
+                      for i in range(0, n, chunk)])
+
+
+def _supcon(where: str, z: Tensor, parts: tuple[Tensor, ...], coefs: tuple[float, ...],
+            neg_mask: Tensor, tau: float, chunk: int, anchors: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Chunked, checkpointed weighted SupCon; returns (loss, |P_i| per anchor [N])."""
+    _check_2d(where, "z", z)
+    n = z.shape[0]
+    a = z if anchors is None else anchors
+    if a.shape != z.shape:
+        _fail(where, f"anchors shape {tuple(a.shape)} must equal z shape {tuple(z.shape)}")
+    for name, m in [("neg_mask", neg_mask)] + [(f"positive set {k}", p) for k, p in enumerate(parts)]:
+        if m.shape != (n, n):
+            _fail(where, f"{name} must be [N, N] = [{n}, {n}], got {tuple(m.shape)}")
+        if m.diagonal().any():
+            _fail(where, f"{name} has self-pairs on its diagonal; clear them with fill_diagonal_")
+    if neg_mask.dtype != torch.bool:
+        _fail(where, f"neg_mask must be bool, got {neg_mask.dtype}")
+    if tau <= 0:
+        _fail(where, f"tau must be > 0, got {tau}")
+    _check_chunk(where, chunk)
+
+    counts = _positive_counts(parts, coefs, chunk)
+    total_pos = int(counts.sum())
+    if total_pos == 0:
+        return z.sum() * 0 + a.sum() * 0, counts
+    use_ckpt = torch.is_grad_enabled() and (z.requires_grad or a.requires_grad)
+    pieces = []
+    for i in range(0, n, chunk):
+        args = (a[i:i + chunk], z, neg_mask[i:i + chunk], *(p[i:i + chunk] for p in parts))
+        if use_ckpt:
+            pieces.append(checkpoint(_chunk_nll_sum, *args, coefs=coefs, tau=tau, use_reentrant=False))
+        else:
+            pieces.append(_chunk_nll_sum(*args, coefs=coefs, tau=tau))
+    loss = torch.stack(pieces).sum() / total_pos * (tau / BASE_TEMPERATURE)
+    return loss, counts
+
+
+def weighted_supcon_loss(z: Tensor, pos_weight: Tensor, neg_mask: Tensor, tau: float, chunk: int,
+                         anchors: Tensor | None = None) -> Tensor:
+    """Weighted supervised-contrastive loss over anchor chunks.
+
+    z [N, D] L2-normalised; pos_weight [N, N] >= 0 (w = m_ag + lambda*m_sp; bool ok);
+    neg_mask bool [N, N]; anchors [N, D] (default z). For anchor i, a_i = anchors[i]:
+      L_i = -1/|P_i| sum_p w_ip log( exp(a_i.z_p/tau) / sum_{n in N_i u P_i} exp(a_i.z_n/tau) ),
+    P_i = {j: w_ij > 0}. Anchors without positives are dropped, the rest weighted by
+    |P_i| / mean|P|; result = (tau/0.07) * mean over kept anchors. Returns a scalar
+    (0 with the graph intact if no anchor has a positive).
+    """
+    if pos_weight.dtype != torch.bool and bool((pos_weight < 0).any()):
+        _fail("weighted_supcon_loss", "pos_weight must be >= 0 (w = m_ag + lambda*m_sp)")
+    return _supcon("weighted_supcon_loss", z, (pos_weight,), (1.0,), neg_mask, tau, chunk, anchors)[0]
+
+
+def ghp_supcon_loss(z: Tensor, pos_ag: Tensor, pos_sp: Tensor | None, lam: float, neg_mask: Tensor,
+                    tau: float, chunk: int, anchors: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """weighted_supcon_loss with w = pos_ag + lam*pos_sp built per chunk from bool masks.
+
+    Avoids materialising the float N x N weight matrix. pos_ag, pos_sp bool [N, N].
+    Returns (loss, |P_i| per anchor [N]).
+    """
+    if lam < 0:
+        _fail("ghp_supcon_loss", f"lam must be >= 0, got {lam}")
+    parts, coefs = (pos_ag,), (1.0,)
+    if pos_sp is not None and lam > 0:
+        parts, coefs = (pos_ag, pos_sp), (1.0, float(lam))
+    for p in parts:
+        if p.dtype != torch.bool:
+            _fail("ghp_supcon_loss", f"positive masks must be bool, got {p.dtype}")
+    return _supcon("ghp_supcon_loss", z, parts, coefs, neg_mask, tau, chunk, anchors)
+
+
+# ----------------------------------------------------------------------------- local term
+
+
+def neighbourhood_mask(h: int, w: int, device: torch.device | str = "cpu") -> Tensor:
+    """bool [h*w, h*w]: True where j lies in the 3x3 window of i (self included), row-major grid."""
+    idx = torch.arange(h * w, device=device)
+    ys, xs = idx // w, idx % w
+    return ((ys[:, None] - ys[None, :]).abs() <= 1) & ((xs[:, None] - xs[None, :]).abs() <= 1)
+
+
+def _row_quantiles(x: Tensor, q: float) -> Tensor:
+    """Linear-interpolated quantile of each last-dim row (same as torch.quantile), keepdim."""
+    s = x.sort(dim=-1).values
+    pos = q * (x.shape[-1] - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, x.shape[-1] - 1)
+    return (s[..., lo] + (pos - lo) * (s[..., hi] - s[..., lo])).unsqueeze(-1)
+
+
+@torch.no_grad()
+def local_attention_weights(attn_logits: Tensor, h: int, w: int, sigma: float) -> Tensor:
+    """Local hidden-positive weights a_ij from last-block attention (no gradient).
+
+    attn_logits [B, n, n] pre-softmax, CLS removed, head-averaged, n = h*w. Per row:
+    clip to its 10%/90% quantiles, softmax, times sigma, entries below the row mean
+    -> 0, keep only j in the 3x3 window of i (self included). Returns float [B, n, n].
+    """
+    if attn_logits.dim() != 3 or attn_logits.shape[1:] != (h * w, h * w):
+        _fail("local_attention_weights",
+              f"attn_logits must be [B, h*w, h*w] = [B, {h * w}, {h * w}] with the CLS token removed, "
+              f"got {tuple(attn_logits.shape)}")
+    x = attn_logits.detach().float()
+    x = x.clamp(min=_row_quantiles(x, 0.1), max=_row_quantiles(x, 0.9))
+    a = x.softmax(dim=-1) * sigma
+    a = a.masked_fill(a < a.mean(dim=-1, keepdim=True), 0.0)
+    return a * neighbourhood_mask(h, w, x.device)
+
+
+def mix_codes(codes: Tensor, weights: Tensor) -> Tensor:
+    """s_mix_i = sum_j a_ij s_j / |N_i|, |N_i| = in-image 3x3 window size (9/6/4).
+
+    codes [B, K, h, w] (with grad), weights [B, h*w, h*w] (detached here) -> [B, K, h, w].
+    """
+    b, k, h, w = codes.shape
+    if weights.shape != (b, h * w, h * w):
+        _fail("mix_codes", f"weights must be [B, h*w, h*w] = [{b}, {h * w}, {h * w}], got {tuple(weights.shape)}")
+    window = neighbourhood_mask(h, w, codes.device).sum(dim=1).to(codes.dtype)  # [n]
+    flat = codes.reshape(b, k, h * w)
+    mixed = flat @ weights.detach().to(codes.dtype).transpose(1, 2)  # [B, K, n]: sum_j s_j a_ij
+    return (mixed / window).reshape(b, k, h, w)
+
+
+# ----------------------------------------------------------------------------- other terms
+
+
+def consistency_loss(z: Tensor, z_aug: Tensor) -> Tensor:
+    """R = mean over (b, y, x) of ||z - z_aug||_2 over channels. z, z_aug [B, D, h, w] -> scalar."""
+    if z.shape != z_aug.shape or z.dim() != 4:
+        _fail("consistency_loss", f"z and z_aug must both be [B, D, h, w], got {tuple(z.shape)} "
+                                  f"and {tuple(z_aug.shape)}")
+    return torch.linalg.vector_norm(z - z_aug, dim=1).mean()
+
+
+def lambda_at(step: int, warmup: int, total: int) -> float:
+    """Task-specific weight at 0-based iteration `step`: 0 up to `warmup`, then linear to 1
+    at the last iteration (total - 1); clipped to [0, 1]."""
+    if step < 0 or warmup < 0 or total < 1:
+        _fail("lambda_at", f"need step >= 0, warmup >= 0, total >= 1; got step={step}, "
+                           f"warmup={warmup}, total={total}")
+    if step <= warmup or total - 1 <= warmup:
+        return 0.0
+    return min(1.0, (step - warmup) / (total - 1 - warmup))
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * source (parameters); buffers copied."""
+    if not 0.0 <= momentum <= 1.0:
+        _fail("ema_update", f"momentum must be in [0, 1], got {momentum}")
+    t_params, s_params = list(target.parameters()), list(source.parameters())
+    if [p.shape for p in t_params] != [p.shape for p in s_params]:
+        _fail("ema_update", "target and source have different parameter shapes; "
+                            "the target must be a deep copy of the source")
+    for t, s in zip(t_params, s_params):
+        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+    for t, s in zip(target.buffers(), source.buffers()):
+        t.copy_(s)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class SegHead(nn.Module):
+    """Code s = linear 1x1 conv C->K + (1x1 conv C->C, ReLU, 1x1 conv C->K). [B,C,h,w] -> [B,K,h,w]."""
+
+    def __init__(self, in_dim: int, k: int):
+        super().__init__()
+        self.linear = nn.Conv2d(in_dim, k, 1)
+        self.nonlinear = nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), nn.ReLU(), nn.Conv2d(in_dim, k, 1))
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return self.linear(feats) + self.nonlinear(feats)
+
+
+class ProjHead(nn.Module):
+    """z = normalize(Linear(K, K)(s)) per location; accepts [B, K, h, w] or [N, K]."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.linear = nn.Linear(k, k)
+
+    def forward(self, s: Tensor) -> Tensor:
+        if s.dim() == 4:
+            return F.normalize(self.linear(s.permute(0, 2, 3, 1)), dim=-1).permute(0, 3, 1, 2)
+        return F.normalize(self.linear(s), dim=-1)
+
+
+def _flat(x: Tensor) -> Tensor:
+    """[B, D, h, w] -> [B*h*w, D] (patch order b, y, x)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+class HPModel(nn.Module):
+    """Trainable HP heads on top of frozen backbone features, plus the EMA head S'."""
+
+    def __init__(self, in_dim: int, k: int):
+        super().__init__()
+        self.dropout = nn.Dropout2d(0.1)
+        self.seg = SegHead(in_dim, k)
+        self.proj = ProjHead(k)
+        self.ema_seg = copy.deepcopy(self.seg)
+        self.ema_seg.requires_grad_(False)
+
+    def codes(self, feats: Tensor) -> Tensor:
+        """Segmentation codes for inference (no dropout). [B, C, h, w] -> [B, K, h, w]."""
+        return self.seg(feats)
+
+    @torch.no_grad()
+    def ema_codes(self, feats: Tensor) -> Tensor:
+        """Codes s' of the momentum head (no grad, no dropout). [B, C, h, w] -> [B, K, h, w]."""
+        return self.ema_seg(feats)
+
+    def loss(self, feats: Tensor, feats_aug: Tensor, attn_logits: Tensor | None, q_ag: Tensor,
+             q_sp: Tensor | None, lam: float, *, tau: float, rho: float, alpha: float, sigma: float,
+             chunk: int, generator: torch.Generator | None,
+             mixed_contrast: bool = True) -> tuple[Tensor, dict[str, float]]:
+        """Total = (Phi_ag + Psi_ag) + lam (Phi_sp + Psi_sp) + alpha R for one local batch.
+
+        feats, feats_aug [B, C, h, w] backbone outputs of the image and its photometric
+        copy; attn_logits [B, h*w, h*w] or None (no local term); q_ag [M, C] backbone
+        pool; q_sp [M', K] EMA-code pool or None. Phi/Psi of both sets are one weighted
+        term each (w = m_ag + lam*m_sp). mixed_contrast: see module docstring.
+        Returns (loss, stats) with stats as floats.
+        """
+        if feats.dim() != 4 or feats_aug.shape != feats.shape:
+            _fail("HPModel.loss", f"feats and feats_aug must both be [B, C, h, w], got "
+                                  f"{tuple(feats.shape)} and {tuple(feats_aug.shape)}")
+        b, _, h, w = feats.shape
+        device = feats.device
+
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            f = F.normalize(_flat(feats).float(), dim=1)
+            pos_ag = hidden_positive_mask(f, F.normalize(q_ag.float(), dim=1), chunk)
+            pos_sp = None
+            if q_sp is not None and lam > 0:
+                s_ema = F.normalize(_flat(self.ema_codes(feats)).float(), dim=1)
+                pos_sp = hidden_positive_mask(s_ema, F.normalize(q_sp.float(), dim=1), chunk)
+                pos_any = pos_ag | pos_sp
+            else:
+                pos_any = pos_ag
+            neg = sample_negatives(pos_any, rho, generator)
+            del pos_any
+        _sync(device)
+        t1 = time.perf_counter()
+
+        s = self.seg(self.dropout(feats))
+        z = self.proj(s)
+        phi, counts = ghp_supcon_loss(_flat(z), pos_ag, pos_sp, lam, neg, tau, chunk)
+        psi = phi.new_zeros(())
+        if attn_logits is not None:
+            z_mix = _flat(self.proj(mix_codes(s, local_attention_weights(attn_logits, h, w, sigma))))
+            if mixed_contrast:
+                psi = ghp_supcon_loss(z_mix, pos_ag, pos_sp, lam, neg, tau, chunk)[0]
+            else:
+                psi = ghp_supcon_loss(_flat(z), pos_ag, pos_sp, lam, neg, tau, chunk, anchors=z_mix)[0]
+        _sync(device)
+        t2 = time.perf_counter()
+
+        z_aug = self.proj(self.seg(self.dropout(feats_aug)))
+        reg = consistency_loss(z, z_aug)
+        total = phi + psi + alpha * reg
+        n = counts.numel()
+        stats = {
+            "loss_total": float(total.detach()),
+            "loss_ghp": float(phi.detach()),
+            "loss_lhp": float(psi.detach()),
+            "loss_consistency": float(reg.detach()),
+            "lam": float(lam),
+            "pos_per_anchor": float(counts.sum()) / n,
+            "neg_per_anchor": float(neg.sum()) / n,
+            "kept_frac": float((counts > 0).sum()) / n,
+            "time_selection_s": t1 - t0,
+            "time_loss_s": t2 - t1,
+        }
+        return total, stats

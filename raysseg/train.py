@@ -1,0 +1,396 @@
+"""Training on Ray Train: the driver side (``train``) and the worker loop.
+
+The driver validates inputs, opens or resumes the MLflow run, builds the Ray datasets
+and the concept bank, and starts a ``TorchTrainer`` whose run name and storage path
+identify the run: starting the same run again resumes from its latest checkpoint
+(Ray Train restores it; the bank's tables are restored from it too).
+
+Every worker runs :func:`worker_loop`: the method's epochs (none for ``kmeans``), then
+the offline k-means on the training split that every method ends with. Rank 0 logs to
+MLflow and writes the checkpoint (``model.pt``) at the end of every epoch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from raysseg.config import Config, ConfigError, config_from_dict
+from raysseg.model import CHECKPOINT_FILE, Segmenter, save_checkpoint
+
+
+class RunFailed(RuntimeError):
+    """Training stopped; the message is one line and says what to do."""
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def init_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_name: str
+    checkpoint: str  # URI of the final model.pt
+    tracking_uri: str
+    metrics: dict = field(default_factory=dict)
+    bank_trace: list = field(default_factory=list)
+    already_finished: bool = False
+
+
+def check_inputs(cfg: Config) -> int:
+    """Everything that can be checked before Ray starts; returns the training image count."""
+    from raysseg.data import list_split
+
+    files = list_split(cfg.data.train, with_labels=False).images
+    n = min(len(files), cfg.data.limit) if cfg.data.limit else len(files)
+    per_worker = n // cfg.train.num_workers
+    if cfg.method != "kmeans" and per_worker < cfg.train.batch_size:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} images per worker but only {per_worker} per worker "
+            f"({n} images, {cfg.train.num_workers} workers); lower train.batch_size or train.num_workers"
+        )
+    if cfg.method == "hp" and cfg.hp.pool_size > n:
+        raise ConfigError(
+            f"hp.pool_size: M = {cfg.hp.pool_size} needs one patch from each of M different images but "
+            f"{cfg.data.train} has {n}; set hp.pool_size <= {n}"
+        )
+    return n
+
+
+def _storage(cfg: Config):
+    """(storage_path, filesystem or None) for Ray Train's RunConfig."""
+    from raysseg.storage import resolve
+
+    if cfg.train.storage.startswith("s3://"):
+        fs, path = resolve(cfg.train.storage)
+        return path, fs
+    return str(Path(cfg.train.storage).resolve()), None
+
+
+def checkpoint_dir_uri(cfg: Config, checkpoint_path: str) -> str:
+    """Ray's checkpoint path (filesystem-relative) as a URI our storage layer reads."""
+    return f"s3://{checkpoint_path}" if cfg.train.storage.startswith("s3://") else checkpoint_path
+
+
+def _pool_plan(cfg: Config, files: list[str], grid: int) -> dict[str, tuple[int, int]]:
+    """HP's pool: M images drawn across the whole split, one random patch each: path -> (index, patch)."""
+    rng = np.random.default_rng(cfg.train.seed)
+    chosen = rng.choice(len(files), cfg.hp.pool_size, replace=False)
+    patches = rng.integers(0, grid, cfg.hp.pool_size)
+    return {files[i]: (k, int(p)) for k, (i, p) in enumerate(zip(chosen, patches))}
+
+
+def train(cfg: Config, restart: bool = False) -> TrainResult:
+    """Train (or resume) the run ``cfg.run_name()`` and return where its results are."""
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raysseg import tracking
+    from raysseg.bank import ConceptBank
+    from raysseg.data import list_split, make_dataset
+    from raysseg.storage import remove_tree
+
+    n_images = check_inputs(cfg)
+    run_name = cfg.run_name()
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    storage_path, storage_fs = _storage(cfg)
+    if restart:
+        remove_tree(f"{cfg.train.storage.rstrip('/')}/{run_name}")
+        previous = tracking.find_run(uri, cfg.mlflow.experiment, run_name)
+        if previous is not None and previous.info.status != "FINISHED":
+            tracking.RunLogger(uri, previous.info.run_id).finish("KILLED")
+    else:
+        previous = tracking.find_run(uri, cfg.mlflow.experiment, run_name)
+        if previous is not None and previous.info.status == "FINISHED":
+            ckpt = previous.data.tags.get(tracking.CHECKPOINT_TAG, "")
+            print(f"run {run_name} already finished (MLflow run {previous.info.run_id}); "
+                  f"use --restart to train it again")
+            return TrainResult(previous.info.run_id, run_name, ckpt, uri, dict(previous.data.metrics),
+                               already_finished=True)
+    run_id, resumed = tracking.start_or_resume_run(uri, cfg.mlflow.experiment, run_name, cfg.flat())
+    print(f"{'resuming' if resumed else 'starting'} run {run_name} (MLflow run {run_id} at {uri})")
+
+    init_ray()
+    world = cfg.train.num_workers
+    datasets = {
+        "cluster": make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=False,
+                                with_labels=False, limit=cfg.data.limit or None),
+    }
+    loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images,
+                "threads": max(1, int(ray.available_resources().get("CPU", 2)) // world)}
+    bank = None
+    if cfg.method != "kmeans":
+        datasets["train"] = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=True,
+                                         with_labels=False, crop_scale=(cfg.data.crop_scale_min, 1.0),
+                                         seed=cfg.train.seed, limit=cfg.data.limit or None)
+    if cfg.method == "hp":
+        files = list_split(cfg.data.train, with_labels=False).images
+        files = files[: cfg.data.limit] if cfg.data.limit else files
+        grid = (cfg.data.image_size // Segmenter.stride_of(cfg)) ** 2
+        plan = _pool_plan(cfg, files, grid)
+        loop_cfg["pool_plan"] = plan
+        datasets["pool"] = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=False,
+                                        with_labels=False, files=sorted(plan))
+        bank = ConceptBank.options(name=f"bank-{run_name}-{run_id[:8]}").remote(world)
+        loop_cfg["bank"] = bank
+
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.train.use_gpu),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all"),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+        ),
+    )
+    logger = tracking.RunLogger(uri, run_id)
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; show its one line
+        logger.finish("FAILED")
+        raise RunFailed(_root_message(e)) from None
+    trace = ray.get(bank.get_trace.remote()) if bank is not None else []
+    if result.checkpoint is None:
+        logger.finish("FAILED")
+        raise RunFailed(f"run {run_name} reported no checkpoint")
+    ckpt_uri = checkpoint_dir_uri(cfg, result.checkpoint.path) + "/" + CHECKPOINT_FILE
+    with result.checkpoint.as_directory() as local:
+        logger.log_file(str(Path(local) / CHECKPOINT_FILE), "checkpoint")
+    if trace:
+        import json
+
+        logger.log_bytes(json.dumps(trace).encode(), "bank_trace.json")
+    logger.set_tag(tracking.CHECKPOINT_TAG, ckpt_uri)
+    logger.finish("FINISHED")
+    return TrainResult(run_id, run_name, ckpt_uri, uri, dict(result.metrics or {}), trace)
+
+
+def _root_message(e: BaseException) -> str:
+    """The innermost useful line of a (Ray-wrapped) worker error."""
+    text = str(e)
+    for cls in ("NonFiniteLoss", "ConfigError", "StorageError", "BackboneWeightsError", "DataError"):
+        if cls + ":" in text:
+            return text.split(cls + ":", 1)[1].strip().splitlines()[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def all_gather(obj):
+    """Every rank's ``obj`` as a list (a one-element list without a process group)."""
+    dist = _dist()
+    if dist is None:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+
+
+class Progress:
+    """Rank-0 progress lines: step, loss, speed and time left."""
+
+    def __init__(self, total: int, label: str, every: int):
+        self.total, self.label, self.every = total, label, every
+        self.start = time.time()
+        self.done = 0
+
+    def update(self, n: int = 1, **values) -> None:
+        self.done += n
+        if self.done % self.every and self.done != self.total:
+            return
+        rate = self.done / max(time.time() - self.start, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else float("nan")
+        extra = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+        print(f"[{self.label}] {self.done}/{self.total} {extra} {rate:.2f}/s, {left:.0f}s left", flush=True)
+
+
+def _numpy_batches(shard, batch_size: int, drop_last: bool):
+    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last)
+
+
+def fit_clusters(cfg: Config, seg: Segmenter, shard, rank: int, device) -> list[tuple[str, str]]:
+    """Offline k-means of the codes of the training split; sets ``seg.centroids`` on every rank."""
+    from raysseg.cluster import sample_locations, spherical_kmeans
+    from raysseg.data import valid_rows
+
+    rng = np.random.default_rng(cfg.train.seed + rank)
+    samples, skipped = [], []
+    seg.eval()
+    for batch in _numpy_batches(shard, cfg.eval.batch_size, drop_last=False):
+        batch, bad = valid_rows(batch)
+        skipped += bad
+        if len(batch["image"]) == 0:
+            continue
+        codes = seg.codes(torch.from_numpy(batch["image"]).to(device)).cpu().numpy()
+        samples.append(sample_locations(codes, cfg.kmeans.pixels_per_image, rng))
+    gathered = all_gather(np.concatenate(samples) if samples else np.zeros((0, seg.code_dim), np.float32))
+    if rank == 0:
+        x = np.concatenate(gathered)
+        print(f"[k-means] {x.shape[0]} codes of dim {x.shape[1]} into {cfg.n_clusters} clusters", flush=True)
+        centroids = spherical_kmeans(x, cfg.n_clusters, cfg.kmeans.iterations, cfg.kmeans.redo, cfg.train.seed)
+    else:
+        centroids = None
+    centroids = all_gather(centroids)[0]
+    seg.centroids.copy_(torch.from_numpy(centroids).to(seg.centroids.device))
+    seg.fitted.fill_(True)
+    return skipped
+
+
+def _log_overlays(cfg: Config, seg: Segmenter, images: np.ndarray, logger, name: str) -> None:
+    """A picture of the current segmentation of a few training images (clusters of their codes)."""
+    from raysseg.cluster import spherical_kmeans
+    from raysseg.viz import overlay_grid
+
+    images = images[:4]
+    if bool(seg.fitted):
+        maps = seg.cluster_map(torch.from_numpy(images)).cpu().numpy()
+    else:  # mid-training: cluster these images' own codes
+        codes = seg.codes(torch.from_numpy(images))
+        b, d, h, w = codes.shape
+        flat = codes.permute(0, 2, 3, 1).reshape(-1, d).cpu().numpy()
+        k = min(cfg.n_clusters, flat.shape[0])
+        cents = torch.from_numpy(spherical_kmeans(flat, k, 10))
+        logits = torch.einsum("bdhw,kd->bkhw", codes.cpu(), cents)
+        maps = torch.nn.functional.interpolate(logits, size=images.shape[1:3], mode="bilinear").argmax(1).numpy()
+    grid = overlay_grid(list(images), list(maps), None, cfg.data.ignore_index)
+    logger.log_image(grid, f"overlays/{name}.png")
+
+
+def _save(seg, method, progress: dict, bank, rank: int, metrics: dict, finished: bool, run: dict) -> None:
+    """Report metrics from every rank; rank 0 attaches the checkpoint."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    bank_state = ray.get(bank.state.remote()) if bank is not None else None
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(
+            str(Path(tmp) / CHECKPOINT_FILE), seg, progress=progress, finished=finished,
+            method_state=method.state_dict() if method is not None else None, bank=bank_state, **run,
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def worker_loop(loop_cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from raysseg import tracking
+
+    cfg = config_from_dict(loop_cfg["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(loop_cfg["threads"])
+    torch.manual_seed(cfg.train.seed)
+    device = ray.train.torch.get_device()
+    seg = Segmenter(cfg).to(device)
+    bank = loop_cfg.get("bank")
+    logger = tracking.RunLogger(loop_cfg["tracking_uri"], loop_cfg["run_id"]) if rank == 0 else None
+    run = {"run_id": loop_cfg["run_id"], "tracking_uri": loop_cfg["tracking_uri"]}
+
+    method = None
+    if cfg.method == "hp":
+        from raysseg.methods.hp import HPTrainer
+
+        steps_per_epoch = (loop_cfg["n_images"] // world) // cfg.train.batch_size
+        method = HPTrainer(cfg, seg, bank, rank, world, device, steps_per_epoch * cfg.train.epochs,
+                           loop_cfg["pool_plan"])
+
+    progress = {"epoch": 0, "step": 0, "clustered": False}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        seg.load_state_dict(state["state"])
+        progress = state["progress"]
+        if method is not None and state.get("method_state"):
+            method.load_state_dict(state["method_state"])
+        if rank == 0 and bank is not None and state.get("bank"):
+            ray.get(bank.restore.remote(state["bank"]))
+        if rank == 0:
+            print(f"resumed from {checkpoint.path} at epoch {progress['epoch']}, step {progress['step']}", flush=True)
+    barrier()
+
+    skipped: set = set()
+    if method is not None:
+        method.setup(ray.train.get_dataset_shard("pool"))
+        shard = ray.train.get_dataset_shard("train")
+        for epoch in range(progress["epoch"], cfg.train.epochs):
+            stats, last_images, bad = method.train_epoch(shard, epoch, progress, logger)
+            skipped.update(map(tuple, sum(all_gather(bad), [])))
+            progress["epoch"] = epoch + 1
+            metrics = {**stats, "epoch": epoch + 1, "step": progress["step"], "skipped_files": len(skipped)}
+            if rank == 0:
+                logger.log_metrics({f"epoch/{k}": v for k, v in metrics.items()}, step=progress["step"])
+                _log_skipped(logger, skipped)
+                if last_images is not None:
+                    _log_overlays(cfg, seg, last_images, logger, f"epoch_{epoch + 1:03d}")
+            _save(seg, method, progress, bank, rank, metrics, finished=False, run=run)
+
+    if not progress["clustered"]:
+        bad = fit_clusters(cfg, seg, ray.train.get_dataset_shard("cluster"), rank, device)
+        skipped.update(map(tuple, sum(all_gather(bad), [])))
+        progress["clustered"] = True
+        metrics = {"epoch": progress["epoch"], "step": progress["step"], "skipped_files": len(skipped)}
+        if rank == 0:
+            logger.log_metrics({"skipped_files": len(skipped)}, step=progress["step"])
+            _log_skipped(logger, skipped)
+            sample = _first_images(cfg)
+            if sample is not None:
+                _log_overlays(cfg, seg, sample, logger, "final")
+        _save(seg, method, progress, bank, rank, metrics, finished=True, run=run)
+
+
+def _log_skipped(logger, skipped: set) -> None:
+    if skipped:
+        text = "".join(f"{path}\t{error}\n" for path, error in sorted(skipped))
+        logger.log_bytes(text.encode(), "skipped_files.txt")
+
+
+def _first_images(cfg: Config) -> np.ndarray | None:
+    """A few decoded training images for the final overlay picture (read directly, no labels)."""
+    from raysseg.data import load_images
+
+    images = load_images(cfg.data.train, cfg.data.image_size, count=4)
+    return images if len(images) else None

@@ -1,0 +1,221 @@
+import argparse
+
+import pytest
+import torch
+import torchvision
+
+from raysseg.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackboneError,
+    BackboneWeightsError,
+    build_backbone,
+    normalize,
+)
+
+
+def _seeded(name, seed, **kwargs):
+    torch.manual_seed(seed)
+    return build_backbone(name, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, image_hw, dim, stride",
+    [
+        ("vit_small_patch16", {}, (48, 64), 384, 16),
+        ("vit_small_patch8", {}, (32, 48), 384, 8),
+        ("vit_base_patch8", {}, (32, 32), 768, 8),
+        ("resnet18_fpn", {}, (64, 64), 128, 4),
+        ("resnet50_fpn", {"fpn_dim": 256}, (64, 96), 256, 4),
+    ],
+)
+def test_feature_shape_and_stride(name, kwargs, image_hw, dim, stride):
+    model = _seeded(name, 0, **kwargs)
+    assert (model.name, model.dim, model.stride) == (name, dim, stride)
+    h, w = image_hw
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, h, w))
+    assert out.features.shape == (2, dim, h // stride, w // stride)
+    assert out.attn_logits is None
+    assert torch.isfinite(out.features).all()
+
+
+def test_input_not_divisible_by_stride_is_rejected():
+    model = _seeded("vit_small_patch16", 0)
+    with pytest.raises(BackboneError, match="divisible by 16"):
+        model(torch.randn(1, 3, 40, 64))
+
+
+def test_unknown_name_and_misplaced_fpn_dim_are_rejected():
+    with pytest.raises(BackboneError, match="unknown backbone 'vit_huge'"):
+        build_backbone("vit_huge")
+    with pytest.raises(BackboneError, match="fpn_dim"):
+        build_backbone("vit_small_patch16", fpn_dim=256)
+
+
+def test_resnet_has_no_attention():
+    model = _seeded("resnet18_fpn", 0)
+    with pytest.raises(BackboneError, match="no attention"):
+        model(torch.randn(1, 3, 32, 32), with_attention=True)
+
+
+def test_attention_logits_match_timm_probabilities_and_weights():
+    model = _seeded("vit_small_patch16", 0)
+    attn = model.vit.blocks[-1].attn
+    captured = {}
+    hooks = [
+        attn.attn_drop.register_forward_pre_hook(lambda m, args: captured.__setitem__("probs", args[0])),
+        attn.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0])),
+    ]
+    x = torch.randn(2, 3, 48, 64)  # 3 x 4 patches + CLS = 13 tokens
+    with torch.no_grad():
+        tokens, head_logits = model.forward_tokens(x, with_attention=True)
+    for hook in hooks:
+        hook.remove()
+    heads = attn.num_heads
+    assert head_logits.shape == (2, heads, 13, 13)
+    # softmax of our per-head logits is exactly what timm applies to v
+    torch.testing.assert_close(head_logits.softmax(-1), captured["probs"], rtol=0, atol=1e-6)
+
+    # softmax is shift-invariant per row, so also check the raw values against a per-head loop
+    tokens_in = captured["x"]
+    w_q, w_k, _ = attn.qkv.weight.chunk(3, dim=0)
+    b_q, b_k, _ = attn.qkv.bias.chunk(3, dim=0)
+    head_dim = tokens_in.shape[-1] // heads
+    for h in range(heads):
+        rows = slice(h * head_dim, (h + 1) * head_dim)
+        q = tokens_in @ w_q[rows].T + b_q[rows]
+        k = tokens_in @ w_k[rows].T + b_k[rows]
+        reference = q @ k.transpose(-2, -1) / head_dim**0.5
+        torch.testing.assert_close(head_logits[:, h], reference, rtol=1e-4, atol=1e-4)
+
+    # the public output: CLS removed, mean over heads; features unaffected by the attention path
+    with torch.no_grad():
+        out = model(x, with_attention=True)
+        plain = model(x)
+    assert out.attn_logits.shape == (2, 12, 12)
+    torch.testing.assert_close(out.attn_logits, head_logits[:, :, 1:, 1:].mean(1))
+    torch.testing.assert_close(out.features, plain.features)
+    torch.testing.assert_close(out.features, tokens[:, 1:].reshape(2, 3, 4, 384).permute(0, 3, 1, 2))
+
+
+def test_frozen_backbone_has_no_grads_and_stays_in_eval():
+    model = _seeded("resnet18_fpn", 0, frozen=True)
+    assert all(not p.requires_grad for p in model.parameters())
+    model.train()
+    assert not any(m.training for m in model.modules())
+    bn_before = model.trunk.bn1.running_mean.clone()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert not out.features.requires_grad
+    torch.testing.assert_close(model.trunk.bn1.running_mean, bn_before)  # no BatchNorm update
+
+    trainable = _seeded("resnet18_fpn", 0, frozen=False)
+    trainable.train()
+    assert trainable.training and trainable.trunk.bn1.training
+    trainable(torch.randn(2, 3, 32, 32)).features.sum().backward()
+    assert trainable.trunk.conv1.weight.grad is not None
+    assert trainable.fpn.laterals[0].weight.grad is not None
+
+
+def test_normalize_hand_computed():
+    images = torch.zeros(1, 2, 2, 3, dtype=torch.uint8)
+    images[0, 0, 1] = 255
+    out = normalize(images)
+    assert out.shape == (1, 3, 2, 2) and out.dtype == torch.float32
+    for c in range(3):
+        assert out[0, c, 0, 0].item() == pytest.approx(-IMAGENET_MEAN[c] / IMAGENET_STD[c])
+        assert out[0, c, 0, 1].item() == pytest.approx((1 - IMAGENET_MEAN[c]) / IMAGENET_STD[c])
+    with pytest.raises(BackboneError, match="uint8"):
+        normalize(torch.zeros(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("layout", ["dino_teacher", "plain"])
+def test_vit_weights_round_trip(tmp_path, layout):
+    source = _seeded("vit_small_patch16", 0)
+    state = source.vit.state_dict()
+    if layout == "dino_teacher":
+        teacher = {"module.backbone." + k: v for k, v in state.items()}
+        teacher["module.head.mlp.0.weight"] = torch.randn(8, 384)
+        teacher["module.head.last_layer.weight_g"] = torch.randn(65536, 1)
+        checkpoint = {"teacher": teacher, "epoch": 3, "args": argparse.Namespace(arch="vit_small")}
+    else:
+        checkpoint = state
+    path = tmp_path / "weights.pth"
+    torch.save(checkpoint, path)
+
+    x = torch.randn(2, 3, 64, 64)
+    unloaded = _seeded("vit_small_patch16", 1)
+    loaded = _seeded("vit_small_patch16", 1, weights=str(path))
+    with torch.no_grad():
+        expected = source(x, with_attention=True)
+        got = loaded(x, with_attention=True)
+        assert not torch.allclose(unloaded(x).features, expected.features)
+    torch.testing.assert_close(got.features, expected.features)
+    torch.testing.assert_close(got.attn_logits, expected.attn_logits)
+    assert loaded.frozen and not loaded.training
+
+
+def test_moco_resnet_trunk_loads_and_fpn_stays_initialised(tmp_path):
+    torch.manual_seed(0)
+    trunk = torchvision.models.resnet18(weights=None)
+    state = {}
+    for k, v in trunk.state_dict().items():  # includes fc.* which must be dropped
+        state["module.encoder_q." + k] = v
+        state["module.encoder_k." + k] = torch.zeros_like(v)
+    state["module.queue"] = torch.randn(128, 16)
+    state["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    path = tmp_path / "moco_r18.pth.tar"
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, path)
+
+    loaded = _seeded("resnet18_fpn", 1, weights=str(path))
+    reference = _seeded("resnet18_fpn", 1)
+    for k, v in trunk.state_dict().items():
+        if not k.startswith("fc."):
+            torch.testing.assert_close(loaded.trunk.state_dict()[k], v)
+    for k, v in reference.fpn.state_dict().items():
+        torch.testing.assert_close(loaded.fpn.state_dict()[k], v)
+    assert not torch.equal(loaded.trunk.conv1.weight, reference.trunk.conv1.weight)
+
+
+def _single_line_error(path, name, match):
+    with pytest.raises(BackboneWeightsError) as info:
+        build_backbone(name, weights=str(path))
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message and name in message and "pick the backbone" in message
+    assert match in message
+    return message
+
+
+def test_wrong_keys_checkpoint_is_rejected(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    message = _single_line_error(path, "vit_small_patch16", "missing keys")
+    assert "unexpected keys" in message and "conv1.weight" in message
+
+
+def test_wrong_shapes_checkpoint_is_rejected(tmp_path):
+    state = _seeded("vit_small_patch16", 0).vit.state_dict()
+    state["pos_embed"] = torch.zeros(1, 785, 384)  # a /8 model's position table
+    path = tmp_path / "vit_s8_pos.pth"
+    torch.save({"student": state}, path)
+    message = _single_line_error(path, "vit_small_patch16", "shape mismatches")
+    assert "pos_embed: checkpoint (1, 785, 384) vs model (1, 197, 384)" in message
+
+
+def test_unreadable_checkpoint_is_rejected(tmp_path):
+    path = tmp_path / "not_a_checkpoint.pth"
+    path.write_bytes(b"definitely not a torch file")
+    with pytest.raises(BackboneWeightsError, match="not a readable torch checkpoint") as info:
+        build_backbone("resnet18_fpn", weights=str(path))
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    from raysseg.storage import StorageError
+
+    path = tmp_path / "nowhere" / "dino.pth"
+    with pytest.raises(StorageError) as info:
+        build_backbone("vit_small_patch16", weights=str(path))
+    assert str(path) in str(info.value)
