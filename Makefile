@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum
 export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
+export FAISS_OPT_LEVEL := generic
 
 .PHONY: install run test test-slow bench lock
 

@@ -70,7 +70,7 @@ def cmd_storage_serve(args) -> None:
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "raysseg")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", secrets.token_hex(16))
-    with SeaweedServer(args.dir, port=args.port) as server:
+    with SeaweedServer(args.dir, s3_port=args.port) as server:
         if args.bucket:
             server.create_bucket(args.bucket)
         print("S3 server running; in another shell:")

@@ -197,7 +197,9 @@ def decode_label(data: bytes) -> Image.Image:
         raise ValueError(f"label has mode {im.mode}: labels must be single-channel PNGs of class indices")
 
 
-def _row_rng(seed: int, path: str) -> np.random.Generator:
+def _row_rng(seed: int | None, path: str) -> np.random.Generator:
+    if seed is None:  # fresh crops every time the row is read (every epoch)
+        return np.random.default_rng()
     digest = int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little")
     return np.random.default_rng([seed, digest])
 
@@ -281,7 +283,7 @@ def _decode_batch(
 
 def make_dataset(
     split_uri: str, *, image_size: int, train: bool, with_labels: bool, crop_scale: tuple[float, float] = (0.5, 1.0),
-    hflip: bool = True, seed: int = 0, limit: int | None = None,
+    hflip: bool = True, seed: int | None = 0, limit: int | None = None, files: list[str] | None = None,
 ) -> "ray.data.Dataset":
     """A Ray Dataset of decoded, cropped rows from a split folder/prefix.
 
@@ -289,7 +291,8 @@ def make_dataset(
     a random horizontal flip, seeded per image from (seed, path); pass a different seed per epoch
     for fresh crops. train=False: resize the short side to image_size, then centre crop.
     Labels (only opened when ``with_labels``) follow the same geometry with NEAREST.
-    ``limit`` keeps the first ``limit`` images in sorted order.
+    ``limit`` keeps the first ``limit`` images in sorted order; ``files`` keeps only those image URIs.
+    ``seed=None`` draws fresh crops each time a row is read, i.e. every epoch.
     """
     import ray.data
 
@@ -297,12 +300,15 @@ def make_dataset(
         raise DatasetError(f"image_size must be positive, got {image_size}")
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
         raise DatasetError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
-    files = list_split(split_uri, with_labels)
-    n = len(files.images) if limit is None else min(limit, len(files.images))
+    split = list_split(split_uri, with_labels)
+    n = len(split.images) if limit is None else min(limit, len(split.images))
     if with_labels:
-        items = [{"path": p, "label_path": l} for p, l in zip(files.images[:n], files.labels[:n])]
+        items = [{"path": p, "label_path": l} for p, l in zip(split.images[:n], split.labels[:n])]
     else:
-        items = [{"path": p} for p in files.images[:n]]
+        items = [{"path": p} for p in split.images[:n]]
+    if files is not None:
+        wanted = set(files)
+        items = [item for item in items if item["path"] in wanted]
     settings = storage.s3_settings() if storage.is_s3(split_uri) else None  # ship the driver's S3 settings
     fn = functools.partial(
         _decode_batch, settings=settings, image_size=image_size, train=train, with_labels=with_labels,

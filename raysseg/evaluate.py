@@ -145,7 +145,7 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     crf = cfg.eval.crf if crf is None else crf
     probe = cfg.eval.probe if probe is None else probe
     list_split(split, with_labels=True)  # a clear error before Ray starts
-    init_ray()
+    init_ray(cfg.eval.workers)
     t0 = time.time()
     ref = [ray.put(ckpt)]
     workers = cfg.eval.workers
@@ -157,7 +157,8 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
                                 limit=cfg.data.limit or None)
         sampled = train_ds.map_batches(ProbeSampler, fn_constructor_kwargs={"ckpt_ref": ref,
                                        "per_image": cfg.eval.probe_pixels_per_image, "seed": cfg.train.seed},
-                                       batch_size=cfg.eval.batch_size, concurrency=workers, batch_format="numpy")
+                                       batch_size=cfg.eval.batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
+                                       batch_format="numpy")
         codes, labels = [], []
         for b in sampled.iter_batches(batch_size=None, batch_format="numpy"):
             codes.append(b["codes"])
@@ -173,7 +174,8 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     ds = make_dataset(split, image_size=cfg.data.image_size, train=False, with_labels=True)
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"ckpt_ref": ref, "probe_state": probe_state, "crf": crf,
                                                           "picture_paths": picture_paths},
-                            batch_size=cfg.eval.batch_size, concurrency=workers, batch_format="numpy")
+                            batch_size=cfg.eval.batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
+                                       batch_format="numpy")
     totals: dict[str, np.ndarray] = {}
     n_images, skipped, pictures = 0, [], []
     done = 0

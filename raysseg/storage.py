@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 
 S3_SCHEME = "s3://"
 CONNECT_TIMEOUT_S = 5.0
-REQUEST_TIMEOUT_S = 60.0
+REQUEST_TIMEOUT_S = 20.0
 MAX_ATTEMPTS = 3
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -412,6 +412,9 @@ class SeaweedServer:
             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
             f"-admin.port={admin}", f"-s3.port={self.s3_port}",
         ]
+        s3_socket = self.data_dir / "s3.sock"  # weed leaves it behind: keep it out of /tmp when the path fits
+        if len(str(s3_socket)) < 100:
+            cmd.append(f"-s3.localSocket={s3_socket}")
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)

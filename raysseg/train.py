@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +38,17 @@ class NonFiniteLoss(RuntimeError):
 # ---------------------------------------------------------------- driver side
 
 
-def init_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray."""
+def init_ray(busy_workers: int = 0) -> None:
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray.
+
+    A local Ray gets ``busy_workers`` logical CPUs on top of the machine's cores: Train
+    workers and scoring actors hold a CPU slot each for their whole life, and without
+    spare slots Ray Data could never schedule the decoding tasks that feed them (a
+    deadlock on 2 cores).
+    """
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines instead
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -46,8 +56,10 @@ def init_ray() -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+        passed = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION", "HF_HUB_OFFLINE")
+        env = {"RAY_AUTH_MODE": "disabled", "FAISS_OPT_LEVEL": "generic", **{k: os.environ[k] for k in passed if k in os.environ}}
+        ray.init(address="local", num_cpus=(os.cpu_count() or 2) + busy_workers, include_dashboard=False,
+                 log_to_driver=True, runtime_env={"env_vars": env})
 
 
 @dataclass
@@ -134,8 +146,8 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
     run_id, resumed = tracking.start_or_resume_run(uri, cfg.mlflow.experiment, run_name, cfg.flat())
     print(f"{'resuming' if resumed else 'starting'} run {run_name} (MLflow run {run_id} at {uri})")
 
-    init_ray()
     world = cfg.train.num_workers
+    init_ray(world)
     datasets = {
         "cluster": make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=False,
                                 with_labels=False, limit=cfg.data.limit or None),
@@ -146,7 +158,7 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
     if cfg.method != "kmeans":
         datasets["train"] = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=True,
                                          with_labels=False, crop_scale=(cfg.data.crop_scale_min, 1.0),
-                                         seed=cfg.train.seed, limit=cfg.data.limit or None)
+                                         seed=None, limit=cfg.data.limit or None)
     if cfg.method == "hp":
         files = list_split(cfg.data.train, with_labels=False).images
         files = files[: cfg.data.limit] if cfg.data.limit else files
@@ -248,19 +260,22 @@ def _numpy_batches(shard, batch_size: int, drop_last: bool):
     return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last)
 
 
-def fit_clusters(cfg: Config, seg: Segmenter, shard, rank: int, device) -> list[tuple[str, str]]:
-    """Offline k-means of the codes of the training split; sets ``seg.centroids`` on every rank."""
+def fit_clusters(cfg: Config, seg: Segmenter, shard, rank: int, device):
+    """Offline k-means of the codes of the training split; sets ``seg.centroids`` on every rank.
+
+    Returns (skipped files, a few of the images seen, for pictures)."""
     from raysseg.cluster import sample_locations, spherical_kmeans
     from raysseg.data import valid_rows
 
     rng = np.random.default_rng(cfg.train.seed + rank)
-    samples, skipped = [], []
+    samples, skipped, seen = [], [], None
     seg.eval()
     for batch in _numpy_batches(shard, cfg.eval.batch_size, drop_last=False):
         batch, bad = valid_rows(batch)
         skipped += bad
         if len(batch["image"]) == 0:
             continue
+        seen = batch["image"][:4] if seen is None else seen
         codes = seg.codes(torch.from_numpy(batch["image"]).to(device)).cpu().numpy()
         samples.append(sample_locations(codes, cfg.kmeans.pixels_per_image, rng))
     gathered = all_gather(np.concatenate(samples) if samples else np.zeros((0, seg.code_dim), np.float32))
@@ -273,7 +288,7 @@ def fit_clusters(cfg: Config, seg: Segmenter, shard, rank: int, device) -> list[
     centroids = all_gather(centroids)[0]
     seg.centroids.copy_(torch.from_numpy(centroids).to(seg.centroids.device))
     seg.fitted.fill_(True)
-    return skipped
+    return skipped, seen
 
 
 def _log_overlays(cfg: Config, seg: Segmenter, images: np.ndarray, logger, name: str) -> None:
@@ -318,6 +333,7 @@ def worker_loop(loop_cfg: dict) -> None:
 
     from raysseg import tracking
 
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # batches are read-only
     cfg = config_from_dict(loop_cfg["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -369,16 +385,15 @@ def worker_loop(loop_cfg: dict) -> None:
             _save(seg, method, progress, bank, rank, metrics, finished=False, run=run)
 
     if not progress["clustered"]:
-        bad = fit_clusters(cfg, seg, ray.train.get_dataset_shard("cluster"), rank, device)
+        bad, seen = fit_clusters(cfg, seg, ray.train.get_dataset_shard("cluster"), rank, device)
         skipped.update(map(tuple, sum(all_gather(bad), [])))
         progress["clustered"] = True
         metrics = {"epoch": progress["epoch"], "step": progress["step"], "skipped_files": len(skipped)}
         if rank == 0:
             logger.log_metrics({"skipped_files": len(skipped)}, step=progress["step"])
             _log_skipped(logger, skipped)
-            sample = _first_images(cfg)
-            if sample is not None:
-                _log_overlays(cfg, seg, sample, logger, "final")
+            if seen is not None:
+                _log_overlays(cfg, seg, seen, logger, "final")
         _save(seg, method, progress, bank, rank, metrics, finished=True, run=run)
 
 
@@ -386,11 +401,3 @@ def _log_skipped(logger, skipped: set) -> None:
     if skipped:
         text = "".join(f"{path}\t{error}\n" for path, error in sorted(skipped))
         logger.log_bytes(text.encode(), "skipped_files.txt")
-
-
-def _first_images(cfg: Config) -> np.ndarray | None:
-    """A few decoded training images for the final overlay picture (read directly, no labels)."""
-    from raysseg.data import load_images
-
-    images = load_images(cfg.data.train, cfg.data.image_size, count=4)
-    return images if len(images) else None

@@ -12,6 +12,7 @@ Shared state goes through the concept bank (:mod:`raysseg.bank`):
 """
 from __future__ import annotations
 
+import resource
 import time
 from collections import defaultdict
 
@@ -54,13 +55,14 @@ class HPTrainer:
         self.cfg, self.seg, self.bank = cfg, seg, bank
         self.rank, self.world, self.device = rank, world, device
         self.total_steps, self.pool_plan = max(total_steps, 1), pool_plan
-        self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
         self.loss_module = ray.train.torch.prepare_model(_HPLoss(seg.head, cfg, self.generator))
         params = [p for p in seg.head.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.q_ag: torch.Tensor | None = None
         self.q_sp: torch.Tensor | None = None
         self.sp_version = 0
+        self.pool_build_s = 0.0
         self.timers: dict[str, float] = defaultdict(float)
 
     def state_dict(self) -> dict:
@@ -95,7 +97,7 @@ class HPTrainer:
                                       np.stack(rows) if rows else np.zeros((0, dim), np.float32))
         _, table = ray.get(self.bank.get.remote("pool", 1, self.rank))
         self.q_ag = torch.from_numpy(table).to(self.device)
-        self.timers["bank"] += time.perf_counter() - t0
+        self.pool_build_s = time.perf_counter() - t0
         if self.rank == 0:
             print(f"[hp] task-agnostic pool: {len(table)} patches from {len(table)} images", flush=True)
 
@@ -199,6 +201,8 @@ class HPTrainer:
         elapsed = time.perf_counter() - t_epoch
         epoch_stats = {k: v / max(n, 1) for k, v in sums.items()}
         epoch_stats["iterations_per_s"] = n / max(elapsed, 1e-9)
+        epoch_stats["time_pool_build_s"] = self.pool_build_s
+        epoch_stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         for k, v in self.timers.items():
             epoch_stats[f"time_{k}_s"] = v / max(n, 1)
         return epoch_stats, last, skipped

@@ -136,6 +136,9 @@ def sample_negatives(positive_any: Tensor, rho: float, generator: torch.Generato
     if not 0.0 <= rho <= 1.0:
         _fail("sample_negatives", f"rho must be a fraction in [0, 1], got {rho} (2% is rho=0.02)")
     _check_chunk("sample_negatives", chunk)
+    if generator is not None and generator.device.type != positive_any.device.type:
+        _fail("sample_negatives", f"generator is on {generator.device} but the masks are on "
+                                  f"{positive_any.device}; create torch.Generator(device=...) on the mask's device")
     n = positive_any.shape[0]
     neg = torch.empty_like(positive_any)
     for i in range(0, n, chunk):
@@ -393,7 +396,9 @@ class HPModel(nn.Module):
         copy; attn_logits [B, h*w, h*w] or None (no local term); q_ag [M, C] backbone
         pool; q_sp [M', K] EMA-code pool or None. Phi/Psi of both sets are one weighted
         term each (w = m_ag + lam*m_sp). mixed_contrast: see module docstring.
-        Returns (loss, stats) with stats as floats.
+        Returns (loss, stats) with float stats: loss parts, lam, mean positives and
+        negatives per anchor, fraction of anchors kept, and wall-clock seconds of the
+        selection (masks + negatives) and of the heads + contrastive forward.
         """
         if feats.dim() != 4 or feats_aug.shape != feats.shape:
             _fail("HPModel.loss", f"feats and feats_aug must both be [B, C, h, w], got "
@@ -413,7 +418,7 @@ class HPModel(nn.Module):
                 pos_any = pos_ag | pos_sp
             else:
                 pos_any = pos_ag
-            neg = sample_negatives(pos_any, rho, generator)
+            neg = sample_negatives(pos_any, rho, generator, chunk)
             del pos_any
         _sync(device)
         t1 = time.perf_counter()
