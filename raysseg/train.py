@@ -24,7 +24,7 @@ import ray
 import torch
 
 from raysseg.config import Config, ConfigError, config_from_dict
-from raysseg.model import CHECKPOINT_FILE, Segmenter, save_checkpoint
+from raysseg.model import CHECKPOINT_FILE, Segmenter, read_checkpoint, save_checkpoint
 
 
 class RunFailed(RuntimeError):
@@ -139,10 +139,14 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
         previous = tracking.find_run(uri, cfg.mlflow.experiment, run_name)
         if previous is not None and previous.info.status == "FINISHED":
             ckpt = previous.data.tags.get(tracking.CHECKPOINT_TAG, "")
-            print(f"run {run_name} already finished (MLflow run {previous.info.run_id}); "
-                  f"use --restart to train it again")
-            return TrainResult(previous.info.run_id, run_name, ckpt, uri, dict(previous.data.metrics),
-                               already_finished=True)
+            done = read_checkpoint(ckpt)["progress"]["epoch"] if ckpt else 0
+            if cfg.method == "kmeans" or done >= cfg.train.epochs:
+                print(f"run {run_name} already finished (MLflow run {previous.info.run_id}); "
+                      f"use --restart to train it again")
+                return TrainResult(previous.info.run_id, run_name, ckpt, uri, dict(previous.data.metrics),
+                                   already_finished=True)
+            print(f"run {run_name} finished {done} epochs; continuing to train.epochs = {cfg.train.epochs}")
+            tracking.RunLogger(uri, previous.info.run_id).client.update_run(previous.info.run_id, status="RUNNING")
     run_id, resumed = tracking.start_or_resume_run(uri, cfg.mlflow.experiment, run_name, cfg.flat())
     print(f"{'resuming' if resumed else 'starting'} run {run_name} (MLflow run {run_id} at {uri})")
 
@@ -360,6 +364,8 @@ def worker_loop(loop_cfg: dict) -> None:
             state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
         seg.load_state_dict(state["state"])
         progress = state["progress"]
+        if progress["epoch"] < cfg.train.epochs:  # a finished run given more epochs trains on, then re-clusters
+            progress["clustered"] = False
         if method is not None and state.get("method_state"):
             method.load_state_dict(state["method_state"])
         if rank == 0 and bank is not None and state.get("bank"):

@@ -1,0 +1,93 @@
+"""End to end on the real parts: a local Ray with 2 Train workers, the SeaweedFS S3 server, MLflow (SQLite)."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from raysseg.config import load_config
+
+
+def synth_config(tmp_path: Path, train: str, val: str, *overrides: str, config: str = "kmeans_synth"):
+    return load_config(config, [
+        f"data.train={train}", f"data.val={val}", "data.image_size=64", f"train.storage={tmp_path}/runs",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlruns.db", "train.num_workers=2", "kmeans.pixels_per_image=16",
+        "eval.probe_epochs=5", "eval.overlays=2", *overrides,
+    ])
+
+
+def test_kmeans_from_s3_with_checkpoints_on_s3_and_mlflow(tmp_path, ray_local, s3_server, synth_data):
+    from raysseg.data import upload
+    from raysseg.evaluate import evaluate
+    from raysseg.train import train
+
+    s3_server.create_bucket("quick")
+    upload(str(synth_data), "s3://quick/synth")
+    cfg = synth_config(tmp_path, "s3://quick/synth/train", "s3://quick/synth/val", "train.storage=s3://quick/runs")
+    result = train(cfg)
+
+    assert result.checkpoint.startswith("s3://quick/runs/") and result.checkpoint.endswith("/model.pt")
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method"] == "kmeans" and run.data.params["train.num_workers"] == "2"
+    assert run.data.metrics["skipped_files"] == 0
+    artifacts = [a.path for a in client.list_artifacts(result.run_id, "checkpoint")]
+    assert artifacts == ["checkpoint/model.pt"]
+    assert [a.path for a in client.list_artifacts(result.run_id, "overlays")] == ["overlays/final.png"]
+
+    report = evaluate(result.checkpoint, out=str(tmp_path / "eval"))
+    assert report["n_images"] == 4 and set(report["scores"]) == {"clusters", "clusters_crf", "probe", "probe_crf"}
+    for scores in report["scores"].values():
+        assert 0 < scores["accuracy"] <= 1 and len(scores["per_class_iou"]) == 5
+    metrics = client.get_run(result.run_id).data.metrics
+    assert metrics["eval/val/clusters_miou"] == pytest.approx(report["scores"]["clusters"]["miou"])
+    eval_files = {a.path for a in client.list_artifacts(result.run_id, "eval/val")}
+    assert {"eval/val/report.json", "eval/val/confusion_clusters.png", "eval/val/overlays_clusters.png"} <= eval_files
+
+    # the same run again is recognised as finished instead of training twice
+    again = train(cfg)
+    assert again.already_finished and again.run_id == result.run_id
+
+
+def test_bad_files_are_skipped_counted_and_reported(tmp_path, ray_local, synth_data):
+    from raysseg.evaluate import evaluate
+    from raysseg.train import train
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    (data / "train/images/zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (data / "train/images/zz_empty.png").write_bytes(b"")
+    (data / "val/images/zz_empty.png").write_bytes(b"")
+    (data / "val/labels/zz_empty.png").write_bytes(b"")
+    first = sorted((data / "val/labels").glob("*.png"))[0]
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(first)  # wrong size for its image
+    cfg = synth_config(tmp_path, str(data / "train"), str(data / "val"))
+    result = train(cfg)
+
+    client = MlflowClient(result.tracking_uri)
+    assert client.get_run(result.run_id).data.metrics["skipped_files"] == 2
+    skipped_txt = Path(client.download_artifacts(result.run_id, "skipped_files.txt", str(tmp_path))).read_text()
+    assert "zz_corrupt.png" in skipped_txt and "zz_empty.png" in skipped_txt
+
+    report = evaluate(result.checkpoint, crf=False, probe=False, out=str(tmp_path / "eval"))
+    assert report["skipped_files"] == 2 and report["n_images"] == 3
+    reasons = " ".join(e for _, e in report["skipped"])
+    assert first.name in " ".join(p for p, _ in report["skipped"]) and "label" in reasons
+
+
+def test_wrong_s3_secret_is_one_line_naming_endpoint_and_variables(tmp_path, s3_server):
+    env = {**__import__("os").environ, **s3_server.client_env, "AWS_SECRET_ACCESS_KEY": "wrong-secret"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysseg.cli", "train", "--config", "kmeans_synth",
+         "--set", "data.train=s3://quick/synth/train"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert s3_server.endpoint in lines[0] and "AWS_SECRET_ACCESS_KEY" in lines[0] and "AWS_ACCESS_KEY_ID" in lines[0]
