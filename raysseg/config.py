@@ -55,7 +55,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = _f(1, lo=1, hi=10000)
     batch_size: int = _f(8, lo=1, hi=4096, help="images per worker per step")
-    lr: float = _f(5e-4, lo=0.0, hi=10.0)
+    lr: float = _f(5e-4, lo=0.0)
     weight_decay: float = _f(0.1, lo=0.0, hi=10.0)
     grad_clip: float = _f(10.0, lo=0.0)
     num_workers: int = _f(2, lo=1, hi=4096, help="Ray Train workers")
@@ -182,6 +182,11 @@ def _coerce(key: str, value: Any, typ: type, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
     elif typ is float:
+        if isinstance(value, str):  # YAML reads 1e30 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         value = float(value)

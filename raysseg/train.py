@@ -188,10 +188,13 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
     logger = tracking.RunLogger(uri, run_id)
     try:
         result = trainer.fit()
+        trace = ray.get(bank.get_trace.remote()) if bank is not None else []
     except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; show its one line
         logger.finish("FAILED")
         raise RunFailed(_root_message(e)) from None
-    trace = ray.get(bank.get_trace.remote()) if bank is not None else []
+    finally:
+        if bank is not None:  # its state lives on in the checkpoints
+            ray.kill(bank)
     if result.checkpoint is None:
         logger.finish("FAILED")
         raise RunFailed(f"run {run_name} reported no checkpoint")

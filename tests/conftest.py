@@ -53,7 +53,7 @@ def ray_local(offline_env, s3_server):
     workers (as ``raysseg.train.init_ray`` does), with the S3 server's variables in every worker."""
     import ray
 
-    env = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "AWS_REGION": "us-east-1", **s3_server.client_env}
+    env = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "FAISS_OPT_LEVEL": "generic", "AWS_REGION": "us-east-1", **s3_server.client_env}
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True,
              object_store_memory=1 << 30, runtime_env={"env_vars": env})
     ray.data.DataContext.get_current().enable_progress_bars = False
