@@ -198,6 +198,7 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     report = {
         "checkpoint": checkpoint, "split": split, "method": cfg.method, "n_images": n_images,
         "skipped_files": len(skipped), "skipped": skipped, "class_names": names, "scores": scores,
+        "confusion": {v: totals[v].tolist() for v in scores},  # rows: predicted id, columns: class
         "seconds": round(time.time() - t0, 1),
     }
     print(_table(report))

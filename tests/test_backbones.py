@@ -219,3 +219,20 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(StorageError) as info:
         build_backbone("vit_small_patch16", weights=str(path))
     assert str(path) in str(info.value)
+
+
+def test_dino_checkpoint_loads_from_s3(s3_server):
+    """The real loading path from object storage, on a checkpoint the test writes itself."""
+    import io
+
+    from raysseg.storage import write_bytes_atomic
+
+    source = _seeded("vit_small_patch16", 0)
+    buf = io.BytesIO()
+    torch.save({"teacher": {"backbone." + k: v for k, v in source.vit.state_dict().items()}}, buf)
+    s3_server.create_bucket("weights")
+    write_bytes_atomic("s3://weights/dino/vits16.pth", buf.getvalue())
+    loaded = _seeded("vit_small_patch16", 1, weights="s3://weights/dino/vits16.pth")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).features, source(x).features)

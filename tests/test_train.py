@@ -49,6 +49,17 @@ def test_kmeans_from_s3_with_checkpoints_on_s3_and_mlflow(tmp_path, ray_local, s
     eval_files = {a.path for a in client.list_artifacts(result.run_id, "eval/val")}
     assert {"eval/val/report.json", "eval/val/confusion_clusters.png", "eval/val/overlays_clusters.png"} <= eval_files
 
+    # predict writes label maps and overlays at each image's own size
+    from raysseg.predict import predict
+
+    written = predict(result.checkpoint, "s3://quick/synth/val/images", str(tmp_path / "pred"))
+    assert written["written"] == 4
+    for path in sorted((synth_data / "val/images").glob("*.png")):
+        label = Image.open(tmp_path / "pred/labels" / path.name)
+        assert label.size == Image.open(path).size
+        assert np.asarray(label).max() < 5
+        assert Image.open(tmp_path / "pred/overlays" / path.name).size == label.size
+
     # the same run again is recognised as finished instead of training twice
     again = train(cfg)
     assert again.already_finished and again.run_id == result.run_id
