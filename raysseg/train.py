@@ -156,8 +156,7 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
         "cluster": make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=False,
                                 with_labels=False, limit=cfg.data.limit or None),
     }
-    loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images,
-                "threads": max(1, int(ray.available_resources().get("CPU", 2)) // world)}
+    loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images}
     bank = None
     if cfg.method != "kmeans":
         datasets["train"] = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=True,
@@ -344,7 +343,7 @@ def worker_loop(loop_cfg: dict) -> None:
     cfg = config_from_dict(loop_cfg["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(loop_cfg["threads"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))  # share the node's cores
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
     seg = Segmenter(cfg).to(device)
