@@ -97,8 +97,9 @@ def bench_eval() -> str:
             report = evaluate(result.checkpoint, crf=crf, out=f"{tmp}/eval", log_to_mlflow=False)
             dt = time.perf_counter() - t0
             s = report["scores"]
+            suffix = "_crf" if crf else ""
             rows.append(["with CRF" if crf else "no CRF", report["n_images"], f"{dt:.1f}",
-                         f"{100 * s['clusters']['miou']:.1f}", f"{100 * s['probe']['miou']:.1f}"])
+                         f"{100 * s['clusters' + suffix]['miou']:.1f}", f"{100 * s['probe' + suffix]['miou']:.1f}"])
     return _table("Evaluation of CamVid val (101 images, 176x176, incl. linear probe)",
                   ["variant", "images", "seconds", "clusters mIoU", "probe mIoU"], rows)
 

@@ -33,6 +33,19 @@ def _segmenter(ref):
     return seg.eval(), config_from_dict(ckpt["config"])
 
 
+def codes_at(codes: torch.Tensor, ys: np.ndarray, xs: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Codes (D, h, w) bilinearly upsampled to ``size`` and read at pixels (ys, xs) -> (n, D).
+
+    Equal to ``F.interpolate(codes, size, mode="bilinear")[:, ys, xs]`` without building the
+    full-resolution map.
+    """
+    h, w = size
+    grid = torch.stack([torch.from_numpy((xs + 0.5) / w * 2 - 1), torch.from_numpy((ys + 0.5) / h * 2 - 1)], -1)
+    sampled = F.grid_sample(codes[None], grid[None, None].to(codes.dtype), mode="bilinear", padding_mode="border",
+                            align_corners=False)
+    return sampled[0, :, 0].T
+
+
 class ProbeSampler:
     """Actor: codes (upsampled to pixels) and labels at random labelled pixels of each image."""
 
@@ -48,14 +61,14 @@ class ProbeSampler:
         if len(batch["image"]) == 0:
             return {"codes": np.zeros((0, self.seg.code_dim), np.float32), "labels": np.zeros(0, np.int64)}
         images = torch.from_numpy(batch["image"])
-        codes = F.interpolate(self.seg.codes(images), size=images.shape[1:3], mode="bilinear", align_corners=False)
+        codes = self.seg.codes(images)
         out_codes, out_labels = [], []
         for b, label in enumerate(batch["label"]):
             ys, xs = np.nonzero((label != self.cfg.data.ignore_index) & (label < self.cfg.data.n_classes))
             if len(ys) == 0:
                 continue
             pick = self.rng.choice(len(ys), min(self.per_image, len(ys)), replace=False)
-            out_codes.append(codes[b, :, ys[pick], xs[pick]].T.numpy())
+            out_codes.append(codes_at(codes[b], ys[pick], xs[pick], label.shape).numpy())
             out_labels.append(label[ys[pick], xs[pick]])
         if not out_codes:
             return {"codes": np.zeros((0, self.seg.code_dim), np.float32), "labels": np.zeros(0, np.int64)}
@@ -89,12 +102,13 @@ class Scorer:
         if len(batch["image"]):
             images = torch.from_numpy(batch["image"])
             size = images.shape[1:3]
-            with torch.no_grad():
+            with torch.no_grad():  # probabilities at feature resolution, then upsampled: K channels, not D
                 codes = self.seg.codes(images)
-                up = F.interpolate(codes, size=size, mode="bilinear", align_corners=False)
-                probs = {"clusters": cluster_probs(up, self.seg.centroids).numpy()}
+                low = {"clusters": cluster_probs(codes, self.seg.centroids)}
                 if self.probe is not None:
-                    probs["probe"] = torch.softmax(self.probe.predict_logits(up), 1).numpy()
+                    low["probe"] = torch.softmax(self.probe.predict_logits(codes), 1)
+                probs = {name: F.interpolate(p, size=size, mode="bilinear", align_corners=False).numpy()
+                         for name, p in low.items()}
             for b in range(len(images)):
                 label = batch["label"][b]
                 maps = {}

@@ -377,6 +377,7 @@ def worker_loop(loop_cfg: dict) -> None:
     barrier()
 
     skipped: set = set()
+    last_epoch: dict = {}
     if method is not None:
         method.setup(ray.train.get_dataset_shard("pool"))
         shard = ray.train.get_dataset_shard("train")
@@ -385,6 +386,7 @@ def worker_loop(loop_cfg: dict) -> None:
             skipped.update(map(tuple, sum(all_gather(bad), [])))
             progress["epoch"] = epoch + 1
             metrics = {**stats, "epoch": epoch + 1, "step": progress["step"], "skipped_files": len(skipped)}
+            last_epoch = stats
             if rank == 0:
                 logger.log_metrics({f"epoch/{k}": v for k, v in metrics.items()}, step=progress["step"])
                 _log_skipped(logger, skipped)
@@ -396,7 +398,7 @@ def worker_loop(loop_cfg: dict) -> None:
         bad, seen = fit_clusters(cfg, seg, ray.train.get_dataset_shard("cluster"), rank, device)
         skipped.update(map(tuple, sum(all_gather(bad), [])))
         progress["clustered"] = True
-        metrics = {"epoch": progress["epoch"], "step": progress["step"], "skipped_files": len(skipped)}
+        metrics = {**last_epoch, "epoch": progress["epoch"], "step": progress["step"], "skipped_files": len(skipped)}
         if rank == 0:
             logger.log_metrics({"skipped_files": len(skipped)}, step=progress["step"])
             _log_skipped(logger, skipped)

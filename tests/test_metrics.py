@@ -162,3 +162,12 @@ def test_apply_mapping_relabels_and_marks_unmatched():
     np.testing.assert_array_equal(apply_mapping(pred, [1, -1, 0], unmatched=255), [[1, 255], [0, 1]])
     with pytest.raises(EvalInputError, match="mapping has 2 entries"):
         apply_mapping(pred, [1, 0], unmatched=255)
+
+
+def test_codes_at_equals_full_upsampling():
+    from raysseg.evaluate import codes_at
+
+    codes = torch.randn(5, 3, 4)
+    ys, xs = np.array([0, 7, 11, 3]), np.array([0, 15, 2, 9])
+    full = torch.nn.functional.interpolate(codes[None], size=(12, 16), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(codes_at(codes, ys, xs, (12, 16)), full[:, ys, xs].T)
