@@ -120,13 +120,13 @@ def bench_step(method: str) -> str:
             ])
             m = train(cfg).metrics
         step = m["time_step_s"]
-        parts = ["backbone", "selection", "loss", "head_forward", "backward", "bank", "data_wait"]
+        parts = ["backbone", "selection", "loss", "head_forward", "backward", "bank"]  # inside a step
         rows.append([workers, f"{m['iterations_per_s']:.3f}", f"{m['iterations_per_s'] * batch * workers:.1f}",
                      f"{m['peak_rss_mb'] / 1024:.2f}"]
                     + [f"{m.get(f'time_{p}_s', 0):.3f} ({100 * m.get(f'time_{p}_s', 0) / step:.0f}%)" for p in parts]
-                    + [f"{m['time_pool_build_s']:.1f}"])
+                    + [f"{m['time_data_wait_s']:.3f}", f"{m['time_pool_build_s']:.1f}"])
     header = ["workers", "it/s", "images/s", "peak RSS GiB (rank 0)", "backbone fwd s/it", "selection s/it",
-              "contrastive loss s/it", "all head fwd s/it", "backward+opt s/it", "bank s/it", "data wait s/it",
+              "contrastive loss s/it", "all head fwd s/it", "backward+opt s/it", "bank s/it", "waiting for data s/it",
               "pool build s (once)"]
     return _table(f"{method.upper()} training step, batch {batch}/worker at 224x224, ViT-S/16 (frozen), {steps} steps",
                   header, rows)
