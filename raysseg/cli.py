@@ -64,9 +64,12 @@ def cmd_data_upload(args) -> None:
 
 def cmd_storage_serve(args) -> None:
     import secrets
+    import signal
     import time
 
     from raysseg.storage import SeaweedServer
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the server on SIGTERM too
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "raysseg")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", secrets.token_hex(16))
