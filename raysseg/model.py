@@ -83,14 +83,11 @@ def read_checkpoint(uri: str) -> dict:
     if uri.startswith("runs:/"):
         import mlflow
 
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-        uri = local
+        uri = mlflow.artifacts.download_artifacts(artifact_uri=uri)
     if not uri.endswith(".pt"):
         uri = uri.rstrip("/") + "/" + CHECKPOINT_FILE
     try:
         data = read_bytes(uri)
-    except StorageError:
-        raise
     except FileNotFoundError:
         raise StorageError(f"checkpoint {uri} not found; pass the model.pt of a finished run") from None
     try:
