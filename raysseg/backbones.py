@@ -61,10 +61,14 @@ def normalize(images_uint8: Tensor) -> Tensor:
             f"normalize expects uint8 images shaped [B, H, W, 3], got {images_uint8.dtype} "
             f"{tuple(images_uint8.shape)}; convert the batch to uint8 NHWC RGB first"
         )
-    x = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+    return standardize(images_uint8.permute(0, 3, 1, 2).float().div_(255.0)).contiguous()
+
+
+def standardize(x: Tensor) -> Tensor:
+    """Float images in [0, 1] [B, 3, H, W] -> ImageNet-normalised (e.g. after photometric augmentation)."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    return (x - mean) / std
 
 
 def vit_attention_logits(attn: nn.Module, x: Tensor) -> Tensor:

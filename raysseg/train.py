@@ -262,10 +262,6 @@ class Progress:
         print(f"[{self.label}] {self.done}/{self.total} {extra} {rate:.2f}/s, {left:.0f}s left", flush=True)
 
 
-def _numpy_batches(shard, batch_size: int, drop_last: bool):
-    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last)
-
-
 def fit_clusters(cfg: Config, seg: Segmenter, shard, rank: int, device):
     """Offline k-means of the codes of the training split; sets ``seg.centroids`` on every rank.
 
@@ -276,7 +272,7 @@ def fit_clusters(cfg: Config, seg: Segmenter, shard, rank: int, device):
     rng = np.random.default_rng(cfg.train.seed + rank)
     samples, skipped, seen = [], [], None
     seg.eval()
-    for batch in _numpy_batches(shard, cfg.eval.batch_size, drop_last=False):
+    for batch in shard.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
         batch, bad = valid_rows(batch)
         skipped += bad
         if len(batch["image"]) == 0:

@@ -21,7 +21,7 @@ import ray
 import torch
 from torch import nn
 
-from raysseg.backbones import IMAGENET_MEAN, IMAGENET_STD
+from raysseg.backbones import normalize, standardize
 from raysseg.config import Config
 from raysseg.data import photometric_augment, valid_rows
 from raysseg.methods.hp_core import ema_update, lambda_at
@@ -38,13 +38,6 @@ class _HPLoss(nn.Module):
         hp = self.cfg.hp
         return self.head.loss(feats, feats_aug, attn, q_ag, q_sp, lam, tau=hp.tau, rho=hp.rho, alpha=hp.alpha,
                               sigma=hp.sigma, chunk=hp.chunk, generator=self.generator)
-
-
-def _normalize_float(x: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] (B, 3, H, W) -> ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 class HPTrainer:
@@ -86,7 +79,7 @@ class HPTrainer:
                 batch, _ = valid_rows(batch)
                 if len(batch["image"]) == 0:
                     continue
-                feats = self.seg.backbone(_normalize_float(self._float_images(batch["image"]))).features
+                feats = self.seg.backbone(normalize(torch.from_numpy(batch["image"]).to(self.device))).features
                 flat = feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
                 for b, path in enumerate(batch["path"]):
                     k, patch = self.pool_plan[str(path)]
@@ -131,8 +124,8 @@ class HPTrainer:
         t0 = time.perf_counter()
         x = self._float_images(images)
         with torch.no_grad():
-            out = seg.backbone(_normalize_float(x), with_attention=hp.local)
-            aug = seg.backbone(_normalize_float(photometric_augment(x, self.generator))).features
+            out = seg.backbone(standardize(x), with_attention=hp.local)
+            aug = seg.backbone(standardize(photometric_augment(x, self.generator))).features
         t1 = time.perf_counter()
         self._refresh_sp(step)
         t2 = time.perf_counter()
