@@ -28,7 +28,7 @@ def _f(default, *, lo=None, hi=None, choices=None, help=""):
 
 
 BACKBONES = ("vit_small_patch16", "vit_small_patch8", "vit_base_patch8", "resnet18_fpn", "resnet50_fpn")
-METHODS = ("kmeans", "hp")
+METHODS = ("kmeans", "hp", "picie", "pgg")
 
 
 @dataclass
@@ -48,7 +48,8 @@ class ModelConfig:
     backbone: str = _f("vit_small_patch16", choices=BACKBONES)
     weights: str = _f("", help="backbone checkpoint: path or s3:// URI; empty = random init")
     frozen: bool = _f(True)
-    code_dim: int = _f(256, lo=2, hi=4096, help="K, segmentation code size")
+    code_dim: int = _f(256, lo=2, hi=4096, help="HP: segmentation code size")
+    fpn_dim: int = _f(128, lo=2, hi=4096, help="ResNet-FPN output channels (PiCIE 128, PGG 256)")
 
 
 @dataclass
@@ -73,6 +74,8 @@ class KMeansConfig:
     pixels_per_image: int = _f(100, lo=1, help="features sampled per image for fitting")
     iterations: int = _f(20, lo=1, hi=1000)
     redo: int = _f(1, lo=1, hi=100, help="k-means restarts; the best objective wins")
+    init_sample: int = _f(100000, lo=1, help="PiCIE/PGG: features faiss initialises the centroids on")
+    assign_passes: int = _f(1, lo=0, hi=100, help="PiCIE/PGG: passes assigning every stored feature, in parallel Ray tasks")
 
 
 @dataclass
@@ -87,6 +90,33 @@ class HPConfig:
     sigma: float = _f(28.0, lo=0.0, help="attention scale in local hidden positives")
     local: bool = _f(True, help="local hidden positives (gradient propagation)")
     chunk: int = _f(2048, lo=16, help="anchor rows per block in selection and loss")
+
+
+@dataclass
+class PGGConfig:
+    guidance: str = _f("pyramid", choices=("none", "image", "pyramid"),
+                       help="image-level pseudo labels: none (PiCIE + CAE), one per image (GG), or 6 pyramid views (PGG)")
+    global_clusters: int = _f(50, lo=2, help="k-means clusters of the pooled self-supervised features")
+    keep_fraction: float = _f(0.4, lo=0.01, hi=1.0, help="active selection: views closest to their centre kept")
+    cam: str = _f("modified", choices=("classic", "modified"), help="classic: GAP-Linear; modified: GAP-Linear-ReLU-Linear")
+    weight: float = _f(1.0, lo=0.0, help="weight of the image-level loss")
+    cae: bool = _f(True, help="context-aware embedding at 1/16 resolution")
+    cae_affinity: str = _f("both", choices=("both", "feature", "raw"),
+                           help="CAE affinity: cosine x colour/position kernels, cosine only, or kernels only")
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = _f(50, lo=1, hi=100000)
+    batch_size: int = _f(32, lo=2, hi=8192, help="images per worker per step (two crops each)")
+    lr: float = _f(0.03, lo=0.0, help="SGD learning rate (momentum 0.9, cosine schedule)")
+    weight_decay: float = _f(1e-4, lo=0.0)
+    queue: int = _f(4096, lo=1, help="MoCo negatives queue length")
+    momentum: float = _f(0.99, lo=0.0, hi=1.0, help="key encoder EMA momentum")
+    temperature: float = _f(0.2, lo=1e-3, hi=10.0)
+    proj_dim: int = _f(128, lo=2)
+    crop_size: int = _f(0, lo=0, help="training crop side; 0 = data.image_size")
+    crop_scale_min: float = _f(0.2, lo=0.01, hi=1.0)
 
 
 @dataclass
@@ -115,6 +145,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
     hp: HPConfig = field(default_factory=HPConfig)
+    pgg: PGGConfig = field(default_factory=PGGConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
@@ -139,7 +171,7 @@ class Config:
         """The run's identity: the same settings give the same name, so a rerun resumes."""
         if self.train.run_name:
             return self.train.run_name
-        settings = {k: v for k, v in self.flat().items() if not k.startswith(("eval.", "mlflow.", "train.log_every"))}
+        settings = {k: v for k, v in self.flat().items() if not k.startswith(("eval.", "mlflow.", "train.log_every", "pretrain."))}
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
         return f"{self.name}-{digest}"
 
@@ -260,6 +292,11 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"model.backbone: HP needs a ViT backbone (last-block attention), got {cfg.model.backbone}")
     if cfg.method == "hp" and not cfg.model.frozen:
         raise ConfigError("model.frozen: HP trains heads on a frozen backbone; set model.frozen=true")
+    if cfg.method in ("picie", "pgg"):
+        if not cfg.model.backbone.endswith("_fpn"):
+            raise ConfigError(f"model.backbone: {cfg.method} trains a ResNet-FPN, got {cfg.model.backbone}")
+        if cfg.model.frozen:
+            raise ConfigError(f"model.frozen: {cfg.method} trains the backbone; set model.frozen=false")
 
 
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:

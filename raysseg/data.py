@@ -423,3 +423,44 @@ def photometric_augment(
     if blur.any():
         x = torch.where(blur.view(-1, 1, 1, 1), gaussian_blur(x, sigma), x)
     return x
+
+
+def random_boxes(
+    n: int, generator: torch.Generator, scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """n random crop boxes (n, 4) as (x0, y0, x1, y1) fractions of the image, inside [0, 1].
+
+    Area fraction uniform in ``scale``, aspect ratio log-uniform in ``ratio`` (the
+    RandomResizedCrop recipe); a box that would not fit is shrunk to fit."""
+    u = torch.rand(n, 4, generator=generator, device=generator.device).cpu()
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    w = (area * torch.exp(log_r)).sqrt().clamp(max=1.0)
+    h = (area / torch.exp(log_r)).sqrt().clamp(max=1.0)
+    x0, y0 = (1 - w) * u[:, 2], (1 - h) * u[:, 3]
+    return torch.stack([x0, y0, x0 + w, y0 + h], 1)
+
+
+def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], flips: torch.Tensor | None = None,
+                mode: str = "bilinear") -> torch.Tensor:
+    """Crop each map of x (B, C, H, W) to its box (B, 4) of image fractions, resize to ``size``
+    and mirror it where ``flips`` (B,) is true -> (B, C, size[0], size[1]).
+
+    Works the same on images and on feature maps: a box is a fraction of the map, so
+    cropping an image and cropping the features of the whole image select the same region
+    (PiCIE's equivariance). Sampling is bilinear at output-cell centres (align_corners=False).
+    """
+    b = x.shape[0]
+    boxes = boxes.to(x.device, x.dtype)
+    x0, y0, x1, y1 = boxes.unbind(1)
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+    sx = x1 - x0
+    if flips is not None:
+        sx = torch.where(flips.to(x.device), -sx, sx)
+    theta[:, 0, 0] = sx
+    theta[:, 0, 2] = x0 + x1 - 1
+    theta[:, 1, 1] = y1 - y0
+    theta[:, 1, 2] = y0 + y1 - 1
+    grid = F.affine_grid(theta, [b, x.shape[1], *size], align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)

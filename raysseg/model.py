@@ -24,7 +24,8 @@ class Segmenter(nn.Module):
         super().__init__()
         self.cfg = cfg
         weights = cfg.model.weights or None if load_backbone_weights else None
-        self.backbone = build_backbone(cfg.model.backbone, weights=weights, frozen=cfg.model.frozen)
+        fpn_dim = cfg.model.fpn_dim if cfg.model.backbone.endswith("_fpn") else None
+        self.backbone = build_backbone(cfg.model.backbone, weights=weights, frozen=cfg.model.frozen, fpn_dim=fpn_dim)
         self.head: nn.Module | None = None
         if cfg.method == "hp":
             from raysseg.methods.hp_core import HPModel
