@@ -1,7 +1,8 @@
 """The concept bank: one Ray actor per run that owns the state workers share.
 
 State is a set of named, versioned tables (for HP: ``pool`` = backbone features of M
-patches, one per image, and ``sp`` = EMA-head codes of those patches). Each worker
+patches, one per image, and ``sp`` = EMA-head codes of those patches; for PiCIE/PGG:
+``centroids`` of each epoch and the fixed ``pgg_labels``). Each worker
 contributes its slice of a new version with :meth:`put_part`; the version is published
 only when every worker has contributed, assembled in index order, so the result does
 not depend on which worker was fastest. :meth:`get` blocks until a version is
@@ -33,6 +34,7 @@ class ConceptBank:
         self.tables: dict[str, tuple[int, np.ndarray]] = {}
         self.pending: dict[tuple[str, int], dict[int, tuple[np.ndarray, np.ndarray]]] = {}
         self.trace: list[dict] = []
+        self.handoff: dict[str, dict[int, object]] = {}
         self.changed = asyncio.Condition()
 
     async def put_part(self, name: str, version: int, rank: int, index: np.ndarray, values: np.ndarray) -> None:
@@ -58,6 +60,26 @@ class ConceptBank:
         v, values = self.tables[name]
         self.trace.append({"rank": rank, "table": name, "version": v, "checksum": checksum(values)})
         return v, values
+
+    async def publish(self, name: str, version: int, values: np.ndarray) -> None:
+        """A table with one writer (e.g. centroids computed by rank 0): publish it whole."""
+        if version > self.tables.get(name, (0, None))[0]:
+            self.tables[name] = (version, np.asarray(values))
+            async with self.changed:
+                self.changed.notify_all()
+
+    async def share(self, key: str, rank: int, obj) -> None:
+        """Hand a small object (e.g. object refs of feature blocks) to whoever calls :meth:`collect`."""
+        self.handoff.setdefault(key, {})[rank] = obj
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def collect(self, key: str) -> list:
+        """Wait until every rank has shared ``key``; returns the objects in rank order and forgets them."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: len(self.handoff.get(key, {})) == self.world_size)
+        parts = self.handoff.pop(key)
+        return [parts[r] for r in sorted(parts)]
 
     def version(self, name: str) -> int:
         return self.tables.get(name, (0, None))[0]

@@ -284,6 +284,7 @@ def _decode_batch(
 def make_dataset(
     split_uri: str, *, image_size: int, train: bool, with_labels: bool, crop_scale: tuple[float, float] = (0.5, 1.0),
     hflip: bool = True, seed: int | None = 0, limit: int | None = None, files: list[str] | None = None,
+    shuffle: bool = False,
 ) -> "ray.data.Dataset":
     """A Ray Dataset of decoded, cropped rows from a split folder/prefix.
 
@@ -293,6 +294,7 @@ def make_dataset(
     Labels (only opened when ``with_labels``) follow the same geometry with NEAREST.
     ``limit`` keeps the first ``limit`` images in sorted order; ``files`` keeps only those image URIs.
     ``seed=None`` draws fresh crops each time a row is read, i.e. every epoch.
+    ``shuffle`` visits the images in a fresh random order every epoch (the file list is shuffled, not pixels).
     """
     import ray.data
 
@@ -314,7 +316,10 @@ def make_dataset(
         _decode_batch, settings=settings, image_size=image_size, train=train, with_labels=with_labels,
         crop_scale=tuple(crop_scale), hflip=hflip, seed=seed,
     )
-    return ray.data.from_items(items).map_batches(fn, batch_size=16, batch_format="numpy")
+    ds = ray.data.from_items(items)
+    if shuffle:
+        ds = ds.random_shuffle()
+    return ds.map_batches(fn, batch_size=16, batch_format="numpy")
 
 
 def valid_rows(batch: dict) -> tuple[dict, list[tuple[str, str]]]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysseg.backbones import build_backbone, normalize
+from raysseg.backbones import build_backbone, standardize
 from raysseg.config import Config, config_from_dict
 
 CHECKPOINT_FILE = "model.pt"
@@ -31,30 +31,48 @@ class Segmenter(nn.Module):
             from raysseg.methods.hp_core import HPModel
 
             self.head = HPModel(self.backbone.dim, cfg.model.code_dim)
-        self.code_dim = cfg.model.code_dim if self.head is not None else self.backbone.dim
+        elif cfg.method == "pgg":
+            from raysseg.methods.picie_core import PGGHead
+
+            p = cfg.pgg
+            self.head = PGGHead(self.backbone.dim, cae=p.cae, affinity=p.cae_affinity, n_global=p.global_clusters,
+                                guidance=p.guidance != "none", modified_cam=p.cam == "modified")
+        self.code_dim = cfg.model.code_dim if cfg.method == "hp" else self.backbone.dim
         self.register_buffer("centroids", torch.zeros(cfg.n_clusters, self.code_dim))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     @property
     def stride(self) -> int:
-        return self.backbone.stride
+        return self.stride_of(self.cfg)
+
+    @property
+    def input_multiple(self) -> int:
+        """Image sides must be multiples of this (ResNet trunks downsample by 32)."""
+        return self.backbone.stride if self.backbone.stride > 4 else 32
 
     @staticmethod
     def stride_of(cfg: Config) -> int:
-        """Feature stride of the configured backbone, without building it."""
+        """Pixels per code cell for this config, without building the model."""
+        if cfg.method == "pgg":
+            return 8
         return {"vit_small_patch16": 16, "vit_small_patch8": 8, "vit_base_patch8": 8}.get(cfg.model.backbone, 4)
 
-    def codes_from_features(self, feats: torch.Tensor) -> torch.Tensor:
-        """Backbone features (B, C, h, w) -> L2-normalised codes (B, D, h, w)."""
-        codes = self.head.codes(feats) if self.head is not None else feats
-        return F.normalize(codes, dim=1)
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Float images in [0, 1] (B, 3, H, W) -> unnormalised embedding (B, D, H/stride, W/stride).
+
+        Differentiable: the methods that train the backbone call it inside their step."""
+        feats = self.backbone(standardize(x)).features
+        if self.cfg.method == "hp":
+            return self.head.codes(feats)
+        if self.cfg.method == "pgg":
+            return self.head(feats, x)
+        return feats
 
     @torch.no_grad()
     def codes(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (B, H, W, 3) -> L2-normalised codes (B, D, H/stride, W/stride)."""
-        device = self.centroids.device
-        feats = self.backbone(normalize(images.to(device))).features
-        return self.codes_from_features(feats)
+        x = images.to(self.centroids.device).permute(0, 3, 1, 2).float().div_(255.0)
+        return F.normalize(self.embed(x), dim=1)
 
     def cluster_logits(self, codes: torch.Tensor) -> torch.Tensor:
         """Cosine similarity to each centroid: codes (B, D, h, w) -> (B, K, h, w)."""

@@ -36,7 +36,7 @@ def predict(checkpoint: str, images: str, out: str) -> dict:
             skipped.append((uri, str(e)))
             continue
         h, w = image.shape[:2]
-        size = _input_size(h, w, seg.cfg.data.image_size, seg.stride)
+        size = _input_size(h, w, seg.cfg.data.image_size, seg.input_multiple)
         resized = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
         labels = seg.cluster_map(torch.from_numpy(resized)[None], size=(h, w))[0].numpy().astype(np.uint8)
         stem = Path(uri).stem

@@ -158,13 +158,19 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
     }
     loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images}
     bank = None
-    if cfg.method != "kmeans":
+    if cfg.method == "hp":
         datasets["train"] = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=True,
                                          with_labels=False, crop_scale=(cfg.data.crop_scale_min, 1.0),
                                          seed=None, limit=cfg.data.limit or None)
+    files = list_split(cfg.data.train, with_labels=False).images
+    files = files[: cfg.data.limit] if cfg.data.limit else files
+    if cfg.method in ("picie", "pgg"):  # whole images: the worker crops (PiCIE's equivariance needs the box)
+        datasets["train"] = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=False,
+                                         with_labels=False, limit=cfg.data.limit or None, shuffle=True)
+        loop_cfg["files"] = files
+        bank = ConceptBank.options(name=f"bank-{run_name}-{run_id[:8]}").remote(world)
+        loop_cfg["bank"] = bank
     if cfg.method == "hp":
-        files = list_split(cfg.data.train, with_labels=False).images
-        files = files[: cfg.data.limit] if cfg.data.limit else files
         grid = (cfg.data.image_size // Segmenter.stride_of(cfg)) ** 2
         plan = _pool_plan(cfg, files, grid)
         loop_cfg["pool_plan"] = plan
@@ -236,6 +242,19 @@ def all_gather(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def check_finite(loss: torch.Tensor, step: int, lr: float) -> None:
+    """Stop every worker together, before the weights change, if any worker's loss is not finite."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+    dist = _dist()
+    if dist is not None:
+        dist.all_reduce(bad)
+    if bad.item() > 0:
+        raise NonFiniteLoss(
+            f"the loss became {float(loss)} at step {step}; the last good checkpoint is kept: "
+            f"lower train.lr (now {lr}) and run the same command again to resume from it"
+        )
 
 
 def barrier() -> None:
@@ -354,6 +373,12 @@ def worker_loop(loop_cfg: dict) -> None:
         steps_per_epoch = (loop_cfg["n_images"] // world) // cfg.train.batch_size
         method = HPTrainer(cfg, seg, bank, rank, world, device, steps_per_epoch * cfg.train.epochs,
                            loop_cfg["pool_plan"])
+    elif cfg.method in ("picie", "pgg"):
+        from raysseg.methods.picie import PiCIETrainer
+
+        steps_per_epoch = (loop_cfg["n_images"] // world) // cfg.train.batch_size
+        method = PiCIETrainer(cfg, seg, bank, rank, world, device, steps_per_epoch * cfg.train.epochs,
+                              loop_cfg["files"])
 
     progress = {"epoch": 0, "step": 0, "clustered": False}
     checkpoint = ray.train.get_checkpoint()
@@ -375,9 +400,12 @@ def worker_loop(loop_cfg: dict) -> None:
     skipped: set = set()
     last_epoch: dict = {}
     if method is not None:
-        method.setup(ray.train.get_dataset_shard("pool"))
+        offline = cfg.method in ("picie", "pgg")  # cluster before every epoch
+        method.setup(ray.train.get_dataset_shard("cluster" if offline else "pool"))
         shard = ray.train.get_dataset_shard("train")
         for epoch in range(progress["epoch"], cfg.train.epochs):
+            if offline:
+                method.cluster(ray.train.get_dataset_shard("cluster"), epoch)
             stats, last_images, bad = method.train_epoch(shard, epoch, progress, logger)
             skipped.update(map(tuple, sum(all_gather(bad), [])))
             progress["epoch"] = epoch + 1

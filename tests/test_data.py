@@ -293,3 +293,40 @@ def test_photometric_default_is_per_image_random_and_seeded():
     assert len({tuple(v.tolist()) for v in a.mean(dim=(2, 3)).round(decimals=4)}) > 50  # images differ
     gray = (a[:, 0] == a[:, 1]).all(dim=(1, 2)) & (a[:, 1] == a[:, 2]).all(dim=(1, 2))
     assert 3 <= int(gray.sum()) <= 25  # p_gray = 0.2 of 64
+
+
+def test_crop_resize_is_slicing_flipping_and_identity_on_exact_boxes():
+    from raysseg.data import crop_resize
+
+    x = torch.randn(2, 3, 8, 8)
+    full = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)
+    assert torch.allclose(crop_resize(x, full, (8, 8)), x, atol=1e-5)
+    flipped = crop_resize(x, full, (8, 8), torch.tensor([True, False]))
+    assert torch.allclose(flipped[0], x[0].flip(-1), atol=1e-5) and torch.allclose(flipped[1], x[1], atol=1e-5)
+    box = torch.tensor([[0.25, 0.5, 0.75, 1.0]] * 2)  # columns 2..5, rows 4..7
+    assert torch.allclose(crop_resize(x, box, (4, 4)), x[:, :, 4:8, 2:6], atol=1e-5)
+
+
+def test_crop_of_features_equals_features_of_crop_for_a_pooling_network():
+    """PiCIE's equivariance: cropping the image or the feature map of the whole image selects
+    the same region (exact for a stride-4 average pool and boxes on the 4-pixel grid)."""
+    from raysseg.data import crop_resize
+
+    x = torch.rand(1, 3, 32, 32)
+    net = torch.nn.AvgPool2d(4)
+    box = torch.tensor([[0.25, 0.0, 0.75, 0.5]])
+    flip = torch.tensor([True])
+    a = net(crop_resize(x, box, (16, 16), flip))
+    b = crop_resize(net(x), box, (4, 4), flip)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_random_boxes_stay_inside_the_image_with_the_requested_area():
+    from raysseg.data import random_boxes
+
+    boxes = random_boxes(2000, torch.Generator().manual_seed(0), scale=(0.3, 0.9))
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert boxes.min() >= 0 and boxes.max() <= 1 + 1e-6
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert area.max() <= 0.9 + 1e-5 and area.min() >= 0.3 - 1e-5 - 0.05  # shrunk boxes may dip slightly
+    assert 0.5 < area.mean() < 0.7

@@ -117,6 +117,8 @@ class HPTrainer:
 
     def train_step(self, images: np.ndarray, step: int) -> dict[str, float]:
         """One iteration on this worker's batch (uint8 (B, S, S, 3)); may be empty (all rows invalid)."""
+        from raysseg.train import check_finite
+
         hp, seg = self.cfg.hp, self.seg
         weight = 1.0
         if len(images) == 0:  # keep DDP in step with the other workers; contributes nothing
@@ -132,7 +134,7 @@ class HPTrainer:
         lam = lambda_at(step, hp.warmup, self.total_steps)
         loss, stats = self.loss_module(out.features, aug, out.attn_logits, self.q_ag, self.q_sp, lam)
         t3 = time.perf_counter()
-        self._check_finite(loss, step)
+        check_finite(loss, step, self.cfg.train.lr)
         self.optimizer.zero_grad(set_to_none=True)
         (loss * weight).backward()
         if self.cfg.train.grad_clip > 0:
@@ -148,20 +150,6 @@ class HPTrainer:
         self.timers["step"] += t4 - t0
         stats["sp_version"] = self.sp_version
         return stats
-
-    def _check_finite(self, loss: torch.Tensor, step: int) -> None:
-        """Stop every worker together, before the weights change, if any worker's loss is not finite."""
-        from raysseg.train import NonFiniteLoss, _dist
-
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
-        dist = _dist()
-        if dist is not None:
-            dist.all_reduce(bad)
-        if bad.item() > 0:
-            raise NonFiniteLoss(
-                f"the loss became {float(loss)} at step {step}; the last good checkpoint is kept: "
-                f"lower train.lr (now {self.cfg.train.lr}) and run the same command again to resume from it"
-            )
 
     def train_epoch(self, shard, epoch: int, progress: dict, logger):
         """One pass over this worker's shard. Returns (epoch stats, last images, skipped files)."""
