@@ -119,6 +119,27 @@ class Backbone(nn.Module):
     def _features(self, x: Tensor, with_attention: bool) -> BackboneOutput:
         raise NotImplementedError
 
+    pooled_dim: int  # channels of ``pooled`` (set by each subclass)
+
+    def pooled(self, x: Tensor) -> Tensor:
+        """One global vector per image: ImageNet-normalised [B, 3, H, W] -> [B, pooled_dim].
+
+        ResNet: global average pool of the trunk's last stage (layer4; the FPN is not used);
+        ViT: mean of the final-normed patch tokens (prefix tokens excluded). Used by MoCo
+        pretraining and by image-level pseudo labels."""
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % self.stride or x.shape[3] % self.stride:
+            raise BackboneError(
+                f"backbone {self.name} needs images [B, 3, H, W] with H and W divisible by "
+                f"{self.stride}, got {tuple(x.shape)}; resize or crop the input"
+            )
+        if isinstance(self, ViTBackbone):
+            tokens, _ = self.forward_tokens(x)
+            return tokens[:, self.num_prefix_tokens:].mean(dim=1)
+        t = self.trunk
+        x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
+        x = t.layer4(t.layer3(t.layer2(t.layer1(x))))
+        return x.mean(dim=(2, 3))
+
 
 class ViTBackbone(Backbone):
     """timm VisionTransformer; features are the final-normed patch tokens."""
@@ -128,6 +149,7 @@ class ViTBackbone(Backbone):
         super().__init__(name, dim=vit.embed_dim, stride=vit.patch_embed.patch_size[0])
         self.vit = vit
         self.vit.blocks[-1].attn.fused_attn = False
+        self.pooled_dim = vit.embed_dim
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -181,6 +203,7 @@ class ResNetFPNBackbone(Backbone):
         self.trunk = getattr(torchvision.models, arch)(weights=None)
         self.trunk.fc = nn.Identity()
         self.fpn = FPN(channels, fpn_dim)
+        self.pooled_dim = channels[-1]
 
     def _features(self, x: Tensor, with_attention: bool) -> BackboneOutput:
         if with_attention:

@@ -281,6 +281,43 @@ class Progress:
         print(f"[{self.label}] {self.done}/{self.total} {extra} {rate:.2f}/s, {left:.0f}s left", flush=True)
 
 
+def run_epoch(shard, step_fn, cfg: Config, rank: int, progress: dict, logger, steps: int, label: str,
+              timers: dict):
+    """One pass over a worker's shard: ``step_fn(batch, step) -> stats`` on every batch of valid rows.
+
+    Logs per-step metrics and progress lines from rank 0. Returns (mean stats with
+    ``iterations_per_s`` and per-step means of ``timers``, the last non-empty images, skipped
+    files). Waiting for data is added to ``timers["data_wait"]``."""
+    from collections import defaultdict
+
+    from raysseg.data import valid_rows
+
+    bar = Progress(steps, label, cfg.train.log_every) if rank == 0 else None
+    sums: dict[str, float] = defaultdict(float)
+    skipped, last, n = [], None, 0
+    t_epoch = wait = time.perf_counter()
+    for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
+        timers["data_wait"] += time.perf_counter() - wait
+        batch, bad = valid_rows(batch)
+        skipped += bad
+        stats = step_fn(batch, progress["step"])
+        progress["step"] += 1
+        n += 1
+        for k, v in stats.items():
+            sums[k] += v
+        if len(batch["image"]):
+            last = batch["image"]
+        if rank == 0:
+            if progress["step"] % cfg.train.log_every == 0:
+                logger.log_metrics({f"train/{k}": v for k, v in stats.items()}, step=progress["step"])
+            bar.update(loss=stats["loss_total"])
+        wait = time.perf_counter()
+    stats = {k: v / max(n, 1) for k, v in sums.items()}
+    stats["iterations_per_s"] = n / max(time.perf_counter() - t_epoch, 1e-9)
+    stats.update({f"time_{k}_s": v / max(n, 1) for k, v in timers.items()})
+    return stats, last, skipped
+
+
 def fit_clusters(cfg: Config, seg: Segmenter, shard, rank: int, device):
     """Offline k-means of the codes of the training split; sets ``seg.centroids`` on every rank.
 

@@ -254,40 +254,18 @@ class PiCIETrainer:
 
     def train_epoch(self, shard, epoch: int, progress: dict, logger):
         """One pass over this worker's shard. Returns (epoch stats, last images, skipped files)."""
-        from raysseg.train import Progress
+        from raysseg.train import run_epoch
 
         cfg = self.cfg
-        steps = self.total_steps // cfg.train.epochs
-        label = f"{cfg.method} epoch {epoch + 1}/{cfg.train.epochs}"
-        bar = Progress(steps, label, cfg.train.log_every) if self.rank == 0 else None
+        once = {k: self.timers.pop(k) for k in ("pseudo_labels", "extract", "cluster_total") if k in self.timers}
         self.seg.train()
-        sums: dict[str, float] = defaultdict(float)
-        skipped, last, n = [], None, 0
-        t_epoch = wait = time.perf_counter()
-        for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
-            self.timers["data_wait"] += time.perf_counter() - wait
-            batch, bad = valid_rows(batch)
-            skipped += bad
-            stats = self.train_step(batch["image"], batch["path"], progress["step"])
-            progress["step"] += 1
-            n += 1
-            for k, v in stats.items():
-                sums[k] += v
-            if len(batch["image"]):
-                last = batch["image"]
-            if self.rank == 0:
-                if progress["step"] % cfg.train.log_every == 0:
-                    logger.log_metrics({f"train/{k}": v for k, v in stats.items()}, step=progress["step"])
-                bar.update(loss=stats["loss_total"])
-            wait = time.perf_counter()
-        elapsed = time.perf_counter() - t_epoch
-        epoch_stats = {k: v / max(n, 1) for k, v in sums.items()}
-        epoch_stats.update(self.cluster_stats)
-        epoch_stats["iterations_per_s"] = n / max(elapsed, 1e-9)
-        epoch_stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        per_step = ("labels", "forward_loss", "backward", "step", "data_wait")
-        for k, v in self.timers.items():
-            epoch_stats[f"time_{k}_s"] = v / max(n, 1) if k in per_step else v
+        stats, last, skipped = run_epoch(
+            shard, lambda batch, step: self.train_step(batch["image"], batch["path"], step), cfg, self.rank,
+            progress, logger, self.total_steps // cfg.train.epochs,
+            f"{cfg.method} epoch {epoch + 1}/{cfg.train.epochs}", self.timers)
+        stats.update(self.cluster_stats)
+        stats.update({f"time_{k}_s": v for k, v in once.items()})
+        stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.timers.clear()
         self.snapshot = None
-        return epoch_stats, last, skipped
+        return stats, last, skipped

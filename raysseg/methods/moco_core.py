@@ -1,0 +1,201 @@
+"""MoCo v2 core (He et al. 2020; Chen et al. 2020, "Improved baselines"): loss, modules, views.
+
+Plain PyTorch, no Ray; :mod:`raysseg.pretrain` runs it on Ray Train. Notation: N images
+in a local batch, C = ``Backbone.pooled_dim``, P = projection size, L = queue length.
+
+- An image's two views go through the query encoder (trained) and the key encoder (an
+  EMA of the query encoder, no gradients). Both encoders are backbone -> global pool
+  (``Backbone.pooled``) -> MLP projector -> L2 normalisation.
+- The loss is InfoNCE over 1 + L logits per query: its own key (index 0) against the L
+  keys of earlier batches held in the queue, divided by the temperature.
+- After each step the step's keys (of every worker: the caller gathers them) are written
+  into the queue as a ring buffer, oldest first out.
+- Views follow the MoCo v2 recipe: random resized crop (area fraction in ``scale``),
+  horizontal flip p 0.5, colour jitter (brightness/contrast/saturation 0.4, hue 0.1)
+  with p 0.8, grayscale p 0.2, Gaussian blur sigma in [0.1, 2] with p 0.5.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raysseg.backbones import Backbone, standardize
+from raysseg.data import color_jitter, crop_resize, gaussian_blur, random_boxes, rgb_to_gray
+from raysseg.methods.hp_core import ema_update
+
+# MoCo v2 augmentation strengths (the "aug_plus" recipe of the reference code)
+MOCO_V2_AUG = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "p_jitter": 0.8,
+               "p_gray": 0.2, "p_blur": 0.5, "blur_sigma": (0.1, 2.0)}
+
+
+class MoCoInputError(ValueError):
+    """Bad input to a MoCo function; the message names the function and the fix."""
+
+
+def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float, reduction: str = "mean") -> Tensor:
+    """MoCo's InfoNCE loss.
+
+    q, k: (N, P) L2-normalised queries and their positive keys; queue: (L, P) L2-normalised
+    negative keys. Logits per query are [q.k, q.queue_1, ..., q.queue_L] / temperature, the
+    positive at index 0; returns their cross-entropy: a scalar mean (``reduction="mean"``)
+    or (N,) per query (``"none"``). No gradient flows into k or the queue.
+    """
+    if q.ndim != 2 or k.shape != q.shape:
+        raise MoCoInputError(f"info_nce: q and k must both be (N, P), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if queue.ndim != 2 or queue.shape[1] != q.shape[1]:
+        raise MoCoInputError(f"info_nce: queue must be (L, {q.shape[1]}), got {tuple(queue.shape)}")
+    if temperature <= 0:
+        raise MoCoInputError(f"info_nce: temperature must be > 0, got {temperature}")
+    logits = moco_logits(q, k, queue) / temperature
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+def moco_logits(q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
+    """(N, 1 + L) cosine similarities [q.k, q.queue^T] (not divided by the temperature)."""
+    k, queue = k.detach(), queue.detach()
+    return torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.t()], dim=1)
+
+
+class Projector(nn.Module):
+    """MoCo v2's MLP head: Linear(C, C) -> ReLU -> Linear(C, P). (N, C) -> (N, P)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class Encoder(nn.Module):
+    """Backbone -> ``pooled`` -> projector -> L2 normalisation: (N, 3, H, W) -> (N, P) unit rows."""
+
+    def __init__(self, backbone: Backbone, proj_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = Projector(backbone.pooled_dim, proj_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.projector(self.backbone.pooled(x)), dim=1)
+
+
+class MoCo(nn.Module):
+    """Query encoder (trained), key encoder (EMA copy) and the queue of negative keys.
+
+    ``encoder_q`` holds ``backbone`` (trainable, built with ``frozen=False``); ``encoder_k``
+    is a deep copy without gradients. Buffers: ``queue`` (L, P) unit rows, initialised from
+    ``seed`` alone (so every worker starts from the same queue), and ``queue_ptr`` (the
+    next row to overwrite). A ResNet-FPN's FPN is not used by ``pooled``: its parameters
+    are excluded from training (``requires_grad=False``) so DDP does not wait for them.
+    """
+
+    def __init__(self, backbone: Backbone, proj_dim: int = 128, queue_size: int = 4096,
+                 momentum: float = 0.99, temperature: float = 0.2, seed: int = 0):
+        super().__init__()
+        if queue_size < 1:
+            raise MoCoInputError(f"MoCo: queue_size must be >= 1, got {queue_size}")
+        self.momentum, self.temperature = momentum, temperature
+        fpn = getattr(backbone, "fpn", None)
+        if fpn is not None:
+            fpn.requires_grad_(False)
+        self.encoder_q = Encoder(backbone, proj_dim)
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim, generator=g), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.encoder_q.backbone
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """encoder_k <- m * encoder_k + (1 - m) * encoder_q (parameters; buffers copied)."""
+        ema_update(self.encoder_k, self.encoder_q, self.momentum)
+
+    @torch.no_grad()
+    def sync_key_encoder(self) -> None:
+        """encoder_k <- encoder_q exactly (at the start of training)."""
+        ema_update(self.encoder_k, self.encoder_q, 0.0)
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Write keys (n, P) into the ring buffer at ``queue_ptr`` (wrapping), as if one at a time:
+        with n > L only the last L survive. Advances the pointer by n (mod L)."""
+        if keys.ndim != 2 or keys.shape[1] != self.queue.shape[1]:
+            raise MoCoInputError(f"MoCo.enqueue: keys must be (n, {self.queue.shape[1]}), got {tuple(keys.shape)}")
+        n, length = keys.shape[0], self.queue.shape[0]
+        if n == 0:
+            return
+        start = max(0, n - length)
+        ptr = int(self.queue_ptr)
+        rows = (ptr + torch.arange(start, n, device=self.queue.device)) % length
+        self.queue[rows] = keys[start:].detach().to(self.queue.device, self.queue.dtype)
+        self.queue_ptr.fill_((ptr + n) % length)
+
+    def loss(self, q: Tensor, k: Tensor, reduction: str = "mean") -> Tensor:
+        """info_nce of queries and keys against the current queue (a snapshot: later enqueues don't matter)."""
+        return info_nce(q, k, self.queue.clone(), self.temperature, reduction)
+
+    def queue_checksum(self) -> tuple[str, float]:
+        """(sha1 of the queue's bytes and pointer, a float summary for metrics)."""
+        data = self.queue.detach().float().cpu().contiguous().numpy()
+        digest = hashlib.sha1(data.tobytes() + np.int64(int(self.queue_ptr)).tobytes()).hexdigest()
+        weights = np.arange(1, data.shape[0] + 1, dtype=np.float64)[:, None]
+        return digest, float((data.astype(np.float64) * weights).sum())
+
+
+def moco_v2_photometric(x: Tensor, generator: torch.Generator, aug: dict = MOCO_V2_AUG) -> Tensor:
+    """MoCo v2 colour augmentation of (B, 3, H, W) RGB in [0, 1] -> same shape; randomness from ``generator``.
+
+    Colour jitter with probability p_jitter (factors uniform in [1-s, 1+s], hue in [-h, h]),
+    then grayscale with p_gray, then Gaussian blur with p_blur (sigma uniform in blur_sigma).
+    """
+    b = x.shape[0]
+
+    def uniform(low: float, high: float) -> Tensor:
+        u = torch.rand(b, generator=generator, device=generator.device).to(x.device, x.dtype)
+        return low + (high - low) * u
+
+    jitter = uniform(0, 1) < aug["p_jitter"]
+    one = torch.ones(b, device=x.device, dtype=x.dtype)
+    factors = [torch.where(jitter, uniform(1 - aug[name], 1 + aug[name]), one)
+               for name in ("brightness", "contrast", "saturation")]
+    hue = torch.where(jitter, uniform(-aug["hue"], aug["hue"]), torch.zeros_like(one))
+    x = torch.where(jitter.view(-1, 1, 1, 1), color_jitter(x, *factors, hue), x)
+    gray = uniform(0, 1) < aug["p_gray"]
+    x = torch.where(gray.view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
+    blur = uniform(0, 1) < aug["p_blur"]
+    sigma = uniform(*aug["blur_sigma"])
+    if blur.any():
+        x = torch.where(blur.view(-1, 1, 1, 1), gaussian_blur(x, sigma), x)
+    return x
+
+
+def two_crops(images_uint8: Tensor | np.ndarray, generator: torch.Generator, size: int,
+              scale: tuple[float, float] = (0.2, 1.0)) -> tuple[Tensor, Tensor]:
+    """Two independent MoCo v2 views of each image.
+
+    images_uint8: (B, H, W, 3) uint8 RGB (tensor or numpy; a tensor stays on its device).
+    Each view: random resized crop (area fraction in ``scale``, aspect 3/4..4/3) resized to
+    size x size, horizontal flip p 0.5, :func:`moco_v2_photometric`, ImageNet normalisation.
+    Returns (query view, key view), each (B, 3, size, size) float32.
+    """
+    images = torch.as_tensor(images_uint8)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise MoCoInputError(f"two_crops: expected uint8 images (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    b = x.shape[0]
+    views = []
+    for _ in range(2):
+        boxes = random_boxes(b, generator, scale)
+        flips = torch.rand(b, generator=generator, device=generator.device) < 0.5
+        view = crop_resize(x, boxes, (size, size), flips).clamp_(0, 1)
+        views.append(standardize(moco_v2_photometric(view, generator)))
+    return views[0], views[1]

@@ -1,0 +1,168 @@
+"""MoCo v2 pretraining: the core maths in process, then a real 2-worker run on local Ray + SQLite MLflow."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
+
+from raysseg.backbones import build_backbone
+from raysseg.config import ConfigError, load_config
+from raysseg.methods.moco_core import MoCo, info_nce, two_crops
+
+
+def test_pooled_shapes():
+    torch.manual_seed(0)
+    for name, dim, size in (("resnet18_fpn", 512, 64), ("resnet50_fpn", 2048, 32), ("vit_small_patch16", 384, 32)):
+        backbone = build_backbone(name, frozen=True)
+        assert backbone.pooled_dim == dim
+        with torch.no_grad():
+            out = backbone.pooled(torch.randn(2, 3, size, size))
+        assert out.shape == (2, dim), name
+    vit = build_backbone("vit_small_patch16")
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():  # the mean of the patch tokens (the feature map), not the class token
+        assert torch.allclose(vit.pooled(x), vit(x).features.mean(dim=(2, 3)), atol=1e-5)
+    with pytest.raises(Exception, match="divisible by 16"):
+        vit.pooled(torch.zeros(1, 3, 30, 32))
+
+
+def test_info_nce_matches_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(3, 4, generator=g), dim=1)
+    k = F.normalize(torch.randn(3, 4, generator=g), dim=1)
+    queue = F.normalize(torch.randn(5, 4, generator=g), dim=1)
+    t = 0.2
+    expected = []
+    for i in range(3):
+        pos = float(q[i] @ k[i]) / t
+        negs = [float(q[i] @ queue[j]) / t for j in range(5)]
+        expected.append(-pos + np.log(np.exp(pos) + np.sum(np.exp(negs))))
+    per_row = info_nce(q, k, queue, t, reduction="none")
+    assert np.allclose(per_row.numpy(), expected, atol=1e-5)
+    assert float(info_nce(q, k, queue, t)) == pytest.approx(np.mean(expected), abs=1e-5)
+    # a perfect positive among orthogonal negatives gives a small loss; gradients reach q only
+    q2 = torch.eye(4)[:2].requires_grad_(True)
+    k2 = torch.eye(4)[:2].requires_grad_(True)
+    small = info_nce(q2, k2, torch.eye(4)[2:], 0.05)
+    small.backward()
+    assert float(small.detach()) < 1e-6 and k2.grad is None and q2.grad is not None
+
+
+def test_queue_is_a_ring_buffer():
+    moco = MoCo(build_backbone("resnet18_fpn", frozen=False), proj_dim=2, queue_size=5, seed=3)
+    again = MoCo(build_backbone("resnet18_fpn", frozen=False), proj_dim=2, queue_size=5, seed=3)
+    assert torch.equal(moco.queue, again.queue)  # same seed, same initial queue on every worker
+    assert torch.allclose(moco.queue.norm(dim=1), torch.ones(5))
+    keys = torch.arange(14, dtype=torch.float32).view(7, 2)
+    moco.enqueue(keys[:3])
+    assert int(moco.queue_ptr) == 3 and torch.equal(moco.queue[:3], keys[:3])
+    moco.enqueue(keys[3:6])  # wraps: rows 3, 4, then 0
+    assert int(moco.queue_ptr) == 1
+    assert torch.equal(moco.queue, torch.stack([keys[5], keys[1], keys[2], keys[3], keys[4]]))
+    moco.enqueue(torch.arange(14, 28, dtype=torch.float32).view(7, 2))  # more than L: the last 5 survive
+    assert int(moco.queue_ptr) == (1 + 7) % 5
+    assert sorted(moco.queue[:, 0].tolist()) == [18.0, 20.0, 22.0, 24.0, 26.0]
+    assert moco.queue[(1 + 6) % 5, 0] == 26.0  # the newest key sits just before the pointer
+    assert moco.queue_checksum()[0] != again.queue_checksum()[0]
+    # the FPN is not on the pooled path: not trained, so DDP does not wait for its gradients
+    assert not any(p.requires_grad for p in moco.encoder_q.backbone.fpn.parameters())
+    assert not any(p.requires_grad for p in moco.encoder_k.parameters())
+
+
+def test_two_crops_and_one_training_step(synth_data, tmp_path):
+    from raysseg.pretrain import MoCoTrainer, backbone_state
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 48, 48, 3), dtype=torch.uint8, generator=g)
+    a, b = two_crops(images, g, 32, (0.2, 1.0))
+    assert a.shape == b.shape == (4, 3, 32, 32) and not torch.allclose(a, b)
+    a2, _ = two_crops(images, torch.Generator().manual_seed(0), 32, (0.2, 1.0))
+    g0 = torch.Generator().manual_seed(0)
+    torch.randint(0, 256, (4, 48, 48, 3), dtype=torch.uint8, generator=g0)
+    assert torch.allclose(two_crops(images, g0, 32, (0.2, 1.0))[0], a)  # all randomness from the generator
+
+    cfg = load_config("kmeans_synth", [f"data.train={synth_data}/train", "model.backbone=resnet18_fpn",
+                                       "data.image_size=32", "pretrain.queue=8", "pretrain.batch_size=4"])
+    torch.manual_seed(0)
+    moco = MoCo(build_backbone("resnet18_fpn", frozen=False), 16, 8, 0.9, 0.2).train()
+    moco.sync_key_encoder()
+    trainer = MoCoTrainer(cfg, moco, moco.encoder_q, torch.device("cpu"), 0, 1, total_steps=4)
+    before = {k: v.clone() for k, v in moco.state_dict().items()}
+    weight = np.array([1, 1, 1, 0], np.float32)  # one filler row: not in the loss, not in the queue
+    stats = trainer.step(images.numpy()[:, :32, :32], weight, step=0)
+    assert np.isfinite(stats["loss"]) and stats["lr"] == cfg.pretrain.lr
+    after = moco.state_dict()
+    assert int(after["queue_ptr"]) == 3 and not torch.equal(after["queue"][:3], before["queue"][:3])
+    assert torch.equal(after["queue"][3:], before["queue"][3:])
+    name = "encoder_q.backbone.trunk.conv1.weight"
+    assert not torch.equal(after[name], before[name])  # SGD moved the query encoder
+    assert torch.equal(after["encoder_q.backbone.fpn.laterals.0.weight"], before["encoder_q.backbone.fpn.laterals.0.weight"])
+    state = backbone_state(after, "resnet18_fpn")
+    assert state and all(k.startswith("trunk.") for k in state)
+    path = tmp_path / "b.pt"
+    torch.save(state, path)
+    loaded = build_backbone("resnet18_fpn", weights=str(path), fpn_dim=256)  # trunk only: any fpn_dim loads
+    assert torch.equal(loaded.trunk.conv1.weight, after[name])
+
+
+def test_inputs_are_checked_before_ray(tmp_path, synth_data):
+    from raysseg.pretrain import check_pretrain_inputs, pretrain_run_name
+
+    cfg = load_config("kmeans_synth", [f"data.train={synth_data}/train", "pretrain.batch_size=8"])
+    with pytest.raises(ConfigError, match=r"pretrain.batch_size: 8 images per worker but only 4"):
+        check_pretrain_inputs(cfg)
+    with pytest.raises(ConfigError, match=r"data.train: .*no images/ folder"):
+        check_pretrain_inputs(load_config("kmeans_synth", [f"data.train={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"pretrain.crop_size: 40 is not a multiple of 16"):
+        check_pretrain_inputs(load_config("kmeans_synth", [f"data.train={synth_data}/train", "pretrain.crop_size=40",
+                                                           "pretrain.batch_size=2"]))
+    name = pretrain_run_name(cfg)
+    assert name.startswith("kmeans_synth-pretrain-")
+    assert pretrain_run_name(load_config("kmeans_synth", [f"data.train={synth_data}/train", "pretrain.batch_size=8",
+                                                          "eval.crf=false", "method=hp"])) == name
+    assert pretrain_run_name(load_config("kmeans_synth", [f"data.train={synth_data}/train", "pretrain.lr=0.1"])) != name
+
+
+def test_two_workers_pretrain_a_resnet_and_its_backbone_loads(tmp_path, ray_local, synth_data, capsys):
+    from raysseg import cli
+    from raysseg.pretrain import pretrain
+
+    overrides = [
+        f"data.train={synth_data}/train", "data.image_size=64", f"train.storage={tmp_path}/runs",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlruns.db", "train.num_workers=2", "model.backbone=resnet18_fpn",
+        "pretrain.epochs=2", "pretrain.batch_size=2", "pretrain.queue=6", "pretrain.proj_dim=16",
+        "pretrain.crop_size=32", "train.log_every=1",
+    ]
+    cfg = load_config("kmeans_synth", overrides)
+    result = pretrain(cfg)
+
+    assert result.backbone == str(tmp_path / "runs" / result.run_name / "backbone.pt")
+    assert Path(result.backbone).is_file()
+    # 8 images / 2 workers / batch 2 = 2 steps per epoch; every worker holds the same queue
+    assert result.metrics["epoch"] == 2 and result.metrics["step"] == 4
+    digests = result.metrics["queue_sha1_by_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+    torch.manual_seed(0)
+    random_init = build_backbone("resnet18_fpn")
+    loaded = build_backbone("resnet18_fpn", weights=result.backbone)
+    assert not torch.equal(loaded.trunk.conv1.weight, random_init.trunk.conv1.weight)
+    assert not torch.equal(loaded.trunk.layer4[1].bn2.running_var, torch.ones(512))  # BN statistics trained too
+
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["raysseg.backbone"] == result.backbone
+    assert run.data.params["pretrain.queue"] == "6" and run.data.params["method"] == "moco_v2"
+    assert len(client.get_metric_history(result.run_id, "train/loss")) == 4
+    assert np.isfinite(run.data.metrics["epoch/loss"]) and run.data.metrics["epoch/images_per_s"] > 0
+    assert [a.path for a in client.list_artifacts(result.run_id)] == ["backbone.pt"]
+    assert "use it with: --set model.weights=" + result.backbone in capsys.readouterr().out
+
+    # the same command again is recognised as finished, through the CLI
+    args = ["pretrain", "--config", "kmeans_synth"] + [a for o in overrides for a in ("--set", o)]
+    cli.main(args)
+    out = capsys.readouterr().out
+    assert "already finished" in out and f"backbone: {result.backbone}" in out
