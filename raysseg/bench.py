@@ -1,4 +1,5 @@
-"""Benchmarks that print a table (``raysseg bench data|eval|step``), on the CamVid copy in ../shared.
+"""Benchmarks that print a table (``raysseg bench data|eval|step|cluster``); all but ``cluster`` run on the
+CamVid copy in ../shared.
 
 Each runs the real code path (Ray Data, Ray Train, the S3 server, MLflow) in a
 temporary directory and prints a markdown table; ``--out`` also writes it to a file.
@@ -132,10 +133,203 @@ def bench_step(method: str) -> str:
                   header, rows)
 
 
+class _PeakMemory:
+    """Samples, in a thread, the RSS of this process and the private (anonymous) RSS summed over its
+    descendants (the local Ray's raylet and workers; the object store's shared pages are not counted)."""
+
+    def __init__(self, every_s: float = 0.2):
+        import threading
+
+        self.every_s, self.driver, self.workers = every_s, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _kib(pid: int | str, field: str) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return 0
+
+    def _descendants(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        out, todo = [], [os.getpid()]
+        while todo:
+            kids = children.get(todo.pop(), [])
+            out += kids
+            todo += kids
+        return out
+
+    def _sample(self) -> None:
+        self.driver = max(self.driver, self._kib("self", "VmRSS") * 1024)
+        self.workers = max(self.workers, 1024 * sum(self._kib(p, "RssAnon") for p in self._descendants()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def __enter__(self) -> _PeakMemory:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def _mixture_block(centres, weights, spreads, n: int, seed: tuple[int, int]):
+    """n points of a Gaussian mixture projected on the unit sphere (float32, L2-normalised rows)."""
+    import numpy as np
+
+    rng = np.random.default_rng(list(seed))
+    comp = rng.choice(len(centres), n, p=weights)
+    x = rng.standard_normal((n, centres.shape[1]), dtype=np.float32)
+    x *= spreads[comp, None]
+    x += centres[comp]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def _feature_throughput(names: list[str], batch: int = 8, size: int = 224, warmup: int = 2,
+                        min_batches: int = 5, min_s: float = 8.0) -> tuple[list[list], dict[str, float]]:
+    """Images/s and features/s of frozen backbones on synthetic uint8 images (torch, no_grad)
+    -> (table rows, {backbone: features/s})."""
+    import torch
+
+    from raysseg.backbones import build_backbone, normalize
+
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = build_backbone(name)
+        images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
+        with torch.no_grad():
+            for _ in range(warmup):
+                feats = model(normalize(images)).features
+            n, t0 = 0, time.perf_counter()
+            while n < min_batches or time.perf_counter() - t0 < min_s:
+                feats = model(normalize(images)).features
+                n += 1
+            dt = time.perf_counter() - t0
+        _, c, h, w = feats.shape
+        ips = n * batch / dt
+        rows.append([name, f"{c} x {h}x{w}", n * batch, f"{dt:.1f}", f"{ips:.1f}", f"{ips * h * w:,.0f}"])
+    return rows, {r[0]: float(r[5].replace(",", "")) for r in rows}
+
+
+def bench_cluster(sizes=(1_000_000, 5_000_000), dim: int = 128, k: int = 27, iterations: int = 20,
+                  init_sample: int = 100_000, assign_passes: int = 1, block_rows: int = 250_000,
+                  sklearn_batch: int = 4096, sklearn_max_iter: int = 20,
+                  backbones=("resnet18_fpn", "vit_small_patch16"), seed: int = 0) -> str:
+    """Between-epoch re-clustering of N x dim features: ``kmeans_ray`` over blocks in the object
+    store against scikit-learn MiniBatchKMeans on the same data in one array; plus the feature
+    extraction rate of the backbones, for scale."""
+    import gc
+
+    import numpy as np
+    import ray
+    from sklearn.cluster import MiniBatchKMeans
+
+    from raysseg.cluster import _assign_block, _assign_pass, _remote, kmeans_ray
+    from raysseg.train import init_ray
+
+    feature_rows, features_per_s = _feature_throughput(list(backbones)) if backbones else ([], {})
+
+    init_ray()
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((k, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    weights = rng.dirichlet(np.full(k, 2.0))
+    spreads = rng.uniform(0.06, 0.12, k).astype(np.float32)  # per-coordinate std: cosine to centre ~0.6-0.8
+    generate, assign = _remote(_mixture_block), _remote(_assign_block)
+    cref, wref, sref = ray.put(centres), ray.put(weights), ray.put(spreads)
+    rows = []
+    for n in sizes:
+        counts = [min(block_rows, n - s) for s in range(0, n, block_rows)]
+        with _PeakMemory() as mem:
+            t0 = time.perf_counter()
+            blocks = [generate.remote(cref, wref, sref, m, (seed, i)) for i, m in enumerate(counts)]
+            ray.wait(blocks, num_returns=len(blocks), fetch_local=False)
+            t_gen = time.perf_counter() - t0
+        rows.append([f"{n:,}", "data generation (Ray tasks, object store)", f"{len(blocks)} blocks",
+                     f"{t_gen:.1f}", "", "", f"{mem.driver / 2**30:.2f}", f"{mem.workers / 2**30:.2f}"])
+        _, _, cos = _assign_pass(assign, blocks, centres)
+        rows.append([f"{n:,}", "generating centres (reference, 1 pass)", "", "", "", f"{cos / n:.4f}", "", ""])
+
+        for init in ("k-means++", "random"):
+            with _PeakMemory() as mem:
+                r = kmeans_ray(blocks, k, init_sample=init_sample, assign_passes=assign_passes,
+                               iterations=iterations, seed=seed, init=init)
+            rows.append([f"{n:,}", f"kmeans_ray, {init} start, sample {init_sample:,} x {iterations} it, "
+                                   f"{assign_passes} update pass(es) + final pass",
+                         f"init {r.time_init_s:.1f} + assign {r.time_assign_s:.1f}", "",
+                         f"{r.time_init_s + r.time_assign_s:.1f}", f"{r.mean_cosine:.4f}",
+                         f"{mem.driver / 2**30:.2f}", f"{mem.workers / 2**30:.2f}"])
+            del r
+            gc.collect()
+
+        with _PeakMemory() as mem:
+            t0 = time.perf_counter()
+            x = np.concatenate(ray.get(blocks))
+            t_fetch = time.perf_counter() - t0
+            km = MiniBatchKMeans(n_clusters=k, batch_size=sklearn_batch, n_init=1, max_iter=sklearn_max_iter,
+                                 random_state=seed)
+            t0 = time.perf_counter()
+            km.fit(x)
+            t_fit = time.perf_counter() - t0
+        del x
+        gc.collect()
+        skl = km.cluster_centers_.astype(np.float32)
+        skl /= np.linalg.norm(skl, axis=1, keepdims=True)
+        _, _, cos = _assign_pass(assign, blocks, skl)
+        steps = km.n_steps_
+        rows.append([f"{n:,}", f"MiniBatchKMeans: batch {sklearn_batch}, n_init 1, max_iter {sklearn_max_iter} "
+                               f"({steps} steps = {steps * sklearn_batch / n:.2f} epochs)",
+                     f"fetch {t_fetch:.1f} + fit {t_fit:.1f}", "", f"{t_fetch + t_fit:.1f}", f"{cos / n:.4f}",
+                     f"{mem.driver / 2**30:.2f}", f"{mem.workers / 2**30:.2f}"])
+        del blocks, km
+        gc.collect()
+
+    header = ["N", "what", "parts (s)", "data gen s", "clustering s", "mean cosine", "peak RSS driver GiB",
+              "peak private RSS Ray workers GiB"]
+    text = _table(f"Between-epoch clustering of N x {dim} L2-normalised features into k={k} "
+                  f"(Gaussian mixture of {k} components on the sphere, blocks of {block_rows:,} rows)", header, rows)
+    notes = ["", "Mean cosine: every point to its nearest (normalised) centroid, computed by the same assignment pass "
+             "for every row. MiniBatchKMeans is Euclidean k-means on the normalised rows (its centroids normalised "
+             "for scoring); its time includes its own final labelling pass, as ours includes the final pass."]
+    for name, fps in features_per_s.items():
+        notes.append(f"For scale, extracting {', '.join(f'{n:,}' for n in sizes)} features with {name} at the rate "
+                     f"below takes {', '.join(f'{n / fps:,.0f}' for n in sizes)} s.")
+    text += "\n".join(notes) + "\n"
+    if feature_rows:
+        text += "\n" + _table("Feature extraction, frozen backbone, synthetic uint8 images 224x224, batch 8, "
+                              "torch no_grad", ["backbone", "features (C x h x w)", "images", "seconds", "images/s",
+                                                "features/s"], feature_rows)
+    return text
+
+
 def main(args) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    table = {"data": bench_data, "eval": bench_eval}.get(args.what)
-    text = table() if table else bench_step(args.method)
+    if args.what == "cluster":
+        text = bench_cluster(sizes=[int(n) for n in args.sizes.split(",")], dim=args.dim, k=args.k,
+                             iterations=args.iterations, init_sample=args.init_sample,
+                             assign_passes=args.assign_passes, sklearn_max_iter=args.sklearn_max_iter,
+                             backbones=[b for b in args.backbones.split(",") if b])
+    else:
+        table = {"data": bench_data, "eval": bench_eval}.get(args.what)
+        text = table() if table else bench_step(args.method)
     print(text)
     if args.out:
         with open(args.out, "a") as f:

@@ -21,6 +21,15 @@ def cmd_train(args) -> None:
     print(f"MLflow run: {result.run_id} ({result.tracking_uri})")
 
 
+def cmd_pretrain(args) -> None:
+    from raysseg.pretrain import pretrain
+
+    cfg = _config(args)  # validated before Ray starts
+    result = pretrain(cfg, restart=args.restart)
+    print(f"backbone: {result.backbone}")
+    print(f"MLflow run: {result.run_id} ({result.tracking_uri})")
+
+
 def cmd_evaluate(args) -> None:
     from raysseg.evaluate import evaluate
 
@@ -105,6 +114,8 @@ def parser() -> argparse.ArgumentParser:
         return sp
 
     with_config(sub.add_parser("train", help="train (or resume) a run")).set_defaults(fn=cmd_train)
+    with_config(sub.add_parser("pretrain", help="MoCo v2 backbone pretraining (or resume); writes backbone.pt "
+                                                "for model.weights")).set_defaults(fn=cmd_pretrain)
     sp = with_config(sub.add_parser("run", help="train then evaluate (the quick start)"))
     sp.add_argument("--out", default="outputs/eval")
     sp.set_defaults(fn=cmd_run)
@@ -145,8 +156,17 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_storage_serve)
 
     sp = sub.add_parser("bench", help="benchmarks that print a table")
-    sp.add_argument("what", choices=["data", "eval", "step"])
+    sp.add_argument("what", choices=["data", "eval", "step", "cluster"])
     sp.add_argument("--method", default="hp", choices=["hp"])
+    sp.add_argument("--sizes", default="1000000,5000000", help="cluster: comma-separated feature counts N")
+    sp.add_argument("--dim", type=int, default=128, help="cluster: feature dimension")
+    sp.add_argument("--k", type=int, default=27, help="cluster: number of clusters")
+    sp.add_argument("--iterations", type=int, default=20, help="cluster: k-means iterations on the init sample")
+    sp.add_argument("--init-sample", type=int, default=100_000, help="cluster: points in the init sample")
+    sp.add_argument("--assign-passes", type=int, default=1, help="cluster: distributed assignment passes")
+    sp.add_argument("--sklearn-max-iter", type=int, default=20, help="cluster: MiniBatchKMeans epochs at most")
+    sp.add_argument("--backbones", default="resnet18_fpn,vit_small_patch16",
+                    help="cluster: backbones for the feature-extraction rate ('' to skip)")
     sp.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     sp.set_defaults(fn=cmd_bench)
     return p
