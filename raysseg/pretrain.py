@@ -132,18 +132,14 @@ def _use_line(uri: str) -> None:
 
 def pretrain(cfg: Config, restart: bool = False) -> PretrainResult:
     """Pretrain (or resume) the run ``pretrain_run_name(cfg)``; returns where its backbone is."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from raysseg import storage, tracking
     from raysseg.data import make_dataset
-    from raysseg.train import RunFailed, _root_message, _storage, init_ray
+    from raysseg.train import fit, init_ray, make_trainer
 
     n_images = check_pretrain_inputs(cfg)
     run_name = pretrain_run_name(cfg)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     out_uri = backbone_uri(cfg, run_name)
-    storage_path, storage_fs = _storage(cfg)
     previous = tracking.find_run(uri, cfg.mlflow.experiment, run_name)
     if restart:
         storage.remove_tree(f"{cfg.train.storage.rstrip('/')}/{run_name}")
@@ -170,25 +166,9 @@ def pretrain(cfg: Config, restart: bool = False) -> PretrainResult:
     if n_images * cfg.data.image_size ** 2 * 3 <= MATERIALIZE_BYTES:
         dataset = dataset.materialize()  # decode once, not every epoch
     loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images}
-    trainer = TorchTrainer(
-        pretrain_loop,
-        train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.train.use_gpu),
-        datasets={"train": dataset},
-        run_config=RunConfig(
-            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
-        ),
-    )
+    trainer = make_trainer(cfg, pretrain_loop, loop_cfg, {"train": dataset}, run_name)
     logger = tracking.RunLogger(uri, run_id)
-    try:
-        result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; show its one line
-        logger.finish("FAILED")
-        raise RunFailed(_root_message(e)) from None
-    if result.checkpoint is None:
-        logger.finish("FAILED")
-        raise RunFailed(f"pretraining run {run_name} reported no checkpoint")
+    result = fit(trainer, logger, run_name)
     with result.checkpoint.as_directory() as local:
         state = torch.load(Path(local) / STATE_FILE, map_location="cpu", weights_only=False)
     buf = io.BytesIO()

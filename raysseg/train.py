@@ -118,8 +118,7 @@ def _pool_plan(cfg: Config, files: list[str], grid: int) -> dict[str, tuple[int,
 
 def train(cfg: Config, restart: bool = False) -> TrainResult:
     """Train (or resume) the run ``cfg.run_name()`` and return where its results are."""
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import DataConfig
 
     from raysseg import tracking
     from raysseg.bank import ConceptBank
@@ -129,7 +128,6 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
     n_images = check_inputs(cfg)
     run_name = cfg.run_name()
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
-    storage_path, storage_fs = _storage(cfg)
     if restart:
         remove_tree(f"{cfg.train.storage.rstrip('/')}/{run_name}")
         previous = tracking.find_run(uri, cfg.mlflow.experiment, run_name)
@@ -179,30 +177,15 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
         bank = ConceptBank.options(name=f"bank-{run_name}-{run_id[:8]}").remote(world)
         loop_cfg["bank"] = bank
 
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.train.use_gpu),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split="all"),
-        run_config=RunConfig(
-            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
-        ),
-    )
+    trainer = make_trainer(cfg, worker_loop, loop_cfg, datasets, run_name,
+                           dataset_config=DataConfig(datasets_to_split="all"))
     logger = tracking.RunLogger(uri, run_id)
     try:
-        result = trainer.fit()
+        result = fit(trainer, logger, run_name)
         trace = ray.get(bank.get_trace.remote()) if bank is not None else []
-    except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; show its one line
-        logger.finish("FAILED")
-        raise RunFailed(_root_message(e)) from None
     finally:
         if bank is not None:  # its state lives on in the checkpoints
             ray.kill(bank)
-    if result.checkpoint is None:
-        logger.finish("FAILED")
-        raise RunFailed(f"run {run_name} reported no checkpoint")
     ckpt_uri = checkpoint_dir_uri(cfg, result.checkpoint.path) + "/" + CHECKPOINT_FILE
     with result.checkpoint.as_directory() as local:
         logger.log_file(str(Path(local) / CHECKPOINT_FILE), "checkpoint")
@@ -213,6 +196,34 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
     logger.set_tag(tracking.CHECKPOINT_TAG, ckpt_uri)
     logger.finish("FINISHED")
     return TrainResult(run_id, run_name, ckpt_uri, uri, dict(result.metrics or {}), trace)
+
+
+def make_trainer(cfg: Config, loop, loop_cfg: dict, datasets: dict, run_name: str, **kwargs):
+    """A TorchTrainer whose (run name, storage) identify the run: the same pair again resumes it."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, storage_fs = _storage(cfg)
+    return TorchTrainer(
+        loop, train_loop_config=loop_cfg, datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
+        **kwargs,
+    )
+
+
+def fit(trainer, logger, run_name: str):
+    """Run the trainer; any failure marks the MLflow run FAILED and becomes one line (RunFailed)."""
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; show its one line
+        logger.finish("FAILED")
+        raise RunFailed(_root_message(e)) from None
+    if result.checkpoint is None:
+        logger.finish("FAILED")
+        raise RunFailed(f"run {run_name} reported no checkpoint")
+    return result
 
 
 def _root_message(e: BaseException) -> str:
