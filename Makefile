@@ -35,6 +35,7 @@ bench: install
 	$(VENV)/bin/raysseg bench data
 	$(VENV)/bin/raysseg bench eval
 	$(VENV)/bin/raysseg bench step --method hp
+	$(VENV)/bin/raysseg bench cluster
 
 # Re-pin every installed package after changing dependencies in pyproject.toml.
 lock:

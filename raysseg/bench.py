@@ -105,11 +105,22 @@ def bench_eval() -> str:
                   ["variant", "images", "seconds", "clusters mIoU", "probe mIoU"], rows)
 
 
+# Per-step timers (inside a step) and one-off timers each method reports, as (metric, column title).
+_STEP_PARTS = {
+    "hp": [("backbone", "backbone fwd"), ("selection", "selection"), ("loss", "contrastive loss"),
+           ("head_forward", "all head fwd"), ("backward", "backward+opt"), ("bank", "bank")],
+    "picie": [("labels", "views + snapshot labels"), ("forward_loss", "fwd + loss"), ("backward", "backward+opt")],
+}
+_ONCE_PARTS = {"hp": [("pool_build", "pool build s (once)")],
+               "picie": [("extract", "feature extraction s (per epoch)"), ("cluster_total", "clustering s (per epoch)")]}
+
+
 def bench_step(method: str) -> str:
-    """Iterations/s, peak memory and where the time goes, batch 8 at 224 with ViT-S/16, 1 and 2 workers."""
+    """Iterations/s, peak memory and where the time goes, batch 8 at 224, 1 and 2 workers."""
     from raysseg.train import train
 
     steps, batch = 6, 8
+    family = "picie" if method in ("picie", "pgg") else method
     rows = []
     for workers in (1, 2):
         limit = steps * batch * workers
@@ -117,19 +128,20 @@ def bench_step(method: str) -> str:
             cfg = _run_config(f"{method}_camvid", tmp, [
                 "data.image_size=224", f"train.batch_size={batch}", f"train.num_workers={workers}", "train.epochs=1",
                 f"data.limit={limit}", f"hp.pool_size={min(256, limit)}", "hp.warmup=0", "hp.renew_every=2",
-                "hp.sigma=14.0", "kmeans.pixels_per_image=10",
+                "hp.sigma=14.0", "kmeans.pixels_per_image=10", "kmeans.init_sample=5000",
+                f"pgg.global_clusters={min(50, limit)}",
             ])
             m = train(cfg).metrics
         step = m["time_step_s"]
-        parts = ["backbone", "selection", "loss", "head_forward", "backward", "bank"]  # inside a step
         rows.append([workers, f"{m['iterations_per_s']:.3f}", f"{m['iterations_per_s'] * batch * workers:.1f}",
                      f"{m['peak_rss_mb'] / 1024:.2f}"]
-                    + [f"{m.get(f'time_{p}_s', 0):.3f} ({100 * m.get(f'time_{p}_s', 0) / step:.0f}%)" for p in parts]
-                    + [f"{m['time_data_wait_s']:.3f}", f"{m['time_pool_build_s']:.1f}"])
-    header = ["workers", "it/s", "images/s", "peak RSS GiB (rank 0)", "backbone fwd s/it", "selection s/it",
-              "contrastive loss s/it", "all head fwd s/it", "backward+opt s/it", "bank s/it", "waiting for data s/it",
-              "pool build s (once)"]
-    return _table(f"{method.upper()} training step, batch {batch}/worker at 224x224, ViT-S/16 (frozen), {steps} steps",
+                    + [f"{m.get(f'time_{p}_s', 0):.3f} ({100 * m.get(f'time_{p}_s', 0) / step:.0f}%)"
+                       for p, _ in _STEP_PARTS[family]]
+                    + [f"{m['time_data_wait_s']:.3f}"] + [f"{m.get(f'time_{p}_s', 0):.1f}" for p, _ in _ONCE_PARTS[family]])
+    header = (["workers", "it/s", "images/s", "peak RSS GiB (rank 0)"] + [f"{t} s/it" for _, t in _STEP_PARTS[family]]
+              + ["waiting for data s/it"] + [t for _, t in _ONCE_PARTS[family]])
+    backbone = {"hp": "ViT-S/16 (frozen)"}.get(method, "ResNet-18-FPN (trained)")
+    return _table(f"{method.upper()} training step, batch {batch}/worker at 224x224, {backbone}, {steps} steps",
                   header, rows)
 
 

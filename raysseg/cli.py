@@ -157,7 +157,7 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("bench", help="benchmarks that print a table")
     sp.add_argument("what", choices=["data", "eval", "step", "cluster"])
-    sp.add_argument("--method", default="hp", choices=["hp"])
+    sp.add_argument("--method", default="hp", choices=["hp", "picie", "pgg"])
     sp.add_argument("--sizes", default="1000000,5000000", help="cluster: comma-separated feature counts N")
     sp.add_argument("--dim", type=int, default=128, help="cluster: feature dimension")
     sp.add_argument("--k", type=int, default=27, help="cluster: number of clusters")
@@ -175,6 +175,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from raysseg.backbones import BackboneError
     from raysseg.config import ConfigError
+    from raysseg.data import DatasetError
     from raysseg.storage import StorageError
     from raysseg.train import RunFailed
 
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         args.fn(args)
     except ConfigError as e:
         sys.exit(_fail(f"config error: {e}"))
-    except (StorageError, BackboneError, RunFailed) as e:
+    except (StorageError, BackboneError, DatasetError, RunFailed) as e:
         sys.exit(_fail(f"error: {e}"))
     except KeyboardInterrupt:
         sys.exit(_fail("interrupted; run the same command again to resume"))

@@ -8,7 +8,8 @@ from raysseg.config import ConfigError, available_configs, load_config
 
 def test_every_builtin_config_loads():
     names = available_configs()
-    assert {"kmeans_synth", "kmeans_camvid", "hp_camvid", "hp_cocostuff", "hp_cityscapes", "hp_potsdam"} <= set(names)
+    assert {"kmeans_synth", "kmeans_camvid", "hp_camvid", "hp_cocostuff", "hp_cityscapes", "hp_potsdam",
+            "picie_camvid", "pgg_camvid", "picie_cocostuff", "pgg_cocostuff"} <= set(names)
     for name in names:
         cfg = load_config(name)
         assert cfg.name == name
@@ -73,4 +74,16 @@ def test_cli_rejects_unknown_key_before_ray_starts(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert "train.epohcs" in lines[0] and "train.epochs" in lines[0]
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "mlruns.db").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_cli_missing_training_folder_is_one_line(tmp_path, command):
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysseg.cli", command, "--config", "pgg_camvid", "--set", f"data.train={tmp_path}/nope"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{tmp_path}/nope" in lines[0], proc.stderr
     assert not (tmp_path / "mlruns.db").exists()
