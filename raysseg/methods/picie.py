@@ -124,14 +124,17 @@ class PiCIETrainer:
             if self.rank == 0:
                 parts = ray.get([refs[0] for refs in ray.get(self.bank.collect.remote("pgg_feats"))])
                 idx = np.concatenate([p[0] for p in parts])
-                x = np.concatenate([p[1] for p in parts])[np.argsort(idx, kind="stable")]  # (N, V, C)
+                x = np.concatenate([p[1] for p in parts])  # (n, V, C), rows of images idx
                 flat = x.reshape(-1, x.shape[-1])
                 k = self.cfg.pgg.global_clusters
                 centres = spherical_kmeans(flat, k, self.cfg.kmeans.iterations, seed=self.cfg.train.seed)
                 sims = flat @ centres.T
                 labels = sims.argmax(1)
                 keep = active_selection(torch.from_numpy(1 - sims.max(1)), self.cfg.pgg.keep_fraction).numpy()
-                table = np.stack([labels, keep.astype(np.int64)], 1).reshape(x.shape[0], v, 2)
+                # one row per training file; an image no worker read (unreadable, or dropped by the
+                # equal split of an odd count) keeps no view, so it gets no image-level loss
+                table = np.zeros((len(self.index), v, 2), np.int64)
+                table[idx] = np.stack([labels, keep.astype(np.int64)], 1).reshape(x.shape[0], v, 2)
                 self.bank.publish.remote("pgg_labels", 1, table)
                 print(f"[pgg] pseudo labels: {x.shape[0]} images x {v} views -> {k} global clusters, "
                       f"{int(keep.sum())} views kept, {len(np.unique(labels[keep]))} clusters used", flush=True)
