@@ -143,7 +143,13 @@ def test_train_crop_flip_shared_by_image_and_label_and_seeded(tmp_path):
     again, _ = data._load_row(str(tmp_path / "i.png"), None, None, 32, True, (0.3, 0.6), True, 3)
     img3, _ = data._load_row(str(tmp_path / "i.png"), str(tmp_path / "l.png"), None, 32, True, (0.3, 0.6), True, 3)
     assert (again == img3).all()  # seeded, and independent of whether labels are read
-    assert len({o.tobytes() for o in outs.values()}) == len(outs)  # seeds give different crops
+    # Seeds give different crops. Checked on a gradient image (every pixel distinct): two
+    # different crops of the block label can coincide after resizing to 32x32.
+    yy, xx = np.mgrid[0:128, 0:192]
+    gradient = np.stack([xx % 256, yy * 2, (xx + yy) % 256], -1).astype(np.uint8)
+    (tmp_path / "g.png").write_bytes(_png(gradient))
+    crops = [data._load_row(str(tmp_path / "g.png"), None, None, 32, True, (0.3, 0.6), True, s)[0] for s in range(12)]
+    assert len({c.tobytes() for c in crops}) == len(crops)
     # Horizontal flips happen: left-to-right block order is reversed in some crops.
     flipped = [s for s, o in outs.items() if (o[:, 0] % 4 > o[:, -1] % 4).any()]
     assert 0 < len(flipped) < len(outs)
