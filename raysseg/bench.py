@@ -112,7 +112,7 @@ _STEP_PARTS = {
     "picie": [("labels", "views + snapshot labels"), ("forward_loss", "fwd + loss"), ("backward", "backward+opt")],
 }
 _ONCE_PARTS = {"hp": [("pool_build", "pool build s (once)")],
-               "picie": [("extract", "feature extraction s (per epoch)"), ("cluster_total", "clustering s (per epoch)")]}
+               "picie": [("extract", "feature extraction s (per epoch)"), ("cluster_total", "extraction + k-means s (per epoch)")]}
 
 
 def bench_step(method: str) -> str:
