@@ -27,6 +27,15 @@ def checksum(values: np.ndarray) -> float:
     return float(np.dot(v, np.cos(np.arange(v.size, dtype=np.float64))))
 
 
+def reads_by_version(trace: list[dict]) -> dict[tuple[str, int], dict[int, float]]:
+    """A bank trace (``bank_trace.json``) as {(table, version): {rank: checksum}}: equal checksums
+    across ranks mean every worker used the same table."""
+    seen: dict = {}
+    for t in trace:
+        seen.setdefault((t["table"], t["version"]), {})[t["rank"]] = t["checksum"]
+    return seen
+
+
 @ray.remote(num_cpus=0, max_restarts=-1)
 class ConceptBank:
     def __init__(self, world_size: int):

@@ -399,13 +399,14 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def photometric_augment(
     images: torch.Tensor, generator: torch.Generator, *, brightness: float = 0.3, contrast: float = 0.3,
     saturation: float = 0.3, hue: float = 0.1, p_gray: float = 0.2, p_blur: float = 0.5,
-    blur_sigma: tuple[float, float] = (0.1, 2.0),
+    blur_sigma: tuple[float, float] = (0.1, 2.0), p_jitter: float = 1.0,
 ) -> torch.Tensor:
     """Random per-image photometric augmentation of (B,3,H,W) RGB in [0,1] -> same shape.
 
-    ColorJitter(brightness, contrast, saturation, hue) with factors drawn uniformly from
-    [1-x, 1+x] (hue: [-hue, hue]), then grayscale with probability p_gray, then Gaussian blur with
-    probability p_blur and sigma uniform in blur_sigma. All randomness comes from ``generator``.
+    ColorJitter(brightness, contrast, saturation, hue) with probability p_jitter and factors
+    drawn uniformly from [1-x, 1+x] (hue: [-hue, hue]), then grayscale with probability p_gray,
+    then Gaussian blur with probability p_blur and sigma uniform in blur_sigma. All randomness
+    comes from ``generator``.
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"photometric_augment expects (B,3,H,W) images, got shape {tuple(images.shape)}")
@@ -421,6 +422,8 @@ def photometric_augment(
         images, uniform(1 - brightness, 1 + brightness), uniform(1 - contrast, 1 + contrast),
         uniform(1 - saturation, 1 + saturation), uniform(-hue, hue),
     )
+    if p_jitter < 1:  # drawn only then, so the default keeps its random stream
+        x = torch.where((uniform(0, 1) < p_jitter).view(-1, 1, 1, 1), x, images)
     gray = uniform(0, 1) < p_gray
     x = torch.where(gray.view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
     blur = uniform(0, 1) < p_blur

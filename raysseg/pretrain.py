@@ -268,10 +268,9 @@ class MoCoTrainer:
             all_w = _gather(w)
         per_row = self.moco.loss(q, k, reduction="none")
         loss = (per_row * w).sum() / w.sum().clamp(min=1.0)
-        self._check_finite(loss, step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        from raysseg.train import optimizer_step
+
+        optimizer_step(loss, self.optimizer, step, "pretrain.lr", self.cfg.pretrain.lr)
         with torch.no_grad():
             logits = moco_logits(q.detach(), k, self.moco.queue)
             real = w > 0
@@ -285,21 +284,6 @@ class MoCoTrainer:
             }
             self.moco.enqueue(all_keys[all_w > 0])
         return stats
-
-    def _check_finite(self, loss: torch.Tensor, step: int) -> None:
-        """Stop every worker together, before the weights change, if any worker's loss is not finite."""
-        from raysseg.train import NonFiniteLoss, _dist
-
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
-        dist = _dist()
-        if dist is not None:
-            dist.all_reduce(bad)
-        if bad.item() > 0:
-            raise NonFiniteLoss(
-                f"the loss became {float(loss)} at step {step}; the last good checkpoint is kept: "
-                f"lower pretrain.lr (now {self.cfg.pretrain.lr}) and run the same command again (with --restart "
-                f"if the new rate should start over) to train on"
-            )
 
 
 def fill_batch(images: np.ndarray, batch_size: int, size: int) -> tuple[np.ndarray, np.ndarray]:

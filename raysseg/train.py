@@ -255,17 +255,27 @@ def all_gather(obj):
     return out
 
 
-def check_finite(loss: torch.Tensor, step: int, lr: float) -> None:
-    """Stop every worker together, before the weights change, if any worker's loss is not finite."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+def optimizer_step(loss: torch.Tensor, optimizer, step: int, lr_key: str, lr: float, *, weight: float = 1.0,
+                   grad_clip: float = 0.0) -> None:
+    """Backward of ``loss * weight``, optional gradient clipping, one optimizer step.
+
+    First every worker checks its loss: if any is NaN or inf, all stop together before the
+    weights change, with one line naming ``lr_key`` (the setting to lower)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)  # NCCL needs it on the GPU
     dist = _dist()
     if dist is not None:
         dist.all_reduce(bad)
     if bad.item() > 0:
         raise NonFiniteLoss(
-            f"the loss became {float(loss)} at step {step}; the last good checkpoint is kept: "
-            f"lower train.lr (now {lr}) and run the same command again to resume from it"
+            f"the loss became {float(loss)} at step {step}; the checkpoints written so far are kept: "
+            f"lower {lr_key} (now {lr}) and run again (training runs resume when train.run_name is set)"
         )
+    optimizer.zero_grad(set_to_none=True)
+    (loss * weight).backward()
+    if grad_clip > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
 
 
 def barrier() -> None:
@@ -448,12 +458,10 @@ def worker_loop(loop_cfg: dict) -> None:
     skipped: set = set()
     last_epoch: dict = {}
     if method is not None:
-        offline = cfg.method in ("picie", "pgg")  # cluster before every epoch
-        method.setup(ray.train.get_dataset_shard("cluster" if offline else "pool"))
+        method.setup(ray.train.get_dataset_shard)
         shard = ray.train.get_dataset_shard("train")
         for epoch in range(progress["epoch"], cfg.train.epochs):
-            if offline:
-                method.cluster(ray.train.get_dataset_shard("cluster"), epoch)
+            method.before_epoch(ray.train.get_dataset_shard, epoch)
             stats, last_images, bad = method.train_epoch(shard, epoch, progress, logger)
             skipped.update(map(tuple, sum(all_gather(bad), [])))
             progress["epoch"] = epoch + 1

@@ -336,3 +336,14 @@ def test_random_boxes_stay_inside_the_image_with_the_requested_area():
     assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
     assert area.max() <= 0.9 + 1e-5 and area.min() >= 0.3 - 1e-5 - 0.05  # shrunk boxes may dip slightly
     assert 0.5 < area.mean() < 0.7
+
+
+def test_photometric_jitter_probability():
+    from raysseg.data import photometric_augment
+
+    x = torch.rand(64, 3, 8, 8)
+    off = dict(p_gray=0.0, p_blur=0.0)
+    assert torch.equal(photometric_augment(x, torch.Generator().manual_seed(0), p_jitter=0.0, **off), x)
+    out = photometric_augment(x, torch.Generator().manual_seed(0), p_jitter=0.5, **off)
+    changed = (out - x).abs().flatten(1).amax(1) > 1e-6
+    assert 10 < int(changed.sum()) < 54  # about half the images jittered

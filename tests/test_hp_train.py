@@ -7,6 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from raysseg.bank import reads_by_version
 from raysseg.config import ConfigError, load_config
 
 
@@ -20,13 +21,6 @@ def hp_config(tmp_path: Path, synth_data: Path, *overrides: str):
     ])
 
 
-def _by_version(trace: list[dict]) -> dict:
-    """{(table, version): {rank: checksum}}"""
-    seen: dict = {}
-    for t in trace:
-        seen.setdefault((t["table"], t["version"]), {})[t["rank"]] = t["checksum"]
-    return seen
-
 
 def test_two_workers_share_pools_nan_stops_and_resume_restores_the_bank(tmp_path, ray_local, synth_data):
     """One run through three trainings (each Ray Train start costs ~20 s here):
@@ -39,7 +33,7 @@ def test_two_workers_share_pools_nan_stops_and_resume_restores_the_bank(tmp_path
     from raysseg.train import RunFailed, train
 
     first = train(hp_config(tmp_path, synth_data, "train.epochs=1"))
-    seen = _by_version(first.bank_trace)
+    seen = reads_by_version(first.bank_trace)
     # 8 images / 2 workers / batch 2 = 2 steps per epoch; Q_sp renewed every step
     assert set(seen) == {("pool", 1), ("sp", 1), ("sp", 2)}
     for (table, version), by_rank in seen.items():
@@ -58,7 +52,7 @@ def test_two_workers_share_pools_nan_stops_and_resume_restores_the_bank(tmp_path
 
     second = train(hp_config(tmp_path, synth_data, "train.epochs=2"))
     assert second.run_id == first.run_id
-    seen2 = _by_version(second.bank_trace)
+    seen2 = reads_by_version(second.bank_trace)
     assert seen2[("pool", 1)][0] == seen[("pool", 1)][0], "Q_ag must be restored, not rebuilt"
     assert {k for k in seen2 if k[0] == "sp"} == {("sp", 3), ("sp", 4)}, "Q_sp versions continue"
     for by_rank in seen2.values():

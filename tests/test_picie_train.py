@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from raysseg.bank import reads_by_version
 from raysseg.config import ConfigError, load_config
 
 
@@ -19,12 +20,6 @@ def pgg_config(tmp_path: Path, synth_data: Path, *overrides: str):
     ])
 
 
-def _by_version(trace: list[dict]) -> dict:
-    seen: dict = {}
-    for t in trace:
-        seen.setdefault((t["table"], t["version"]), {})[t["rank"]] = t["checksum"]
-    return seen
-
 
 def test_pgg_two_workers_train_against_identical_centroids_and_pseudo_labels(tmp_path, ray_local, synth_data):
     from raysseg.evaluate import evaluate
@@ -33,7 +28,7 @@ def test_pgg_two_workers_train_against_identical_centroids_and_pseudo_labels(tmp
 
     # 7 images: Ray's equal split over 2 workers leaves one image out of each pass
     result = train(pgg_config(tmp_path, synth_data, "train.epochs=2", "data.limit=7"))
-    seen = _by_version(result.bank_trace)
+    seen = reads_by_version(result.bank_trace)
     assert set(seen) == {("pgg_labels", 1), ("centroids", 1), ("centroids", 2)}
     for (table, version), by_rank in seen.items():
         assert set(by_rank) == {0, 1}, (table, version)

@@ -70,8 +70,9 @@ class HPTrainer:
     # ---------------------------------------------------------- shared pools
 
     @torch.no_grad()
-    def setup(self, pool_shard) -> None:
-        """Build Q_ag once (all workers contribute), then fetch it."""
+    def setup(self, get_shard) -> None:
+        """Build Q_ag once (all workers contribute, from their ``get_shard("pool")``), then fetch it."""
+        pool_shard = get_shard("pool")
         t0 = time.perf_counter()
         if ray.get(self.bank.version.remote("pool")) == 0:
             index, rows = [], []
@@ -93,6 +94,9 @@ class HPTrainer:
         self.pool_build_s = time.perf_counter() - t0
         if self.rank == 0:
             print(f"[hp] task-agnostic pool: {len(table)} patches from {len(table)} images", flush=True)
+
+    def before_epoch(self, get_shard, epoch: int) -> None:
+        """Nothing: HP's pools are renewed by step count, inside the epoch."""
 
     @torch.no_grad()
     def _refresh_sp(self, step: int) -> None:
@@ -117,7 +121,7 @@ class HPTrainer:
 
     def train_step(self, images: np.ndarray, step: int) -> dict[str, float]:
         """One iteration on this worker's batch (uint8 (B, S, S, 3)); may be empty (all rows invalid)."""
-        from raysseg.train import check_finite
+        from raysseg.train import optimizer_step
 
         hp, seg = self.cfg.hp, self.seg
         weight = 1.0
@@ -134,12 +138,8 @@ class HPTrainer:
         lam = lambda_at(step, hp.warmup, self.total_steps)
         loss, stats = self.loss_module(out.features, aug, out.attn_logits, self.q_ag, self.q_sp, lam)
         t3 = time.perf_counter()
-        check_finite(loss, step, self.cfg.train.lr)
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss * weight).backward()
-        if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(seg.head.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
+        optimizer_step(loss, self.optimizer, step, "train.lr", self.cfg.train.lr, weight=weight,
+                       grad_clip=self.cfg.train.grad_clip)
         ema_update(seg.head.ema_seg, seg.head.seg, hp.ema)
         t4 = time.perf_counter()
         self.timers["backbone"] += t1 - t0

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raysseg.backbones import Backbone, standardize
-from raysseg.data import color_jitter, crop_resize, gaussian_blur, random_boxes, rgb_to_gray
+from raysseg.data import crop_resize, photometric_augment, random_boxes
 from raysseg.methods.hp_core import ema_update
 
 # MoCo v2 augmentation strengths (the "aug_plus" recipe of the reference code)
@@ -151,40 +151,13 @@ class MoCo(nn.Module):
         return digest, float((data.astype(np.float64) * weights).sum())
 
 
-def moco_v2_photometric(x: Tensor, generator: torch.Generator, aug: dict = MOCO_V2_AUG) -> Tensor:
-    """MoCo v2 colour augmentation of (B, 3, H, W) RGB in [0, 1] -> same shape; randomness from ``generator``.
-
-    Colour jitter with probability p_jitter (factors uniform in [1-s, 1+s], hue in [-h, h]),
-    then grayscale with p_gray, then Gaussian blur with p_blur (sigma uniform in blur_sigma).
-    """
-    b = x.shape[0]
-
-    def uniform(low: float, high: float) -> Tensor:
-        u = torch.rand(b, generator=generator, device=generator.device).to(x.device, x.dtype)
-        return low + (high - low) * u
-
-    jitter = uniform(0, 1) < aug["p_jitter"]
-    one = torch.ones(b, device=x.device, dtype=x.dtype)
-    factors = [torch.where(jitter, uniform(1 - aug[name], 1 + aug[name]), one)
-               for name in ("brightness", "contrast", "saturation")]
-    hue = torch.where(jitter, uniform(-aug["hue"], aug["hue"]), torch.zeros_like(one))
-    x = torch.where(jitter.view(-1, 1, 1, 1), color_jitter(x, *factors, hue), x)
-    gray = uniform(0, 1) < aug["p_gray"]
-    x = torch.where(gray.view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
-    blur = uniform(0, 1) < aug["p_blur"]
-    sigma = uniform(*aug["blur_sigma"])
-    if blur.any():
-        x = torch.where(blur.view(-1, 1, 1, 1), gaussian_blur(x, sigma), x)
-    return x
-
-
 def two_crops(images_uint8: Tensor | np.ndarray, generator: torch.Generator, size: int,
               scale: tuple[float, float] = (0.2, 1.0)) -> tuple[Tensor, Tensor]:
     """Two independent MoCo v2 views of each image.
 
     images_uint8: (B, H, W, 3) uint8 RGB (tensor or numpy; a tensor stays on its device).
     Each view: random resized crop (area fraction in ``scale``, aspect 3/4..4/3) resized to
-    size x size, horizontal flip p 0.5, :func:`moco_v2_photometric`, ImageNet normalisation.
+    size x size, horizontal flip p 0.5, ``photometric_augment`` with MOCO_V2_AUG, ImageNet normalisation.
     Returns (query view, key view), each (B, 3, size, size) float32.
     """
     images = torch.as_tensor(images_uint8)
@@ -197,5 +170,5 @@ def two_crops(images_uint8: Tensor | np.ndarray, generator: torch.Generator, siz
         boxes = random_boxes(b, generator, scale)
         flips = torch.rand(b, generator=generator, device=generator.device) < 0.5
         view = crop_resize(x, boxes, (size, size), flips).clamp_(0, 1)
-        views.append(standardize(moco_v2_photometric(view, generator)))
+        views.append(standardize(photometric_augment(view, generator, **MOCO_V2_AUG)))
     return views[0], views[1]

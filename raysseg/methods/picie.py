@@ -97,10 +97,11 @@ class PiCIETrainer:
     # ---------------------------------------------------------- PGG pseudo labels (once per run)
 
     @torch.no_grad()
-    def setup(self, shard) -> None:
+    def setup(self, get_shard) -> None:
         """Build (or fetch the restored) image-level pseudo labels; a no-op for plain PiCIE."""
         if not self.guided:
             return
+        shard = get_shard("cluster")
         from raysseg.cluster import spherical_kmeans
 
         t0 = time.perf_counter()
@@ -153,8 +154,9 @@ class PiCIETrainer:
                 dist.broadcast(buf, 0)
 
     @torch.no_grad()
-    def cluster(self, shard, epoch: int) -> None:
+    def before_epoch(self, get_shard, epoch: int) -> None:
         """Snapshot the model, cluster both views' embeddings on Ray, fetch the centroids of this epoch."""
+        shard = get_shard("cluster")
         from raysseg.cluster import kmeans_ray, sample_locations
 
         t0 = time.perf_counter()
@@ -204,7 +206,7 @@ class PiCIETrainer:
 
     def train_step(self, images: np.ndarray, paths, step: int) -> dict[str, float]:
         """One iteration on this worker's batch (uint8 (B, S, S, 3), may be empty: all rows invalid)."""
-        from raysseg.train import check_finite
+        from raysseg.train import optimizer_step
 
         weight = 1.0
         if len(images) == 0:  # keep DDP in step with the other workers; contributes nothing
@@ -241,12 +243,8 @@ class PiCIETrainer:
             stats["loss_global"] = g_loss.item()
             stats["global_views_kept"] = float(keep.float().mean())
         t2 = time.perf_counter()
-        check_finite(loss, step, self.cfg.train.lr)
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss * weight).backward()
-        if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.seg.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
+        optimizer_step(loss, self.optimizer, step, "train.lr", self.cfg.train.lr, weight=weight,
+                       grad_clip=self.cfg.train.grad_clip)
         t3 = time.perf_counter()
         stats["loss_total"] = loss.item()
         self.timers["labels"] += t1 - t0
