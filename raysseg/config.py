@@ -28,7 +28,7 @@ def _f(default, *, lo=None, hi=None, choices=None, help=""):
 
 
 BACKBONES = ("vit_small_patch16", "vit_small_patch8", "vit_base_patch8", "resnet18_fpn", "resnet50_fpn")
-METHODS = ("kmeans", "hp", "picie", "pgg")
+METHODS = ("kmeans", "hp", "picie", "pgg", "segsort", "concepts")
 
 
 @dataclass
@@ -106,6 +106,38 @@ class PGGConfig:
 
 
 @dataclass
+class SegmentsConfig:
+    """Pseudo segments (oversegmentation) and per-image pixel sorting, shared by SegSort,
+    visual concepts, retrieval evaluation and concept browsing."""
+    method: str = _f("felzenszwalb", choices=("felzenszwalb", "slic"),
+                     help="oversegmentation of each training image (scikit-image), computed in the Ray Data read")
+    scale: float = _f(100.0, lo=1.0, help="felzenszwalb: larger = larger segments")
+    sigma: float = _f(0.8, lo=0.0, help="felzenszwalb: Gaussian pre-smoothing")
+    min_size: int = _f(50, lo=1, help="felzenszwalb: smallest segment in pixels")
+    n_segments: int = _f(64, lo=2, help="slic: about this many segments")
+    compactness: float = _f(10.0, lo=0.01, help="slic: colour vs. space weight")
+    grid: int = _f(5, lo=1, hi=64, help="pixel sorting: k-means per image from a grid x grid initialisation")
+    iterations: int = _f(10, lo=1, hi=1000, help="pixel sorting: spherical k-means iterations")
+
+
+@dataclass
+class SegSortConfig:
+    embed_dim: int = _f(32, lo=2, hi=4096, help="pixel embedding size (unit sphere)")
+    kappa: float = _f(10.0, lo=1e-3, hi=1000.0, help="vMF concentration: similarity exp(kappa * cos)")
+    memory_batches: int = _f(2, lo=0, hi=1000, help="prototypes of the last B global batches, held by the concept bank")
+
+
+@dataclass
+class ConceptsConfig:
+    n_concepts: int = _f(512, lo=2, hi=1_000_000, help="global concepts: VQ dictionary size")
+    beta: float = _f(0.5, lo=0.0, hi=100.0, help="VQ commitment constant")
+    decay: float = _f(0.99, lo=0.0, hi=1.0, help="EMA decay of the dictionary and the co-occurrence counts")
+    lambda_s: float = _f(1.0, lo=0.0, help="weight of the local-concept loss")
+    lambda_v: float = _f(2.0, lo=0.0, help="weight of the global-concept (VQ) loss")
+    lambda_c: float = _f(1.0, lo=0.0, help="weight of the co-occurrence loss")
+
+
+@dataclass
 class PretrainConfig:
     epochs: int = _f(50, lo=1, hi=100000)
     batch_size: int = _f(32, lo=2, hi=8192, help="images per worker per step (two crops each)")
@@ -128,6 +160,8 @@ class EvalConfig:
     batch_size: int = _f(8, lo=1)
     overlays: int = _f(6, lo=0, hi=64)
     workers: int = _f(2, lo=1, help="scoring actors")
+    retrieval: bool = _f(True, help="k-means segments per image, labelled by the k nearest training prototypes")
+    retrieval_k: int = _f(15, lo=1, help="nearest labelled training prototypes that vote")
 
 
 @dataclass
@@ -146,6 +180,9 @@ class Config:
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
     hp: HPConfig = field(default_factory=HPConfig)
     pgg: PGGConfig = field(default_factory=PGGConfig)
+    segments: SegmentsConfig = field(default_factory=SegmentsConfig)
+    segsort: SegSortConfig = field(default_factory=SegSortConfig)
+    concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)

@@ -37,7 +37,14 @@ class Segmenter(nn.Module):
             p = cfg.pgg
             self.head = PGGHead(self.backbone.dim, cae=p.cae, affinity=p.cae_affinity, n_global=p.global_clusters,
                                 guidance=p.guidance != "none", modified_cam=p.cam == "modified")
-        self.code_dim = cfg.model.code_dim if cfg.method == "hp" else self.backbone.dim
+        elif cfg.method in ("segsort", "concepts"):
+            from raysseg.methods.segsort_core import EmbeddingHead
+
+            self.head = EmbeddingHead(self.backbone.dim, cfg.segsort.embed_dim)
+        self.code_dim = {"hp": cfg.model.code_dim, "segsort": cfg.segsort.embed_dim,
+                         "concepts": cfg.segsort.embed_dim}.get(cfg.method, self.backbone.dim)
+        if cfg.method == "concepts":  # the global-concept dictionary, copied from the concept bank every epoch
+            self.register_buffer("concepts", torch.zeros(cfg.concepts.n_concepts, self.code_dim))
         self.register_buffer("centroids", torch.zeros(cfg.n_clusters, self.code_dim))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
@@ -66,6 +73,8 @@ class Segmenter(nn.Module):
             return self.head.codes(feats)
         if self.cfg.method == "pgg":
             return self.head(feats, x)
+        if self.head is not None:
+            return self.head(feats)
         return feats
 
     @torch.no_grad()

@@ -1,0 +1,106 @@
+"""Segments: pseudo segments from a classical oversegmentation, pixel sorting (SegSort's
+per-image spherical k-means), and segment prototypes.
+
+Shared by SegSort and visual-concepts training, retrieval evaluation and concept browsing.
+Pseudo segments stand in for the paper's HED-owt-ucm contours (which need MATLAB and a
+trained edge detector): scikit-image's felzenszwalb (default) or SLIC on the RGB image.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def oversegment(image: np.ndarray, method: str = "felzenszwalb", *, scale: float = 100.0, sigma: float = 0.8,
+                min_size: int = 50, n_segments: int = 64, compactness: float = 10.0) -> np.ndarray:
+    """uint8 RGB image (H, W, 3) -> pseudo segment ids (H, W) int32, consecutive from 0."""
+    from skimage.segmentation import felzenszwalb, slic
+
+    if method == "felzenszwalb":
+        ids = felzenszwalb(image, scale=scale, sigma=sigma, min_size=min_size)
+    elif method == "slic":
+        ids = slic(image, n_segments=n_segments, compactness=compactness, start_label=0)
+    else:
+        raise ValueError(f"segments.method: unknown oversegmentation {method!r}; use felzenszwalb or slic")
+    _, ids = np.unique(ids, return_inverse=True)
+    return ids.reshape(image.shape[:2]).astype(np.int32)
+
+
+def oversegment_kwargs(segments_cfg) -> dict:
+    """The :func:`oversegment` settings of a ``SegmentsConfig``."""
+    s = segments_cfg
+    return {"method": s.method, "scale": s.scale, "sigma": s.sigma, "min_size": s.min_size,
+            "n_segments": s.n_segments, "compactness": s.compactness}
+
+
+def grid_cells(h: int, w: int, grid: int, device=None) -> Tensor:
+    """Cell index (h*w,) of each location in a grid x grid partition of an h x w map (row-major)."""
+    ys = torch.arange(h, device=device) * grid // h
+    xs = torch.arange(w, device=device) * grid // w
+    return (ys[:, None] * grid + xs[None, :]).reshape(-1)
+
+
+def pixel_sort(emb: Tensor, grid: int = 5, iterations: int = 10, position_weight: float = 1.0) -> Tensor:
+    """SegSort's pixel sorting: spherical k-means per image on the embedding concatenated with
+    normalised (y, x), initialised from a grid x grid partition.
+
+    emb: (B, D, h, w) L2-normalised embeddings. Features are cat(emb, position_weight * (y, x))
+    with y, x in [-1, 1], re-normalised onto the sphere (a vMF mixture with shared concentration).
+    Each of the grid*grid clusters starts as the mean of its cell; empty clusters stay empty.
+    Returns cluster ids (B, h, w) int64 in [0, grid*grid).
+    """
+    b, d, h, w = emb.shape
+    g = grid * grid
+    ys = torch.linspace(-1, 1, h, device=emb.device) if h > 1 else torch.zeros(1, device=emb.device)
+    xs = torch.linspace(-1, 1, w, device=emb.device) if w > 1 else torch.zeros(1, device=emb.device)
+    pos = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).reshape(2, h * w) * position_weight
+    x = torch.cat([emb.detach().reshape(b, d, h * w), pos.expand(b, 2, h * w).to(emb.dtype)], 1)
+    x = F.normalize(x, dim=1).transpose(1, 2)  # (B, N, D+2)
+    assign = grid_cells(h, w, grid, emb.device).expand(b, h * w)
+    for _ in range(iterations + 1):
+        one_hot = F.one_hot(assign, g).to(x.dtype)  # (B, N, G)
+        sums = one_hot.transpose(1, 2) @ x  # (B, G, D+2)
+        empty = one_hot.sum(1) == 0  # (B, G)
+        sims = x @ F.normalize(sums, dim=2).transpose(1, 2)  # (B, N, G)
+        sims = sims.masked_fill(empty[:, None, :], float("-inf"))
+        new = sims.argmax(2)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return assign.reshape(b, h, w)
+
+
+def batch_segment_ids(*maps: Tensor) -> tuple[Tensor, Tensor]:
+    """Intersect per-image id maps and number the pieces consecutively across the batch.
+
+    maps: integer tensors (B, h, w) (e.g. pixel-sorting clusters and pseudo segments); a
+    segment is a set of locations of one image with equal ids in every map.
+    Returns (ids (B, h, w) int64 in [0, S), image index of each segment (S,) int64)."""
+    b = maps[0].shape[0]
+    key = torch.arange(b, device=maps[0].device).view(b, 1, 1).expand_as(maps[0]).to(torch.int64)
+    for m in maps:
+        m = m.to(torch.int64)
+        key = key * (int(m.max()) + 1 if m.numel() else 1) + m
+    uniq, ids = torch.unique(key, return_inverse=True)
+    # the image is the most significant digit; recover it by re-keying the first location of each segment
+    first = torch.full((len(uniq),), key.numel(), dtype=torch.int64, device=key.device)
+    first.scatter_reduce_(0, ids.reshape(-1), torch.arange(key.numel(), device=key.device), reduce="amin")
+    image = first // (key[0].numel())
+    return ids.reshape(maps[0].shape), image
+
+
+def segment_prototypes(emb: Tensor, ids: Tensor, n_segments: int) -> tuple[Tensor, Tensor]:
+    """Normalised mean embedding of each segment.
+
+    emb: (N, D) pixel embeddings; ids: (N,) segment of each pixel in [0, n_segments).
+    Returns (prototypes (S, D) L2-normalised, pixel counts (S,)). Differentiable in ``emb``."""
+    sums = torch.zeros(n_segments, emb.shape[1], dtype=emb.dtype, device=emb.device).index_add_(0, ids, emb)
+    counts = torch.bincount(ids, minlength=n_segments)
+    return F.normalize(sums, dim=1), counts
+
+
+def flat_pixels(emb: Tensor) -> Tensor:
+    """(B, D, h, w) -> (B*h*w, D) in the order of ``ids.reshape(-1)`` for ids (B, h, w)."""
+    return emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
