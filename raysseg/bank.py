@@ -2,7 +2,9 @@
 
 State is a set of named, versioned tables (for HP: ``pool`` = backbone features of M
 patches, one per image, and ``sp`` = EMA-head codes of those patches; for PiCIE/PGG:
-``centroids`` of each epoch and the fixed ``pgg_labels``). Each worker
+``centroids`` of each epoch and the fixed ``pgg_labels``; for SegSort and visual concepts:
+``memory``, the segment prototypes of the last B global batches, and the concept
+dictionary ``concepts`` with its ``cooccurrence`` counts, one version per step). Each worker
 contributes its slice of a new version with :meth:`put_part`; the version is published
 only when every worker has contributed, assembled in index order, so the result does
 not depend on which worker was fastest. :meth:`get` blocks until a version is
@@ -10,15 +12,23 @@ published. Every worker therefore uses identical tables at a given step.
 
 A worker asks for version v only after it has contributed to v, and v+1 cannot be
 published before every worker has contributed to it, so a worker never skips a version.
-The bank keeps an audit trail of what each rank read (version and checksum); the
-driver logs it to MLflow and the tests compare it across workers.
+The bank keeps an audit trail of what each rank read (version and checksum; the last
+``TRACE_LENGTH`` reads); the driver logs it to MLflow and the tests compare it across workers.
+
+The concept dictionary is owned by the bank: workers send their per-step assignment
+statistics (:meth:`update_concepts`), and once every rank has contributed to a step the
+bank applies one EMA update (:func:`raysseg.methods.segsort_core.update_dictionary`) and
+publishes the result. No worker holds a private copy that could drift.
 """
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 import numpy as np
 import ray
+
+TRACE_LENGTH = 100_000
 
 
 def checksum(values: np.ndarray) -> float:
@@ -42,8 +52,11 @@ class ConceptBank:
         self.world_size = world_size
         self.tables: dict[str, tuple[int, np.ndarray]] = {}
         self.pending: dict[tuple[str, int], dict[int, tuple[np.ndarray, np.ndarray]]] = {}
-        self.trace: list[dict] = []
+        self.trace: deque[dict] = deque(maxlen=TRACE_LENGTH)
         self.handoff: dict[str, dict[int, object]] = {}
+        self.rings: dict[str, list[np.ndarray]] = {}  # the batches behind each ring table (see append)
+        self.dictionary: dict[str, np.ndarray] | None = None  # EMA state of the concept dictionary
+        self.dictionary_seed = 0
         self.changed = asyncio.Condition()
 
     async def put_part(self, name: str, version: int, rank: int, index: np.ndarray, values: np.ndarray) -> None:
@@ -62,6 +75,11 @@ class ConceptBank:
             async with self.changed:
                 self.changed.notify_all()
 
+    async def _publish(self, name: str, version: int, values: np.ndarray) -> None:
+        self.tables[name] = (version, values)
+        async with self.changed:
+            self.changed.notify_all()
+
     async def get(self, name: str, version: int, rank: int = -1) -> tuple[int, np.ndarray]:
         """Wait for version >= ``version`` of ``name``; returns (version, table)."""
         async with self.changed:
@@ -70,12 +88,55 @@ class ConceptBank:
         self.trace.append({"rank": rank, "table": name, "version": v, "checksum": checksum(values)})
         return v, values
 
+    async def get_many(self, names: list[str], version: int, rank: int = -1) -> dict[str, tuple[int, np.ndarray]]:
+        """:meth:`get` of several tables in one round trip."""
+        return {name: await self.get(name, version, rank) for name in names}
+
+    async def append(self, name: str, version: int, rank: int, values: np.ndarray, keep: int) -> None:
+        """Ring table: once every rank has contributed its rows to ``version``, the batch (rows in rank
+        order) joins the ring, the oldest batches beyond ``keep`` leave it, and the table published as
+        ``version`` is the ring's rows (oldest first). SegSort's memory bank of the last B batches."""
+        if version <= self.tables.get(name, (0, None))[0]:
+            return
+        parts = self.pending.setdefault((name, version), {})
+        parts[rank] = (np.zeros(0), np.asarray(values))
+        if len(parts) < self.world_size:
+            return
+        batch = np.concatenate([parts[r][1] for r in sorted(parts)])
+        del self.pending[(name, version)]
+        ring = (self.rings.get(name, []) + [batch])[-keep:] if keep > 0 else []
+        self.rings[name] = ring
+        await self._publish(name, version, np.concatenate(ring) if ring else batch[:0])
+
+    async def init_concepts(self, state: dict[str, np.ndarray], seed: int) -> None:
+        """Publish version 1 of the dictionary (``concepts``, ``cooccurrence``) unless it exists."""
+        if self.dictionary is not None:
+            return
+        self.dictionary, self.dictionary_seed = state, seed
+        await self._publish("cooccurrence", 1, state["cooccurrence"])
+        await self._publish("concepts", 1, state["concepts"])
+
+    async def update_concepts(self, version: int, rank: int, stats: dict[str, np.ndarray], decay: float) -> None:
+        """Contribute one rank's :func:`~raysseg.methods.segsort_core.concept_statistics` to
+        ``version``; the last contribution triggers the EMA update and publishes ``version``."""
+        from raysseg.methods.segsort_core import update_dictionary
+
+        if version <= self.tables.get("concepts", (0, None))[0]:
+            return
+        parts = self.handoff.setdefault(f"concepts-{version}", {})
+        parts[rank] = stats
+        if len(parts) < self.world_size:
+            return
+        del self.handoff[f"concepts-{version}"]
+        rng = np.random.default_rng([self.dictionary_seed, version])
+        self.dictionary = update_dictionary(self.dictionary, [parts[r] for r in sorted(parts)], decay, rng)
+        await self._publish("cooccurrence", version, self.dictionary["cooccurrence"])
+        await self._publish("concepts", version, self.dictionary["concepts"])
+
     async def publish(self, name: str, version: int, values: np.ndarray) -> None:
         """A table with one writer (e.g. centroids computed by rank 0): publish it whole."""
         if version > self.tables.get(name, (0, None))[0]:
-            self.tables[name] = (version, np.asarray(values))
-            async with self.changed:
-                self.changed.notify_all()
+            await self._publish(name, version, np.asarray(values))
 
     async def share(self, key: str, rank: int, obj) -> None:
         """Hand a small object (e.g. object refs of feature blocks) to whoever calls :meth:`collect`."""
@@ -98,10 +159,14 @@ class ConceptBank:
 
     def state(self) -> dict:
         """Everything needed to restore the bank (goes into each checkpoint)."""
-        return {"tables": {k: (v, t.copy()) for k, (v, t) in self.tables.items()}}
+        return {"tables": {k: (v, t.copy()) for k, (v, t) in self.tables.items()},
+                "rings": {k: [b.copy() for b in ring] for k, ring in self.rings.items()},
+                "dictionary": self.dictionary, "dictionary_seed": self.dictionary_seed}
 
     async def restore(self, state: dict) -> None:
         self.tables = {k: (int(v), np.asarray(t)) for k, (v, t) in state.get("tables", {}).items()}
+        self.rings = {k: list(ring) for k, ring in state.get("rings", {}).items()}
+        self.dictionary, self.dictionary_seed = state.get("dictionary"), state.get("dictionary_seed", 0)
         self.pending.clear()
         async with self.changed:
             self.changed.notify_all()

@@ -55,6 +55,13 @@ def cmd_predict(args) -> None:
     predict(args.checkpoint, args.images, args.out)
 
 
+def cmd_concepts(args) -> None:
+    from raysseg.browse import browse
+
+    browse(args.checkpoint, split=args.split, limit=args.limit, out=args.out, queries=args.query or (),
+           n_concepts=args.n_concepts, rebuild=args.rebuild)
+
+
 def cmd_data_synth(args) -> None:
     from raysseg.data import synth_dataset
 
@@ -134,6 +141,18 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_predict)
 
+    sp = sub.add_parser("concepts", help="browse a split by concepts: gallery, t-SNE, relation queries")
+    sp.add_argument("--checkpoint", required=True, help="model.pt, its folder, s3://... or runs:/<id>/checkpoint")
+    sp.add_argument("--split", help="folder or s3:// prefix with images/ (default: the config's train)")
+    sp.add_argument("--limit", type=int, help="index only the first N images")
+    sp.add_argument("--out", default="outputs/concepts", help="index, pictures and JSON (an index there is reused)")
+    sp.add_argument("--n-concepts", type=int, default=64,
+                    help="k-means concepts for checkpoints without a learned dictionary")
+    sp.add_argument("--query", action="append", metavar='"A REL B"',
+                    help='e.g. "3 left-of 7"; relations: left-of, right-of, above, below, next-to, with (repeatable)')
+    sp.add_argument("--rebuild", action="store_true", help="index again even if --out holds an index for this checkpoint")
+    sp.set_defaults(fn=cmd_concepts)
+
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     sp = data.add_parser("synth", help="generate the labelled procedural dataset")
     sp.add_argument("out")
@@ -174,6 +193,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     from raysseg.backbones import BackboneError
+    from raysseg.browse import BrowseError
     from raysseg.config import ConfigError
     from raysseg.data import DatasetError
     from raysseg.storage import StorageError
@@ -184,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         args.fn(args)
     except ConfigError as e:
         sys.exit(_fail(f"config error: {e}"))
-    except (StorageError, BackboneError, DatasetError, RunFailed) as e:
+    except (StorageError, BackboneError, DatasetError, RunFailed, BrowseError) as e:
         sys.exit(_fail(f"error: {e}"))
     except KeyboardInterrupt:
         sys.exit(_fail("interrupted; run the same command again to resume"))

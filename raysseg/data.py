@@ -253,19 +253,24 @@ def _load_row(
 
 def _decode_batch(
     batch: dict, *, settings: storage.S3Settings | None, image_size: int, train: bool, with_labels: bool,
-    crop_scale: tuple[float, float], hflip: bool, seed: int,
+    crop_scale: tuple[float, float], hflip: bool, seed: int, segments: dict | None = None,
 ) -> dict:
     """Ray Data map_batches function: file URIs -> decoded rows (invalid rows zeroed, not raised)."""
     paths = [str(p) for p in batch["path"]]
     n, s = len(paths), image_size
     images = np.zeros((n, s, s, 3), np.uint8)
     labels = np.zeros((n, s, s), np.int64)
+    pseudo = np.zeros((n, s, s), np.int32) if segments is not None else None
     valid = np.ones(n, bool)
     errors = [""] * n
     for i, path in enumerate(paths):
         label_path = str(batch["label_path"][i]) if with_labels else None
         try:
             image, label = _load_row(path, label_path, settings, image_size, train, crop_scale, hflip, seed)
+            if pseudo is not None:
+                from raysseg.segments import oversegment
+
+                pseudo[i] = oversegment(image, **segments)
         except storage.StorageError:
             raise  # storage outages and bad credentials must fail loudly, not look like bad images
         except Exception as exc:  # noqa: BLE001 - any decode failure marks the row invalid
@@ -278,13 +283,15 @@ def _decode_batch(
     out = {"image": images, "path": np.array(paths, dtype=object), "valid": valid, "error": np.array(errors, dtype=object)}
     if with_labels:
         out["label"] = labels
+    if pseudo is not None:
+        out["segments"] = pseudo
     return out
 
 
 def make_dataset(
     split_uri: str, *, image_size: int, train: bool, with_labels: bool, crop_scale: tuple[float, float] = (0.5, 1.0),
     hflip: bool = True, seed: int | None = 0, limit: int | None = None, files: list[str] | None = None,
-    shuffle: bool = False,
+    shuffle: bool = False, segments: dict | None = None,
 ) -> "ray.data.Dataset":
     """A Ray Dataset of decoded, cropped rows from a split folder/prefix.
 
@@ -295,6 +302,8 @@ def make_dataset(
     ``limit`` keeps the first ``limit`` images in sorted order; ``files`` keeps only those image URIs.
     ``seed=None`` draws fresh crops each time a row is read, i.e. every epoch.
     ``shuffle`` visits the images in a fresh random order every epoch (the file list is shuffled, not pixels).
+    ``segments`` (keyword arguments of :func:`raysseg.segments.oversegment`) adds a ``segments`` column:
+    the pseudo segments of each decoded image (int32 S x S), computed on the fly in the read.
     """
     import ray.data
 
@@ -314,7 +323,7 @@ def make_dataset(
     settings = storage.s3_settings() if storage.is_s3(split_uri) else None  # ship the driver's S3 settings
     fn = functools.partial(
         _decode_batch, settings=settings, image_size=image_size, train=train, with_labels=with_labels,
-        crop_scale=tuple(crop_scale), hflip=hflip, seed=seed,
+        crop_scale=tuple(crop_scale), hflip=hflip, seed=seed, segments=segments,
     )
     ds = ray.data.from_items(items)
     if shuffle:

@@ -1,12 +1,18 @@
 """Evaluation shared by every method (``raysseg evaluate``).
 
-1. Linear probe: codes at sampled labelled pixels of the *training* split (Ray Data
-   actor pool), then a 1x1 linear layer fitted on the driver.
+1. One pass over the labelled *training* split (Ray Data actor pool) serves both:
+   - the linear probe: codes at sampled labelled pixels, then a 1x1 linear layer fitted on
+     the driver;
+   - the retrieval index (SegSort / visual concepts): each image is cut into k-means segments
+     (pixel sorting of its codes), each segment's prototype (normalised mean code) is kept with
+     the majority label of its pixels.
 2. Scoring: the evaluation split streams through a pool of scoring actors; each batch
-   returns confusion matrices for clusters, clusters + CRF, probe and probe + CRF.
+   returns confusion matrices for clusters, probe and retrieval (each with and without CRF).
+   Retrieval: the segments of each image vote with the labels of their k nearest training
+   prototypes; the class fractions become a per-location probability map.
 3. The driver sums them into one matrix per variant over the whole split, matches
-   clusters to classes (Hungarian), and writes a JSON report, a table, pictures and
-   MLflow metrics into the training run.
+   clusters to classes (Hungarian; probe and retrieval are scored directly), and writes a
+   JSON report, a table, pictures and MLflow metrics into the training run.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("clusters", "clusters_crf", "probe", "probe_crf")
+VARIANTS = ("clusters", "clusters_crf", "probe", "probe_crf", "retrieval", "retrieval_crf")
 
 
 def _segmenter(ref):
@@ -46,39 +52,81 @@ def codes_at(codes: torch.Tensor, ys: np.ndarray, xs: np.ndarray, size: tuple[in
     return sampled[0, :, 0].T
 
 
-class ProbeSampler:
-    """Actor: codes (upsampled to pixels) and labels at random labelled pixels of each image."""
+def image_segments(codes: torch.Tensor, grid: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k-means segments of each image (pixel sorting) and their prototypes.
 
-    def __init__(self, ckpt_ref, per_image: int, seed: int):
+    codes: (B, D, h, w) L2-normalised. Returns (segment ids (B, h, w) int64 numbered across the
+    batch in [0, S), image of each segment (S,) int64, prototypes (S, D) L2-normalised mean codes)."""
+    from raysseg.segments import batch_segment_ids, flat_pixels, pixel_sort, segment_prototypes
+
+    ids, image = batch_segment_ids(pixel_sort(codes, grid, iterations))
+    protos, _ = segment_prototypes(flat_pixels(codes), ids.reshape(-1), len(image))
+    return ids, image, protos
+
+
+def _rows(code_dim: int, parts: list[tuple[np.ndarray, np.ndarray, bool, np.ndarray]]) -> dict:
+    """TrainSampler output: one row per probe pixel or prototype (vectors of one width, so that
+    Ray Data can re-batch them). parts: (vectors (n, D), labels (n,), is_prototype, image_start (n,))."""
+    if not parts:
+        return {"vector": np.zeros((0, code_dim), np.float32), "label": np.zeros(0, np.int64),
+                "prototype": np.zeros(0, bool), "image_start": np.zeros(0, bool)}
+    return {"vector": np.concatenate([p[0] for p in parts]).astype(np.float32),
+            "label": np.concatenate([p[1] for p in parts]).astype(np.int64),
+            "prototype": np.concatenate([np.full(len(p[1]), p[2]) for p in parts]),
+            "image_start": np.concatenate([p[3] for p in parts])}
+
+
+class TrainSampler:
+    """Actor over the training split, serving the linear probe and the retrieval index.
+
+    Probe (``per_image`` > 0): codes (upsampled to pixels) and labels at random labelled pixels of
+    each image. Retrieval: the prototype and majority label of each k-means segment with at least
+    one labelled pixel; ``image_start`` marks the first prototype of each image."""
+
+    def __init__(self, ckpt_ref, per_image: int, retrieval: bool, seed: int):
         self.seg, self.cfg = _segmenter(ckpt_ref)
-        self.per_image = per_image
+        self.per_image, self.retrieval = per_image, retrieval
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, batch: dict) -> dict:
         from raysseg.data import valid_rows
+        from raysseg.metrics import segment_majority_labels
 
+        cfg = self.cfg
         batch, _ = valid_rows(batch)
         if len(batch["image"]) == 0:
-            return {"codes": np.zeros((0, self.seg.code_dim), np.float32), "labels": np.zeros(0, np.int64)}
+            return _rows(self.seg.code_dim, [])
         images = torch.from_numpy(batch["image"])
         codes = self.seg.codes(images)
-        out_codes, out_labels = [], []
-        for b, label in enumerate(batch["label"]):
-            ys, xs = np.nonzero((label != self.cfg.data.ignore_index) & (label < self.cfg.data.n_classes))
-            if len(ys) == 0:
-                continue
-            pick = self.rng.choice(len(ys), min(self.per_image, len(ys)), replace=False)
-            out_codes.append(codes_at(codes[b], ys[pick], xs[pick], label.shape).numpy())
-            out_labels.append(label[ys[pick], xs[pick]])
-        if not out_codes:
-            return {"codes": np.zeros((0, self.seg.code_dim), np.float32), "labels": np.zeros(0, np.int64)}
-        return {"codes": np.concatenate(out_codes).astype(np.float32), "labels": np.concatenate(out_labels)}
+        parts = []
+        if self.per_image > 0:
+            for b, label in enumerate(batch["label"]):
+                ys, xs = np.nonzero((label != cfg.data.ignore_index) & (label < cfg.data.n_classes))
+                if len(ys) == 0:
+                    continue
+                pick = self.rng.choice(len(ys), min(self.per_image, len(ys)), replace=False)
+                parts.append((codes_at(codes[b], ys[pick], xs[pick], label.shape).numpy(), label[ys[pick], xs[pick]],
+                              False, np.zeros(len(pick), bool)))
+        if self.retrieval:
+            ids, image, protos = image_segments(codes, cfg.segments.grid, cfg.segments.iterations)
+            majority = segment_majority_labels(ids.numpy(), np.asarray(batch["label"]), len(protos),
+                                               cfg.data.n_classes, cfg.data.ignore_index)
+            keep = majority >= 0
+            start = np.zeros(int(keep.sum()), bool)
+            start[np.unique(image.numpy()[keep], return_index=True)[1]] = True  # first prototype of each image
+            parts.append((protos.numpy()[keep], majority[keep], True, start))
+        return _rows(self.seg.code_dim, parts)
 
 
 class Scorer:
     """Actor: per-batch confusion matrices of every variant, plus pictures of chosen images."""
 
-    def __init__(self, ckpt_ref, probe_state: dict | None, crf: bool, picture_paths: list[str]):
+    def __init__(self, ckpt_ref, probe_state: dict | None, crf: bool, picture_paths: list[str],
+                 index_ref: list | None = None):
+        """index_ref: None (no retrieval) or ``[ObjectRef]`` of ``{"keys": (P, D) float32 unit,
+        "labels": (P,) int64}``, nested in a list so that Ray hands the actor the reference."""
+        import warnings
+
         from raysseg.metrics import LinearProbe
 
         self.seg, self.cfg = _segmenter(ckpt_ref)
@@ -88,11 +136,17 @@ class Scorer:
             self.probe.load_state_dict(probe_state)
             self.probe.eval()
         self.crf, self.picture_paths = crf, set(picture_paths)
+        self.index = None
+        if index_ref is not None:
+            index = ray.get(index_ref[0])
+            with warnings.catch_warnings():  # zero-copy views of the object store are read-only; never written
+                warnings.simplefilter("ignore", UserWarning)
+                self.index = (torch.from_numpy(index["keys"]), torch.from_numpy(index["labels"]))
 
     def __call__(self, batch: dict) -> dict:
         from raysseg.crf import dense_crf
         from raysseg.data import valid_rows
-        from raysseg.metrics import cluster_probs, confusion_matrix
+        from raysseg.metrics import cluster_probs, confusion_matrix, knn_vote
 
         cfg = self.cfg
         k, n = cfg.n_clusters, cfg.data.n_classes
@@ -107,6 +161,10 @@ class Scorer:
                 low = {"clusters": cluster_probs(codes, self.seg.centroids)}
                 if self.probe is not None:
                     low["probe"] = torch.softmax(self.probe.predict_logits(codes), 1)
+                if self.index is not None:  # class fractions of each segment's k nearest training prototypes
+                    ids, _, protos = image_segments(codes, cfg.segments.grid, cfg.segments.iterations)
+                    votes = knn_vote(protos, *self.index, k=cfg.eval.retrieval_k, n_classes=n)  # (S, n)
+                    low["retrieval"] = votes[ids].permute(0, 3, 1, 2)  # (B, n, h, w)
                 probs = {name: F.interpolate(p, size=size, mode="bilinear", align_corners=False).numpy()
                          for name, p in low.items()}
             for b in range(len(images)):
@@ -143,8 +201,11 @@ def _table(report: dict) -> str:
 
 
 def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None, probe: bool | None = None,
-             out: str | None = None, log_to_mlflow: bool = True) -> dict:
-    """Score a checkpoint on ``split`` (default: the config's ``data.val``). Returns the report."""
+             out: str | None = None, log_to_mlflow: bool = True, retrieval: bool | None = None) -> dict:
+    """Score a checkpoint on ``split`` (default: the config's ``data.val``). Returns the report.
+
+    ``crf``, ``probe`` and ``retrieval`` (k-means segments + kNN vote of training prototypes):
+    None = the checkpoint config's ``eval.*``."""
     from raysseg import tracking
     from raysseg.config import config_from_dict
     from raysseg.data import make_dataset, list_split
@@ -158,36 +219,65 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     split = split or cfg.data.val
     crf = cfg.eval.crf if crf is None else crf
     probe = cfg.eval.probe if probe is None else probe
+    retrieval = cfg.eval.retrieval if retrieval is None else retrieval
     list_split(split, with_labels=True)  # a clear error before Ray starts
     init_ray(cfg.eval.workers)
     t0 = time.time()
     ref = [ray.put(ckpt)]
     workers = cfg.eval.workers
 
-    probe_state = None
-    if probe:
-        print(f"[evaluate] linear probe: sampling labelled pixels of {cfg.data.train}", flush=True)
+    probe_state, index_ref, index_info = None, None, None
+    if probe or retrieval:  # one pass over the training split serves both
+        uses = " and ".join(u for u, on in (("linear probe", probe), ("retrieval index", retrieval)) if on)
+        print(f"[evaluate] {uses}: reading the labelled training split {cfg.data.train}", flush=True)
         train_ds = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=False, with_labels=True,
                                 limit=cfg.data.limit or None)
-        sampled = train_ds.map_batches(ProbeSampler, fn_constructor_kwargs={"ckpt_ref": ref,
-                                       "per_image": cfg.eval.probe_pixels_per_image, "seed": cfg.train.seed},
+        per_image = cfg.eval.probe_pixels_per_image if probe else 0
+        sampled = train_ds.map_batches(TrainSampler, fn_constructor_kwargs={"ckpt_ref": ref, "per_image": per_image,
+                                       "retrieval": retrieval, "seed": cfg.train.seed},
                                        batch_size=cfg.eval.batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
                                        batch_format="numpy")
-        codes, labels = [], []
+        parts = {True: ([], []), False: ([], [])}  # prototype? -> (vectors, labels)
+        n_train_images = 0
         for b in sampled.iter_batches(batch_size=None, batch_format="numpy"):
-            codes.append(b["codes"])
-            labels.append(b["labels"])
-        x, y = torch.from_numpy(np.concatenate(codes)), torch.from_numpy(np.concatenate(labels)).long()
-        print(f"[evaluate] fitting the probe on {len(y)} pixels", flush=True)
-        model = fit_linear_probe(x, y, cfg.data.n_classes, cfg.data.ignore_index, epochs=cfg.eval.probe_epochs,
-                                 seed=cfg.train.seed)
-        probe_state = model.state_dict()
+            if len(b["label"]) == 0:
+                continue
+            for is_proto in (True, False):
+                rows = b["prototype"] == is_proto
+                parts[is_proto][0].append(b["vector"][rows])
+                parts[is_proto][1].append(b["label"][rows])
+            n_train_images += int(b["image_start"].sum())
+
+        def stacked(is_proto: bool) -> tuple[np.ndarray, np.ndarray]:
+            vecs, labels = parts[is_proto]
+            if not vecs:
+                return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+            return np.concatenate(vecs).astype(np.float32), np.concatenate(labels).astype(np.int64)
+
+        if probe:
+            x, y = stacked(False)
+            print(f"[evaluate] fitting the probe on {len(y)} pixels", flush=True)
+            model = fit_linear_probe(torch.from_numpy(x), torch.from_numpy(y).long(), cfg.data.n_classes,
+                                     cfg.data.ignore_index, epochs=cfg.eval.probe_epochs, seed=cfg.train.seed)
+            probe_state = model.state_dict()
+        if retrieval:
+            keys, key_labels = stacked(True)
+            print(f"[evaluate] retrieval index: {len(key_labels):,} labelled prototypes from {n_train_images:,} "
+                  f"images (k = {cfg.eval.retrieval_k})", flush=True)
+            if len(key_labels) == 0:
+                print("warning: no labelled training prototype; retrieval is left out", flush=True)
+                retrieval = False
+            else:
+                index_ref = [ray.put({"keys": keys, "labels": key_labels})]
+                index_info = {"prototypes": len(key_labels), "images": n_train_images, "k": cfg.eval.retrieval_k}
+            del keys, key_labels  # the object store holds the index now
+        del parts
 
     files = list_split(split, with_labels=True).images
     picture_paths = files[: cfg.eval.overlays]
     ds = make_dataset(split, image_size=cfg.data.image_size, train=False, with_labels=True)
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"ckpt_ref": ref, "probe_state": probe_state, "crf": crf,
-                                                          "picture_paths": picture_paths},
+                                                          "picture_paths": picture_paths, "index_ref": index_ref},
                             batch_size=cfg.eval.batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
                                        batch_format="numpy")
     totals: dict[str, np.ndarray] = {}
@@ -204,7 +294,8 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
 
     scores = {}
     for v in VARIANTS:
-        if v.startswith("probe") and not probe or v.endswith("_crf") and not crf:
+        if (v.startswith("probe") and not probe or v.startswith("retrieval") and not retrieval
+                or v.endswith("_crf") and not crf):
             continue
         s = hungarian_scores(totals[v]) if v.startswith("clusters") else direct_scores(totals[v])
         scores[v] = s.to_dict()
@@ -213,6 +304,7 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
         "checkpoint": checkpoint, "split": split, "method": cfg.method, "n_images": n_images,
         "skipped_files": len(skipped), "skipped": skipped, "class_names": names, "scores": scores,
         "confusion": {v: totals[v].tolist() for v in scores},  # rows: predicted id, columns: class
+        "retrieval_index": index_info,  # {"prototypes", "images", "k"}, or None without retrieval
         "seconds": round(time.time() - t0, 1),
     }
     print(_table(report))

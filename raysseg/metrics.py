@@ -252,3 +252,94 @@ def cluster_probs(codes: torch.Tensor, centroids: torch.Tensor, temperature: flo
         "bchw,kc->bkhw", F.normalize(codes, dim=1), F.normalize(centroids.to(codes.dtype), dim=1)
     )
     return torch.softmax(cos / temperature, dim=1)
+
+
+# --------------------------------------------------------------------------- retrieval (k-means segments + kNN vote)
+
+
+def upsample_nearest(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resampling of an id map (..., h, w) -> (..., H, W) by pixel centres:
+    output pixel (y, x) reads input (floor((y + 0.5) h / H), floor((x + 0.5) w / W)).
+    Exact integer arithmetic; equal to ``F.interpolate(mode="nearest-exact")``."""
+    ids = np.asarray(ids)
+    h, w = ids.shape[-2:]
+    big_h, big_w = size
+    rows = ((2 * np.arange(big_h) + 1) * h) // (2 * big_h)
+    cols = ((2 * np.arange(big_w) + 1) * w) // (2 * big_w)
+    return ids[..., rows[:, None], cols[None, :]]
+
+
+def segment_majority_labels(
+    segment_ids, label, n_segments: int, n_classes: int, ignore_index: int
+) -> np.ndarray:
+    """Majority class of the labelled pixels of each segment.
+
+    segment_ids: integer (h, w) in [0, n_segments), at feature resolution or already at the
+    label's resolution; label: integer (H, W). Both may carry the same leading batch dims,
+    e.g. (B, h, w) and (B, H, W) with ids numbered across the batch (``batch_segment_ids``).
+    The id map is brought to (H, W) with :func:`upsample_nearest` (pixel centres) before counting.
+    Pixels whose label equals ``ignore_index`` or lies outside [0, n_classes) never count.
+    Returns int64 (n_segments,): the most frequent class (ties: the lowest class), or -1 where
+    a segment has no valid labelled pixel.
+    """
+    ids = np.asarray(segment_ids)
+    label = np.asarray(label)
+    if ids.ndim < 2 or ids.shape[:-2] != label.shape[:-2] or label.ndim != ids.ndim:
+        raise EvalInputError(
+            f"segment_majority_labels: segment_ids {ids.shape} and label {label.shape} must both be (..., h, w) "
+            "with the same leading dims"
+        )
+    if ids.shape[-2:] != label.shape[-2:]:
+        ids = upsample_nearest(ids, label.shape[-2:])
+    ids = ids.reshape(-1).astype(np.int64)
+    target = label.reshape(-1).astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= n_segments):
+        raise EvalInputError(f"segment_majority_labels: ids span [{ids.min()}, {ids.max()}] outside [0, {n_segments})")
+    keep = (target != ignore_index) & (target >= 0) & (target < n_classes)
+    counts = np.bincount(ids[keep] * n_classes + target[keep], minlength=n_segments * n_classes)
+    counts = counts.reshape(n_segments, n_classes)
+    majority = counts.argmax(1).astype(np.int64)
+    majority[counts.sum(1) == 0] = -1
+    return majority
+
+
+def knn_vote(
+    query, keys, key_labels, k: int, n_classes: int, max_elements: int = 1 << 24
+) -> torch.Tensor:
+    """k-nearest-neighbour class vote by cosine similarity.
+
+    query: (Q, D) unit vectors; keys: (P, D) unit vectors; key_labels: (P,) ints in [0, n_classes).
+    Returns float32 (Q, n_classes): for each query, the fraction of its k nearest keys (largest
+    dot product) in each class; rows sum to 1. k is capped at P; P must be > 0.
+
+    Exact brute force: queries go in chunks of about ``max_elements / P`` rows (at least one), so
+    the similarity block in memory is chunk x P (64 MiB by default), one matmul + topk per chunk.
+    That is fine for the ~1e5-1e6 prototypes of a training split (cost Q x P x D multiply-adds);
+    far larger indexes would want an approximate index (faiss) instead.
+    """
+    query = torch.as_tensor(query).float()
+    keys = torch.as_tensor(keys).float()
+    key_labels = torch.as_tensor(key_labels).long()
+    if query.ndim != 2 or keys.ndim != 2 or query.shape[1] != keys.shape[1] or key_labels.shape != keys.shape[:1]:
+        raise EvalInputError(
+            f"knn_vote: need query (Q, D), keys (P, D) and key_labels (P,), got {tuple(query.shape)}, "
+            f"{tuple(keys.shape)} and {tuple(key_labels.shape)}"
+        )
+    if keys.shape[0] == 0:
+        raise EvalInputError("knn_vote: the index has no keys (no labelled prototype to vote)")
+    if k < 1:
+        raise EvalInputError(f"knn_vote: k must be >= 1, got {k}")
+    if key_labels.min() < 0 or key_labels.max() >= n_classes:
+        raise EvalInputError(
+            f"knn_vote: key labels span [{int(key_labels.min())}, {int(key_labels.max())}] outside [0, {n_classes})"
+        )
+    n_keys = keys.shape[0]
+    k = min(k, n_keys)
+    chunk = max(1, max_elements // n_keys)
+    out = torch.zeros(query.shape[0], n_classes)
+    for start in range(0, query.shape[0], chunk):
+        sims = query[start : start + chunk] @ keys.T  # (chunk, P)
+        nearest = sims.topk(k, dim=1).indices  # (chunk, k)
+        votes = out[start : start + chunk]
+        votes.scatter_add_(1, key_labels[nearest], torch.ones(nearest.shape))
+    return out / k

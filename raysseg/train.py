@@ -123,6 +123,7 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
     from raysseg import tracking
     from raysseg.bank import ConceptBank
     from raysseg.data import list_split, make_dataset
+    from raysseg.segments import oversegment_kwargs
     from raysseg.storage import remove_tree
 
     n_images = check_inputs(cfg)
@@ -162,9 +163,11 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
                                          seed=None, limit=cfg.data.limit or None)
     files = list_split(cfg.data.train, with_labels=False).images
     files = files[: cfg.data.limit] if cfg.data.limit else files
-    if cfg.method in ("picie", "pgg"):  # whole images: the worker crops (PiCIE's equivariance needs the box)
+    if cfg.method in ("picie", "pgg", "segsort", "concepts"):  # whole images: the worker crops and augments
+        pseudo = oversegment_kwargs(cfg.segments) if cfg.method in ("segsort", "concepts") else None
         datasets["train"] = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=False,
-                                         with_labels=False, limit=cfg.data.limit or None, shuffle=True)
+                                         with_labels=False, limit=cfg.data.limit or None, shuffle=True,
+                                         segments=pseudo)
         loop_cfg["files"] = files
         bank = ConceptBank.options(name=f"bank-{run_name}-{run_id[:8]}").remote(world)
         loop_cfg["bank"] = bank
@@ -425,18 +428,19 @@ def worker_loop(loop_cfg: dict) -> None:
     run = {"run_id": loop_cfg["run_id"], "tracking_uri": loop_cfg["tracking_uri"]}
 
     method = None
+    total_steps = (loop_cfg["n_images"] // world) // cfg.train.batch_size * cfg.train.epochs
     if cfg.method == "hp":
         from raysseg.methods.hp import HPTrainer
 
-        steps_per_epoch = (loop_cfg["n_images"] // world) // cfg.train.batch_size
-        method = HPTrainer(cfg, seg, bank, rank, world, device, steps_per_epoch * cfg.train.epochs,
-                           loop_cfg["pool_plan"])
+        method = HPTrainer(cfg, seg, bank, rank, world, device, total_steps, loop_cfg["pool_plan"])
     elif cfg.method in ("picie", "pgg"):
         from raysseg.methods.picie import PiCIETrainer
 
-        steps_per_epoch = (loop_cfg["n_images"] // world) // cfg.train.batch_size
-        method = PiCIETrainer(cfg, seg, bank, rank, world, device, steps_per_epoch * cfg.train.epochs,
-                              loop_cfg["files"])
+        method = PiCIETrainer(cfg, seg, bank, rank, world, device, total_steps, loop_cfg["files"])
+    elif cfg.method in ("segsort", "concepts"):
+        from raysseg.methods.segsort import SegmentTrainer
+
+        method = SegmentTrainer(cfg, seg, bank, rank, world, device, total_steps)
 
     progress = {"epoch": 0, "step": 0, "clustered": False}
     checkpoint = ray.train.get_checkpoint()

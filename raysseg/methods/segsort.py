@@ -1,0 +1,202 @@
+"""SegSort and visual-concepts training on one Ray Train worker (the maths is in :mod:`segsort_core`).
+
+Each training row carries its image and its pseudo segments (oversegmentation computed in
+the Ray Data read). The worker crops and augments on the fly; segment maps follow the
+same boxes and flips with nearest sampling, straight to the embedding grid.
+
+Shared state goes through the concept bank, one version per global step ``t``:
+- ``memory``: the segment prototypes of the last ``segsort.memory_batches`` global batches
+  (a ring table: every rank appends its batch's prototypes to version t + 2 after step t;
+  all ranks read version t + 1 at step t, so all see the same memory);
+- ``concepts`` and ``cooccurrence`` (visual concepts only): the dictionary and its
+  co-occurrence counts, owned by the bank. After step t each rank sends the statistics
+  of its prototypes' assignments; the bank applies one EMA update when every rank has
+  sent, and publishes version t + 2.
+Reading version t + 1 at step t blocks until every rank has finished step t - 1, which
+DDP's gradient all-reduce already requires, so the wait is short.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from collections import defaultdict
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raysseg.config import Config
+from raysseg.data import crop_resize, photometric_augment, random_boxes
+from raysseg.methods import segsort_core as core
+from raysseg.segments import batch_segment_ids, flat_pixels, pixel_sort, segment_prototypes
+
+
+class _Net(nn.Module):
+    """The trained part as one module, so DistributedDataParallel sees every parameter in ``forward``."""
+
+    def __init__(self, seg):
+        super().__init__()
+        self.seg = seg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.seg.embed(x), dim=1)
+
+
+class SegmentTrainer:
+    def __init__(self, cfg: Config, seg, bank, rank: int, world: int, device, total_steps: int):
+        import ray.train.torch
+
+        self.cfg, self.seg, self.bank = cfg, seg, bank
+        self.rank, self.world, self.device = rank, world, device
+        self.total_steps = max(total_steps, 1)
+        self.concepts = cfg.method == "concepts"
+        self.tables = ["memory", "concepts", "cooccurrence"] if self.concepts else ["memory"]
+        self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
+        self.net = ray.train.torch.prepare_model(_Net(seg))
+        params = [p for p in seg.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.timers: dict[str, float] = defaultdict(float)
+        self.versions: dict[str, int] = {}
+        self.used: set[int] = set()  # concepts assigned to some segment this epoch
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the config's rate wins on resume
+            group["lr"] = self.cfg.train.lr
+        self.generator.set_state(state["generator"])
+
+    def setup(self, get_shard) -> None:
+        """Rank 0 publishes version 1 of the shared tables (an empty memory, a random dictionary)
+        unless they were restored from a checkpoint."""
+        if self.rank == 0:
+            dim = self.seg.code_dim
+            ray.get(self.bank.publish.remote("memory", 1, np.zeros((0, dim), np.float32)))
+            if self.concepts:
+                state = core.init_dictionary(self.cfg.concepts.n_concepts, dim, self.cfg.train.seed)
+                ray.get(self.bank.init_concepts.remote(state, self.cfg.train.seed))
+
+    def before_epoch(self, get_shard, epoch: int) -> None:
+        """Nothing: the shared tables change every step, inside the epoch."""
+
+    def _views(self, x: torch.Tensor, pseudo: torch.Tensor, grid: tuple[int, int]):
+        """A random crop + flip + photometric view of each image and its pseudo segments on ``grid``."""
+        g = self.generator
+        b = len(x)
+        boxes = random_boxes(b, g, scale=(self.cfg.data.crop_scale_min, 1.0))
+        flips = torch.rand(b, generator=g, device=g.device).cpu() < 0.5
+        view = crop_resize(photometric_augment(x, g), boxes, tuple(x.shape[-2:]), flips)
+        seg_ids = crop_resize(pseudo[:, None].float(), boxes, grid, flips, mode="nearest")[:, 0].long()
+        return view, seg_ids
+
+    def train_step(self, images: np.ndarray, pseudo: np.ndarray, step: int) -> dict[str, float]:
+        """One iteration on this worker's batch: uint8 images (B, S, S, 3), pseudo segments (B, S, S)."""
+        from raysseg.train import optimizer_step
+
+        cfg, ss = self.cfg, self.cfg.segsort
+        weight = 1.0
+        if len(images) == 0:  # keep DDP and the bank in step with the other workers; contributes nothing
+            size = cfg.data.image_size
+            images, pseudo, weight = np.zeros((1, size, size, 3), np.uint8), np.zeros((1, size, size), np.int32), 0.0
+        t0 = time.perf_counter()
+        version = step + 1
+        shared = ray.get(self.bank.get_many.remote(self.tables, version, self.rank))
+        self.versions = {name: v for name, (v, _) in shared.items()}
+        memory = torch.from_numpy(shared["memory"][1]).to(self.device)
+        t1 = time.perf_counter()
+
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+        pseudo_t = torch.from_numpy(np.asarray(pseudo, np.int64)).to(self.device)
+        b = len(x)
+        grid = (cfg.data.image_size // self.seg.stride,) * 2
+        n_views = 2 if self.concepts else 1
+        views, maps = zip(*(self._views(x, pseudo_t, grid) for _ in range(n_views)))
+        t2 = time.perf_counter()
+        emb = self.net(torch.cat(views))  # (V*B, D, h, w)
+        maps = torch.cat(maps)  # (V*B, h, w)
+        e = flat_pixels(emb)
+        if self.concepts:  # segments = pseudo segments per view; label = (image, pseudo segment) across views
+            ids, image = batch_segment_ids(maps)
+            image = image % b
+        else:  # segments = pixel-sorting clusters within pseudo segments; label = own segment
+            ids, image = batch_segment_ids(pixel_sort(emb, cfg.segments.grid, cfg.segments.iterations), maps)
+        t3 = time.perf_counter()
+        ids = ids.reshape(-1)
+        n_seg = int(ids.max()) + 1
+        protos, _ = segment_prototypes(e, ids, n_seg)
+        if self.concepts:
+            stride = int(maps.max()) + 1
+            pixel_label = (torch.arange(n_views * b, device=self.device) % b).repeat_interleave(grid[0] * grid[1])
+            pixel_label = pixel_label * stride + maps.reshape(-1)
+            proto_label = torch.zeros(n_seg, dtype=torch.long, device=self.device).scatter_(0, ids, pixel_label)
+        else:
+            pixel_label, proto_label = ids, torch.arange(n_seg, device=self.device)
+        all_protos = torch.cat([protos, memory])
+        all_labels = torch.cat([proto_label, torch.full((len(memory),), -1, dtype=torch.long, device=self.device)])
+        local = core.segment_sort_loss(e, pixel_label, all_protos, all_labels, ss.kappa)
+        stats = {"loss_local": local.item(), "segments_per_image": n_seg / (n_views * b),
+                 "memory_prototypes": float(len(memory))}
+        loss = local
+        concept_stats = None
+        if self.concepts:
+            c = self.cfg.concepts
+            dictionary = torch.from_numpy(shared["concepts"][1]).to(self.device)
+            cooc = torch.from_numpy(shared["cooccurrence"][1]).to(self.device)
+            index = core.quantize(protos.detach(), dictionary)
+            self.used.update(index.tolist())
+            vq, commitment = core.vq_loss(protos, dictionary, index, c.beta)
+            pixel_concept = index[ids]
+            pull = core.concept_pull_loss(e, pixel_concept, dictionary, ss.kappa)
+            memory_concept = core.quantize(memory, dictionary)
+            co = core.cooccurrence_loss(e, pixel_concept, all_protos, torch.cat([index, memory_concept]), cooc, ss.kappa)
+            loss = c.lambda_s * local + c.lambda_v * (vq + pull) + c.lambda_c * co
+            stats.update({"loss_vq": vq.item(), "vq_commitment": commitment.item(), "loss_concept_pull": pull.item(),
+                          "loss_cooccurrence": co.item(), "concepts_in_batch": float(index.unique().numel()),
+                          "dictionary_version": float(self.versions["concepts"])})
+            if weight > 0:
+                concept_stats = core.concept_statistics(protos.detach().cpu().numpy(), index.cpu().numpy(),
+                                                        image.cpu().numpy(), c.n_concepts)
+        t4 = time.perf_counter()
+        optimizer_step(loss, self.optimizer, step, "train.lr", cfg.train.lr, weight=weight, grad_clip=cfg.train.grad_clip)
+        t5 = time.perf_counter()
+
+        rows = protos.detach().cpu().numpy() if weight > 0 else np.zeros((0, protos.shape[1]), np.float32)
+        self.bank.append.remote("memory", version + 1, self.rank, rows, ss.memory_batches)
+        if self.concepts:
+            if concept_stats is None:
+                concept_stats = core.concept_statistics(rows, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                                        self.cfg.concepts.n_concepts)
+            self.bank.update_concepts.remote(version + 1, self.rank, concept_stats, self.cfg.concepts.decay)
+        stats["loss_total"] = loss.item()
+        stats["bank_version"] = float(self.versions["memory"])
+        self.timers["bank"] += t1 - t0
+        self.timers["augment"] += t2 - t1
+        self.timers["forward_segments"] += t3 - t2
+        self.timers["loss"] += t4 - t3
+        self.timers["backward"] += t5 - t4
+        self.timers["step"] += time.perf_counter() - t0
+        return stats
+
+    def train_epoch(self, shard, epoch: int, progress: dict, logger):
+        """One pass over this worker's shard. Returns (epoch stats, last images, skipped files)."""
+        from raysseg.train import run_epoch
+
+        cfg = self.cfg
+        self.seg.train()
+        self.timers.clear()
+        self.used: set[int] = set()
+        stats, last, skipped = run_epoch(
+            shard, lambda batch, step: self.train_step(batch["image"], batch["segments"], step), cfg, self.rank,
+            progress, logger, self.total_steps // cfg.train.epochs,
+            f"{cfg.method} epoch {epoch + 1}/{cfg.train.epochs}", self.timers)
+        # the tables after the last step exist before the checkpoint is written (a resumed run reads them)
+        shared = ray.get(self.bank.get_many.remote(self.tables, progress["step"] + 1, self.rank))
+        if self.concepts:  # the checkpoint carries the dictionary as of the end of this epoch
+            self.seg.concepts.copy_(torch.from_numpy(shared["concepts"][1]).to(self.seg.concepts.device))
+            stats["concepts_used"] = float(len(self.used))
+        stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return stats, last, skipped

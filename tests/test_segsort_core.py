@@ -1,0 +1,209 @@
+"""SegSort / visual-concepts maths against hand-computed cases and slow loops, and the bank's
+ring table and dictionary updates on a real local Ray."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raysseg.methods import segsort_core as core
+from raysseg.segments import batch_segment_ids, flat_pixels, oversegment, pixel_sort, segment_prototypes
+
+
+def _unit(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=1)
+
+
+# ------------------------------------------------------------------ segments
+
+
+def test_segment_prototypes_are_normalised_means():
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
+    protos, counts = segment_prototypes(emb, torch.tensor([0, 0, 1]), 3)
+    assert torch.allclose(protos[0], torch.tensor([1.0, 1.0]) / math.sqrt(2))
+    assert torch.allclose(protos[1], torch.tensor([0.0, 1.0]))
+    assert torch.equal(protos[2], torch.zeros(2)) and counts.tolist() == [2, 1, 0]
+
+
+def test_batch_segment_ids_intersects_maps_per_image():
+    a = torch.tensor([[[0, 0], [1, 1]], [[0, 0], [0, 0]]])
+    b = torch.tensor([[[0, 1], [1, 1]], [[2, 2], [2, 2]]])
+    ids, image = batch_segment_ids(a, b)
+    # image 0: pieces (0,0), (0,1), (1,1); image 1: (0,2) -> 4 segments, numbered by image first
+    assert ids.tolist() == [[[0, 1], [2, 2]], [[3, 3], [3, 3]]]
+    assert image.tolist() == [0, 0, 0, 1]
+
+
+def test_pixel_sort_separates_two_embeddings_and_follows_position_when_flat():
+    h, w = 8, 8
+    emb = torch.zeros(1, 4, h, w)
+    emb[0, 0, :, :3] = 1.0  # a left strip of 3 columns
+    emb[0, 1, :, 3:] = 1.0  # the rest
+    ids = pixel_sort(emb, grid=2, iterations=10)[0]
+    left, right = ids[:, :3], ids[:, 3:]
+    assert set(left.unique().tolist()).isdisjoint(right.unique().tolist())  # no cluster straddles the edge
+    flat = F.normalize(torch.ones(1, 4, h, w), dim=1)
+    ids = pixel_sort(flat, grid=2, iterations=10)[0]  # only position differs: the 2 x 2 grid cells survive
+    assert ids[:4, :4].unique().numel() == 1 and ids[4:, 4:].unique().numel() == 1
+    assert ids.unique().numel() == 4
+
+
+def test_oversegment_finds_flat_regions_and_numbers_them_from_zero():
+    image = np.zeros((32, 48, 3), np.uint8)
+    image[:, 24:] = (200, 30, 30)
+    ids = oversegment(image, "felzenszwalb", scale=100, sigma=0.5, min_size=20)
+    assert ids.dtype == np.int32 and ids.shape == (32, 48)
+    assert np.array_equal(np.unique(ids), np.arange(ids.max() + 1)) and ids.max() < 8
+    assert set(np.unique(ids[:, :24]).tolist()).isdisjoint(np.unique(ids[:, 24:]).tolist())  # no segment crosses the edge
+    ids = oversegment(image, "slic", n_segments=8, compactness=10)
+    assert np.array_equal(np.unique(ids), np.arange(ids.max() + 1)) and 2 <= ids.max() + 1 <= 16
+    assert set(np.unique(ids[:, :24]).tolist()).isdisjoint(np.unique(ids[:, 24:]).tolist())
+    with pytest.raises(ValueError, match="segments.method"):
+        oversegment(image, "watershed")
+
+
+# ------------------------------------------------------------------ losses
+
+
+def test_segment_sort_loss_hand_case():
+    emb = _unit([1.0, 0.0])
+    protos = _unit([1.0, 0.0], [0.0, 1.0])
+    loss = core.segment_sort_loss(emb, torch.tensor([5]), protos, torch.tensor([5, -1]), kappa=1.0)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)))  # -log(e / (e + 1))
+
+
+def test_segment_sort_loss_matches_a_loop_with_several_positives_and_skips_pixels_without_one():
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(7, 5, generator=g, dtype=torch.float64), dim=1)
+    protos = F.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)
+    proto_label = torch.tensor([0, 0, 1, 2, -1, -1])
+    pixel_label = torch.tensor([0, 1, 2, 0, 9, 1, 2])  # label 9 has no prototype: left out
+    kappa = 10.0
+    terms = []
+    for i in range(7):
+        sims = [math.exp(kappa * float(emb[i] @ protos[s])) for s in range(6)]
+        pos = [sims[s] for s in range(6) if proto_label[s] == pixel_label[i]]
+        if pos:
+            terms.append(-math.log(sum(pos) / sum(sims)))
+    loss = core.segment_sort_loss(emb, pixel_label, protos, proto_label, kappa)
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-9)
+    none = core.segment_sort_loss(emb.requires_grad_(), torch.full((7,), 9), protos, proto_label, kappa)
+    assert none.item() == 0 and none.requires_grad
+
+
+def test_quantize_and_vq_loss_hand_case():
+    dictionary = _unit([1.0, 0.0], [0.0, 1.0], [-1.0, 0.0])
+    protos = _unit([0.6, 0.8], [-1.0, 0.1]).requires_grad_()
+    index = core.quantize(protos.detach(), dictionary)
+    assert index.tolist() == [1, 2]
+    total, commitment = core.vq_loss(protos, dictionary, index, beta=0.5)
+    d = ((protos.detach() - dictionary[index]) ** 2).sum(1)
+    assert commitment.item() == pytest.approx(d.mean().item())
+    assert total.item() == pytest.approx(1.5 * d.mean().item())
+    total.backward()  # only the commitment term reaches the prototypes: beta * 2 (mu - c) / S
+    expected = 0.5 * 2 * (protos.detach() - dictionary[index]) / 2
+    assert torch.allclose(protos.grad, expected)
+
+
+def test_concept_pull_loss_is_cross_entropy_over_concepts():
+    emb = _unit([1.0, 0.0], [0.0, 1.0])
+    dictionary = _unit([1.0, 0.0], [0.0, 1.0])
+    loss = core.concept_pull_loss(emb, torch.tensor([0, 0]), dictionary, kappa=2.0)
+    right, wrong = math.log(1 + math.exp(-2)), math.log(1 + math.exp(2))  # pixel 1 pulled to the other concept
+    assert loss.item() == pytest.approx((right + wrong) / 2)
+
+
+def test_cooccurrence_loss_matches_a_loop_and_ignores_the_diagonal():
+    g = torch.Generator().manual_seed(1)
+    emb = F.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
+    protos = F.normalize(torch.randn(4, 4, generator=g, dtype=torch.float64), dim=1)
+    pixel_concept = torch.tensor([0, 1, 2, 0, 2])
+    proto_concept = torch.tensor([0, 1, 1, 2])
+    a = torch.tensor([[9.0, 2.0, 0.0], [2.0, 9.0, 1.0], [0.0, 1.0, 9.0]], dtype=torch.float64)
+    kappa = 3.0
+    terms = []
+    for i in range(5):
+        w = [0.0 if pixel_concept[i] == proto_concept[s] else float(a[pixel_concept[i], proto_concept[s]])
+             for s in range(4)]
+        if sum(w) == 0:
+            continue
+        logits = [kappa * float(emb[i] @ protos[s]) for s in range(4)]
+        lse = math.log(sum(math.exp(x) for x in logits))
+        terms.append(-sum(wi / sum(w) * (logits[s] - lse) for s, wi in enumerate(w)))
+    loss = core.cooccurrence_loss(emb, pixel_concept, protos, proto_concept, a, kappa)
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-9)
+    assert a[0, 0] == 9.0  # the input matrix is not modified
+    only_self = core.cooccurrence_loss(emb, pixel_concept, protos, proto_concept, torch.eye(3, dtype=torch.float64), kappa)
+    assert only_self.item() == 0
+
+
+# ------------------------------------------------------------------ dictionary updates
+
+
+def test_concept_statistics_hand_case():
+    protos = np.array([[1, 0], [0, 1], [1, 0]], np.float32)
+    stats = core.concept_statistics(protos, index=np.array([2, 0, 2]), image=np.array([0, 0, 1]), k=3)
+    assert stats["sums"].tolist() == [[0, 1], [0, 0], [2, 0]]
+    assert stats["counts"].tolist() == [1, 0, 2]
+    # image 0 holds concepts {0, 2}; image 1 only {2}
+    assert stats["pairs"].tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
+    empty = core.concept_statistics(np.zeros((0, 2), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64), 3)
+    assert empty["counts"].sum() == 0 and empty["pairs"].sum() == 0
+
+
+def test_update_dictionary_is_an_ema_with_dead_concept_restarts():
+    state = {"concepts": np.array([[1, 0], [0, 1], [1, 0]], np.float32),
+             "ema_counts": np.array([2.0, 1.0, 0.004], np.float32),
+             "ema_sums": np.array([[2, 0], [0, 1], [0, 0]], np.float32),
+             "cooccurrence": np.zeros((3, 3), np.float32)}
+    before = {k: v.copy() for k, v in state.items()}
+    s1 = {"sums": np.array([[0, 2], [0, 0], [0, 0]], np.float32), "counts": np.array([2, 0, 0], np.float32),
+          "pairs": np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0]], np.float32),
+          "candidates": np.array([[0.6, 0.8]], np.float32)}
+    s2 = {"sums": np.zeros((3, 2), np.float32), "counts": np.zeros(3, np.float32),
+          "pairs": np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0]], np.float32), "candidates": np.zeros((0, 2), np.float32)}
+    new = core.update_dictionary(state, [s1, s2], decay=0.5, rng=np.random.default_rng(0))
+    assert new["ema_counts"][:2].tolist() == [2.0, 0.5]  # 0.5 * 2 + 0.5 * 2; 0.5 * 1
+    assert np.allclose(new["ema_sums"][0], [1, 1]) and np.allclose(new["concepts"][0], [2 ** -0.5, 2 ** -0.5])
+    assert np.allclose(new["concepts"][1], [0, 1])
+    # concept 2's count fell below DEAD_COUNT: restarted at the only candidate, with one assignment's weight
+    assert np.allclose(new["concepts"][2], [0.6, 0.8]) and new["ema_counts"][2] == 1.0
+    assert new["cooccurrence"].tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 0]]
+    assert all(np.array_equal(state[k], before[k]) for k in state)  # pure
+
+
+# ------------------------------------------------------------------ the bank on a real Ray
+
+
+def test_bank_ring_table_and_dictionary_are_identical_for_every_rank(ray_local):
+    from raysseg.bank import ConceptBank
+
+    ray = ray_local
+    bank = ConceptBank.remote(2)
+    ray.get(bank.publish.remote("memory", 1, np.zeros((0, 2), np.float32)))
+    for version in (2, 3, 4):  # rank 1 first: the table must still come out in rank order
+        ray.get(bank.append.remote("memory", version, 1, np.full((1, 2), 10 * version + 1, np.float32), 2))
+        assert ray.get(bank.version.remote("memory")) == version - 1
+        ray.get(bank.append.remote("memory", version, 0, np.full((2, 2), 10 * version, np.float32), 2))
+    _, table = ray.get(bank.get.remote("memory", 4, 0))
+    assert table[:, 0].tolist() == [30, 30, 31, 40, 40, 41]  # the last 2 batches, oldest first
+
+    state = core.init_dictionary(4, 2, seed=0)
+    ray.get(bank.init_concepts.remote(state, 0))
+    stats = [core.concept_statistics(np.array([[1, 0]], np.float32), np.array([r]), np.array([0]), 4) for r in (0, 1)]
+    ray.get([bank.update_concepts.remote(2, r, stats[r], 0.9) for r in (1, 0)])
+    got = ray.get([bank.get_many.remote(["concepts", "cooccurrence"], 2, r) for r in (0, 1)])
+    expected = core.update_dictionary(state, stats, 0.9, np.random.default_rng([0, 2]))
+    for g in got:
+        assert g["concepts"][0] == 2 and np.array_equal(g["concepts"][1], expected["concepts"])
+        assert np.array_equal(g["cooccurrence"][1], expected["cooccurrence"])
+
+    saved = ray.get(bank.state.remote())
+    other = ConceptBank.remote(2)
+    ray.get(other.restore.remote(saved))
+    ray.get([other.append.remote("memory", 5, r, np.full((1, 2), 50 + r, np.float32), 2) for r in (0, 1)])
+    _, table = ray.get(other.get.remote("memory", 5, 0))
+    assert table[:, 0].tolist() == [40, 40, 41, 50, 51]  # the ring survived the checkpoint
+    ray.kill(bank)
+    ray.kill(other)
