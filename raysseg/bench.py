@@ -110,9 +110,12 @@ _STEP_PARTS = {
     "hp": [("backbone", "backbone fwd"), ("selection", "selection"), ("loss", "contrastive loss"),
            ("head_forward", "all head fwd"), ("backward", "backward+opt"), ("bank", "bank")],
     "picie": [("labels", "views + snapshot labels"), ("forward_loss", "fwd + loss"), ("backward", "backward+opt")],
+    "segsort": [("bank", "bank read"), ("augment", "views"), ("forward_segments", "fwd + segments"),
+                ("loss", "losses"), ("backward", "backward+opt")],
 }
 _ONCE_PARTS = {"hp": [("pool_build", "pool build s (once)")],
-               "picie": [("extract", "feature extraction s (per epoch)"), ("cluster_total", "extraction + k-means s (per epoch)")]}
+               "picie": [("extract", "feature extraction s (per epoch)"), ("cluster_total", "extraction + k-means s (per epoch)")],
+               "segsort": []}
 
 
 def bench_step(method: str) -> str:
@@ -120,7 +123,7 @@ def bench_step(method: str) -> str:
     from raysseg.train import train
 
     steps, batch = 6, 8
-    family = "picie" if method in ("picie", "pgg") else method
+    family = {"pgg": "picie", "concepts": "segsort"}.get(method, method)
     rows = []
     for workers in (1, 2):
         limit = steps * batch * workers

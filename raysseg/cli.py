@@ -34,7 +34,8 @@ def cmd_evaluate(args) -> None:
     from raysseg.evaluate import evaluate
 
     evaluate(args.checkpoint, split=args.split, crf=False if args.no_crf else None,
-             probe=False if args.no_probe else None, out=args.out)
+             probe=False if args.no_probe else None, retrieval=False if args.no_retrieval else None,
+             out=args.out)
 
 
 def cmd_run(args) -> None:
@@ -132,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", help="folder or s3:// prefix with images/ and labels/ (default: the config's val)")
     sp.add_argument("--no-crf", action="store_true")
     sp.add_argument("--no-probe", action="store_true")
+    sp.add_argument("--no-retrieval", action="store_true",
+                    help="skip k-means segments labelled by the k nearest training prototypes")
     sp.add_argument("--out", default="outputs/eval")
     sp.set_defaults(fn=cmd_evaluate)
 
@@ -176,7 +179,7 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("bench", help="benchmarks that print a table")
     sp.add_argument("what", choices=["data", "eval", "step", "cluster"])
-    sp.add_argument("--method", default="hp", choices=["hp", "picie", "pgg"])
+    sp.add_argument("--method", default="hp", choices=["hp", "picie", "pgg", "segsort", "concepts"])
     sp.add_argument("--sizes", default="1000000,5000000", help="cluster: comma-separated feature counts N")
     sp.add_argument("--dim", type=int, default=128, help="cluster: feature dimension")
     sp.add_argument("--k", type=int, default=27, help="cluster: number of clusters")

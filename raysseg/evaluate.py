@@ -205,10 +205,12 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     """Score a checkpoint on ``split`` (default: the config's ``data.val``). Returns the report.
 
     ``crf``, ``probe`` and ``retrieval`` (k-means segments + kNN vote of training prototypes):
-    None = the checkpoint config's ``eval.*``."""
+    None = the checkpoint config's ``eval.*``. Probe and retrieval read the labels of the
+    training split (``data.train``); when retrieval is on only by default (``retrieval=None``,
+    no probe) and that split lacks labels, retrieval is left out with a warning."""
     from raysseg import tracking
     from raysseg.config import config_from_dict
-    from raysseg.data import make_dataset, list_split
+    from raysseg.data import DatasetError, make_dataset, list_split
     from raysseg.metrics import direct_scores, fit_linear_probe, hungarian_scores, matched_confusion
     from raysseg.model import read_checkpoint
     from raysseg.train import init_ray
@@ -219,8 +221,15 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     split = split or cfg.data.val
     crf = cfg.eval.crf if crf is None else crf
     probe = cfg.eval.probe if probe is None else probe
+    asked_retrieval = retrieval  # True: the caller asked for it, so a training split without labels is an error
     retrieval = cfg.eval.retrieval if retrieval is None else retrieval
     list_split(split, with_labels=True)  # a clear error before Ray starts
+    if retrieval and not probe and asked_retrieval is None:
+        try:  # on by default: a training split without labels leaves retrieval out instead of failing
+            list_split(cfg.data.train, with_labels=True)
+        except DatasetError as e:
+            print(f"warning: retrieval left out: it needs the training split's labels ({e})", flush=True)
+            retrieval = False
     init_ray(cfg.eval.workers)
     t0 = time.time()
     ref = [ray.put(ckpt)]

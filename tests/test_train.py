@@ -41,11 +41,13 @@ def test_kmeans_from_s3_with_checkpoints_on_s3_and_mlflow(tmp_path, ray_local, s
     assert [a.path for a in client.list_artifacts(result.run_id, "overlays")] == ["overlays/final.png"]
 
     report = evaluate(result.checkpoint, out=str(tmp_path / "eval"))
-    assert report["n_images"] == 4 and set(report["scores"]) == {"clusters", "clusters_crf", "probe", "probe_crf"}
+    assert report["n_images"] == 4 and set(report["scores"]) == {"clusters", "clusters_crf", "probe", "probe_crf",
+                                                                   "retrieval", "retrieval_crf"}
     for scores in report["scores"].values():
         assert 0 < scores["accuracy"] <= 1 and len(scores["per_class_iou"]) == 5
     metrics = client.get_run(result.run_id).data.metrics
     assert metrics["eval/val/clusters_miou"] == pytest.approx(report["scores"]["clusters"]["miou"])
+    assert metrics["eval/val/retrieval_miou"] == pytest.approx(report["scores"]["retrieval"]["miou"])
     eval_files = {a.path for a in client.list_artifacts(result.run_id, "eval/val")}
     assert {"eval/val/report.json", "eval/val/confusion_clusters.png", "eval/val/overlays_clusters.png"} <= eval_files
 
