@@ -25,6 +25,7 @@ from raysseg.backbones import normalize, standardize
 from raysseg.config import Config
 from raysseg.data import photometric_augment, valid_rows
 from raysseg.methods.hp_core import ema_update, lambda_at
+from raysseg.methods.common import ResumableTrainer
 
 
 class _HPLoss(nn.Module):
@@ -40,7 +41,7 @@ class _HPLoss(nn.Module):
                               sigma=hp.sigma, chunk=hp.chunk, generator=self.generator)
 
 
-class HPTrainer:
+class HPTrainer(ResumableTrainer):
     def __init__(self, cfg: Config, seg, bank, rank: int, world: int, device, total_steps: int,
                  pool_plan: dict[str, tuple[int, int]]):
         import ray.train.torch
@@ -58,14 +59,6 @@ class HPTrainer:
         self.pool_build_s = 0.0
         self.timers: dict[str, float] = defaultdict(float)
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:  # the config's rate wins on resume (e.g. lowered after a NaN)
-            group["lr"] = self.cfg.train.lr
-        self.generator.set_state(state["generator"])
 
     # ---------------------------------------------------------- shared pools
 

@@ -44,6 +44,7 @@ from raysseg.backbones import standardize
 from raysseg.config import Config
 from raysseg.data import crop_resize, photometric_augment, random_boxes, valid_rows
 from raysseg.methods.picie_core import PYRAMID_BOXES, active_selection, assign_labels, guidance_loss, picie_loss
+from raysseg.methods.common import ResumableTrainer
 
 
 class _Net(nn.Module):
@@ -62,7 +63,7 @@ class _Net(nn.Module):
         return emb, logits
 
 
-class PiCIETrainer:
+class PiCIETrainer(ResumableTrainer):
     def __init__(self, cfg: Config, seg, bank, rank: int, world: int, device, total_steps: int, files: list[str]):
         import ray.train.torch
 
@@ -82,14 +83,6 @@ class PiCIETrainer:
         self.cluster_stats: dict[str, float] = {}
         self.timers: dict[str, float] = defaultdict(float)
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:  # the config's rate wins on resume
-            group["lr"] = self.cfg.train.lr
-        self.generator.set_state(state["generator"])
 
     def _float(self, images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)

@@ -31,6 +31,7 @@ from raysseg.config import Config
 from raysseg.data import crop_resize, photometric_augment, random_boxes
 from raysseg.methods import segsort_core as core
 from raysseg.segments import batch_segment_ids, flat_pixels, pixel_sort, segment_prototypes
+from raysseg.methods.common import ResumableTrainer
 
 
 class _Net(nn.Module):
@@ -44,7 +45,7 @@ class _Net(nn.Module):
         return F.normalize(self.seg.embed(x), dim=1)
 
 
-class SegmentTrainer:
+class SegmentTrainer(ResumableTrainer):
     def __init__(self, cfg: Config, seg, bank, rank: int, world: int, device, total_steps: int):
         import ray.train.torch
 
@@ -61,14 +62,6 @@ class SegmentTrainer:
         self.versions: dict[str, int] = {}
         self.used: set[int] = set()  # concepts assigned to some segment this epoch
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:  # the config's rate wins on resume
-            group["lr"] = self.cfg.train.lr
-        self.generator.set_state(state["generator"])
 
     def setup(self, get_shard) -> None:
         """Rank 0 publishes version 1 of the shared tables (an empty memory, a random dictionary)
