@@ -135,6 +135,7 @@ class ConceptsConfig:
     lambda_s: float = _f(1.0, lo=0.0, help="weight of the local-concept loss")
     lambda_v: float = _f(2.0, lo=0.0, help="weight of the global-concept (VQ) loss")
     lambda_c: float = _f(1.0, lo=0.0, help="weight of the co-occurrence loss")
+    warmup: int = _f(0, lo=0, help="steps training only the local-concept term (the dictionary still learns)")
 
 
 @dataclass

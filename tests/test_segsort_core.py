@@ -114,28 +114,39 @@ def test_concept_pull_loss_is_cross_entropy_over_concepts():
     assert loss.item() == pytest.approx((right + wrong) / 2)
 
 
-def test_cooccurrence_loss_matches_a_loop_and_ignores_the_diagonal():
+def test_cooccurrence_weights_are_positive_pmi_without_the_diagonal():
+    counts = torch.tensor([[7.0, 2.0, 2.0], [2.0, 0.0, 0.0], [2.0, 0.0, 0.0]], dtype=torch.float64)
+    w = core.cooccurrence_weights(counts)
+    # off-diagonal total 8; P(0,1) = 2/8; P = (1/2, 1/4, 1/4), sum P^2 = 3/8;
+    # chance of (0, 1) = (1/2 * 1/4) / (5/8) = 1/5 -> log(0.25 / 0.2) = log 1.25
+    assert w[0, 1].item() == pytest.approx(math.log(1.25)) and w[1, 0].item() == pytest.approx(math.log(1.25))
+    assert w[1, 2].item() == 0 and w[0, 0].item() == 0  # never seen together; diagonal
+    # every pair co-occurring equally (one dominant group): PMI <= 0, nothing is pulled together
+    flat = torch.ones(3, 3, dtype=torch.float64)
+    assert core.cooccurrence_weights(flat).max().item() == pytest.approx(0, abs=1e-12)
+    assert core.cooccurrence_weights(torch.zeros(3, 3)).sum() == 0
+
+
+def test_cooccurrence_loss_matches_a_loop():
     g = torch.Generator().manual_seed(1)
     emb = F.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
     protos = F.normalize(torch.randn(4, 4, generator=g, dtype=torch.float64), dim=1)
     pixel_concept = torch.tensor([0, 1, 2, 0, 2])
     proto_concept = torch.tensor([0, 1, 1, 2])
-    a = torch.tensor([[9.0, 2.0, 0.0], [2.0, 9.0, 1.0], [0.0, 1.0, 9.0]], dtype=torch.float64)
+    weights = torch.tensor([[0.0, 2.0, 0.0], [2.0, 0.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
     kappa = 3.0
     terms = []
     for i in range(5):
-        w = [0.0 if pixel_concept[i] == proto_concept[s] else float(a[pixel_concept[i], proto_concept[s]])
-             for s in range(4)]
+        w = [float(weights[pixel_concept[i], proto_concept[s]]) for s in range(4)]
         if sum(w) == 0:
             continue
         logits = [kappa * float(emb[i] @ protos[s]) for s in range(4)]
         lse = math.log(sum(math.exp(x) for x in logits))
         terms.append(-sum(wi / sum(w) * (logits[s] - lse) for s, wi in enumerate(w)))
-    loss = core.cooccurrence_loss(emb, pixel_concept, protos, proto_concept, a, kappa)
+    loss = core.cooccurrence_loss(emb, pixel_concept, protos, proto_concept, weights, kappa)
     assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-9)
-    assert a[0, 0] == 9.0  # the input matrix is not modified
-    only_self = core.cooccurrence_loss(emb, pixel_concept, protos, proto_concept, torch.eye(3, dtype=torch.float64), kappa)
-    assert only_self.item() == 0
+    none = core.cooccurrence_loss(emb, pixel_concept, protos, proto_concept, torch.zeros(3, 3, dtype=torch.float64), kappa)
+    assert none.item() == 0
 
 
 # ------------------------------------------------------------------ dictionary updates

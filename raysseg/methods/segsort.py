@@ -138,15 +138,17 @@ class SegmentTrainer(ResumableTrainer):
         if self.concepts:
             c = self.cfg.concepts
             dictionary = torch.from_numpy(shared["concepts"][1]).to(self.device)
-            cooc = torch.from_numpy(shared["cooccurrence"][1]).to(self.device)
+            weights = core.cooccurrence_weights(torch.from_numpy(shared["cooccurrence"][1]).to(self.device))
             index = core.quantize(protos.detach(), dictionary)
             self.used.update(index.tolist())
             vq, commitment = core.vq_loss(protos, dictionary, index, c.beta)
             pixel_concept = index[ids]
             pull = core.concept_pull_loss(e, pixel_concept, dictionary, ss.kappa)
             memory_concept = core.quantize(memory, dictionary)
-            co = core.cooccurrence_loss(e, pixel_concept, all_protos, torch.cat([index, memory_concept]), cooc, ss.kappa)
-            loss = c.lambda_s * local + c.lambda_v * (vq + pull) + c.lambda_c * co
+            co = core.cooccurrence_loss(e, pixel_concept, all_protos, torch.cat([index, memory_concept]), weights,
+                                        ss.kappa)
+            on = float(step >= c.warmup)  # global and co-occurrence terms after the warm-up
+            loss = c.lambda_s * local + on * (c.lambda_v * (vq + pull) + c.lambda_c * co)
             stats.update({"loss_vq": vq.item(), "vq_commitment": commitment.item(), "loss_concept_pull": pull.item(),
                           "loss_cooccurrence": co.item(), "concepts_in_batch": float(index.unique().numel()),
                           "dictionary_version": float(self.versions["concepts"])})

@@ -23,11 +23,17 @@ Readings of what the papers leave open:
   beta * ||mu - sg[c]||^2 plus a pixel-to-concept contrast that pulls each pixel toward
   its segment's concept and away from the other concepts.
 - Co-occurrence: the bank keeps EMA counts of concept pairs present in the same image.
-  Each pixel's target over the segments of the batch and memory is proportional to
-  how often their concepts co-occur with its own concept (the diagonal is zero: same
-  concept is the global term's job); the loss is the cross-entropy of
-  softmax(kappa * e . mu) against that target. Pixels with no co-occurring segment
-  present contribute nothing.
+  "Often co-occur" is read as more often than chance: the weight of a pair is its positive
+  pointwise mutual information from those counts (:func:`cooccurrence_weights`; the
+  diagonal is zero: same concept is the global term's job). Each pixel's target over the
+  segments of the batch and memory is proportional to the weight of their concept with
+  its own; the loss is the cross-entropy of softmax(kappa * e . mu) against that target.
+  Pixels with no co-occurring segment present contribute nothing. Raw counts instead of
+  PMI pull everything toward everything once a few concepts dominate (we saw the
+  dictionary collapse to a handful of concepts on CamVid); PMI is zero for such pairs.
+- ``concepts.warmup``: steps during which only the local-concept term trains (the
+  dictionary is still updated), so a randomly initialised network first learns local
+  structure before concepts pull its embeddings together.
 """
 from __future__ import annotations
 
@@ -94,16 +100,35 @@ def concept_pull_loss(emb: Tensor, pixel_concept: Tensor, dictionary: Tensor, ka
     return F.cross_entropy(kappa * emb @ dictionary.T, pixel_concept)
 
 
+def cooccurrence_weights(counts: Tensor) -> Tensor:
+    """Positive pointwise mutual information of concept pairs.
+
+    counts (K, K) symmetric pair counts (diagonal ignored) -> weights (K, K) =
+    max(0, log(P(a, b) / E(a, b))), zero on the diagonal and wherever a pair was never seen, with
+    P(a, b) = counts / total, P(a) = row sums / total and the chance level of a pair of distinct
+    concepts E(a, b) = P(a) P(b) / (1 - sum_c P(c)^2). Concepts that co-occur with everything
+    equally get zero."""
+    a = counts.clone()
+    a.fill_diagonal_(0)
+    total = a.sum()
+    if total <= 0:
+        return torch.zeros_like(a)
+    marginal = a.sum(1) / total
+    joint = a / total
+    chance = marginal[:, None] * marginal[None, :] / (1 - (marginal ** 2).sum()).clamp_min(1e-12)
+    pmi = torch.log(joint.clamp_min(1e-30) / chance.clamp_min(1e-30))
+    return torch.where(a > 0, pmi.clamp_min(0), torch.zeros_like(a))
+
+
 def cooccurrence_loss(emb: Tensor, pixel_concept: Tensor, protos: Tensor, proto_concept: Tensor,
-                      cooccurrence: Tensor, kappa: float) -> Tensor:
+                      weights: Tensor, kappa: float) -> Tensor:
     """Attract pixels to segments whose concepts often co-occur with their own.
 
-    Target w_is = A[k_i, k_s] / sum_t A[k_i, k_t] with A = ``cooccurrence`` (K, K) without its
-    diagonal; loss_i = -sum_s w_is log softmax_s(kappa e_i.mu_s), averaged over pixels whose
-    target is defined. emb (N, D); pixel_concept (N,); protos (S, D); proto_concept (S,) -> scalar."""
-    a = cooccurrence.clone()
-    a.fill_diagonal_(0)
-    w = a[pixel_concept][:, proto_concept]  # (N, S)
+    Target w_is = W[k_i, k_s] / sum_t W[k_i, k_t] with W = ``weights`` (K, K), e.g.
+    :func:`cooccurrence_weights`; loss_i = -sum_s w_is log softmax_s(kappa e_i.mu_s), averaged over
+    pixels whose target is defined. emb (N, D); pixel_concept (N,); protos (S, D); proto_concept (S,)
+    -> scalar."""
+    w = weights[pixel_concept][:, proto_concept]  # (N, S)
     total = w.sum(1)
     has = total > 0
     if not bool(has.any()):
