@@ -382,7 +382,8 @@ def build_index(checkpoint, split: str | None = None, limit: int | None = None, 
     if skipped:
         _log(f"skipped {len(skipped)} unreadable files (first: {skipped[0][0]}: {skipped[0][1]})")
     if index.source == "kmeans":
-        _log(f"{note}: concepts are a spherical k-means of the segment prototypes into {index.n_concepts} clusters")
+        _log(f"note: {note}; concepts are a spherical k-means of the segment prototypes ({index.n_concepts} "
+             f"clusters, numbered by frequency)")
     _log(f"index: {index.n_segments} segments in {index.n_images} images, {int((index.counts() > 0).sum())} "
          f"of {index.n_concepts} concepts used ({time.time() - t0:.1f} s)")
     return index
@@ -592,9 +593,10 @@ def _font(size: int):
 
 
 def segment_thumbnail(index: SegmentIndex, row: int, view: np.ndarray, size: int, dim: float = 0.3,
-                      margin: float = 0.15) -> np.ndarray:
+                      margin: float = 0.15, outline: tuple[int, int, int] | None = (255, 215, 0)) -> np.ndarray:
     """The segment's box (grown by ``margin`` and made square, inside the image) cropped from
-    its image, pixels outside the segment dimmed to ``dim``, resized to (size, size, 3)."""
+    its image, pixels outside the segment dimmed to ``dim``, its border drawn in ``outline``
+    (None: no border), resized to (size, size, 3)."""
     from PIL import Image
 
     s = index.image_size
@@ -609,7 +611,11 @@ def segment_thumbnail(index: SegmentIndex, row: int, view: np.ndarray, size: int
     crop = view[top : top + side, left : left + side].astype(np.float32)
     m = mask[top : top + side, left : left + side]
     crop[~m] *= dim
-    return np.asarray(Image.fromarray(crop.astype(np.uint8)).resize((size, size), Image.BILINEAR))
+    out = np.asarray(Image.fromarray(crop.astype(np.uint8)).resize((size, size), Image.BILINEAR)).copy()
+    if outline is not None:  # the segment's border, visible on dark images too
+        big = np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST))
+        out[_outline(big, max(1, size // 64))] = outline
+    return out
 
 
 def gallery(index: SegmentIndex, columns: int = 16, per_concept: int = 6, thumb: int = 96,
@@ -622,16 +628,16 @@ def gallery(index: SegmentIndex, columns: int = 16, per_concept: int = 6, thumb:
 
     counts, images = index.counts(), index.image_counts()
     order = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0][:columns]
-    gap, title_h, head_h = 4, 26, 34
-    width = max(len(order), 1) * (thumb + gap) + gap
-    width = max(width, 420)
+    gap, title_h, head_h = 4, 40, 34
+    width = max(max(len(order), 1) * (thumb + gap) + gap, 360)
     height = title_h + head_h + per_concept * (thumb + gap) + gap
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    source = "learned dictionary" if index.source == "dictionary" else "k-means of segment prototypes"
+    source = "learned dictionary" if index.source == "dictionary" else "k-means of the segment prototypes"
     used = int((counts > 0).sum())
-    draw.text((gap, 5), f"{len(order)} most frequent of {used} used concepts ({index.n_concepts}, {source}); "
-              f"{index.n_segments} segments, {index.n_images} images", fill=(0, 0, 0), font=_font(13))
+    draw.text((gap, 3), f"{index.n_concepts} concepts: {source}", fill=(0, 0, 0), font=_font(13))
+    draw.text((gap, 20), f"{len(order)} most frequent of {used} used; {index.n_segments} segments in "
+              f"{index.n_images} images", fill=(60, 60, 60), font=_font(12))
     rng = np.random.default_rng(seed)
     views = _Views(index)
     small = _font(12)
@@ -657,12 +663,13 @@ def _concept_colours(k: int) -> np.ndarray:
     return palette(max(k, 1)).astype(np.float32) / 255.0
 
 
-def tsne_map(index: SegmentIndex, max_points: int = 2000, thumbnails: int = 12, thumb: int = 48,
+def tsne_map(index: SegmentIndex, max_points: int = 2000, thumbnails: int = 12, thumb: int = 64,
              seed: int = 0, labels: int = 24) -> np.ndarray:
-    """t-SNE (scikit-learn, seeded) of up to ``max_points`` randomly sampled segment
-    prototypes, a scatter coloured by concept with the ids of the ``labels`` most frequent
-    concepts at their median position, and ``thumbnails`` segment thumbnails at points
-    spread over the map (farthest-point order). Returns uint8 (H, W, 3)."""
+    """t-SNE (scikit-learn, seeded, 500 iterations; PCA to 50 dimensions first when the
+    codes are wider) of up to ``max_points`` randomly sampled segment prototypes: a scatter
+    coloured by concept (colours follow the concepts' frequency rank) with the ids of the ``labels`` most frequent concepts at their median
+    position, and ``thumbnails`` segment thumbnails at points spread over the map
+    (farthest-point order). Returns uint8 (H, W, 3)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
@@ -674,14 +681,21 @@ def tsne_map(index: SegmentIndex, max_points: int = 2000, thumbnails: int = 12, 
     rows = np.sort(rng.choice(index.n_segments, n, replace=False))
     x = index.proto[rows].astype(np.float32)
     if n >= 5:
+        from sklearn.decomposition import PCA
         from sklearn.manifold import TSNE
+        from threadpoolctl import threadpool_limits
 
-        emb = TSNE(n_components=2, perplexity=float(min(30.0, (n - 1) / 3)), init="pca", random_state=seed,
-                   learning_rate="auto").fit_transform(x)
+        with threadpool_limits(1):  # OpenMP threads spin on a busy machine; one core does 2000 points in ~10 s
+            if x.shape[1] > 50 and n > 50:
+                x = PCA(50, random_state=seed).fit_transform(x)
+            emb = TSNE(n_components=2, perplexity=float(min(30.0, (n - 1) / 3)), init="pca", random_state=seed,
+                       learning_rate="auto", max_iter=500).fit_transform(x)
     else:  # too few points for t-SNE: a line
         emb = np.stack([np.arange(n, dtype=np.float64), np.zeros(n)], 1)
     concept = index.concept[rows]
-    colours = _concept_colours(index.n_concepts)
+    rank = np.empty(index.n_concepts, np.int64)  # colours by frequency rank: the largest concepts differ most
+    rank[np.argsort(-index.counts(), kind="stable")] = np.arange(index.n_concepts)
+    colours = _concept_colours(index.n_concepts)[rank]
     fig = Figure(figsize=(9, 9), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -689,15 +703,15 @@ def tsne_map(index: SegmentIndex, max_points: int = 2000, thumbnails: int = 12, 
     present = np.bincount(concept, minlength=index.n_concepts)
     for c in [int(c) for c in np.argsort(-present, kind="stable")[:labels] if present[c] > 0]:
         px, py = np.median(emb[concept == c], axis=0)
-        ax.text(px, py, str(c), fontsize=8, ha="center", va="center", weight="bold",
-                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": colours[c], "alpha": 0.85})
+        ax.text(px, py, str(c), fontsize=9, ha="center", va="center", weight="bold", zorder=5,
+                bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": colours[c], "lw": 1.5, "alpha": 0.9})
     if thumbnails > 0 and index.maps is not None:
         views = _Views(index)
         for j in _spread(emb, min(thumbnails, n), rng):
             row = int(rows[j])
             cell = segment_thumbnail(index, row, views(int(index.image[row])), thumb)
             box = AnnotationBbox(OffsetImage(cell, zoom=1.0), tuple(emb[j]), frameon=True, pad=0.1,
-                                 bboxprops={"edgecolor": colours[index.concept[row]], "linewidth": 2})
+                                 bboxprops={"edgecolor": colours[index.concept[row]], "linewidth": 2}, zorder=3)
             ax.add_artist(box)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -720,6 +734,14 @@ def _spread(points: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
         chosen.append(j)
         dist = np.minimum(dist, np.linalg.norm(points - points[j], axis=1))
     return chosen
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _pairs(n: int) -> str:
+    return _count(n, "pair")
 
 
 def _outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
@@ -746,13 +768,14 @@ def query_picture(index: SegmentIndex, result: QueryResult, max_images: int = 8,
     height = title_h + rows * (size + caption_h + gap) + gap
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((gap, 4), f'"{result.text}": {len(result.matches)} images'
+    draw.text((gap, 4), f'"{result.text}": {_count(len(result.matches), "image")}'
               + (f", first {len(shown)} shown" if len(result.matches) > len(shown) else ""),
               fill=(0, 0, 0), font=_font(15))
     draw.rectangle([gap, 28, gap + 12, 40], fill=COLOUR_A)
     draw.text((gap + 18, 26), f"concept {result.a}", fill=(0, 0, 0), font=_font(12))
     draw.rectangle([gap + 120, 28, gap + 132, 40], fill=COLOUR_B)
-    draw.text((gap + 138, 26), f"concept {result.b}   ({result.relation})", fill=(0, 0, 0), font=_font(12))
+    draw.text((gap + 138, 26), f"concept {result.b}", fill=(0, 0, 0), font=_font(12))
+    draw.text((gap + 240, 26), "best pair of each image", fill=(90, 90, 90), font=_font(12))
     views = _Views(index)
     for i, m in enumerate(shown):
         s, t = m.pairs[0]
@@ -770,7 +793,7 @@ def query_picture(index: SegmentIndex, result: QueryResult, max_images: int = 8,
         canvas.paste(Image.fromarray(big), (x, y))
         name = m.path.rstrip("/").rsplit("/", 1)[-1]
         name = name if len(name) <= size // 7 else "..." + name[-(size // 7 - 3):]
-        draw.text((x, y + size + 2), f"{name}  ({len(m.pairs)} pairs)", fill=(0, 0, 0), font=_font(11))
+        draw.text((x, y + size + 2), f"{name}  ({_pairs(len(m.pairs))})", fill=(0, 0, 0), font=_font(11))
     if not shown:
         draw.text((gap, title_h + 4), "no matching images", fill=(120, 0, 0), font=_font(13))
     return np.asarray(canvas)
@@ -818,6 +841,10 @@ def browse(checkpoint: str, split: str | None = None, limit: int | None = None, 
     from raysseg.model import Segmenter, read_checkpoint
     from raysseg.viz import save_png
 
+    if limit is not None and limit < 1:
+        raise BrowseError(f"--limit must be at least 1, got {limit}")
+    if n_concepts < 1:
+        raise BrowseError(f"--n-concepts must be at least 1, got {n_concepts}")
     queries = [str(q) for q in queries]
     for q in queries:
         parse_query(q)  # syntax errors before anything is read
@@ -844,7 +871,7 @@ def browse(checkpoint: str, split: str | None = None, limit: int | None = None, 
         index.meta.update({"checkpoint": checkpoint, "key": key})
         index.save(out_dir)
         _log(f"index written to {out_dir / INDEX_ARRAYS}")
-    if index.source == "kmeans":
+    if reused and index.source == "kmeans":
         _log(f"note: {index.meta.get('note')}; concepts are a spherical k-means of the segment prototypes "
              f"({index.n_concepts} clusters, numbered by frequency)")
     results = [query(index, q) for q in queries]  # ids checked against the built index
@@ -859,9 +886,9 @@ def browse(checkpoint: str, split: str | None = None, limit: int | None = None, 
     query_out = []
     for i, r in enumerate(results, 1):
         entry = r.to_dict()
-        _log(f'query {i} "{r.text}": {len(r.matches)} images')
+        _log(f'query {i} "{r.text}": {_count(len(r.matches), "image")}')
         for m in r.matches[:20]:
-            print(f"  {m.path}  ({len(m.pairs)} pairs)")
+            print(f"  {m.path}  ({_pairs(len(m.pairs))})")
         if len(r.matches) > 20:
             print(f"  ... and {len(r.matches) - 20} more (queries.json)")
         if r.matches:

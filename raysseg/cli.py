@@ -153,7 +153,7 @@ def parser() -> argparse.ArgumentParser:
                     help="k-means concepts for checkpoints without a learned dictionary")
     sp.add_argument("--query", action="append", metavar='"A REL B"',
                     help='e.g. "3 left-of 7"; relations: left-of, right-of, above, below, next-to, with (repeatable)')
-    sp.add_argument("--rebuild", action="store_true", help="index again even if --out holds an index for this checkpoint")
+    sp.add_argument("--rebuild", action="store_true", help="index again even if --out holds one for this checkpoint")
     sp.set_defaults(fn=cmd_concepts)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
