@@ -300,7 +300,7 @@ def segment_batch(seg, images: np.ndarray, grid: int, iterations: int) -> dict:
     pairs as local segment rows of the batch."""
     import torch
 
-    from raysseg.segments import batch_segment_ids, flat_pixels, pixel_sort, segment_prototypes
+    from raysseg.segments import image_segments
 
     if len(images) == 0:
         return {"maps": np.zeros((0, 1, 1), np.int16), "image": np.zeros(0, np.int64),
@@ -309,10 +309,8 @@ def segment_batch(seg, images: np.ndarray, grid: int, iterations: int) -> dict:
                 "pairs": np.zeros((0, 2), np.int64)}
     with torch.no_grad():
         codes = seg.codes(torch.from_numpy(np.ascontiguousarray(images)))
-        clusters = pixel_sort(codes, grid=grid, iterations=iterations)
-        ids, image = batch_segment_ids(clusters)
+        ids, image, proto = image_segments(codes, grid, iterations)
         n = len(image)
-        proto, _ = segment_prototypes(flat_pixels(codes), ids.reshape(-1), n)
     ids, image = ids.numpy(), image.numpy()
     first = np.searchsorted(image, np.arange(len(images)))
     area, centroid, box = segment_geometry(ids, n)

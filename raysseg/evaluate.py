@@ -25,6 +25,8 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from raysseg.segments import image_segments
+
 VARIANTS = ("clusters", "clusters_crf", "probe", "probe_crf", "retrieval", "retrieval_crf")
 
 
@@ -50,18 +52,6 @@ def codes_at(codes: torch.Tensor, ys: np.ndarray, xs: np.ndarray, size: tuple[in
     sampled = F.grid_sample(codes[None], grid[None, None].to(codes.dtype), mode="bilinear", padding_mode="border",
                             align_corners=False)
     return sampled[0, :, 0].T
-
-
-def image_segments(codes: torch.Tensor, grid: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """k-means segments of each image (pixel sorting) and their prototypes.
-
-    codes: (B, D, h, w) L2-normalised. Returns (segment ids (B, h, w) int64 numbered across the
-    batch in [0, S), image of each segment (S,) int64, prototypes (S, D) L2-normalised mean codes)."""
-    from raysseg.segments import batch_segment_ids, flat_pixels, pixel_sort, segment_prototypes
-
-    ids, image = batch_segment_ids(pixel_sort(codes, grid, iterations))
-    protos, _ = segment_prototypes(flat_pixels(codes), ids.reshape(-1), len(image))
-    return ids, image, protos
 
 
 def _rows(code_dim: int, parts: list[tuple[np.ndarray, np.ndarray, bool, np.ndarray]]) -> dict:

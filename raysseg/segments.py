@@ -104,3 +104,13 @@ def segment_prototypes(emb: Tensor, ids: Tensor, n_segments: int) -> tuple[Tenso
 def flat_pixels(emb: Tensor) -> Tensor:
     """(B, D, h, w) -> (B*h*w, D) in the order of ``ids.reshape(-1)`` for ids (B, h, w)."""
     return emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+
+
+def image_segments(codes: Tensor, grid: int, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
+    """k-means segments of each image (pixel sorting) and their prototypes.
+
+    codes: (B, D, h, w) L2-normalised. Returns (segment ids (B, h, w) int64 numbered across the
+    batch in [0, S), image of each segment (S,) int64, prototypes (S, D) L2-normalised mean codes)."""
+    ids, image = batch_segment_ids(pixel_sort(codes, grid, iterations))
+    protos, _ = segment_prototypes(flat_pixels(codes), ids.reshape(-1), len(image))
+    return ids, image, protos
