@@ -113,12 +113,3 @@ def test_evaluate_reports_retrieval_well_above_chance(kmeans_checkpoint, capsys)
     assert scores["accuracy"] > max(0.6, majority + 0.15)
     assert scores["miou"] > 0.35  # chance with 5 classes is about 0.2 / 0.1
     assert report["scores"]["retrieval_crf"]["accuracy"] > 0.6
-
-
-def test_evaluate_without_retrieval_leaves_it_out(kmeans_checkpoint, capsys):
-    from raysseg.evaluate import evaluate
-
-    checkpoint, tmp = kmeans_checkpoint
-    report = evaluate(checkpoint, crf=False, probe=False, retrieval=False, out=str(tmp / "off"), log_to_mlflow=False)
-    assert set(report["scores"]) == {"clusters"} and report["retrieval_index"] is None
-    assert "retrieval index" not in capsys.readouterr().out

@@ -70,6 +70,7 @@ def test_segsort_two_workers_then_evaluate(tmp_path, ray_local, synth_data):
     metrics = MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
     assert np.isfinite(metrics["epoch/loss_local"]) and metrics["epoch/memory_prototypes"] > 0
     report = evaluate(result.checkpoint, crf=False, probe=False, retrieval=False)
+    assert set(report["scores"]) == {"clusters"} and report["retrieval_index"] is None  # retrieval switched off
     assert 0.0 <= report["scores"]["clusters"]["miou"] <= 1.0
 
 
