@@ -106,12 +106,13 @@ def test_quantize_and_vq_loss_hand_case():
     assert torch.allclose(protos.grad, expected)
 
 
-def test_concept_pull_loss_is_cross_entropy_over_concepts():
-    emb = _unit([1.0, 0.0], [0.0, 1.0])
-    dictionary = _unit([1.0, 0.0], [0.0, 1.0])
-    loss = core.concept_pull_loss(emb, torch.tensor([0, 0]), dictionary, kappa=2.0)
-    right, wrong = math.log(1 + math.exp(-2)), math.log(1 + math.exp(2))  # pixel 1 pulled to the other concept
-    assert loss.item() == pytest.approx((right + wrong) / 2)
+def test_concept_pull_loss_is_one_minus_cosine_to_the_segment_concept():
+    emb = _unit([1.0, 0.0], [0.0, 1.0]).requires_grad_()
+    dictionary = _unit([1.0, 0.0], [0.6, 0.8])
+    loss = core.concept_pull_loss(emb, torch.tensor([0, 1]), dictionary)
+    assert loss.item() == pytest.approx(((1 - 1.0) + (1 - 0.8)) / 2)
+    loss.backward()  # attraction only: each pixel's gradient is -c_k / N, nothing from the other concepts
+    assert torch.allclose(emb.grad, -dictionary[[0, 1]] / 2)
 
 
 def test_cooccurrence_weights_are_positive_pmi_without_the_diagonal():

@@ -143,7 +143,7 @@ class SegmentTrainer(ResumableTrainer):
             self.used.update(index.tolist())
             vq, commitment = core.vq_loss(protos, dictionary, index, c.beta)
             pixel_concept = index[ids]
-            pull = core.concept_pull_loss(e, pixel_concept, dictionary, ss.kappa)
+            pull = core.concept_pull_loss(e, pixel_concept, dictionary)
             memory_concept = core.quantize(memory, dictionary)
             co = core.cooccurrence_loss(e, pixel_concept, all_protos, torch.cat([index, memory_concept]), weights,
                                         ss.kappa)

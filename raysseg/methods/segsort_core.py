@@ -20,8 +20,8 @@ Readings of what the papers leave open:
   moving averages of the prototypes assigned to each concept (the EMA form of the VQ
   codebook loss, van den Oord et al. 2017, appendix), so every worker reads the same
   version and no optimizer state is duplicated. The gradient side is the commitment term
-  beta * ||mu - sg[c]||^2 plus a pixel-to-concept contrast that pulls each pixel toward
-  its segment's concept and away from the other concepts.
+  beta * ||mu - sg[c]||^2 plus a pull of each pixel toward its segment's concept
+  (1 - cosine; see :func:`concept_pull_loss` for why there is no push away from the others).
 - Co-occurrence: the bank keeps EMA counts of concept pairs present in the same image.
   "Often co-occur" is read as more often than chance: the weight of a pair is its positive
   pointwise mutual information from those counts (:func:`cooccurrence_weights`; the
@@ -94,10 +94,14 @@ def vq_loss(protos: Tensor, dictionary: Tensor, index: Tensor, beta: float) -> t
     return codebook + beta * commitment, commitment
 
 
-def concept_pull_loss(emb: Tensor, pixel_concept: Tensor, dictionary: Tensor, kappa: float) -> Tensor:
-    """Pixels toward their segment's concept: cross-entropy of softmax_k(kappa e_i.c_k) at the
-    pixel's concept. emb (N, D), pixel_concept (N,) int64, dictionary (K, D) -> scalar."""
-    return F.cross_entropy(kappa * emb @ dictionary.T, pixel_concept)
+def concept_pull_loss(emb: Tensor, pixel_concept: Tensor, dictionary: Tensor) -> Tensor:
+    """Pixels toward their segment's concept: mean of 1 - cos(e_i, c_{k_i}).
+
+    emb (N, D) unit, pixel_concept (N,) int64, dictionary (K, D) unit -> scalar. Attraction only:
+    a softmax over all concepts would also push every pixel away from the dictionary's mass,
+    the same direction for all pixels while the concepts are still bunched together, and on
+    CamVid that collapsed the embeddings onto a handful of concepts within an epoch."""
+    return (1 - (emb * dictionary[pixel_concept]).sum(1)).mean()
 
 
 def cooccurrence_weights(counts: Tensor) -> Tensor:
