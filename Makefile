@@ -35,6 +35,9 @@ bench: install
 	$(VENV)/bin/raysseg bench data
 	$(VENV)/bin/raysseg bench eval
 	$(VENV)/bin/raysseg bench step --method hp
+	$(VENV)/bin/raysseg bench step --method pgg
+	$(VENV)/bin/raysseg bench step --method segsort
+	$(VENV)/bin/raysseg bench step --method concepts
 	$(VENV)/bin/raysseg bench cluster
 
 # Re-pin every installed package after changing dependencies in pyproject.toml.

@@ -344,7 +344,19 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         _apply_override(raw, assignment)
     cfg = _build(Config, raw, "")
     _check_consistency(cfg)
+    _resolve_weights(cfg)
     return cfg
+
+
+def _resolve_weights(cfg: Config) -> None:
+    """A local ``model.weights`` must exist, and becomes absolute: Ray workers run elsewhere."""
+    weights = cfg.model.weights
+    if not weights or "://" in weights or weights.startswith("runs:/"):
+        return
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.weights: {weights} does not exist; give a backbone checkpoint file or an s3:// URI")
+    cfg.model.weights = str(path.resolve())
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -87,3 +87,15 @@ def test_cli_missing_training_folder_is_one_line(tmp_path, command):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{tmp_path}/nope" in lines[0], proc.stderr
     assert not (tmp_path / "mlruns.db").exists()
+
+
+def test_local_weights_path_must_exist_and_becomes_absolute(tmp_path, monkeypatch):
+    """Ray workers do not run in the caller's folder: a relative model.weights is made absolute."""
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w/backbone.pt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("segsort_camvid", ["model.weights=w/backbone.pt"])
+    assert cfg.model.weights == str(tmp_path / "w/backbone.pt")
+    assert load_config("segsort_camvid", ["model.weights=s3://bucket/backbone.pt"]).model.weights == "s3://bucket/backbone.pt"
+    with pytest.raises(ConfigError, match="model.weights: w/missing.pt does not exist"):
+        load_config("segsort_camvid", ["model.weights=w/missing.pt"])
