@@ -156,27 +156,25 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
                                 with_labels=False, limit=cfg.data.limit or None),
     }
     loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images}
-    bank = None
+    files = list_split(cfg.data.train, with_labels=False).images
+    files = files[: cfg.data.limit] if cfg.data.limit else files
     if cfg.method == "hp":
         datasets["train"] = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=True,
                                          with_labels=False, crop_scale=(cfg.data.crop_scale_min, 1.0),
                                          seed=None, limit=cfg.data.limit or None)
-    files = list_split(cfg.data.train, with_labels=False).images
-    files = files[: cfg.data.limit] if cfg.data.limit else files
-    if cfg.method in ("picie", "pgg", "segsort", "concepts"):  # whole images: the worker crops and augments
-        pseudo = oversegment_kwargs(cfg.segments) if cfg.method in ("segsort", "concepts") else None
-        datasets["train"] = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=False,
-                                         with_labels=False, limit=cfg.data.limit or None, shuffle=True,
-                                         segments=pseudo)
-        loop_cfg["files"] = files
-        bank = ConceptBank.options(name=f"bank-{run_name}-{run_id[:8]}").remote(world)
-        loop_cfg["bank"] = bank
-    if cfg.method == "hp":
         grid = (cfg.data.image_size // Segmenter.stride_of(cfg)) ** 2
         plan = _pool_plan(cfg, files, grid)
         loop_cfg["pool_plan"] = plan
         datasets["pool"] = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=False,
                                         with_labels=False, files=sorted(plan))
+    elif cfg.method != "kmeans":  # whole images: the worker crops and augments
+        pseudo = oversegment_kwargs(cfg.segments) if cfg.method in ("segsort", "concepts") else None
+        datasets["train"] = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=False,
+                                         with_labels=False, limit=cfg.data.limit or None, shuffle=True,
+                                         segments=pseudo)
+        loop_cfg["files"] = files
+    bank = None
+    if cfg.method != "kmeans":  # every trained method shares its state through one bank
         bank = ConceptBank.options(name=f"bank-{run_name}-{run_id[:8]}").remote(world)
         loop_cfg["bank"] = bank
 
