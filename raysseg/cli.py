@@ -21,6 +21,28 @@ def cmd_train(args) -> None:
     print(f"MLflow run: {result.run_id} ({result.tracking_uri})")
 
 
+def cmd_sweep(args) -> None:
+    from raysseg.sweep import sweep
+    from raysseg.train import RunFailed
+
+    result = sweep(args.config, args.space, tuple(args.set or ()), restart=args.restart, name=args.name,
+                   max_concurrent=args.max_concurrent)
+    if result.best is None and not result.already_finished:
+        raise RunFailed(f"sweep {result.name}: no trial finished; see the trials above and MLflow run "
+                        f"{result.parent_run_id}")
+
+
+def cmd_pull_best(args) -> None:
+    from raysseg.tracking import pull_best
+
+    info = pull_best(args.experiment, args.metric, args.out, mode=args.mode, filter_string=args.filter or "",
+                     register_as=args.register_as or "", alias=args.alias)
+    print(f"best run {info['run_id']} ({info['run_name']}): {args.metric} = {info['value']:.6g}")
+    print(f"checkpoint: {info['checkpoint']}")
+    if "registered" in info:
+        print(f"registered: {info['registered']}")
+
+
 def cmd_pretrain(args) -> None:
     from raysseg.pretrain import pretrain
 
@@ -124,12 +146,28 @@ def parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("train", help="train (or resume) a run")).set_defaults(fn=cmd_train)
     with_config(sub.add_parser("pretrain", help="MoCo v2 backbone pretraining (or resume); writes backbone.pt "
                                                 "for model.weights")).set_defaults(fn=cmd_pretrain)
+    sp = with_config(sub.add_parser("sweep", help="Ray Tune over config keys; resumes when run again"))
+    sp.add_argument("--space", required=True, help="built-in sweep name (e.g. hp_pool_tau) or a YAML path")
+    sp.add_argument("--name", default="", help="sweep name (default: from the config, the sweep file and their hash)")
+    sp.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: the sweep file's)")
+    sp.set_defaults(fn=cmd_sweep)
+
+    sp = sub.add_parser("pull-best", help="download the checkpoint of the best MLflow run")
+    sp.add_argument("--experiment", default="raysseg")
+    sp.add_argument("--metric", required=True, help="e.g. view_nmi (label-free) or eval/val/clusters_miou")
+    sp.add_argument("--mode", choices=["max", "min"], default="max")
+    sp.add_argument("--out", required=True, help="folder for model.pt and run.json")
+    sp.add_argument("--filter", help="extra MLflow filter, e.g. \"tags.mlflow.parentRunId = '<sweep run id>'\"")
+    sp.add_argument("--register-as", metavar="NAME", help="also register it in the MLflow model registry")
+    sp.add_argument("--alias", default="best", help="registry alias for --register-as")
+    sp.set_defaults(fn=cmd_pull_best)
+
     sp = with_config(sub.add_parser("run", help="train then evaluate (the quick start)"))
     sp.add_argument("--out", default="outputs/eval")
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("evaluate", help="score a checkpoint on a labelled split")
-    sp.add_argument("--checkpoint", required=True, help="model.pt, its folder, s3://... or runs:/<id>/checkpoint")
+    sp.add_argument("--checkpoint", required=True, help="model.pt, its folder, s3://..., runs:/<id>/checkpoint or models:/<name>@<alias>")
     sp.add_argument("--split", help="folder or s3:// prefix with images/ and labels/ (default: the config's val)")
     sp.add_argument("--no-crf", action="store_true")
     sp.add_argument("--no-probe", action="store_true")
@@ -139,7 +177,7 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_evaluate)
 
     sp = sub.add_parser("predict", help="write label PNGs and overlays for a folder of images")
-    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--checkpoint", required=True, help="as for evaluate")
     sp.add_argument("--images", required=True)
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_predict)
@@ -200,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     from raysseg.config import ConfigError
     from raysseg.data import DatasetError
     from raysseg.storage import StorageError
+    from raysseg.tracking import TrackingError
     from raysseg.train import RunFailed
 
     args = parser().parse_args(argv)
@@ -207,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         args.fn(args)
     except ConfigError as e:
         sys.exit(_fail(f"config error: {e}"))
-    except (StorageError, BackboneError, DatasetError, RunFailed, BrowseError) as e:
+    except (StorageError, BackboneError, DatasetError, RunFailed, BrowseError, TrackingError) as e:
         sys.exit(_fail(f"error: {e}"))
     except KeyboardInterrupt:
         sys.exit(_fail("interrupted; run the same command again to resume"))

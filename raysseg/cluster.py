@@ -174,13 +174,13 @@ def _fit_sample(k: int, iterations: int, redo: int, seed: int, init: str, *parts
         for run in range(max(1, redo)):
             start = kmeans_plus_plus(sample, k, rng)
             cand = spherical_kmeans(sample, k, iterations, 1, seed + run, init_centroids=start)
-            score = _mean_max_cosine(sample, cand)
+            score = mean_max_cosine(sample, cand)
             if score > best:
                 centroids, best = cand, score
         return centroids
 
 
-def _mean_max_cosine(x: np.ndarray, centroids: np.ndarray) -> float:
+def mean_max_cosine(x: np.ndarray, centroids: np.ndarray) -> float:
     total = 0.0
     for start in range(0, x.shape[0], _CHUNK_ROWS):
         total += float((x[start:start + _CHUNK_ROWS] @ centroids.T).max(1).sum(dtype=np.float64))

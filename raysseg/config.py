@@ -344,12 +344,34 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         _apply_override(raw, assignment)
     cfg = _build(Config, raw, "")
     _check_consistency(cfg)
-    _resolve_weights(cfg)
+    _resolve_paths(cfg)
     return cfg
 
 
-def _resolve_weights(cfg: Config) -> None:
-    """A local ``model.weights`` must exist, and becomes absolute: Ray workers run elsewhere."""
+def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with dotted keys set (``{"hp.tau": 0.6}``), validated like a loaded config."""
+    raw = cfg.to_dict()
+    for key, value in values.items():
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config section {part!r} in {key!r}")
+            node = node[part]
+        node[parts[-1]] = value
+    out = _build(Config, raw, "")
+    _check_consistency(out)
+    _resolve_paths(out)
+    return out
+
+
+def _resolve_paths(cfg: Config) -> None:
+    """Local paths become absolute: Ray workers and sweep trials run in other folders.
+    A local ``model.weights`` must exist."""
+    for section, key in (("data", "train"), ("data", "val"), ("train", "storage")):
+        value = getattr(getattr(cfg, section), key)
+        if value and "://" not in value:
+            setattr(getattr(cfg, section), key, str(Path(value).expanduser().absolute()))
     weights = cfg.model.weights
     if not weights or "://" in weights or weights.startswith("runs:/"):
         return

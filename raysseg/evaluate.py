@@ -190,6 +190,14 @@ def _table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def report_metrics(report: dict) -> dict[str, float]:
+    """The report's scores as MLflow metrics: ``eval/<split folder>/<variant>_<accuracy|miou>``."""
+    tag = Path(report["split"].rstrip("/")).name
+    metrics = {f"eval/{tag}/{v}_{m}": s[m] for v, s in report["scores"].items() for m in ("accuracy", "miou")}
+    metrics[f"eval/{tag}/skipped_files"] = report["skipped_files"]
+    return metrics
+
+
 def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None, probe: bool | None = None,
              out: str | None = None, log_to_mlflow: bool = True, retrieval: bool | None = None) -> dict:
     """Score a checkpoint on ``split`` (default: the config's ``data.val``). Returns the report.
@@ -335,9 +343,7 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
         try:
             logger = tracking.RunLogger(uri, run_id)
             tag = Path(split.rstrip("/")).name
-            metrics = {f"eval/{tag}/{v}_{m}": s[m] for v, s in scores.items() for m in ("accuracy", "miou")}
-            metrics[f"eval/{tag}/skipped_files"] = len(skipped)
-            logger.log_metrics(metrics, step=int(ckpt.get("progress", {}).get("step", 0)))
+            logger.log_metrics(report_metrics(report), step=int(ckpt.get("progress", {}).get("step", 0)))
             logger.log_bytes(json.dumps(report, indent=2).encode(), f"eval/{tag}/report.json")
             logger.log_bytes(confusion_png, f"eval/{tag}/confusion_clusters.png")
             if grid is not None:

@@ -105,13 +105,21 @@ def save_checkpoint(path: str, segmenter: Segmenter, **extra) -> None:
 
 
 def read_checkpoint(uri: str) -> dict:
-    """Load a checkpoint dict from a file, a run directory, s3:// or ``runs:/<id>/...``."""
+    """Load a checkpoint dict from a file, a run directory, s3://, ``runs:/<id>/checkpoint``
+    or a registered model ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``)."""
     from raysseg.storage import StorageError, read_bytes
 
-    if uri.startswith("runs:/"):
+    if uri.startswith(("runs:/", "models:/")):
         import mlflow
 
-        uri = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        from raysseg.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())  # $MLFLOW_TRACKING_URI, else the local store
+        try:
+            uri = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        except mlflow.exceptions.MlflowException as e:
+            raise StorageError(f"checkpoint {uri}: {e.message.splitlines()[0]} (MLflow at "
+                               f"{mlflow.get_tracking_uri()}; set MLFLOW_TRACKING_URI)") from None
     if not uri.endswith(".pt"):
         uri = uri.rstrip("/") + "/" + CHECKPOINT_FILE
     try:

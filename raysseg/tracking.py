@@ -16,6 +16,7 @@ import numpy as np
 
 RUN_NAME_TAG = "raysseg.run_name"
 CHECKPOINT_TAG = "raysseg.checkpoint"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a sweep's trials under it
 
 
 def tracking_uri(configured: str = "") -> str:
@@ -53,14 +54,18 @@ def find_run(uri: str, experiment: str, run_name: str):
     return runs[0] if runs else None
 
 
-def start_or_resume_run(uri: str, experiment: str, run_name: str, params: dict) -> tuple[str, bool]:
-    """(run_id, resumed). A run that did not finish is reopened; otherwise a new one starts."""
+def start_or_resume_run(uri: str, experiment: str, run_name: str, params: dict,
+                        tags: dict | None = None) -> tuple[str, bool]:
+    """(run_id, resumed). A run that did not finish is reopened; otherwise a new one starts.
+
+    ``tags`` go on a new run, e.g. ``{PARENT_TAG: sweep_run_id}`` for a sweep's trial."""
     client = _client(uri)
     run = find_run(uri, experiment, run_name)
     if run is not None and run.info.status != "FINISHED":
         client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id, True
-    run = client.create_run(experiment_id(uri, experiment), run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    run = client.create_run(experiment_id(uri, experiment), run_name=run_name,
+                            tags={RUN_NAME_TAG: run_name, **(tags or {})})
     logger = RunLogger(uri, run.info.run_id)
     logger.log_params(params)
     return run.info.run_id, False
@@ -114,3 +119,69 @@ class RunLogger:
 
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status
+
+
+class TrackingError(RuntimeError):
+    """An MLflow lookup found nothing usable; the message is one line and says what to do."""
+
+
+def pull_best(experiment: str, metric: str, out: str, mode: str = "max", filter_string: str = "",
+              uri: str = "", register_as: str = "", alias: str = "best") -> dict:
+    """Download the checkpoint of the finished run with the best ``metric`` in ``experiment``.
+
+    Writes ``out/model.pt`` and ``out/run.json`` (run id, metric, params) and returns the
+    latter. ``register_as`` also registers that checkpoint in the MLflow model registry and
+    points ``alias`` at the new version: ``models:/<name>@<alias>`` then loads it."""
+    import json
+    import shutil
+
+    import mlflow
+
+    uri = tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    if _client(uri).get_experiment_by_name(experiment) is None:
+        raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}; set --experiment or MLFLOW_TRACKING_URI")
+    where = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
+    try:
+        runs = mlflow.search_runs(experiment_names=[experiment], filter_string=where, output_format="list",
+                                  order_by=[f"metrics.`{metric}` {'DESC' if mode == 'max' else 'ASC'}"])
+    except mlflow.exceptions.MlflowException as e:
+        raise TrackingError(f"--filter {filter_string!r}: {e.message.splitlines()[0]}") from None
+    candidates = [r for r in runs if metric in r.data.metrics and CHECKPOINT_TAG in r.data.tags
+                  and np.isfinite(r.data.metrics[metric])]
+    if not candidates:
+        seen = sorted({k for r in runs for k in r.data.metrics})
+        raise TrackingError(f"no finished run with a checkpoint in {experiment!r} has metric {metric!r}"
+                            + (f"; metrics there: {', '.join(seen[:20])}" if seen else ""))
+    best = candidates[0]
+    run_id = best.info.run_id
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/model.pt",
+                                                    dst_path=tmp, tracking_uri=uri)
+        shutil.move(local, out_dir / "model.pt")
+    info = {"run_id": run_id, "run_name": best.data.tags.get(RUN_NAME_TAG, best.info.run_name),
+            "metric": metric, "value": best.data.metrics[metric], "mode": mode, "tracking_uri": uri,
+            "checkpoint": str(out_dir / "model.pt"), "source": f"runs:/{run_id}/checkpoint",
+            "params": dict(best.data.params)}
+    if register_as:
+        info["registered"] = register(uri, run_id, register_as, alias, {metric: str(info["value"])})
+    (out_dir / "run.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def register(uri: str, run_id: str, name: str, alias: str, tags: dict | None = None) -> str:
+    """Register a run's ``checkpoint/`` artifact folder as a new version of model ``name``
+    and point ``alias`` at it; returns ``models:/<name>@<alias>``."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="raysseg checkpoints (model.pt)")
+    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/checkpoint"
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
+    client.set_registered_model_alias(name, alias, version.version)
+    return f"models:/{name}@{alias}"

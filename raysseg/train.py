@@ -25,6 +25,7 @@ import torch
 
 from raysseg.config import Config, ConfigError, config_from_dict
 from raysseg.model import CHECKPOINT_FILE, Segmenter, read_checkpoint, save_checkpoint
+from raysseg.selection import SCORE_IMAGES, view_nmi
 
 
 class RunFailed(RuntimeError):
@@ -116,8 +117,11 @@ def _pool_plan(cfg: Config, files: list[str], grid: int) -> dict[str, tuple[int,
     return {files[i]: (k, int(p)) for k, (i, p) in enumerate(zip(chosen, patches))}
 
 
-def train(cfg: Config, restart: bool = False) -> TrainResult:
-    """Train (or resume) the run ``cfg.run_name()`` and return where its results are."""
+def train(cfg: Config, restart: bool = False, parent_run_id: str | None = None, callbacks: tuple = ()) -> TrainResult:
+    """Train (or resume) the run ``cfg.run_name()`` and return where its results are.
+
+    A sweep passes its MLflow run as ``parent_run_id`` (the new run is its child) and a
+    callback that forwards the workers' reports to Ray Tune."""
     from ray.train import DataConfig
 
     from raysseg import tracking
@@ -146,7 +150,9 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
                                    already_finished=True)
             print(f"run {run_name} finished {done} epochs; continuing to train.epochs = {cfg.train.epochs}")
             tracking.RunLogger(uri, previous.info.run_id).client.update_run(previous.info.run_id, status="RUNNING")
-    run_id, resumed = tracking.start_or_resume_run(uri, cfg.mlflow.experiment, run_name, cfg.flat())
+    run_id, resumed = tracking.start_or_resume_run(
+        uri, cfg.mlflow.experiment, run_name, cfg.flat(),
+        tags={tracking.PARENT_TAG: parent_run_id} if parent_run_id else None)
     print(f"{'resuming' if resumed else 'starting'} run {run_name} (MLflow run {run_id} at {uri})")
 
     world = cfg.train.num_workers
@@ -178,7 +184,7 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
         bank = ConceptBank.options(name=f"bank-{run_name}-{run_id[:8]}").remote(world)
         loop_cfg["bank"] = bank
 
-    trainer = make_trainer(cfg, worker_loop, loop_cfg, datasets, run_name,
+    trainer = make_trainer(cfg, worker_loop, loop_cfg, datasets, run_name, callbacks=callbacks,
                            dataset_config=DataConfig(datasets_to_split="all"))
     logger = tracking.RunLogger(uri, run_id)
     try:
@@ -199,7 +205,8 @@ def train(cfg: Config, restart: bool = False) -> TrainResult:
     return TrainResult(run_id, run_name, ckpt_uri, uri, dict(result.metrics or {}), trace)
 
 
-def make_trainer(cfg: Config, loop, loop_cfg: dict, datasets: dict, run_name: str, **kwargs):
+def make_trainer(cfg: Config, loop, loop_cfg: dict, datasets: dict, run_name: str, callbacks: tuple = (),
+                 **kwargs):
     """A TorchTrainer whose (run name, storage) identify the run: the same pair again resumes it."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -209,7 +216,8 @@ def make_trainer(cfg: Config, loop, loop_cfg: dict, datasets: dict, run_name: st
         loop, train_loop_config=loop_cfg, datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+                             callbacks=list(callbacks)),
         **kwargs,
     )
 
@@ -343,32 +351,38 @@ def run_epoch(shard, step_fn, cfg: Config, rank: int, progress: dict, logger, st
 def fit_clusters(cfg: Config, seg: Segmenter, shard, rank: int, device):
     """Offline k-means of the codes of the training split; sets ``seg.centroids`` on every rank.
 
-    Returns (skipped files, a few of the images seen, for pictures)."""
-    from raysseg.cluster import sample_locations, spherical_kmeans
+    Returns (skipped files, up to ``SCORE_IMAGES`` of the images seen, the label-free scores:
+    ``cluster_mean_cosine``, the k-means objective, and ``view_nmi``; the scores on rank 0 only)."""
+    from raysseg.cluster import mean_max_cosine, sample_locations, spherical_kmeans
     from raysseg.data import valid_rows
 
     rng = np.random.default_rng(cfg.train.seed + rank)
-    samples, skipped, seen = [], [], None
+    samples, skipped, seen = [], [], []
     seg.eval()
     for batch in shard.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
         batch, bad = valid_rows(batch)
         skipped += bad
         if len(batch["image"]) == 0:
             continue
-        seen = batch["image"][:4] if seen is None else seen
+        seen += list(batch["image"][: SCORE_IMAGES - len(seen)])
         codes = seg.codes(torch.from_numpy(batch["image"]).to(device)).cpu().numpy()
         samples.append(sample_locations(codes, cfg.kmeans.pixels_per_image, rng))
     gathered = all_gather(np.concatenate(samples) if samples else np.zeros((0, seg.code_dim), np.float32))
+    scores = {}
     if rank == 0:
         x = np.concatenate(gathered)
         print(f"[k-means] {x.shape[0]} codes of dim {x.shape[1]} into {cfg.n_clusters} clusters", flush=True)
         centroids = spherical_kmeans(x, cfg.n_clusters, cfg.kmeans.iterations, cfg.kmeans.redo, cfg.train.seed)
+        scores["cluster_mean_cosine"] = mean_max_cosine(x, centroids)
     else:
         centroids = None
     centroids = all_gather(centroids)[0]
     seg.centroids.copy_(torch.from_numpy(centroids).to(seg.centroids.device))
     seg.fitted.fill_(True)
-    return skipped, seen
+    seen = np.stack(seen) if seen else None
+    if rank == 0 and seen is not None:
+        scores["view_nmi"] = view_nmi(seg, seen, cfg.train.seed)
+    return skipped, seen, scores
 
 
 def _log_overlays(cfg: Config, seg: Segmenter, images: np.ndarray, logger, name: str) -> None:
@@ -467,6 +481,8 @@ def worker_loop(loop_cfg: dict) -> None:
             stats, last_images, bad = method.train_epoch(shard, epoch, progress, logger)
             skipped.update(map(tuple, sum(all_gather(bad), [])))
             progress["epoch"] = epoch + 1
+            if rank == 0 and last_images is not None:  # label-free, per epoch: what ASHA can stop trials on
+                stats["view_nmi"] = view_nmi(seg, last_images, cfg.train.seed)
             metrics = {**stats, "epoch": epoch + 1, "step": progress["step"], "skipped_files": len(skipped)}
             last_epoch = stats
             if rank == 0:
@@ -477,12 +493,13 @@ def worker_loop(loop_cfg: dict) -> None:
             _save(seg, method, progress, bank, rank, metrics, finished=False, run=run)
 
     if not progress["clustered"]:
-        bad, seen = fit_clusters(cfg, seg, ray.train.get_dataset_shard("cluster"), rank, device)
+        bad, seen, scores = fit_clusters(cfg, seg, ray.train.get_dataset_shard("cluster"), rank, device)
         skipped.update(map(tuple, sum(all_gather(bad), [])))
         progress["clustered"] = True
-        metrics = {**last_epoch, "epoch": progress["epoch"], "step": progress["step"], "skipped_files": len(skipped)}
+        metrics = {**last_epoch, **scores, "epoch": progress["epoch"], "step": progress["step"],
+                   "skipped_files": len(skipped)}
         if rank == 0:
-            logger.log_metrics({"skipped_files": len(skipped)}, step=progress["step"])
+            logger.log_metrics({"skipped_files": len(skipped), **scores}, step=progress["step"])
             _log_skipped(logger, skipped)
             if seen is not None:
                 _log_overlays(cfg, seg, seen, logger, "final")

@@ -147,6 +147,49 @@ def confusion_figure(
     return buffer.getvalue()
 
 
+def sweep_figure(rows: list[dict], metric: str, mode: str, curves: dict[str, tuple[list, list]]) -> bytes:
+    """PNG of a sweep: the metric against each swept key (one panel per key, the best trial
+    ringed; trials stopped early hollow) and, when given, each trial's metric per report."""
+    keys = sorted({k for r in rows for k in r["overrides"]})
+    scored = [r for r in rows if isinstance(r.get(metric), (int, float))]
+    finished = [r for r in scored if r["status"] == "finished"]
+    sign = 1 if mode == "max" else -1
+    best = max(finished, key=lambda r: sign * r[metric]) if finished else None
+    panels = len(keys) + (1 if curves else 0)
+    fig = Figure(figsize=(3.2 * max(panels, 1), 3.0), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, panels, i + 1)
+        values = [r["overrides"].get(key) for r in scored]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        ticks = sorted({str(v) for v in values})
+        xs = [v if numeric else ticks.index(str(v)) for v in values]
+        for x, r in zip(xs, scored):
+            done = r["status"] == "finished"
+            ax.scatter([x], [r[metric]], s=30, facecolors="tab:blue" if done else "none", edgecolors="tab:blue")
+            if r is best:
+                ax.scatter([x], [r[metric]], s=160, facecolors="none", edgecolors="tab:red", linewidths=1.5)
+        if not numeric:
+            ax.set_xticks(range(len(ticks)), ticks, rotation=45, fontsize=7)
+        elif values and min(values) > 0 and max(values) / min(values) >= 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(key, fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+    if curves:
+        ax = fig.add_subplot(1, panels, panels)
+        for trial, (steps, values) in sorted(curves.items()):
+            ax.plot(steps, values, marker=".", linewidth=1, label=trial[-5:])
+        ax.set_xlabel("report (epochs, then final)", fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+        if len(curves) <= 12:
+            ax.legend(fontsize=6)
+    fig.suptitle(f"{len(rows)} trials; {metric} ({mode}); red ring = best, hollow = stopped early", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 def save_png(array: np.ndarray, path: str | Path) -> None:
     """Write a uint8 (H, W) or (H, W, 3) array as PNG, creating parent folders."""
     array = np.asarray(array)
