@@ -27,7 +27,7 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
-# CamVid quality runs and large-memory checks.
+# CamVid quality runs, large-memory checks and the long end-to-end sequences.
 test-slow: install
 	$(PY) -m pytest -q -m slow
 

@@ -270,7 +270,8 @@ def sweep(config: str, space: str, overrides: tuple = (), restart: bool = False,
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     cfg.mlflow.tracking_uri = uri  # the trials run in other folders: the local store's path is fixed here
     storage_path, fs = _storage(cfg)
-    path = f"{storage_path.rstrip('/')}/sweeps/{name}"
+    storage_path = f"{storage_path.rstrip('/')}/sweeps"
+    path = f"{storage_path}/{name}"
     previous = tracking.find_run(uri, cfg.mlflow.experiment, name)
     if restart:
         remove_tree(f"{cfg.train.storage.rstrip('/')}/sweeps/{name}")

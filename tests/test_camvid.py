@@ -10,6 +10,7 @@ def camvid_config(name, tmp_path, camvid, *overrides):
                               f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlruns.db", *overrides])
 
 
+@pytest.mark.slow
 def test_kmeans_baseline_beats_the_majority_class(tmp_path, ray_local, camvid, capsys):
     from raysseg.evaluate import evaluate
     from raysseg.train import train

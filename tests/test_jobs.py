@@ -126,6 +126,7 @@ def job_env(s3_server, ray_head, mlflow_server) -> dict:
             "RAY_ADDRESS": ray_head, "MLFLOW_TRACKING_URI": mlflow_server, "RAYSSEG_PREINSTALLED": "1"}
 
 
+@pytest.mark.slow  # the sweep job below covers the head, the server and pull-best in the default run
 def test_job_submit_to_a_head_logs_to_an_mlflow_server_with_s3_artifacts_then_pull_best(
         tmp_path, s3_server, s3_synth, mlflow_server, ray_head):
     from mlflow.tracking import MlflowClient

@@ -60,6 +60,7 @@ def test_concepts_two_workers_share_memory_and_dictionary_versions_and_resume(tm
     assert read_checkpoint(again.checkpoint)["progress"] == {"epoch": 2, "step": 4, "clustered": True}
 
 
+@pytest.mark.slow  # the visual-concepts 2-worker test covers the same trainer and bank tables
 def test_segsort_two_workers_then_evaluate(tmp_path, ray_local, synth_data):
     from raysseg.evaluate import evaluate
     from raysseg.train import train

@@ -67,6 +67,7 @@ def test_kmeans_from_s3_with_checkpoints_on_s3_and_mlflow(tmp_path, ray_local, s
     assert again.already_finished and again.run_id == result.run_id
 
 
+@pytest.mark.slow  # skipping and counting at the Ray Data level: tests/test_data.py
 def test_bad_files_are_skipped_counted_and_reported(tmp_path, ray_local, synth_data):
     from raysseg.evaluate import evaluate
     from raysseg.train import train
