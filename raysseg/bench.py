@@ -335,6 +335,53 @@ def bench_cluster(sizes=(1_000_000, 5_000_000), dim: int = 128, k: int = 27, ite
     return text
 
 
+def bench_select(reports: str, n_images: int = 32) -> str:
+    """Label-free ``view_nmi`` of each evaluated checkpoint (``raysseg evaluate`` reports matching
+    the glob ``reports``) on ``n_images`` of its own training split, against its labelled scores."""
+    import glob
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from scipy.stats import spearmanr
+
+    from raysseg.data import center_square_box, decode_image, list_split
+    from raysseg.model import load_segmenter
+    from raysseg.selection import view_nmi
+    from raysseg.storage import read_bytes
+
+    rows, seen = [], set()
+    for path in sorted(glob.glob(reports)):
+        report = json.loads(Path(path).read_text())
+        key = report["checkpoint"] if "://" in report["checkpoint"] else os.path.realpath(report["checkpoint"])
+        if key in seen:  # the same checkpoint evaluated twice
+            continue
+        seen.add(key)
+        seg, _ = load_segmenter(report["checkpoint"])
+        cfg = seg.cfg
+        files = list_split(cfg.data.train, with_labels=False).images
+        picked = np.random.default_rng(0).choice(len(files), min(n_images, len(files)), replace=False)
+        images = []
+        for i in sorted(picked):
+            image = decode_image(read_bytes(files[i]))
+            box = tuple(round(v) for v in center_square_box(*image.size))
+            images.append(np.asarray(image.crop(box).resize((cfg.data.image_size,) * 2, Image.BILINEAR)))
+        score = view_nmi(seg, np.stack(images), seed=0)
+        clusters = report["scores"]["clusters"]
+        rows.append([Path(path).parent.name, cfg.method, cfg.model.backbone, f"{score:.3f}",
+                     f"{100 * clusters['miou']:.1f}", f"{100 * clusters['accuracy']:.1f}"])
+        print(rows[-1], flush=True)
+    if len(rows) < 3:
+        raise SystemExit(f"bench select: {len(rows)} distinct checkpoints in {reports!r}; need at least 3")
+    rows.sort(key=lambda r: -float(r[3]))
+    nmi, miou, acc = (np.array([float(r[i]) for r in rows]) for i in (3, 4, 5))
+    title = (f"Label-free selection: view_nmi on {n_images} training images vs labelled val scores "
+             f"(Spearman {spearmanr(nmi, miou).statistic:.2f} with mIoU, {spearmanr(nmi, acc).statistic:.2f} "
+             f"with accuracy, {len(rows)} checkpoints)")
+    return _table(title, ["evaluation", "method", "backbone", "view_nmi", "val clusters mIoU", "val clusters acc"],
+                  rows)
+
+
 def main(args) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if args.what == "cluster":
@@ -343,7 +390,7 @@ def main(args) -> None:
                              assign_passes=args.assign_passes, sklearn_max_iter=args.sklearn_max_iter,
                              backbones=[b for b in args.backbones.split(",") if b])
     else:
-        table = {"data": bench_data, "eval": bench_eval}.get(args.what)
+        table = {"data": bench_data, "eval": bench_eval, "select": lambda: bench_select(args.reports)}.get(args.what)
         text = table() if table else bench_step(args.method)
     print(text)
     if args.out:

@@ -216,7 +216,9 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_storage_serve)
 
     sp = sub.add_parser("bench", help="benchmarks that print a table")
-    sp.add_argument("what", choices=["data", "eval", "step", "cluster"])
+    sp.add_argument("what", choices=["data", "eval", "step", "cluster", "select"])
+    sp.add_argument("--reports", default="outputs/*/*/report.json",
+                    help="select: glob of `raysseg evaluate` reports whose checkpoints get a view_nmi")
     sp.add_argument("--method", default="hp", choices=["hp", "picie", "pgg", "segsort", "concepts"])
     sp.add_argument("--sizes", default="1000000,5000000", help="cluster: comma-separated feature counts N")
     sp.add_argument("--dim", type=int, default=128, help="cluster: feature dimension")
