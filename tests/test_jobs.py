@@ -100,7 +100,10 @@ def ray_head(tmp_path_factory, s3_server):
         proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
              f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-             "--include-dashboard=true", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+             "--include-dashboard=true", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+             # the session's local Ray already holds the default agent ports
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dashboard}"
@@ -126,7 +129,7 @@ def job_env(s3_server, ray_head, mlflow_server) -> dict:
             "RAY_ADDRESS": ray_head, "MLFLOW_TRACKING_URI": mlflow_server, "RAYSSEG_PREINSTALLED": "1"}
 
 
-@pytest.mark.slow  # the sweep job below covers the head, the server and pull-best in the default run
+@pytest.mark.slow  # about 3.5 minutes on 2 cores
 def test_job_submit_to_a_head_logs_to_an_mlflow_server_with_s3_artifacts_then_pull_best(
         tmp_path, s3_server, s3_synth, mlflow_server, ray_head):
     from mlflow.tracking import MlflowClient
@@ -180,6 +183,7 @@ space:
 """
 
 
+@pytest.mark.slow  # about 6 minutes on 2 cores: two HP trials through Tune, a head and an mlflow server
 def test_sweep_job_with_asha_one_parent_run_one_child_per_trial_and_best_registered(
         tmp_path, s3_server, s3_synth, mlflow_server, ray_head, monkeypatch):
     """jobs/sweep.sh on the head: HP trials with alpha 0 then 100 (a consistency term 100x
