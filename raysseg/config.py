@@ -214,32 +214,44 @@ class Config:
         return f"{self.name}-{digest}"
 
 
+def available(package: str) -> list[str]:
+    """Names of the YAML files shipped in ``package`` (``raysseg.configs``, ``raysseg.sweeps``)."""
+    return sorted(p.name[:-5] for p in resources.files(package).iterdir() if p.name.endswith(".yaml"))
+
+
 def available_configs() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("raysseg.configs").iterdir() if p.name.endswith(".yaml"))
+    return available("raysseg.configs")
 
 
-def _read_yaml(name_or_path: str) -> tuple[str, dict]:
+def read_named_yaml(name_or_path: str, package: str, kind: str) -> tuple[str, dict]:
+    """(name, mapping) of a YAML path or of a built-in ``<package>/<name>.yaml``; errors name the ``kind``."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"{kind} file {path} does not exist")
         text, name = path.read_text(), path.stem
     else:
-        res = resources.files("raysseg.configs") / f"{name_or_path}.yaml"
+        res = resources.files(package) / f"{name_or_path}.yaml"
         if not res.is_file():
-            hint = difflib.get_close_matches(name_or_path, available_configs(), n=1)
+            known = available(package)
+            hint = difflib.get_close_matches(name_or_path, known, n=1)
             raise ConfigError(
-                f"unknown config {name_or_path!r}"
+                f"unknown {kind} {name_or_path!r}"
                 + (f"; did you mean {hint[0]!r}?" if hint else "")
-                + f" (built-in: {', '.join(available_configs())}; or give a .yaml path)"
+                + f" (built-in: {', '.join(known)}; or give a .yaml path)"
             )
         text, name = res.read_text(), name_or_path
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {name_or_path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{kind} {name_or_path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config {name_or_path}: top level must be a mapping of sections")
+        raise ConfigError(f"{kind} {name_or_path}: top level must be a mapping")
+    return name, raw
+
+
+def _read_yaml(name_or_path: str) -> tuple[str, dict]:
+    name, raw = read_named_yaml(name_or_path, "raysseg.configs", "config")
     raw.setdefault("name", name)
     return name, raw
 
@@ -299,6 +311,17 @@ def _build(cls, raw: dict, prefix: str):
     return cls(**values)
 
 
+def _set_key(raw: dict, key: str, value: Any, where: str) -> None:
+    """Set dotted ``key`` in a raw config mapping (unknown keys are caught later by ``_build``)."""
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {part} is not a section")
+    node[parts[-1]] = value
+
+
 def _apply_override(raw: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected key.sub=value")
@@ -307,13 +330,7 @@ def _apply_override(raw: dict, assignment: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {part} is not a section")
-    node[parts[-1]] = value
+    _set_key(raw, key, value, f"--set {key}")
 
 
 def _check_consistency(cfg: Config) -> None:
@@ -342,27 +359,22 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     _, raw = _read_yaml(name_or_path)
     for assignment in overrides:
         _apply_override(raw, assignment)
-    cfg = _build(Config, raw, "")
-    _check_consistency(cfg)
-    _resolve_paths(cfg)
-    return cfg
+    return _validated(raw)
 
 
 def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
     """A copy of ``cfg`` with dotted keys set (``{"hp.tau": 0.6}``), validated like a loaded config."""
     raw = cfg.to_dict()
     for key, value in values.items():
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"unknown config section {part!r} in {key!r}")
-            node = node[part]
-        node[parts[-1]] = value
-    out = _build(Config, raw, "")
-    _check_consistency(out)
-    _resolve_paths(out)
-    return out
+        _set_key(raw, key, value, key)
+    return _validated(raw)
+
+
+def _validated(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    _check_consistency(cfg)
+    _resolve_paths(cfg)
+    return cfg
 
 
 def _resolve_paths(cfg: Config) -> None:

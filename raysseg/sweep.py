@@ -28,13 +28,11 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from raysseg.config import Config, ConfigError, with_overrides
+from raysseg.config import Config, ConfigError, available, read_named_yaml, with_overrides
 
 # label-free metrics every trial reports: name -> (direction, reported every epoch as well as at the end)
 METRICS = {
@@ -43,7 +41,6 @@ METRICS = {
     "loss_total": ("min", True),  # the training loss (not comparable when the sweep changes loss weights)
 }
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-FINAL_FLAG = "final"  # reported by a trial once it has its final model
 
 
 @dataclass
@@ -75,28 +72,14 @@ class SweepResult:
 
 
 def available_sweeps() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("raysseg.sweeps").iterdir() if p.name.endswith(".yaml"))
+    return available("raysseg.sweeps")
 
 
 def load_sweep(name_or_path: str) -> SweepSpec:
     """Read and check a sweep file (everything except its config keys: see ``check_space``)."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"sweep file {path} does not exist")
-        text, name = path.read_text(), path.stem
-    else:
-        res = resources.files("raysseg.sweeps") / f"{name_or_path}.yaml"
-        if not res.is_file():
-            raise ConfigError(f"unknown sweep {name_or_path!r} (built-in: {', '.join(available_sweeps())}; "
-                              f"or give a .yaml path)")
-        text, name = res.read_text(), name_or_path
+    name, raw = read_named_yaml(name_or_path, "raysseg.sweeps", "sweep")
     where = f"sweep {name_or_path}"
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("space"), dict) or not raw["space"]:
+    if not isinstance(raw.get("space"), dict) or not raw["space"]:
         raise ConfigError(f"{where}: needs a non-empty 'space' mapping of config keys to distributions")
     fields = {f.name for f in dataclasses.fields(SweepSpec)} - {"name"}
     unknown = set(raw) - fields
@@ -223,7 +206,7 @@ def _trial(params: dict, *, config: dict, spec: dict, sweep: str, parent_run_id:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raysseg.config import config_from_dict
-    from raysseg.train import train
+    from raysseg.train import FINAL_FLAG, train
 
     metric = spec["metric"]
 
@@ -231,7 +214,7 @@ def _trial(params: dict, *, config: dict, spec: dict, sweep: str, parent_run_id:
         """Forwards the workers' per-epoch reports that carry the metric (ASHA decides on them)."""
 
         def after_report(self, run_context, metrics, checkpoint):
-            if metric in metrics[0] and "cluster_mean_cosine" not in metrics[0]:  # not the final report
+            if metric in metrics[0] and FINAL_FLAG not in metrics[0]:  # the trial reports the final one itself
                 super().after_report(run_context, metrics, checkpoint)
 
     cfg = with_overrides(config_from_dict(config), trial_overrides(params))
@@ -344,6 +327,8 @@ def _new_tuner(spec: SweepSpec, cfg: Config, trainable, name: str, storage_path:
 
 
 def _rows(grid, spec: SweepSpec) -> list[dict]:
+    from raysseg.train import FINAL_FLAG
+
     rows = []
     for r in grid:
         m = r.metrics or {}

@@ -28,6 +28,9 @@ from raysseg.model import CHECKPOINT_FILE, Segmenter, read_checkpoint, save_chec
 from raysseg.selection import SCORE_IMAGES, view_nmi
 
 
+FINAL_FLAG = "final"  # in the report of the finished model (after the final clustering)
+
+
 class RunFailed(RuntimeError):
     """Training stopped; the message is one line and says what to do."""
 
@@ -497,7 +500,7 @@ def worker_loop(loop_cfg: dict) -> None:
         skipped.update(map(tuple, sum(all_gather(bad), [])))
         progress["clustered"] = True
         metrics = {**last_epoch, **scores, "epoch": progress["epoch"], "step": progress["step"],
-                   "skipped_files": len(skipped)}
+                   "skipped_files": len(skipped), FINAL_FLAG: 1}
         if rank == 0:
             logger.log_metrics({"skipped_files": len(skipped), **scores}, step=progress["step"])
             _log_skipped(logger, skipped)
