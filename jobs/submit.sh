@@ -2,8 +2,9 @@
 # Submit any raysseg command to a Ray cluster as a job and follow its logs:
 #   RAY_ADDRESS=http://127.0.0.1:8265 jobs/submit.sh train --config hp_cocostuff --set train.storage=s3://b/runs
 # This repository is uploaded as the job's working directory (--working-dir .) and installed
-# there (see jobs/runtime_env.py; RAYSSEG_PREINSTALLED=1 skips that). AWS_* and MLFLOW_* are
-# forwarded from this shell. The exit code is the job's.
+# there (see jobs/runtime_env.py; RAYSSEG_PREINSTALLED=1 skips that). The S3 endpoint, region
+# and MLFLOW_* are forwarded from this shell; credentials never are (the nodes hold their own).
+# The exit code is the job's.
 set -euo pipefail
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the cluster dashboard, e.g. http://127.0.0.1:8265 (ray dashboard / port-forward)}"
 cd "$(dirname "$0")/.."

@@ -31,6 +31,11 @@ import ray
 TRACE_LENGTH = 100_000
 
 
+class BankLost(RuntimeError):
+    """The bank's process died and Ray restarted it empty: training must restart from its latest
+    checkpoint, which restores the bank (the driver does this on its own)."""
+
+
 def checksum(values: np.ndarray) -> float:
     """An order-sensitive fingerprint of a table, to compare what workers saw."""
     v = np.asarray(values, dtype=np.float64).ravel()
@@ -58,9 +63,18 @@ class ConceptBank:
         self.dictionary: dict[str, np.ndarray] | None = None  # EMA state of the concept dictionary
         self.dictionary_seed = 0
         self.changed = asyncio.Condition()
+        # Ray restarted this actor after its process died: every table is gone. Refuse to serve until
+        # a worker restores the state of the checkpoint the run restarts from.
+        self.lost = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def _check(self) -> None:
+        if self.lost:
+            raise BankLost("the concept bank's process died and was restarted without its tables; "
+                           "the run restarts from its latest checkpoint")
 
     async def put_part(self, name: str, version: int, rank: int, index: np.ndarray, values: np.ndarray) -> None:
         """Contribute rows ``index`` of version ``version`` of table ``name`` from ``rank``."""
+        self._check()
         current = self.tables.get(name, (0, None))[0]
         if version <= current:
             return  # already published (a restarted worker repeating itself)
@@ -82,6 +96,7 @@ class ConceptBank:
 
     async def get(self, name: str, version: int, rank: int = -1) -> tuple[int, np.ndarray]:
         """Wait for version >= ``version`` of ``name``; returns (version, table)."""
+        self._check()
         async with self.changed:
             await self.changed.wait_for(lambda: self.tables.get(name, (0, None))[0] >= version)
         v, values = self.tables[name]
@@ -90,12 +105,14 @@ class ConceptBank:
 
     async def get_many(self, names: list[str], version: int, rank: int = -1) -> dict[str, tuple[int, np.ndarray]]:
         """:meth:`get` of several tables in one round trip."""
+        self._check()
         return {name: await self.get(name, version, rank) for name in names}
 
     async def append(self, name: str, version: int, rank: int, values: np.ndarray, keep: int) -> None:
         """Ring table: once every rank has contributed its rows to ``version``, the batch (rows in rank
         order) joins the ring, the oldest batches beyond ``keep`` leave it, and the table published as
         ``version`` is the ring's rows (oldest first). SegSort's memory bank of the last B batches."""
+        self._check()
         if version <= self.tables.get(name, (0, None))[0]:
             return
         parts = self.pending.setdefault((name, version), {})
@@ -110,6 +127,7 @@ class ConceptBank:
 
     async def init_concepts(self, state: dict[str, np.ndarray], seed: int) -> None:
         """Publish version 1 of the dictionary (``concepts``, ``cooccurrence``) unless it exists."""
+        self._check()
         if self.dictionary is not None:
             return
         self.dictionary, self.dictionary_seed = state, seed
@@ -119,6 +137,7 @@ class ConceptBank:
     async def update_concepts(self, version: int, rank: int, stats: dict[str, np.ndarray], decay: float) -> None:
         """Contribute one rank's :func:`~raysseg.methods.segsort_core.concept_statistics` to
         ``version``; the last contribution triggers the EMA update and publishes ``version``."""
+        self._check()
         from raysseg.methods.segsort_core import update_dictionary
 
         if version <= self.tables.get("concepts", (0, None))[0]:
@@ -135,23 +154,27 @@ class ConceptBank:
 
     async def publish(self, name: str, version: int, values: np.ndarray) -> None:
         """A table with one writer (e.g. centroids computed by rank 0): publish it whole."""
+        self._check()
         if version > self.tables.get(name, (0, None))[0]:
             await self._publish(name, version, np.asarray(values))
 
     async def share(self, key: str, rank: int, obj) -> None:
         """Hand a small object (e.g. object refs of feature blocks) to whoever calls :meth:`collect`."""
+        self._check()
         self.handoff.setdefault(key, {})[rank] = obj
         async with self.changed:
             self.changed.notify_all()
 
     async def collect(self, key: str) -> list:
         """Wait until every rank has shared ``key``; returns the objects in rank order and forgets them."""
+        self._check()
         async with self.changed:
             await self.changed.wait_for(lambda: len(self.handoff.get(key, {})) == self.world_size)
         parts = self.handoff.pop(key)
         return [parts[r] for r in sorted(parts)]
 
     def version(self, name: str) -> int:
+        self._check()
         return self.tables.get(name, (0, None))[0]
 
     def get_trace(self) -> list[dict]:
@@ -159,11 +182,17 @@ class ConceptBank:
 
     def state(self) -> dict:
         """Everything needed to restore the bank (goes into each checkpoint)."""
+        self._check()
         return {"tables": {k: (v, t.copy()) for k, (v, t) in self.tables.items()},
                 "rings": {k: [b.copy() for b in ring] for k, ring in self.rings.items()},
                 "dictionary": self.dictionary, "dictionary_seed": self.dictionary_seed}
 
     async def restore(self, state: dict) -> None:
+        """Replace all state with ``state`` (from a checkpoint; ``{}`` = empty, a run's first start).
+        Parts contributed by an earlier attempt are dropped, so every version is rebuilt by the ranks
+        of the attempt that uses it."""
+        self.lost = False
+        self.handoff.clear()
         self.tables = {k: (int(v), np.asarray(t)) for k, (v, t) in state.get("tables", {}).items()}
         self.rings = {k: list(ring) for k, ring in state.get("rings", {}).items()}
         self.dictionary, self.dictionary_seed = state.get("dictionary"), state.get("dictionary_seed", 0)

@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(message: str) -> int:
-    print(message.splitlines()[0] if message else "error", file=sys.stderr)
+    from raysseg.tracking import redact
+
+    print(redact(message.splitlines()[0]) if message else "error", file=sys.stderr)
     return 2
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -66,6 +67,8 @@ class TrainConfig:
     run_name: str = _f("", help="empty = <config>-<hash of the settings>")
     log_every: int = _f(10, lo=1)
     checkpoints_to_keep: int = _f(2, lo=1)
+    checkpoint_every: int = _f(0, lo=0, help="steps between mid-epoch checkpoints; 0 = at the end of each epoch only")
+    max_restarts: int = _f(3, lo=0, hi=100, help="restarts from the latest checkpoint after a worker or the bank dies")
 
 
 @dataclass
@@ -209,7 +212,8 @@ class Config:
         """The run's identity: the same settings give the same name, so a rerun resumes."""
         if self.train.run_name:
             return self.train.run_name
-        settings = {k: v for k, v in self.flat().items() if not k.startswith(("eval.", "mlflow.", "train.log_every", "pretrain."))}
+        operational = ("eval.", "mlflow.", "pretrain.", "train.log_every", "train.checkpoint", "train.max_restarts")
+        settings = {k: v for k, v in self.flat().items() if not k.startswith(operational)}
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
         return f"{self.name}-{digest}"
 
@@ -272,6 +276,8 @@ def _coerce(key: str, value: Any, typ: type, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
     elif typ is str:
         if value is None:
             value = ""

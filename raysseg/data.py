@@ -4,7 +4,9 @@ A split is a local folder or s3:// prefix holding ``images/`` (PNG/JPEG) and, op
 ``labels/`` (single-channel PNG, one class index per pixel, same stem as its image).
 Pipeline rows are dicts of numpy arrays: ``image`` uint8 (S,S,3), ``label`` int64 (S,S) when
 labels are requested, ``path`` str, ``valid`` bool and ``error`` str. Unreadable images or
-labels do not raise: their row has ``valid=False``, zeroed arrays and the error text.
+labels (empty, truncated, corrupt, a label of the wrong size or, when ``n_classes`` is given,
+with values outside the classes) do not raise: their row has ``valid=False``, zeroed arrays and
+a one-line error naming the file and what to do.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision
 
 class DatasetError(ValueError):
     """A dataset is missing or malformed; the message names the URI and what to do."""
+
+
+class BadFileError(DatasetError):
+    """One image or label file cannot be used; its pipeline row is marked invalid with this one line."""
 
 
 # --------------------------------------------------------------------------- synthetic data
@@ -148,6 +154,12 @@ def list_split(uri: str, with_labels: bool) -> SplitFiles:
     """List ``images/`` (and, if ``with_labels``, ``labels/``) of a split; every image needs a label."""
     images_uri = storage.join(uri, "images")
     if not storage.exists(images_uri):
+        bucket = uri[len("s3://"):].split("/", 1)[0] if storage.is_s3(uri) else ""
+        if bucket and not storage.exists(f"s3://{bucket}"):  # name the missing bucket, not a missing folder
+            raise storage.StorageError(
+                f"S3 bucket '{bucket}' does not exist at {storage.s3_settings().endpoint_name} ({uri}): "
+                "create it or fix the URI"
+            )
         raise DatasetError(f"{uri} has no images/ folder: a split needs images/*.png|jpg (and labels/*.png for evaluation)")
     images = storage.list_files(images_uri)
     if not images:
@@ -170,12 +182,30 @@ def list_split(uri: str, with_labels: bool) -> SplitFiles:
 # --------------------------------------------------------------------------- decoding + geometry
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes to an 8-bit RGB PIL image (grayscale, RGBA, palette and 16-bit inputs)."""
+def _open_image(data: bytes) -> Image.Image:
+    """PIL image of ``data``, fully loaded; unreadable bytes raise ValueError with a short reason."""
+    from PIL import UnidentifiedImageError
+
     if not data:
         raise ValueError("empty file (0 bytes)")
-    with Image.open(io.BytesIO(data)) as im:
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ValueError(f"not a readable image: {len(data)} bytes of no known format, or a corrupt header") from None
+    try:
         im.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL's truncated/broken-file errors
+        im.close()
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"truncated or corrupt {im.format or 'image'} file ({reason})") from None
+    return im
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes to an 8-bit RGB PIL image (grayscale, RGBA, palette and 16-bit inputs).
+
+    Empty, truncated or corrupt bytes raise ValueError with a short reason."""
+    with _open_image(data) as im:
         if im.mode.startswith("I;16") or im.mode == "I":
             gray = (np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8)
             return Image.fromarray(gray).convert("RGB")
@@ -186,10 +216,7 @@ def decode_image(data: bytes) -> Image.Image:
 
 def decode_label(data: bytes) -> Image.Image:
     """Decode a label PNG (single channel of class indices: L, P, I or I;16) without changing values."""
-    if not data:
-        raise ValueError("empty label file (0 bytes)")
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
+    with _open_image(data) as im:
         if im.mode in ("L", "P"):
             return im.copy()
         if im.mode.startswith("I"):
@@ -228,17 +255,50 @@ def center_square_box(width: int, height: int) -> tuple[float, float, float, flo
     return x0, y0, x0 + side, y0 + side
 
 
+def check_label_values(label: np.ndarray, n_classes: int, ignore_index: int) -> str | None:
+    """None when every value of ``label`` is a class in [0, n_classes) or ``ignore_index``;
+    otherwise a one-line reason listing (up to 5 of) the bad values."""
+    label = np.asarray(label)
+    bad = np.unique(label[((label < 0) | (label >= n_classes)) & (label != ignore_index)])
+    if bad.size == 0:
+        return None
+    shown = ", ".join(str(int(v)) for v in bad[:5]) + (f", ... ({bad.size} values)" if bad.size > 5 else "")
+    return (f"label values [{shown}] outside 0..{n_classes - 1} (ignore {ignore_index}): "
+            "fix data.n_classes or the label file")
+
+
+def _decoded(kind: str, uri: str, settings: storage.S3Settings | None, decode) -> Image.Image:
+    """Read ``uri`` (storage errors propagate) and decode it; a decode failure becomes one BadFileError
+    line naming the file and what to do."""
+    data = storage.read_bytes(uri, settings)
+    try:
+        return decode(data)
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise BadFileError(f"{kind} {uri}: {reason}: replace or remove the file") from None
+
+
 def _load_row(
     path: str, label_path: str | None, settings: storage.S3Settings | None, image_size: int,
     train: bool, crop_scale: tuple[float, float], hflip: bool, seed: int,
+    label_range: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read, decode and crop one image (and its label with the same geometry, NEAREST)."""
-    image = decode_image(storage.read_bytes(path, settings))
+    """Read, decode and crop one image (and its label with the same geometry, NEAREST).
+
+    ``label_range`` = (n_classes, ignore_index): a label holding any other value is rejected."""
+    image = _decoded("image", path, settings, decode_image)
     label = None
     if label_path is not None:
-        label = decode_label(storage.read_bytes(label_path, settings))
+        label = _decoded("label", label_path, settings, decode_label)
         if label.size != image.size:
-            raise ValueError(f"label {label_path} is {label.size[0]}x{label.size[1]} but the image is {image.size[0]}x{image.size[1]} (WxH)")
+            raise BadFileError(
+                f"label {label_path} is {label.size[0]}x{label.size[1]} but its image {path} is "
+                f"{image.size[0]}x{image.size[1]} (WxH): labels must have their image's size"
+            )
+        if label_range is not None:
+            reason = check_label_values(np.asarray(label), *label_range)
+            if reason:
+                raise BadFileError(f"label {label_path}: {reason}")
     rng = _row_rng(seed, path)
     box = random_resized_crop_box(rng, *image.size, crop_scale) if train else center_square_box(*image.size)
     flip = train and hflip and rng.random() < 0.5
@@ -254,6 +314,7 @@ def _load_row(
 def _decode_batch(
     batch: dict, *, settings: storage.S3Settings | None, image_size: int, train: bool, with_labels: bool,
     crop_scale: tuple[float, float], hflip: bool, seed: int, segments: dict | None = None,
+    label_range: tuple[int, int] | None = None,
 ) -> dict:
     """Ray Data map_batches function: file URIs -> decoded rows (invalid rows zeroed, not raised)."""
     paths = [str(p) for p in batch["path"]]
@@ -266,7 +327,8 @@ def _decode_batch(
     for i, path in enumerate(paths):
         label_path = str(batch["label_path"][i]) if with_labels else None
         try:
-            image, label = _load_row(path, label_path, settings, image_size, train, crop_scale, hflip, seed)
+            image, label = _load_row(path, label_path, settings, image_size, train, crop_scale, hflip, seed,
+                                     label_range)
             if pseudo is not None:
                 from raysseg.segments import oversegment
 
@@ -275,7 +337,8 @@ def _decode_batch(
             raise  # storage outages and bad credentials must fail loudly, not look like bad images
         except Exception as exc:  # noqa: BLE001 - any decode failure marks the row invalid
             valid[i] = False
-            errors[i] = " ".join(f"{type(exc).__name__}: {exc}".split())
+            text = str(exc) if isinstance(exc, BadFileError) else f"{type(exc).__name__}: {exc}"
+            errors[i] = " ".join(text.split())
             continue
         images[i] = image
         if label is not None:
@@ -291,7 +354,7 @@ def _decode_batch(
 def make_dataset(
     split_uri: str, *, image_size: int, train: bool, with_labels: bool, crop_scale: tuple[float, float] = (0.5, 1.0),
     hflip: bool = True, seed: int | None = 0, limit: int | None = None, files: list[str] | None = None,
-    shuffle: bool = False, segments: dict | None = None,
+    shuffle: bool = False, segments: dict | None = None, n_classes: int | None = None, ignore_index: int = 255,
 ) -> "ray.data.Dataset":
     """A Ray Dataset of decoded, cropped rows from a split folder/prefix.
 
@@ -304,6 +367,8 @@ def make_dataset(
     ``shuffle`` visits the images in a fresh random order every epoch (the file list is shuffled, not pixels).
     ``segments`` (keyword arguments of :func:`raysseg.segments.oversegment`) adds a ``segments`` column:
     the pseudo segments of each decoded image (int32 S x S), computed on the fly in the read.
+    ``n_classes`` (with labels): a label file holding a value outside [0, n_classes) other than
+    ``ignore_index`` makes its row invalid, with the bad values in the error.
     """
     import ray.data
 
@@ -324,6 +389,7 @@ def make_dataset(
     fn = functools.partial(
         _decode_batch, settings=settings, image_size=image_size, train=train, with_labels=with_labels,
         crop_scale=tuple(crop_scale), hflip=hflip, seed=seed, segments=segments,
+        label_range=(n_classes, ignore_index) if with_labels and n_classes is not None else None,
     )
     ds = ray.data.from_items(items)
     if shuffle:

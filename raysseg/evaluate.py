@@ -54,16 +54,41 @@ def codes_at(codes: torch.Tensor, ys: np.ndarray, xs: np.ndarray, size: tuple[in
     return sampled[0, :, 0].T
 
 
-def _rows(code_dim: int, parts: list[tuple[np.ndarray, np.ndarray, bool, np.ndarray]]) -> dict:
+def _rows(code_dim: int, parts: list[tuple[np.ndarray, np.ndarray, bool, np.ndarray]],
+          skipped: list[tuple[str, str]] | None = None) -> dict:
     """TrainSampler output: one row per probe pixel or prototype (vectors of one width, so that
-    Ray Data can re-batch them). parts: (vectors (n, D), labels (n,), is_prototype, image_start (n,))."""
+    Ray Data can re-batch them). parts: (vectors (n, D), labels (n,), is_prototype, image_start (n,)).
+    ``skipped`` (the batch's invalid files) adds one marker row: label -1, its JSON in ``skipped``
+    (empty on every other row)."""
+    parts = list(parts)
+    if skipped:
+        parts.append((np.zeros((1, code_dim), np.float32), np.full(1, -1), False, np.zeros(1, bool)))
     if not parts:
         return {"vector": np.zeros((0, code_dim), np.float32), "label": np.zeros(0, np.int64),
-                "prototype": np.zeros(0, bool), "image_start": np.zeros(0, bool)}
+                "prototype": np.zeros(0, bool), "image_start": np.zeros(0, bool), "skipped": np.zeros(0, str)}
+    n = sum(len(p[1]) for p in parts)
+    marks = [""] * n
+    if skipped:
+        marks[-1] = json.dumps(skipped)
     return {"vector": np.concatenate([p[0] for p in parts]).astype(np.float32),
             "label": np.concatenate([p[1] for p in parts]).astype(np.int64),
             "prototype": np.concatenate([np.full(len(p[1]), p[2]) for p in parts]),
-            "image_start": np.concatenate([p[3] for p in parts])}
+            "image_start": np.concatenate([p[3] for p in parts]),
+            "skipped": np.array(marks, dtype=str)}
+
+
+def check_scored(split: str, n_files: int, n_images: int, skipped: list[tuple[str, str]]) -> None:
+    """Raise a one-line DatasetError when no image of ``split`` could be scored (every row skipped):
+    scores over nothing would be meaningless."""
+    from raysseg.data import DatasetError
+
+    if n_images > 0:
+        return
+    first = f"; first: {skipped[0][1]}" if skipped else ""
+    raise DatasetError(
+        f"{split}: none of its {n_files} images could be scored ({len(skipped)} skipped{first}): "
+        "fix or replace the files (see the reasons), then evaluate again"
+    )
 
 
 class TrainSampler:
@@ -83,9 +108,9 @@ class TrainSampler:
         from raysseg.metrics import segment_majority_labels
 
         cfg = self.cfg
-        batch, _ = valid_rows(batch)
+        batch, bad = valid_rows(batch)
         if len(batch["image"]) == 0:
-            return _rows(self.seg.code_dim, [])
+            return _rows(self.seg.code_dim, [], bad)
         images = torch.from_numpy(batch["image"])
         codes = self.seg.codes(images)
         parts = []
@@ -105,7 +130,7 @@ class TrainSampler:
             start = np.zeros(int(keep.sum()), bool)
             start[np.unique(image.numpy()[keep], return_index=True)[1]] = True  # first prototype of each image
             parts.append((protos.numpy()[keep], majority[keep], True, start))
-        return _rows(self.seg.code_dim, parts)
+        return _rows(self.seg.code_dim, parts, bad)
 
 
 class Scorer:
@@ -209,7 +234,8 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     from raysseg import tracking
     from raysseg.config import config_from_dict
     from raysseg.data import DatasetError, make_dataset, list_split
-    from raysseg.metrics import direct_scores, fit_linear_probe, hungarian_scores, matched_confusion
+    from raysseg.metrics import (EvalInputError, direct_scores, fit_linear_probe, hungarian_scores,
+                                 matched_confusion)
     from raysseg.model import read_checkpoint
     from raysseg.train import init_ray
     from raysseg.viz import confusion_figure, overlay_grid
@@ -233,24 +259,28 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     ref = [ray.put(ckpt)]
     workers = cfg.eval.workers
 
-    probe_state, index_ref, index_info = None, None, None
+    probe_state, index_ref, index_info, train_skipped = None, None, None, []
     if probe or retrieval:  # one pass over the training split serves both
         uses = " and ".join(u for u, on in (("linear probe", probe), ("retrieval index", retrieval)) if on)
         print(f"[evaluate] {uses}: reading the labelled training split {cfg.data.train}", flush=True)
         train_ds = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=False, with_labels=True,
-                                limit=cfg.data.limit or None)
+                                limit=cfg.data.limit or None, n_classes=cfg.data.n_classes,
+                                ignore_index=cfg.data.ignore_index)
         per_image = cfg.eval.probe_pixels_per_image if probe else 0
         sampled = train_ds.map_batches(TrainSampler, fn_constructor_kwargs={"ckpt_ref": ref, "per_image": per_image,
                                        "retrieval": retrieval, "seed": cfg.train.seed},
                                        batch_size=cfg.eval.batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
                                        batch_format="numpy")
         parts = {True: ([], []), False: ([], [])}  # prototype? -> (vectors, labels)
-        n_train_images = 0
+        n_train_images, train_skipped = 0, []
         for b in sampled.iter_batches(batch_size=None, batch_format="numpy"):
             if len(b["label"]) == 0:
                 continue
+            marks = np.array([bool(m) for m in b["skipped"]], bool)
+            for m in b["skipped"][marks]:
+                train_skipped += [tuple(x) for x in json.loads(str(m))]
             for is_proto in (True, False):
-                rows = b["prototype"] == is_proto
+                rows = (b["prototype"] == is_proto) & ~marks
                 parts[is_proto][0].append(b["vector"][rows])
                 parts[is_proto][1].append(b["label"][rows])
             n_train_images += int(b["image_start"].sum())
@@ -261,8 +291,18 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
                 return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
             return np.concatenate(vecs).astype(np.float32), np.concatenate(labels).astype(np.int64)
 
+        if train_skipped:
+            print(f"warning: skipped {len(train_skipped)} unreadable files of the training split:", flush=True)
+            for path, error in train_skipped:
+                print(f"  {path}: {error}", flush=True)
         if probe:
             x, y = stacked(False)
+            if len(y) == 0:
+                first = f"; first: {train_skipped[0][1]}" if train_skipped else ""
+                raise DatasetError(
+                    f"{cfg.data.train}: no labelled training pixel for the linear probe ({len(train_skipped)} files "
+                    f"skipped{first}): fix the training split's labels or evaluate with the probe off"
+                )
             print(f"[evaluate] fitting the probe on {len(y)} pixels", flush=True)
             model = fit_linear_probe(torch.from_numpy(x), torch.from_numpy(y).long(), cfg.data.n_classes,
                                      cfg.data.ignore_index, epochs=cfg.eval.probe_epochs, seed=cfg.train.seed)
@@ -282,7 +322,8 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
 
     files = list_split(split, with_labels=True).images
     picture_paths = files[: cfg.eval.overlays]
-    ds = make_dataset(split, image_size=cfg.data.image_size, train=False, with_labels=True)
+    ds = make_dataset(split, image_size=cfg.data.image_size, train=False, with_labels=True,
+                      n_classes=cfg.data.n_classes, ignore_index=cfg.data.ignore_index)
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"ckpt_ref": ref, "probe_state": probe_state, "crf": crf,
                                                           "picture_paths": picture_paths, "index_ref": index_ref},
                             batch_size=cfg.eval.batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
@@ -299,12 +340,20 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
         done += 1
         print(f"[evaluate] scored {n_images} images of {len(files)}", flush=True)
 
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable files:")
+        for path, error in skipped:
+            print(f"  {path}: {error}")
+    check_scored(split, len(files), n_images, skipped)
     scores = {}
     for v in VARIANTS:
         if (v.startswith("probe") and not probe or v.startswith("retrieval") and not retrieval
                 or v.endswith("_crf") and not crf):
             continue
-        s = hungarian_scores(totals[v]) if v.startswith("clusters") else direct_scores(totals[v])
+        try:
+            s = hungarian_scores(totals[v]) if v.startswith("clusters") else direct_scores(totals[v])
+        except EvalInputError as e:  # e.g. every label pixel is ignore_index
+            raise DatasetError(f"{split}: {e}") from None
         scores[v] = s.to_dict()
     names = cfg.data.class_names or [f"class {i}" for i in range(cfg.data.n_classes)]
     report = {
@@ -312,13 +361,12 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
         "skipped_files": len(skipped), "skipped": skipped, "class_names": names, "scores": scores,
         "confusion": {v: totals[v].tolist() for v in scores},  # rows: predicted id, columns: class
         "retrieval_index": index_info,  # {"prototypes", "images", "k"}, or None without retrieval
+        "train_skipped": train_skipped,  # unreadable files of the training split (probe / retrieval)
         "seconds": round(time.time() - t0, 1),
     }
     print(_table(report))
     if skipped:
-        print(f"skipped {len(skipped)} unreadable files:")
-        for path, error in skipped:
-            print(f"  {path}: {error}")
+        print(f"skipped {len(skipped)} unreadable files (listed above)")
     out_dir = Path(out or "outputs/eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))

@@ -166,9 +166,9 @@ def pretrain(cfg: Config, restart: bool = False) -> PretrainResult:
     if n_images * cfg.data.image_size ** 2 * 3 <= MATERIALIZE_BYTES:
         dataset = dataset.materialize()  # decode once, not every epoch
     loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images}
-    trainer = make_trainer(cfg, pretrain_loop, loop_cfg, {"train": dataset}, run_name)
     logger = tracking.RunLogger(uri, run_id)
-    result = fit(trainer, logger, run_name)
+    result = fit(lambda: make_trainer(cfg, pretrain_loop, loop_cfg, {"train": dataset}, run_name), logger, run_name,
+                 cfg.train.max_restarts)
     with result.checkpoint.as_directory() as local:
         state = torch.load(Path(local) / STATE_FILE, map_location="cpu", weights_only=False)
     buf = io.BytesIO()

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,6 +31,9 @@ S3_SCHEME = "s3://"
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 20.0
 MAX_ATTEMPTS = 3
+RETRY_SECONDS = 60.0  # how long a read or write waits for an unreachable S3 endpoint (RAYSSEG_S3_RETRY_SECONDS)
+_TRANSIENT = ("NETWORK_CONNECTION", "COULD NOT CONNECT", "CURLCODE", "TIMED OUT", "TIMEOUT", "CONNECTION REFUSED",
+              "SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "HTTP 500", "HTTP 502", "HTTP 503", "HTTP 504")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -47,8 +50,9 @@ class S3Settings:
 
     endpoint_url: str | None  # e.g. "http://127.0.0.1:8333"; None means AWS itself
     access_key: str | None
-    secret_key: str | None
-    region: str
+    secret_key: str | None = field(repr=False)  # never in a log line or a traceback
+    region: str = "us-east-1"
+    retry_s: float = RETRY_SECONDS
 
     @property
     def endpoint_name(self) -> str:
@@ -64,7 +68,12 @@ def s3_settings() -> S3Settings:
         raise StorageError(
             "only one of AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY is set: set both (or neither to use the default AWS credential chain)"
         )
-    return S3Settings(endpoint, access, secret, os.environ.get("AWS_REGION") or "us-east-1")
+    retry = os.environ.get("RAYSSEG_S3_RETRY_SECONDS", "")
+    try:
+        retry_s = float(retry) if retry else RETRY_SECONDS
+    except ValueError:
+        raise StorageError(f"RAYSSEG_S3_RETRY_SECONDS={retry!r} is not a number of seconds: unset it or give e.g. 60") from None
+    return S3Settings(endpoint, access, secret, os.environ.get("AWS_REGION") or "us-east-1", max(retry_s, 0.0))
 
 
 def _split_endpoint(endpoint_url: str) -> tuple[str, str]:
@@ -164,6 +173,45 @@ def _translate(uri: str, exc: OSError, settings: S3Settings | None = None) -> St
     return StorageError(f"S3 error at {endpoint} on {uri}: {text}")
 
 
+def _transient(exc: OSError) -> bool:
+    """An error that may go away by itself: the endpoint is down, overloaded or timing out."""
+    upper = _one_line(str(exc)).upper()
+    return isinstance(exc, (ConnectionError, TimeoutError)) or any(k in upper for k in _TRANSIENT)
+
+
+_last_warning = [0.0]
+
+
+def _retrying(uri: str, op: Callable[[], object], settings: S3Settings | None = None):
+    """``op()``, retried with backoff while the S3 endpoint is unreachable, for up to
+    ``settings.retry_s`` seconds; then (or on any other error) a one-line StorageError."""
+    if not is_s3(uri):
+        with _errors(uri):
+            return op()
+    settings = settings or s3_settings()
+    deadline = time.monotonic() + settings.retry_s
+    delay, attempts = 0.5, 1
+    while True:
+        try:
+            return op()
+        except OSError as exc:
+            if not _transient(exc):
+                raise _translate(uri, exc, settings) from exc
+            if time.monotonic() + delay > deadline:
+                raise StorageError(
+                    f"cannot reach S3 endpoint {settings.endpoint_name} for {uri} after {attempts} attempts over "
+                    f"{settings.retry_s:.0f} s: start the server (locally `raysseg storage serve`) or set AWS_ENDPOINT_URL "
+                    f"to a running one; checkpoints written so far are kept, run the same command again to resume"
+                ) from None
+        now = time.monotonic()
+        if now - _last_warning[0] > 10:  # one line per outage and process, not one per file
+            _last_warning[0] = now
+            print(f"[storage] S3 endpoint {settings.endpoint_name} unreachable ({uri}); retrying for up to "
+                  f"{settings.retry_s:.0f} s", file=sys.stderr, flush=True)
+        time.sleep(delay)
+        delay, attempts = min(delay * 2, 5.0), attempts + 1
+
+
 @contextlib.contextmanager
 def _errors(uri: str, settings: S3Settings | None = None) -> Iterator[None]:
     try:
@@ -183,8 +231,12 @@ def join(uri: str, *parts: str) -> str:
 def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:
     """Read a whole file (``settings``: see :func:`resolve`)."""
     fs, path = resolve(uri, settings)
-    with _errors(uri, settings), fs.open_input_stream(path) as f:
-        return f.read()
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return _retrying(uri, read, settings)
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
@@ -194,8 +246,11 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     """
     fs, path = resolve(uri)
     if is_s3(uri):
-        with _errors(uri), fs.open_output_stream(path) as f:
-            f.write(data)
+        def write() -> None:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+
+        _retrying(uri, write)
         return
     folder = os.path.dirname(path)
     with _errors(uri):
@@ -222,8 +277,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
 def exists(uri: str) -> bool:
     """True if a file or folder (S3: object or prefix) exists at ``uri``."""
     fs, path = resolve(uri)
-    with _errors(uri):
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _retrying(uri, lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
 def list_files(prefix_uri: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[str]:
@@ -231,8 +285,7 @@ def list_files(prefix_uri: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> l
     (case-insensitive). Raises StorageError if the folder/prefix does not exist."""
     fs, path = resolve(prefix_uri)
     wanted = tuple(s.lower() for s in suffixes)
-    with _errors(prefix_uri):
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    infos = _retrying(prefix_uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=False)))
     names = sorted(
         i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.lower().endswith(wanted)
     )
@@ -362,6 +415,7 @@ class SeaweedServer:
         self.startup_timeout_s = startup_timeout_s
         self._requested_s3_port = s3_port
         self.s3_port: int | None = None
+        self._ports: tuple[int, ...] | None = None
         self.log_path = self.data_dir / "weed.log"
         self._proc: subprocess.Popen | None = None
 
@@ -401,9 +455,11 @@ class SeaweedServer:
             return self
         weed = find_weed()
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
-        fixed = {self._requested_s3_port} if self._requested_s3_port else set()
-        master, volume, filer, admin = _pick_ports(4, fixed)
-        self.s3_port = self._requested_s3_port or _pick_ports(1, {master, volume, filer, admin})[0]
+        if self._ports is None:  # a restart keeps the ports, so clients and the stored volumes find it again
+            fixed = {self._requested_s3_port} if self._requested_s3_port else set()
+            picked = _pick_ports(4, fixed)
+            self._ports = (*picked, self._requested_s3_port or _pick_ports(1, set(picked))[0])
+        master, volume, filer, admin, self.s3_port = self._ports
         cmd = [
             weed, f"-logdir={self.data_dir / 'logs'}", "mini",
             f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -443,7 +499,8 @@ class SeaweedServer:
             time.sleep(0.3)
 
     def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 15 s). Safe to call twice."""
+        """Stop the server (SIGTERM, then SIGKILL after 15 s). Safe to call twice; :meth:`start`
+        afterwards brings it back on the same ports with the same data."""
         proc, self._proc = self._proc, None
         if proc is None:
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +18,19 @@ import numpy as np
 RUN_NAME_TAG = "raysseg.run_name"
 CHECKPOINT_TAG = "raysseg.checkpoint"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a sweep's trials under it
+# Environment variables whose values must never reach MLflow or a log line.
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                    "HF_TOKEN")
+_URL_PASSWORD = re.compile(r"(://[^/\s:@]+):[^/\s@]+@")  # https://user:password@host
+
+
+def redact(text: str) -> str:
+    """``text`` without secrets: the values of :data:`SECRET_VARIABLES` and passwords in URLs become ``***``."""
+    for name in SECRET_VARIABLES:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 def tracking_uri(configured: str = "") -> str:
@@ -65,7 +79,7 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, params: dict,
         client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id, True
     run = client.create_run(experiment_id(uri, experiment), run_name=run_name,
-                            tags={RUN_NAME_TAG: run_name, **(tags or {})})
+                            tags={RUN_NAME_TAG: run_name, **{k: redact(str(v)) for k, v in (tags or {}).items()}})
     logger = RunLogger(uri, run.info.run_id)
     logger.log_params(params)
     return run.info.run_id, False
@@ -81,7 +95,7 @@ class RunLogger:
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -94,11 +108,13 @@ class RunLogger:
             self.client.log_batch(self.run_id, metrics=items)
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self.client.set_tag(self.run_id, key, redact(str(value)))
 
     def log_bytes(self, data: bytes, artifact_path: str) -> None:
         """Log ``data`` as the artifact file ``artifact_path`` (e.g. ``eval/confusion.png``)."""
         folder, name = os.path.split(artifact_path)
+        if name.endswith((".txt", ".json", ".csv", ".yaml", ".log")):
+            data = redact(data.decode("utf-8", errors="replace")).encode()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             path.write_bytes(data)

@@ -60,10 +60,11 @@ def init_ray(busy_workers: int = 0) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        passed = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION", "HF_HUB_OFFLINE")
-        env = {"RAY_AUTH_MODE": "disabled", "FAISS_OPT_LEVEL": "generic", **{k: os.environ[k] for k in passed if k in os.environ}}
+        # Ray's processes inherit this environment (credentials included): nothing secret goes into a
+        # runtime env, which Ray shows in its dashboard and writes to its logs.
+        os.environ.setdefault("FAISS_OPT_LEVEL", "generic")
         ray.init(address="local", num_cpus=(os.cpu_count() or 2) + busy_workers, include_dashboard=False,
-                 log_to_driver=True, runtime_env={"env_vars": env})
+                 log_to_driver=True)
 
 
 @dataclass
@@ -187,11 +188,13 @@ def train(cfg: Config, restart: bool = False, parent_run_id: str | None = None, 
         bank = ConceptBank.options(name=f"bank-{run_name}-{run_id[:8]}").remote(world)
         loop_cfg["bank"] = bank
 
-    trainer = make_trainer(cfg, worker_loop, loop_cfg, datasets, run_name, callbacks=callbacks,
-                           dataset_config=DataConfig(datasets_to_split="all"))
+    def new_trainer():
+        return make_trainer(cfg, worker_loop, loop_cfg, datasets, run_name, callbacks=callbacks,
+                            dataset_config=DataConfig(datasets_to_split="all"))
+
     logger = tracking.RunLogger(uri, run_id)
     try:
-        result = fit(trainer, logger, run_name)
+        result = fit(new_trainer, logger, run_name, cfg.train.max_restarts)
         trace = ray.get(bank.get_trace.remote()) if bank is not None else []
     finally:
         if bank is not None:  # its state lives on in the checkpoints
@@ -225,13 +228,43 @@ def make_trainer(cfg: Config, loop, loop_cfg: dict, datasets: dict, run_name: st
     )
 
 
-def fit(trainer, logger, run_name: str):
-    """Run the trainer; any failure marks the MLflow run FAILED and becomes one line (RunFailed)."""
-    try:
-        result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; show its one line
-        logger.finish("FAILED")
-        raise RunFailed(_root_message(e)) from None
+# A process died (a Train worker, the bank, a node): training again from the latest checkpoint helps.
+# Anything else (bad data, a NaN loss, a storage outage past its retries) would fail the same way again.
+LOST_PROCESS = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "WorkerCrashedError",
+                "NodeDiedError", "OwnerDiedError", "BankLost", "worker process has died")
+DETERMINISTIC = ("NonFiniteLoss", "ConfigError", "StorageError", "BackboneWeightsError", "DataError", "DatasetError")
+
+
+def restartable(e: BaseException) -> bool:
+    """True when a failed ``trainer.fit()`` lost a process rather than hit an error in the run itself.
+
+    Looks at each failed worker's error (Ray Train's ``worker_failures``), else at ``e``."""
+    failures = list(getattr(e, "worker_failures", {}).values()) or [e]
+    texts = [f"{type(f).__name__}: {f}" for f in failures]
+    if any(k + ":" in text for text in texts for k in DETERMINISTIC):
+        return False
+    return any(isinstance(f, ray.exceptions.RayActorError) or any(k in text for k in LOST_PROCESS)
+               for f, text in zip(failures, texts))
+
+
+def fit(new_trainer, logger, run_name: str, max_restarts: int = 0):
+    """Run ``new_trainer()``; after a lost process, run a new one, which resumes from the latest
+    checkpoint (at most ``max_restarts`` times; each is logged as the ``restarts`` metric). Any other
+    failure marks the MLflow run FAILED and becomes one line (RunFailed)."""
+    restarts = 0
+    while True:
+        try:
+            result = new_trainer().fit()
+            break
+        except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; show its one line
+            if restartable(e) and restarts < max_restarts:
+                restarts += 1
+                print(f"run {run_name}: a process died ({_root_message(e)[:200]}); restarting from the latest "
+                      f"checkpoint ({restarts} of train.max_restarts = {max_restarts})", flush=True)
+                logger.log_metrics({"restarts": restarts}, step=restarts)
+                continue
+            logger.finish("FAILED")
+            raise RunFailed(_root_message(e)) from None
     if result.checkpoint is None:
         logger.finish("FAILED")
         raise RunFailed(f"run {run_name} reported no checkpoint")
@@ -239,9 +272,11 @@ def fit(trainer, logger, run_name: str):
 
 
 def _root_message(e: BaseException) -> str:
-    """The innermost useful line of a (Ray-wrapped) worker error."""
-    text = str(e)
-    for cls in ("NonFiniteLoss", "ConfigError", "StorageError", "BackboneWeightsError", "DataError"):
+    """The innermost useful line of a (Ray-wrapped) worker error, without secrets."""
+    from raysseg.tracking import redact
+
+    text = redact(str(e))
+    for cls in DETERMINISTIC:
         if cls + ":" in text:
             return text.split(cls + ":", 1)[1].strip().splitlines()[0]
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -315,9 +350,12 @@ class Progress:
 
 
 def run_epoch(shard, step_fn, cfg: Config, rank: int, progress: dict, logger, steps: int, label: str,
-              timers: dict):
+              timers: dict, checkpoint=None):
     """One pass over a worker's shard: ``step_fn(batch, step) -> stats`` on every batch of valid rows.
 
+    ``progress["epoch_step"]`` batches of this epoch were trained before a mid-epoch restart: that
+    many batches of the (freshly shuffled) pass are read but not trained on, so the epoch keeps its
+    length. ``checkpoint()`` is called every ``train.checkpoint_every`` steps (on every rank).
     Logs per-step metrics and progress lines from rank 0. Returns (mean stats with
     ``iterations_per_s`` and per-step means of ``timers``, the last non-empty images, skipped
     files). Waiting for data is added to ``timers["data_wait"]``."""
@@ -325,16 +363,24 @@ def run_epoch(shard, step_fn, cfg: Config, rank: int, progress: dict, logger, st
 
     from raysseg.data import valid_rows
 
-    bar = Progress(steps, label, cfg.train.log_every) if rank == 0 else None
+    progress.setdefault("epoch_step", 0)
+    done_before = progress["epoch_step"]
+    bar = Progress(steps - done_before, label, cfg.train.log_every) if rank == 0 else None
     sums: dict[str, float] = defaultdict(float)
     skipped, last, n = [], None, 0
+    every = cfg.train.checkpoint_every
     t_epoch = wait = time.perf_counter()
-    for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
+    for i, batch in enumerate(shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
+                                                 drop_last=True)):
+        if i < done_before:
+            wait = time.perf_counter()
+            continue
         timers["data_wait"] += time.perf_counter() - wait
         batch, bad = valid_rows(batch)
         skipped += bad
         stats = step_fn(batch, progress["step"])
         progress["step"] += 1
+        progress["epoch_step"] += 1
         n += 1
         for k, v in stats.items():
             sums[k] += v
@@ -344,6 +390,8 @@ def run_epoch(shard, step_fn, cfg: Config, rank: int, progress: dict, logger, st
             if progress["step"] % cfg.train.log_every == 0:
                 logger.log_metrics({f"train/{k}": v for k, v in stats.items()}, step=progress["step"])
             bar.update(loss=stats["loss_total"])
+        if checkpoint is not None and every and progress["step"] % every == 0 and progress["epoch_step"] < steps:
+            checkpoint()
         wait = time.perf_counter()
     stats = {k: v / max(n, 1) for k, v in sums.items()}
     stats["iterations_per_s"] = n / max(time.perf_counter() - t_epoch, 1e-9)
@@ -409,9 +457,17 @@ def _log_overlays(cfg: Config, seg: Segmenter, images: np.ndarray, logger, name:
 
 
 def _save(seg, method, progress: dict, bank, rank: int, metrics: dict, finished: bool, run: dict) -> None:
-    """Report metrics from every rank; rank 0 attaches the checkpoint."""
+    """Report metrics from every rank; rank 0 attaches the checkpoint.
+
+    ``progress["lineage"]`` gains this checkpoint's (epoch, step, epoch_step, attempt): a
+    checkpoint lists every checkpoint it descends from, and ``attempt`` goes up by one each time
+    training restarts from a checkpoint, so a restart shows up as a change of attempt."""
     import ray.train
 
+    if method is not None:
+        method.before_checkpoint(progress)
+    progress["lineage"] = progress.get("lineage", []) + [
+        {k: progress.get(k, 0) for k in ("epoch", "step", "epoch_step", "attempt")}]
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
@@ -457,7 +513,7 @@ def worker_loop(loop_cfg: dict) -> None:
 
         method = SegmentTrainer(cfg, seg, bank, rank, world, device, total_steps)
 
-    progress = {"epoch": 0, "step": 0, "clustered": False}
+    progress = {"epoch": 0, "step": 0, "epoch_step": 0, "clustered": False, "lineage": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -468,10 +524,12 @@ def worker_loop(loop_cfg: dict) -> None:
             progress["clustered"] = False
         if method is not None and state.get("method_state"):
             method.load_state_dict(state["method_state"])
-        if rank == 0 and bank is not None and state.get("bank"):
-            ray.get(bank.restore.remote(state["bank"]))
+        progress = {"epoch_step": 0, "lineage": [], **progress}  # checkpoints written before these existed
         if rank == 0:
             print(f"resumed from {checkpoint.path} at epoch {progress['epoch']}, step {progress['step']}", flush=True)
+    if rank == 0 and bank is not None:  # the checkpoint's tables, or none: never those of a failed attempt
+        ray.get(bank.restore.remote((state.get("bank") if checkpoint is not None else None) or {}))
+    progress["attempt"] = progress["lineage"][-1]["attempt"] + 1 if progress["lineage"] else 1
     barrier()
 
     skipped: set = set()
@@ -479,11 +537,16 @@ def worker_loop(loop_cfg: dict) -> None:
     if method is not None:
         method.setup(ray.train.get_dataset_shard)
         shard = ray.train.get_dataset_shard("train")
+
+        def mid_epoch_checkpoint() -> None:
+            _save(seg, method, progress, bank, rank, {k: progress[k] for k in ("epoch", "step", "epoch_step")},
+                  finished=False, run=run)
+
         for epoch in range(progress["epoch"], cfg.train.epochs):
             method.before_epoch(ray.train.get_dataset_shard, epoch)
-            stats, last_images, bad = method.train_epoch(shard, epoch, progress, logger)
+            stats, last_images, bad = method.train_epoch(shard, epoch, progress, logger, mid_epoch_checkpoint)
             skipped.update(map(tuple, sum(all_gather(bad), [])))
-            progress["epoch"] = epoch + 1
+            progress["epoch"], progress["epoch_step"] = epoch + 1, 0
             if rank == 0 and last_images is not None:  # label-free, per epoch: what ASHA can stop trials on
                 stats["view_nmi"] = view_nmi(seg, last_images, cfg.train.seed)
             metrics = {**stats, "epoch": epoch + 1, "step": progress["step"], "skipped_files": len(skipped)}

@@ -50,12 +50,16 @@ def synth_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_local(offline_env, s3_server):
     """A local Ray shared by the whole session: 2 cores plus 2 logical CPUs for long-lived
-    workers (as ``raysseg.train.init_ray`` does), with the S3 server's variables in every worker."""
+    workers (as ``raysseg.train.init_ray`` does), with the S3 server's variables in every worker
+    (inherited, as a user's shell variables are)."""
     import ray
 
-    env = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "FAISS_OPT_LEVEL": "generic", "AWS_REGION": "us-east-1", **s3_server.client_env}
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True,
-             object_store_memory=1 << 30, runtime_env={"env_vars": env})
+    # Ray's processes inherit this process's environment, which s3_server has set; nothing secret goes
+    # into a runtime env (Ray logs those).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FAISS_OPT_LEVEL", "generic")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True,
+                 object_store_memory=1 << 30)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -58,7 +58,10 @@ def test_two_workers_share_pools_nan_stops_and_resume_restores_the_bank(tmp_path
     for by_rank in seen2.values():
         assert len(set(by_rank.values())) == 1
     final = read_checkpoint(second.checkpoint)
-    assert final["progress"] == {"epoch": 2, "step": 4, "clustered": True}
+    assert {k: final["progress"][k] for k in ("epoch", "step", "clustered")} == {"epoch": 2, "step": 4, "clustered": True}
+    # (epoch, step, attempt) of every checkpoint it descends from; the NaN attempt wrote none
+    assert [(c["epoch"], c["step"], c["attempt"]) for c in final["progress"]["lineage"]] == [
+        (1, 2, 1), (1, 2, 1), (2, 4, 2), (2, 4, 2)]
     client = MlflowClient(second.tracking_uri)
     assert client.get_run(second.run_id).info.status == "FINISHED"
     assert [m.value for m in client.get_metric_history(second.run_id, "epoch/step")] == [2, 4]

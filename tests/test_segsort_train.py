@@ -57,7 +57,10 @@ def test_concepts_two_workers_share_memory_and_dictionary_versions_and_resume(tm
     assert again.run_id == first.run_id
     seen = _same_for_both_ranks(again.bank_trace)
     assert {v for t, v in seen if t == "memory"} == {3, 4, 5}
-    assert read_checkpoint(again.checkpoint)["progress"] == {"epoch": 2, "step": 4, "clustered": True}
+    progress = read_checkpoint(again.checkpoint)["progress"]
+    assert {k: progress[k] for k in ("epoch", "step", "clustered")} == {"epoch": 2, "step": 4, "clustered": True}
+    assert [(c["epoch"], c["step"], c["attempt"]) for c in progress["lineage"]] == [
+        (1, 2, 1), (1, 2, 1), (2, 4, 2), (2, 4, 2)]
 
 
 @pytest.mark.slow  # the visual-concepts 2-worker test covers the same trainer and bank tables

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 
 import pytest
@@ -156,9 +157,27 @@ def test_s3_missing_key_and_unreachable_endpoint(s3_server, monkeypatch):
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    monkeypatch.setenv("RAYSSEG_S3_RETRY_SECONDS", "3")
+    t0 = time.monotonic()
     with pytest.raises(StorageError) as err:
         storage.read_bytes(f"s3://{bucket}/x.png")
+    waited = time.monotonic() - t0
     assert dead in str(err.value) and "raysseg storage serve" in str(err.value) and "AWS_ENDPOINT_URL" in str(err.value)
+    assert "checkpoints written so far are kept" in str(err.value) and "\n" not in str(err.value)
+    assert 1.0 < waited < 10, waited  # retried with backoff, then gave up within the bound
+    attempts = int(str(err.value).split(" attempts")[0].rsplit(" ", 1)[1])
+    assert attempts >= 2
+
+
+def test_a_bad_retry_setting_is_one_line(monkeypatch):
+    monkeypatch.setenv("RAYSSEG_S3_RETRY_SECONDS", "a minute")
+    with pytest.raises(StorageError, match="RAYSSEG_S3_RETRY_SECONDS='a minute' is not a number"):
+        storage.s3_settings()
+
+
+def test_secret_key_is_not_in_the_settings_repr():
+    settings = storage.S3Settings("http://127.0.0.1:1", "AKID", "very-secret-value")
+    assert "very-secret-value" not in repr(settings) and "AKID" in repr(settings)
 
 
 def test_seaweed_server_needs_credentials_and_binary(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ def synth_config(tmp_path: Path, train: str, val: str, *overrides: str, config: 
     ])
 
 
-def test_kmeans_from_s3_with_checkpoints_on_s3_and_mlflow(tmp_path, ray_local, s3_server, synth_data):
+def test_kmeans_from_s3_with_checkpoints_on_s3_and_mlflow(tmp_path, ray_local, s3_server, synth_data, capfd):
     from raysseg.data import upload
     from raysseg.evaluate import evaluate
     from raysseg.train import train
@@ -65,6 +65,20 @@ def test_kmeans_from_s3_with_checkpoints_on_s3_and_mlflow(tmp_path, ray_local, s
     # the same run again is recognised as finished instead of training twice
     again = train(cfg)
     assert again.already_finished and again.run_id == result.run_id
+
+    # the S3 secret is nowhere: MLflow's store and artifacts, the checkpoints, Ray's logs, the output
+    from raysseg.storage import copy_tree
+
+    copy_tree("s3://quick/runs", str(tmp_path / "checkpoints"))
+    secret = s3_server.secret_key.encode()
+    session = Path(ray_local._private.worker._global_node.get_session_dir_path())
+    files = [p for root in (tmp_path, session) for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.name == "mlruns.db" for p in files) and any(p.name == "model.pt" for p in files)
+    assert any(p.suffix in (".log", ".out", ".err") for p in files if session in p.parents)
+    leaks = [str(p) for p in files if secret in p.read_bytes()]
+    assert not leaks, f"the S3 secret is in {leaks}"
+    out, err = capfd.readouterr()
+    assert s3_server.secret_key not in out + err
 
 
 @pytest.mark.slow  # skipping and counting at the Ray Data level: tests/test_data.py

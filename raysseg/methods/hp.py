@@ -144,7 +144,7 @@ class HPTrainer(ResumableTrainer):
         stats["sp_version"] = self.sp_version
         return stats
 
-    def train_epoch(self, shard, epoch: int, progress: dict, logger):
+    def train_epoch(self, shard, epoch: int, progress: dict, logger, checkpoint=None):
         """One pass over this worker's shard. Returns (epoch stats, last images, skipped files)."""
         from raysseg.train import run_epoch
 
@@ -152,7 +152,7 @@ class HPTrainer(ResumableTrainer):
         self.timers.clear()
         stats, last, skipped = run_epoch(
             shard, lambda batch, step: self.train_step(batch["image"], step), cfg, self.rank, progress, logger,
-            self.total_steps // cfg.train.epochs, f"hp epoch {epoch + 1}/{cfg.train.epochs}", self.timers)
+            self.total_steps // cfg.train.epochs, f"hp epoch {epoch + 1}/{cfg.train.epochs}", self.timers, checkpoint)
         stats["time_pool_build_s"] = self.pool_build_s
         stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return stats, last, skipped

@@ -246,7 +246,7 @@ class PiCIETrainer(ResumableTrainer):
         self.timers["step"] += t3 - t0
         return stats
 
-    def train_epoch(self, shard, epoch: int, progress: dict, logger):
+    def train_epoch(self, shard, epoch: int, progress: dict, logger, checkpoint=None):
         """One pass over this worker's shard. Returns (epoch stats, last images, skipped files)."""
         from raysseg.train import run_epoch
 
@@ -256,7 +256,7 @@ class PiCIETrainer(ResumableTrainer):
         stats, last, skipped = run_epoch(
             shard, lambda batch, step: self.train_step(batch["image"], batch["path"], step), cfg, self.rank,
             progress, logger, self.total_steps // cfg.train.epochs,
-            f"{cfg.method} epoch {epoch + 1}/{cfg.train.epochs}", self.timers)
+            f"{cfg.method} epoch {epoch + 1}/{cfg.train.epochs}", self.timers, checkpoint)
         stats.update(self.cluster_stats)
         stats.update({f"time_{k}_s": v for k, v in once.items()})
         stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

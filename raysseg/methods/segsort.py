@@ -176,7 +176,14 @@ class SegmentTrainer(ResumableTrainer):
         self.timers["step"] += time.perf_counter() - t0
         return stats
 
-    def train_epoch(self, shard, epoch: int, progress: dict, logger):
+    def before_checkpoint(self, progress: dict) -> None:
+        """Wait for the tables after the last step (a resumed run reads them from the checkpoint's bank
+        state) and put the dictionary as of now into the model."""
+        shared = ray.get(self.bank.get_many.remote(self.tables, progress["step"] + 1, self.rank))
+        if self.concepts:
+            self.seg.concepts.copy_(torch.from_numpy(shared["concepts"][1]).to(self.seg.concepts.device))
+
+    def train_epoch(self, shard, epoch: int, progress: dict, logger, checkpoint=None):
         """One pass over this worker's shard. Returns (epoch stats, last images, skipped files)."""
         from raysseg.train import run_epoch
 
@@ -187,11 +194,8 @@ class SegmentTrainer(ResumableTrainer):
         stats, last, skipped = run_epoch(
             shard, lambda batch, step: self.train_step(batch["image"], batch["segments"], step), cfg, self.rank,
             progress, logger, self.total_steps // cfg.train.epochs,
-            f"{cfg.method} epoch {epoch + 1}/{cfg.train.epochs}", self.timers)
-        # the tables after the last step exist before the checkpoint is written (a resumed run reads them)
-        shared = ray.get(self.bank.get_many.remote(self.tables, progress["step"] + 1, self.rank))
-        if self.concepts:  # the checkpoint carries the dictionary as of the end of this epoch
-            self.seg.concepts.copy_(torch.from_numpy(shared["concepts"][1]).to(self.seg.concepts.device))
+            f"{cfg.method} epoch {epoch + 1}/{cfg.train.epochs}", self.timers, checkpoint)
+        if self.concepts:
             stats["concepts_used"] = float(len(self.used))
         stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return stats, last, skipped
