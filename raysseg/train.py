@@ -276,9 +276,11 @@ def _root_message(e: BaseException) -> str:
     from raysseg.tracking import redact
 
     text = redact(str(e))
-    for cls in DETERMINISTIC:
-        if cls + ":" in text:
-            return text.split(cls + ":", 1)[1].strip().splitlines()[0]
+    failures = [redact(str(f)) for f in getattr(e, "worker_failures", {}).values()]  # each worker's full error
+    for candidate in failures + [text]:
+        for cls in DETERMINISTIC:
+            if cls + ":" in candidate:
+                return candidate.split(cls + ":", 1)[1].strip().splitlines()[0]
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
 
