@@ -365,7 +365,6 @@ def run_epoch(shard, step_fn, cfg: Config, rank: int, progress: dict, logger, st
 
     from raysseg.data import valid_rows
 
-    progress.setdefault("epoch_step", 0)
     done_before = progress["epoch_step"]
     bar = Progress(steps - done_before, label, cfg.train.log_every) if rank == 0 else None
     sums: dict[str, float] = defaultdict(float)

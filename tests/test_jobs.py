@@ -90,7 +90,8 @@ def mlflow_server(tmp_path_factory, s3_server):
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory, s3_server):
-    """A real head started with `ray start --head --block` (stopping it leaves the test session's Ray alone)."""
+    """A real head started with `ray start --head --block` (stopping it leaves the test session's Ray alone).
+    Yields (dashboard address, the head's temp folder with its sessions and logs)."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it
     dashboard = free_port()
     log = tmp_path_factory.mktemp("ray-head") / "ray-head.log"
@@ -109,7 +110,7 @@ def ray_head(tmp_path_factory, s3_server):
         address = f"http://127.0.0.1:{dashboard}"
         wait_for(f"{address}/api/version", 120, proc, log)
         wait_for_job_agent(address, 120)
-        yield address
+        yield address, Path(temp_dir)
     finally:
         stop(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -126,7 +127,7 @@ def s3_synth(s3_server, synth_data) -> str:
 
 def job_env(s3_server, ray_head, mlflow_server) -> dict:
     return {**os.environ, **s3_server.client_env, "AWS_REGION": "us-east-1", "PATH": f"{BIN}:{os.environ['PATH']}",
-            "RAY_ADDRESS": ray_head, "MLFLOW_TRACKING_URI": mlflow_server, "RAYSSEG_PREINSTALLED": "1"}
+            "RAY_ADDRESS": ray_head[0], "MLFLOW_TRACKING_URI": mlflow_server, "RAYSSEG_PREINSTALLED": "1"}
 
 
 @pytest.mark.slow  # about 3.5 minutes on 2 cores
@@ -170,6 +171,14 @@ def test_job_submit_to_a_head_logs_to_an_mlflow_server_with_s3_artifacts_then_pu
     assert (out / "model.pt").read_bytes() == read_bytes(checkpoint) == read_bytes(stored[0])
     info = json.loads((out / "run.json").read_text())
     assert info["run_id"] == run.info.run_id and info["value"] == pytest.approx(run.data.metrics["view_nmi"])
+
+    # the job ran with the head's own credentials: the secret is in none of the head's files (job
+    # logs, runtime-env agent log, dashboard), nor in what the submission printed
+    head_files = [p for p in ray_head[1].rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.name.startswith("job-driver-") for p in head_files)
+    secret = s3_server.secret_key
+    assert not [str(p) for p in head_files if secret.encode() in p.read_bytes()]
+    assert secret not in job.stdout + job.stderr + pulled.stdout + pulled.stderr
 
 
 SWEEP = """

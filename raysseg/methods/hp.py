@@ -152,7 +152,8 @@ class HPTrainer(ResumableTrainer):
         self.timers.clear()
         stats, last, skipped = run_epoch(
             shard, lambda batch, step: self.train_step(batch["image"], step), cfg, self.rank, progress, logger,
-            self.total_steps // cfg.train.epochs, f"hp epoch {epoch + 1}/{cfg.train.epochs}", self.timers, checkpoint)
+            self.total_steps // cfg.train.epochs, f"hp epoch {epoch + 1}/{cfg.train.epochs}", self.timers,
+            checkpoint)
         stats["time_pool_build_s"] = self.pool_build_s
         stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return stats, last, skipped
