@@ -316,7 +316,7 @@ def optimizer_step(loss: torch.Tensor, optimizer, step: int, lr_key: str, lr: fl
         dist.all_reduce(bad)
     if bad.item() > 0:
         raise NonFiniteLoss(
-            f"the loss became {float(loss)} at step {step}; the checkpoints written so far are kept: "
+            f"the loss became {float(loss.detach())} at step {step}; the checkpoints written so far are kept: "
             f"lower {lr_key} (now {lr}) and run again (training runs resume when train.run_name is set)"
         )
     optimizer.zero_grad(set_to_none=True)
