@@ -32,8 +32,9 @@ CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 20.0
 MAX_ATTEMPTS = 3
 RETRY_SECONDS = 60.0  # how long a read or write waits for an unreachable S3 endpoint (RAYSSEG_S3_RETRY_SECONDS)
-_TRANSIENT = ("NETWORK_CONNECTION", "COULD NOT CONNECT", "CURLCODE", "TIMED OUT", "TIMEOUT", "CONNECTION REFUSED",
-              "SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "HTTP 500", "HTTP 502", "HTTP 503", "HTTP 504")
+_UNREACHABLE = ("NETWORK_CONNECTION", "COULD NOT CONNECT", "CURLCODE", "TIMED OUT", "TIMEOUT", "CONNECTION REFUSED")
+_TRANSIENT = _UNREACHABLE + ("SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "HTTP 500", "HTTP 502",
+                             "HTTP 503", "HTTP 504")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -198,10 +199,16 @@ def _retrying(uri: str, op: Callable[[], object], settings: S3Settings | None = 
             if not _transient(exc):
                 raise _translate(uri, exc, settings) from exc
             if time.monotonic() + delay > deadline:
+                text = _one_line(str(exc))
+                if any(k in text.upper() for k in _UNREACHABLE) or isinstance(exc, (ConnectionError, TimeoutError)):
+                    problem = f"cannot reach S3 endpoint {settings.endpoint_name}"
+                    fix = "start the server (locally `raysseg storage serve`) or set AWS_ENDPOINT_URL to a running one"
+                else:  # it answers, with errors (e.g. 503 Slow Down, or a server out of disk)
+                    problem = f"S3 endpoint {settings.endpoint_name} kept failing ({text[:200]})"
+                    fix = "check the server's health and free space"
                 raise StorageError(
-                    f"cannot reach S3 endpoint {settings.endpoint_name} for {uri} after {attempts} attempts over "
-                    f"{settings.retry_s:.0f} s: start the server (locally `raysseg storage serve`) or set AWS_ENDPOINT_URL "
-                    f"to a running one; checkpoints written so far are kept, run the same command again to resume"
+                    f"{problem} for {uri} after {attempts} attempts over {settings.retry_s:.0f} s: {fix}; "
+                    f"checkpoints written so far are kept, run the same command again to resume"
                 ) from None
         now = time.monotonic()
         if now - _last_warning[0] > 10:  # one line per outage and process, not one per file
