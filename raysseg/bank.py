@@ -105,7 +105,6 @@ class ConceptBank:
 
     async def get_many(self, names: list[str], version: int, rank: int = -1) -> dict[str, tuple[int, np.ndarray]]:
         """:meth:`get` of several tables in one round trip."""
-        self._check()
         return {name: await self.get(name, version, rank) for name in names}
 
     async def append(self, name: str, version: int, rank: int, values: np.ndarray, keep: int) -> None:

@@ -154,12 +154,7 @@ def list_split(uri: str, with_labels: bool) -> SplitFiles:
     """List ``images/`` (and, if ``with_labels``, ``labels/``) of a split; every image needs a label."""
     images_uri = storage.join(uri, "images")
     if not storage.exists(images_uri):
-        bucket = uri[len("s3://"):].split("/", 1)[0] if storage.is_s3(uri) else ""
-        if bucket and not storage.exists(f"s3://{bucket}"):  # name the missing bucket, not a missing folder
-            raise storage.StorageError(
-                f"S3 bucket '{bucket}' does not exist at {storage.s3_settings().endpoint_name} ({uri}): "
-                "create it or fix the URI"
-            )
+        storage.require_bucket(uri)  # name a missing bucket, not a missing folder
         raise DatasetError(f"{uri} has no images/ folder: a split needs images/*.png|jpg (and labels/*.png for evaluation)")
     images = storage.list_files(images_uri)
     if not images:

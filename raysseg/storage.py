@@ -143,6 +143,19 @@ def _bucket_missing(uri: str, settings: S3Settings) -> bool:
         return False
 
 
+def _no_bucket(uri: str, settings: S3Settings) -> StorageError:
+    bucket = _s3_path(uri).split("/", 1)[0]
+    return StorageError(f"S3 bucket '{bucket}' does not exist at {settings.endpoint_name} ({uri}): create it or fix the URI")
+
+
+def require_bucket(uri: str) -> None:
+    """For an s3:// URI, a one-line StorageError when its bucket does not exist; a no-op otherwise."""
+    if is_s3(uri):
+        settings = s3_settings()
+        if _bucket_missing(uri, settings):
+            raise _no_bucket(uri, settings)
+
+
 def _translate(uri: str, exc: OSError, settings: S3Settings | None = None) -> StorageError:
     """Turn a pyarrow/OS error for ``uri`` into a one-line StorageError with the fix."""
     text = _one_line(str(exc))
@@ -162,14 +175,14 @@ def _translate(uri: str, exc: OSError, settings: S3Settings | None = None) -> St
             f"(wrong key or secret, or no permission on bucket '{bucket}')"
         )
     if "NO_SUCH_BUCKET" in upper or f"BUCKET '{bucket.upper()}' NOT FOUND" in upper:
-        return StorageError(f"S3 bucket '{bucket}' does not exist at {endpoint} ({uri}): create it or fix the URI")
-    if any(k in upper for k in ("NETWORK_CONNECTION", "COULD NOT CONNECT", "CURLCODE", "TIMED OUT", "TIMEOUT")):
+        return _no_bucket(uri, settings)
+    if any(k in upper for k in _UNREACHABLE):
         return StorageError(
             f"cannot reach S3 endpoint {endpoint} for {uri}: start `raysseg storage serve` or set AWS_ENDPOINT_URL to a running server"
         )
     if isinstance(exc, FileNotFoundError):
         if _bucket_missing(uri, settings):
-            return StorageError(f"S3 bucket '{bucket}' does not exist at {endpoint} ({uri}): create it or fix the URI")
+            return _no_bucket(uri, settings)
         return StorageError(f"{uri} not found at {endpoint}: check the key")
     return StorageError(f"S3 error at {endpoint} on {uri}: {text}")
 
@@ -213,7 +226,7 @@ def _retrying(uri: str, op: Callable[[], object], settings: S3Settings | None = 
         now = time.monotonic()
         if now - _last_warning[0] > 10:  # one line per outage and process, not one per file
             _last_warning[0] = now
-            print(f"[storage] S3 endpoint {settings.endpoint_name} unreachable ({uri}); retrying for up to "
+            print(f"[storage] S3 endpoint {settings.endpoint_name} unreachable or failing ({uri}); retrying for up to "
                   f"{settings.retry_s:.0f} s", file=sys.stderr, flush=True)
         time.sleep(delay)
         delay, attempts = min(delay * 2, 5.0), attempts + 1
@@ -301,16 +314,12 @@ def list_files(prefix_uri: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> l
 
 def makedirs(uri: str) -> None:
     """Create a folder and its parents (S3: checks the bucket exists; prefixes need no creation)."""
+    if is_s3(uri):
+        require_bucket(uri)
+        return
     fs, path = resolve(uri)
     with _errors(uri):
-        if is_s3(uri):
-            if _bucket_missing(uri, s3_settings()):
-                bucket = path.split("/", 1)[0]
-                raise StorageError(
-                    f"S3 bucket '{bucket}' does not exist at {s3_settings().endpoint_name} ({uri}): create it or fix the URI"
-                )
-        else:
-            os.makedirs(path, exist_ok=True)
+        os.makedirs(path, exist_ok=True)
 
 
 def _walk_files(uri: str) -> list[str]:

@@ -19,6 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raysseg.config import load_config
+from tests.test_segsort_train import segment_config
 
 STEPS_PER_EPOCH = 8  # 32 images, 2 workers x 2 images per step
 EVERY = 3  # train.checkpoint_every
@@ -26,14 +27,8 @@ EVERY = 3  # train.checkpoint_every
 
 def _config(tmp_path: Path, data: str, *overrides: str):
     """Visual concepts (a bank table version per step) on 64 px images, 2 workers."""
-    return load_config("concepts_camvid", [
-        f"data.train={data}/train", f"data.val={data}/val", "data.image_size=64", "data.n_classes=5",
-        "data.ignore_index=255", "data.class_names=[]", f"train.storage={tmp_path}/runs",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlruns.db", "train.num_workers=2", "train.batch_size=2",
-        "kmeans.pixels_per_image=20", "model.fpn_dim=32", "train.log_every=1", "kmeans.n_clusters=0",
-        "segments.min_size=20", "segsort.embed_dim=8", "concepts.n_concepts=16", "concepts.warmup=0",
-        f"train.checkpoint_every={EVERY}", "train.run_name=faults", *overrides,
-    ])
+    return segment_config(tmp_path, data, "concepts_camvid", "concepts.warmup=0", f"train.checkpoint_every={EVERY}",
+                          "train.run_name=faults", *overrides)
 
 
 @pytest.fixture(scope="module")
