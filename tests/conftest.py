@@ -25,7 +25,7 @@ def offline_env():
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory, offline_env):
     """A running SeaweedFS S3 server with fresh credentials, exported as AWS_* for the session."""
-    from raysseg.storage import SeaweedServer
+    from raysseg.io.storage import SeaweedServer
 
     access, secret = SeaweedServer.generate_credentials()
     server = SeaweedServer(tmp_path_factory.mktemp("seaweed"), access_key=access, secret_key=secret)
@@ -40,7 +40,7 @@ def s3_server(tmp_path_factory, offline_env):
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """Root of a small synthetic dataset (8 train / 4 val images of 48x64, 5 classes)."""
-    from raysseg.data import synth_dataset
+    from raysseg.io.images import synth_dataset
 
     root = tmp_path_factory.mktemp("synth")
     synth_dataset(str(root), n_train=8, n_val=4, size=(48, 64), seed=0)
@@ -50,7 +50,7 @@ def synth_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_local(offline_env, s3_server):
     """A local Ray shared by the whole session: 2 cores plus 2 logical CPUs for long-lived
-    workers (as ``raysseg.train.init_ray`` does), with the S3 server's variables in every worker
+    workers (as ``raysseg.runtime.driver.init_ray`` does), with the S3 server's variables in every worker
     (inherited, as a user's shell variables are)."""
     import ray
 

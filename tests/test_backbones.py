@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from raysseg.backbones import (
+from raysseg.core.backbones import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BackboneError,
@@ -213,7 +213,7 @@ def test_unreadable_checkpoint_is_rejected(tmp_path):
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):
-    from raysseg.storage import StorageError
+    from raysseg.io.storage import StorageError
 
     path = tmp_path / "nowhere" / "dino.pth"
     with pytest.raises(StorageError) as info:
@@ -225,7 +225,7 @@ def test_dino_checkpoint_loads_from_s3(s3_server):
     """The real loading path from object storage, on a checkpoint the test writes itself."""
     import io
 
-    from raysseg.storage import write_bytes_atomic
+    from raysseg.io.storage import write_bytes_atomic
 
     source = _seeded("vit_small_patch16", 0)
     buf = io.BytesIO()

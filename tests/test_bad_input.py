@@ -22,8 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from raysseg import data
-from raysseg.data import BadFileError, DatasetError
+from raysseg.io import images as data
+from raysseg.io.images import BadFileError, DatasetError
 
 
 def _encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
@@ -160,8 +160,8 @@ def test_out_of_range_labels_are_skipped_counted_and_reported_in_evaluation(ray_
     """The evaluation path: make_dataset with the config's classes on Ray, then the evaluation actors'
     code (Scorer: scored images and skipped files; TrainSampler: the probe/retrieval pass)."""
     from raysseg.config import load_config
-    from raysseg.evaluate import Scorer, TrainSampler
-    from raysseg.model import Segmenter
+    from raysseg.runtime.evaluate import Scorer, TrainSampler
+    from raysseg.core.segmenter import Segmenter
 
     split = _split_with_bad_labels(tmp_path, synth_data)
     bad_label = split / "labels" / "zz_range.png"
@@ -202,7 +202,7 @@ def test_out_of_range_labels_are_skipped_counted_and_reported_in_evaluation(ray_
 
 
 def test_every_row_skipped_is_a_dataset_error_not_scores():
-    from raysseg.evaluate import check_scored
+    from raysseg.runtime.evaluate import check_scored
 
     check_scored("data/val", 3, 1, [("a.png", "x")])  # some images scored: fine
     with pytest.raises(DatasetError) as err:
@@ -231,8 +231,8 @@ def test_empty_local_folder_is_one_line(tmp_path):
 
 
 def test_empty_s3_prefix_missing_bucket_and_wrong_secret_are_one_line(s3_server, monkeypatch):
-    from raysseg import storage
-    from raysseg.storage import StorageError
+    from raysseg.io import storage
+    from raysseg.io.storage import StorageError
 
     bucket = "empty-" + uuid.uuid4().hex[:8]
     s3_server.create_bucket(bucket)
@@ -273,7 +273,7 @@ def test_config_values_out_of_range(override, words):
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), float("-inf")])
 def test_non_finite_loss_stops_before_the_weights_change(bad):
-    from raysseg.train import NonFiniteLoss, optimizer_step
+    from raysseg.runtime.driver import NonFiniteLoss, optimizer_step
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raysseg.browse import (
+from raysseg.apps.browse import (
     QueryError, SegmentIndex, adjacent_pairs, assign_concepts, parse_query, query, segment_geometry,
 )
 
@@ -150,9 +150,9 @@ def _write_checkpoint(path, synth_data, uri, method, run_name):
     import torch
     import torch.nn.functional as F
 
-    from raysseg import tracking
+    from raysseg.io import tracking
     from raysseg.config import load_config
-    from raysseg.model import Segmenter, save_checkpoint
+    from raysseg.core.segmenter import Segmenter, save_checkpoint
 
     cfg = load_config("kmeans_synth", [
         f"method={method}", "model.backbone=resnet18_fpn", "model.frozen=false", "data.image_size=64",
@@ -181,8 +181,8 @@ def checkpoints(tmp_path_factory, synth_data):
 def test_browse_concepts_checkpoint(ray_local, synth_data, checkpoints, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from raysseg.browse import browse
-    from raysseg.data import list_split
+    from raysseg.apps.browse import browse
+    from raysseg.io.images import list_split
 
     ckpt, seg, run_id = checkpoints["concepts"]
     out = tmp_path / "concepts"
@@ -234,7 +234,7 @@ def test_browse_concepts_checkpoint(ray_local, synth_data, checkpoints, tmp_path
 
 
 def test_browse_kmeans_fallback(ray_local, checkpoints, tmp_path, capsys):
-    from raysseg.browse import browse
+    from raysseg.apps.browse import browse
 
     ckpt, _, _ = checkpoints["kmeans"]
     out = tmp_path / "kmeans"
@@ -251,7 +251,7 @@ def test_browse_kmeans_fallback(ray_local, checkpoints, tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(checkpoints, tmp_path, capsys):
-    from raysseg.cli import main
+    from raysseg.apps.cli import main
 
     ckpt = checkpoints["concepts"][0]
     for argv, message in ((["--checkpoint", ckpt, "--query", "bad"], 'query "bad": expected'),

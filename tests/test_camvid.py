@@ -12,8 +12,8 @@ def camvid_config(name, tmp_path, camvid, *overrides):
 
 @pytest.mark.slow
 def test_kmeans_baseline_beats_the_majority_class(tmp_path, ray_local, camvid, capsys):
-    from raysseg.evaluate import evaluate
-    from raysseg.train import train
+    from raysseg.runtime.evaluate import evaluate
+    from raysseg.runtime.driver import train
 
     result = train(camvid_config("kmeans_camvid", tmp_path, camvid, "data.image_size=128"))
     report = evaluate(result.checkpoint, crf=False, probe=False, retrieval=False, out=str(tmp_path / "eval"))
@@ -31,8 +31,8 @@ def test_kmeans_baseline_beats_the_majority_class(tmp_path, ray_local, camvid, c
 @pytest.mark.slow
 def test_hp_beats_kmeans_on_the_same_frozen_features(tmp_path, ray_local, camvid):
     """Both use the same random-init ViT-S/16 (seed 0); HP trains its heads on the training split only."""
-    from raysseg.evaluate import evaluate
-    from raysseg.train import train
+    from raysseg.runtime.evaluate import evaluate
+    from raysseg.runtime.driver import train
 
     scores = {}
     for name in ("kmeans_camvid", "hp_camvid"):

@@ -19,7 +19,7 @@ def unpacked(name: str, tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_checkpoint_of_the_earlier_layout_loads_and_gives_the_same_maps(method, tmp_path):
-    from raysseg.model import load_segmenter
+    from raysseg.core.segmenter import load_segmenter
 
     seg, ckpt = load_segmenter(unpacked(f"{method}.pt.xz", tmp_path))
     assert seg.cfg.method == method and ckpt["finished"] and ckpt["progress"]["clustered"]
@@ -30,7 +30,7 @@ def test_a_checkpoint_of_the_earlier_layout_loads_and_gives_the_same_maps(method
 
 
 def test_a_moco_backbone_of_the_earlier_layout_loads(tmp_path):
-    from raysseg.backbones import build_backbone
+    from raysseg.core.backbones import build_backbone
 
     path = unpacked("moco_backbone.pt.xz", tmp_path)
     state = torch.load(path, weights_only=True)

@@ -1,4 +1,4 @@
-"""Distributed spherical k-means (``raysseg.cluster.kmeans_ray``) on a real local Ray."""
+"""Distributed spherical k-means (``raysseg.core.kmeans.kmeans_ray``) on a real local Ray."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from raysseg.cluster import _allocate, _update, kmeans_plus_plus, kmeans_ray, spherical_kmeans
+from raysseg.core.kmeans import _allocate, _update, kmeans_plus_plus, kmeans_ray, spherical_kmeans
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

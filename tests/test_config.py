@@ -66,7 +66,7 @@ def test_same_settings_same_run_name():
 def test_cli_rejects_unknown_key_before_ray_starts(tmp_path):
     """One line on stderr, exit code 2, and no Ray session was started."""
     proc = subprocess.run(
-        [sys.executable, "-m", "raysseg.cli", "train", "--config", "kmeans_synth", "--set", "train.epohcs=2"],
+        [sys.executable, "-m", "raysseg.apps.cli", "train", "--config", "kmeans_synth", "--set", "train.epohcs=2"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )
     assert proc.returncode == 2
@@ -80,7 +80,7 @@ def test_cli_rejects_unknown_key_before_ray_starts(tmp_path):
 @pytest.mark.parametrize("command", ["train", "pretrain"])
 def test_cli_missing_training_folder_is_one_line(tmp_path, command):
     proc = subprocess.run(
-        [sys.executable, "-m", "raysseg.cli", command, "--config", "pgg_camvid", "--set", f"data.train={tmp_path}/nope"],
+        [sys.executable, "-m", "raysseg.apps.cli", command, "--config", "pgg_camvid", "--set", f"data.train={tmp_path}/nope"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )
     assert proc.returncode == 2

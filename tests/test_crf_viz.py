@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raysseg.crf import dense_crf
-from raysseg.metrics import EvalInputError, confusion_matrix
-from raysseg.viz import colorize, confusion_figure, overlay, overlay_grid, palette, save_png
+from raysseg.core.crf import dense_crf
+from raysseg.core.metrics import EvalInputError, confusion_matrix
+from raysseg.core.pictures import colorize, confusion_figure, overlay, overlay_grid, palette, save_png
 
 
 def _two_colour_image(height=48, width=64):

@@ -14,8 +14,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from raysseg import data
-from raysseg.data import DatasetError
+from raysseg.io import images as data
+from raysseg.io.images import DatasetError
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -302,7 +302,7 @@ def test_photometric_default_is_per_image_random_and_seeded():
 
 
 def test_crop_resize_is_slicing_flipping_and_identity_on_exact_boxes():
-    from raysseg.data import crop_resize
+    from raysseg.io.images import crop_resize
 
     x = torch.randn(2, 3, 8, 8)
     full = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)
@@ -316,7 +316,7 @@ def test_crop_resize_is_slicing_flipping_and_identity_on_exact_boxes():
 def test_crop_of_features_equals_features_of_crop_for_a_pooling_network():
     """PiCIE's equivariance: cropping the image or the feature map of the whole image selects
     the same region (exact for a stride-4 average pool and boxes on the 4-pixel grid)."""
-    from raysseg.data import crop_resize
+    from raysseg.io.images import crop_resize
 
     x = torch.rand(1, 3, 32, 32)
     net = torch.nn.AvgPool2d(4)
@@ -328,7 +328,7 @@ def test_crop_of_features_equals_features_of_crop_for_a_pooling_network():
 
 
 def test_random_boxes_stay_inside_the_image_with_the_requested_area():
-    from raysseg.data import random_boxes
+    from raysseg.io.images import random_boxes
 
     boxes = random_boxes(2000, torch.Generator().manual_seed(0), scale=(0.3, 0.9))
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -339,7 +339,7 @@ def test_random_boxes_stay_inside_the_image_with_the_requested_area():
 
 
 def test_photometric_jitter_probability():
-    from raysseg.data import photometric_augment
+    from raysseg.io.images import photometric_augment
 
     x = torch.rand(64, 3, 8, 8)
     off = dict(p_gray=0.0, p_blur=0.0)

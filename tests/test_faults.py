@@ -33,7 +33,7 @@ def _config(tmp_path: Path, data: str, *overrides: str):
 
 @pytest.fixture(scope="module")
 def data32(tmp_path_factory) -> Path:
-    from raysseg.data import synth_dataset
+    from raysseg.io.images import synth_dataset
 
     root = tmp_path_factory.mktemp("synth32")
     synth_dataset(str(root), n_train=32, n_val=4, size=(48, 64), seed=1)
@@ -113,7 +113,7 @@ def _in_background(fn, *args):
 def test_lost_processes_restart_and_errors_in_the_run_do_not():
     import ray
 
-    from raysseg.train import restartable
+    from raysseg.runtime.driver import restartable
 
     assert restartable(RuntimeError("WorkerGroupError: ... ActorDiedError: The actor died unexpectedly"))
     assert restartable(RuntimeError("ray::RayTrainWorker.run() (BankLost) the concept bank's process died"))
@@ -130,7 +130,7 @@ def test_a_killed_bank_refuses_to_serve_until_restored(ray_local):
     import numpy as np
     import ray
 
-    from raysseg.bank import ConceptBank
+    from raysseg.runtime.bank import ConceptBank
 
     bank = ConceptBank.remote(1)
     ray.get(bank.publish.remote("pool", 3, np.ones((2, 2))))
@@ -158,7 +158,7 @@ def test_a_killed_bank_refuses_to_serve_until_restored(ray_local):
 def test_a_checkpoint_write_killed_midway_leaves_the_previous_one(tmp_path):
     """SIGKILL a process while it writes a large checkpoint over an existing one: the old file is
     intact and loads; the partial bytes sit only in a hidden temp file."""
-    from raysseg.model import Segmenter, read_checkpoint, save_checkpoint
+    from raysseg.core.segmenter import Segmenter, read_checkpoint, save_checkpoint
 
     cfg = load_config("kmeans_synth", ["model.backbone=resnet18_fpn", "model.weights="])
     target = tmp_path / "model.pt"
@@ -167,7 +167,7 @@ def test_a_checkpoint_write_killed_midway_leaves_the_previous_one(tmp_path):
     writer = subprocess.Popen([sys.executable, "-c", (
         "import sys, torch\n"
         "from raysseg.config import load_config\n"
-        "from raysseg.model import Segmenter, save_checkpoint\n"
+        "from raysseg.core.segmenter import Segmenter, save_checkpoint\n"
         "cfg = load_config('kmeans_synth', ['model.backbone=resnet18_fpn', 'model.weights='])\n"
         "save_checkpoint(sys.argv[1], Segmenter(cfg), progress={'epoch': 2}, big=torch.ones(300_000_000, dtype=torch.uint8))\n"
     ), str(target)], stderr=subprocess.PIPE)
@@ -195,9 +195,9 @@ def test_a_killed_worker_then_a_killed_bank_restart_from_the_latest_checkpoint(t
     then the bank's process in epoch 3. Each time the run restarts from its latest checkpoint
     (losing at most 3 steps), the bank comes back from that checkpoint and both workers read the
     same table at every version after it; the run finishes with 24 steps under one MLflow run."""
-    from raysseg.bank import reads_by_version
-    from raysseg.model import read_checkpoint
-    from raysseg.train import train
+    from raysseg.runtime.bank import reads_by_version
+    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.runtime.driver import train
 
     db = tmp_path / "mlruns.db"
     thread, box = _in_background(train, _config(tmp_path, str(data32), "train.epochs=3"))
@@ -244,10 +244,10 @@ def test_the_s3_server_stopped_for_seconds_then_for_good(tmp_path, ray_local, da
     as epoch 2 starts reading: reads retry and the epoch completes with no image skipped. Stopped
     for good in epoch 3: a one-line error after the bounded retries, the checkpoints are kept, and
     once the server is back the same run resumes and finishes."""
-    from raysseg.data import upload
-    from raysseg.model import read_checkpoint
-    from raysseg.storage import SeaweedServer
-    from raysseg.train import RunFailed, train
+    from raysseg.io.images import upload
+    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.io.storage import SeaweedServer
+    from raysseg.runtime.driver import RunFailed, train
 
     access, secret = SeaweedServer.generate_credentials()
     server = SeaweedServer(tmp_path / "seaweed", access_key=access, secret_key=secret).start()
@@ -297,14 +297,14 @@ def test_the_s3_server_stopped_for_seconds_then_for_good(tmp_path, ray_local, da
 def test_a_killed_driver_resumes_its_run_when_the_command_is_run_again(tmp_path, ray_local, synth_data, monkeypatch):
     """`raysseg train` SIGKILLed (with its local Ray) after its first checkpoint; the same command
     again continues the same MLflow run from that checkpoint instead of starting over."""
-    from raysseg.model import read_checkpoint
-    from raysseg.train import train
+    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.runtime.driver import train
 
     sets = [f"data.train={synth_data}/train", f"data.val={synth_data}/val", "data.image_size=64", "data.n_classes=5",
             "data.ignore_index=255", "data.class_names=[]",
             "train.num_workers=1", "train.batch_size=2", "train.epochs=3", "model.fpn_dim=32",
             "kmeans.pixels_per_image=20", "train.log_every=1"]
-    cmd = [sys.executable, "-m", "raysseg.cli", "train", "--config", "picie_camvid", *sum((["--set", s] for s in sets), [])]
+    cmd = [sys.executable, "-m", "raysseg.apps.cli", "train", "--config", "picie_camvid", *sum((["--set", s] for s in sets), [])]
     db = tmp_path / "mlruns.db"
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""}, stdout=log,

@@ -1,4 +1,4 @@
-"""Tests for raysseg.methods.hp_core (Hidden Positives core)."""
+"""Tests for raysseg.methods.hp.core (Hidden Positives core)."""
 
 import math
 import os
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysseg.methods.hp_core import (
+from raysseg.methods.hp.core import (
     HPInputError,
     HPModel,
     ProjHead,
@@ -420,7 +420,7 @@ def test_hp_model_skips_specific_set_at_lambda_zero_and_local_term_without_atten
 MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     import torch.nn.functional as F
-    from raysseg.methods.hp_core import hidden_positive_mask, sample_negatives, ghp_supcon_loss
+    from raysseg.methods.hp.core import hidden_positive_mask, sample_negatives, ghp_supcon_loss
 
     def peak():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux: KiB)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from raysseg.bank import reads_by_version
+from raysseg.runtime.bank import reads_by_version
 from raysseg.config import ConfigError, load_config
 
 
@@ -29,8 +29,8 @@ def test_two_workers_share_pools_nan_stops_and_resume_restores_the_bank(tmp_path
        line and the last good checkpoint is untouched;
     3. more epochs at a sane rate: resumes from that checkpoint, the bank is restored from
        it (Q_ag not rebuilt, Q_sp versions continue) and the MLflow run is the same."""
-    from raysseg.model import read_checkpoint
-    from raysseg.train import RunFailed, train
+    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.runtime.driver import RunFailed, train
 
     first = train(hp_config(tmp_path, synth_data, "train.epochs=1"))
     seen = reads_by_version(first.bank_trace)
@@ -69,11 +69,11 @@ def test_two_workers_share_pools_nan_stops_and_resume_restores_the_bank(tmp_path
 
 def test_pool_larger_than_the_split_is_rejected_before_ray(tmp_path, synth_data):
     with pytest.raises(ConfigError, match=r"hp.pool_size: M = 50 .* has 8; set hp.pool_size <= 8"):
-        from raysseg.train import check_inputs
+        from raysseg.runtime.driver import check_inputs
 
         check_inputs(hp_config(tmp_path, synth_data, "hp.pool_size=50"))
     proc = subprocess.run(
-        [sys.executable, "-m", "raysseg.cli", "train", "--config", "hp_camvid", "--set", f"data.train={synth_data}/train",
+        [sys.executable, "-m", "raysseg.apps.cli", "train", "--config", "hp_camvid", "--set", f"data.train={synth_data}/train",
          "--set", "hp.pool_size=50", "--set", "train.batch_size=2"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )

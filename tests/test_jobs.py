@@ -118,7 +118,7 @@ def ray_head(tmp_path_factory, s3_server):
 
 @pytest.fixture(scope="module")
 def s3_synth(s3_server, synth_data) -> str:
-    from raysseg.data import upload
+    from raysseg.io.images import upload
 
     s3_server.create_bucket("jobs")
     upload(str(synth_data), "s3://jobs/synth")
@@ -137,7 +137,7 @@ def test_job_submit_to_a_head_logs_to_an_mlflow_server_with_s3_artifacts_then_pu
 
     from pyarrow.fs import FileSelector
 
-    from raysseg.storage import read_bytes, resolve
+    from raysseg.io.storage import read_bytes, resolve
 
     env = job_env(s3_server, ray_head, mlflow_server)
     job = subprocess.run(
@@ -199,8 +199,8 @@ def test_sweep_job_with_asha_one_parent_run_one_child_per_trial_and_best_registe
     heavier, so a loss far higher after epoch 1): ASHA stops the second at its first rung."""
     from mlflow.tracking import MlflowClient
 
-    from raysseg.model import read_checkpoint
-    from raysseg.tracking import pull_best
+    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.io.tracking import pull_best
 
     space = tmp_path / "alpha.yaml"
     space.write_text(SWEEP)
@@ -217,7 +217,7 @@ def test_sweep_job_with_asha_one_parent_run_one_child_per_trial_and_best_registe
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("sweeps")
     runs = client.search_runs([exp.experiment_id])
-    [parent] = [r for r in runs if "raysseg.sweep" in r.data.tags]
+    [parent] = [r for r in runs if "raysseg.runtime.sweep" in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(runs) == 3 and len(children) == 2  # one run per trial, none per worker
     by_alpha = {float(r.data.params["hp.alpha"]): r for r in children}

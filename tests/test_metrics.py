@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysseg.metrics import (
+from raysseg.core.metrics import (
     EvalInputError,
     apply_mapping,
     cluster_probs,
@@ -165,7 +165,7 @@ def test_apply_mapping_relabels_and_marks_unmatched():
 
 
 def test_codes_at_equals_full_upsampling():
-    from raysseg.evaluate import codes_at
+    from raysseg.runtime.evaluate import codes_at
 
     codes = torch.randn(5, 3, 4)
     ys, xs = np.array([0, 7, 11, 3]), np.array([0, 15, 2, 9])

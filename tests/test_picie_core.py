@@ -1,4 +1,4 @@
-"""Tests for raysseg.methods.picie_core (PiCIE + PGG + CAE core)."""
+"""Tests for raysseg.methods.picie.core (PiCIE + PGG + CAE core)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysseg.methods.picie_core import (
+from raysseg.methods.picie.core import (
     CAE,
     PYRAMID_BOXES,
     CAMHead,

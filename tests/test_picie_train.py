@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from raysseg.bank import reads_by_version
+from raysseg.runtime.bank import reads_by_version
 from raysseg.config import ConfigError, load_config
 
 
@@ -22,9 +22,9 @@ def pgg_config(tmp_path: Path, synth_data: Path, *overrides: str):
 
 
 def test_pgg_two_workers_train_against_identical_centroids_and_pseudo_labels(tmp_path, ray_local, synth_data):
-    from raysseg.evaluate import evaluate
-    from raysseg.model import read_checkpoint
-    from raysseg.train import train
+    from raysseg.runtime.evaluate import evaluate
+    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.runtime.driver import train
 
     # 7 images: Ray's equal split over 2 workers leaves one image out of each pass
     result = train(pgg_config(tmp_path, synth_data, "train.epochs=2", "data.limit=7"))
@@ -65,7 +65,7 @@ def test_pgg_config_errors_name_the_key(override, message):
 
 
 def test_ablation_switches_build_the_matching_model():
-    from raysseg.model import Segmenter
+    from raysseg.core.segmenter import Segmenter
 
     full = Segmenter(load_config("pgg_camvid", ["model.fpn_dim=16", "pgg.global_clusters=7"]))
     assert full.head.cae is not None and full.head.cam is not None and full.stride == 8

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from raysseg.backbones import build_backbone
+from raysseg.core.backbones import build_backbone
 from raysseg.config import ConfigError, load_config
-from raysseg.methods.moco_core import MoCo, info_nce, two_crops
+from raysseg.methods.moco.core import MoCo, info_nce, two_crops
 
 
 def test_pooled_shapes():
@@ -72,7 +72,7 @@ def test_queue_is_a_ring_buffer():
 
 
 def test_two_crops_and_one_training_step(synth_data, tmp_path):
-    from raysseg.pretrain import MoCoTrainer, backbone_state
+    from raysseg.runtime.pretrain import MoCoTrainer, backbone_state
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 48, 48, 3), dtype=torch.uint8, generator=g)
@@ -108,7 +108,7 @@ def test_two_crops_and_one_training_step(synth_data, tmp_path):
 
 
 def test_inputs_are_checked_before_ray(tmp_path, synth_data):
-    from raysseg.pretrain import check_pretrain_inputs, pretrain_run_name
+    from raysseg.runtime.pretrain import check_pretrain_inputs, pretrain_run_name
 
     cfg = load_config("kmeans_synth", [f"data.train={synth_data}/train", "pretrain.batch_size=8"])
     with pytest.raises(ConfigError, match=r"pretrain.batch_size: 8 images per worker but only 4"):
@@ -126,8 +126,8 @@ def test_inputs_are_checked_before_ray(tmp_path, synth_data):
 
 
 def test_two_workers_pretrain_a_resnet_and_its_backbone_loads(tmp_path, ray_local, synth_data, capsys):
-    from raysseg import cli
-    from raysseg.pretrain import pretrain
+    from raysseg.apps import cli
+    from raysseg.runtime.pretrain import pretrain
 
     overrides = [
         f"data.train={synth_data}/train", "data.image_size=64", f"train.storage={tmp_path}/runs",

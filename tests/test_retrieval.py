@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysseg.metrics import EvalInputError, knn_vote, segment_majority_labels, upsample_nearest
+from raysseg.core.metrics import EvalInputError, knn_vote, segment_majority_labels, upsample_nearest
 
 
 def test_upsample_nearest_reads_pixel_centres():
@@ -86,7 +86,7 @@ def test_knn_vote_rejects_bad_input():
 @pytest.fixture(scope="module")
 def kmeans_checkpoint(tmp_path_factory, ray_local, synth_data):
     """One k-means checkpoint on the synthetic data, shared by the end-to-end tests."""
-    from raysseg.train import train
+    from raysseg.runtime.driver import train
     from tests.test_train import synth_config
 
     tmp = tmp_path_factory.mktemp("retrieval")
@@ -95,7 +95,7 @@ def kmeans_checkpoint(tmp_path_factory, ray_local, synth_data):
 
 
 def test_evaluate_reports_retrieval_well_above_chance(kmeans_checkpoint, capsys):
-    from raysseg.evaluate import _table, evaluate
+    from raysseg.runtime.evaluate import _table, evaluate
 
     checkpoint, tmp = kmeans_checkpoint
     report = evaluate(checkpoint, crf=True, probe=False, out=str(tmp / "eval"), log_to_mlflow=False)

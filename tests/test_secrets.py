@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from raysseg import tracking
+from raysseg.io import tracking
 
 SECRET = "Zq7-not-a-real-secret-8Xw"
 
@@ -54,7 +54,7 @@ def test_job_submission_never_forwards_credentials():
 
 
 def test_cli_error_lines_are_redacted(tmp_path, monkeypatch, capsys):
-    from raysseg.cli import _fail
+    from raysseg.apps.cli import _fail
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     assert _fail(f"error: something echoed {SECRET}\nmore") == 2

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysseg.methods import segsort_core as core
-from raysseg.segments import batch_segment_ids, flat_pixels, oversegment, pixel_sort, segment_prototypes
+from raysseg.methods.segsort import core
+from raysseg.core.segments import batch_segment_ids, flat_pixels, oversegment, pixel_sort, segment_prototypes
 
 
 def _unit(*rows):
@@ -189,7 +189,7 @@ def test_update_dictionary_is_an_ema_with_dead_concept_restarts():
 
 
 def test_bank_ring_table_and_dictionary_are_identical_for_every_rank(ray_local):
-    from raysseg.bank import ConceptBank
+    from raysseg.runtime.bank import ConceptBank
 
     ray = ray_local
     bank = ConceptBank.remote(2)

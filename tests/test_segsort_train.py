@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from raysseg.bank import reads_by_version
+from raysseg.runtime.bank import reads_by_version
 from raysseg.config import load_config
 
 
@@ -30,8 +30,8 @@ def _same_for_both_ranks(trace: list[dict]) -> dict:
 
 
 def test_concepts_two_workers_share_memory_and_dictionary_versions_and_resume(tmp_path, ray_local, synth_data):
-    from raysseg.model import read_checkpoint
-    from raysseg.train import train
+    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.runtime.driver import train
 
     # 8 images, 2 workers, batch 2: 2 steps per epoch
     first = train(segment_config(tmp_path, synth_data, "concepts_camvid", "train.epochs=1", "train.run_name=vc"))
@@ -65,8 +65,8 @@ def test_concepts_two_workers_share_memory_and_dictionary_versions_and_resume(tm
 
 @pytest.mark.slow  # the visual-concepts 2-worker test covers the same trainer and bank tables
 def test_segsort_two_workers_then_evaluate(tmp_path, ray_local, synth_data):
-    from raysseg.evaluate import evaluate
-    from raysseg.train import train
+    from raysseg.runtime.evaluate import evaluate
+    from raysseg.runtime.driver import train
 
     result = train(segment_config(tmp_path, synth_data, "segsort_camvid", "train.epochs=1"))
     seen = _same_for_both_ranks(result.bank_trace)

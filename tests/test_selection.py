@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysseg.selection import jitter_view, nmi, view_nmi
+from raysseg.core.selection import jitter_view, nmi, view_nmi
 
 
 def test_nmi_small_case_by_hand():

@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from raysseg import storage
-from raysseg.storage import SeaweedServer, StorageError
+from raysseg.io import storage
+from raysseg.io.storage import SeaweedServer, StorageError
 
 
 def _fill_tree(root: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from raysseg.config import ConfigError, load_config, with_overrides
-from raysseg.sweep import (available_sweeps, candidate_overrides, load_sweep, param_space, sweep_name,
+from raysseg.runtime.sweep import (available_sweeps, candidate_overrides, load_sweep, param_space, sweep_name,
                            trial_overrides)
 
 
@@ -79,7 +79,7 @@ BAD = [
 
 @pytest.mark.parametrize("text,message", BAD, ids=[m for _, m in BAD])
 def test_bad_sweep_files_are_one_line_errors_before_ray_starts(tmp_path, synth_data, capsys, text, message):
-    from raysseg.cli import main
+    from raysseg.apps.cli import main
 
     space = tmp_path / "bad.yaml"
     space.write_text(text)
@@ -94,7 +94,7 @@ def test_bad_sweep_files_are_one_line_errors_before_ray_starts(tmp_path, synth_d
 
 
 def test_unknown_builtin_sweep_lists_the_known_ones(capsys):
-    from raysseg.cli import main
+    from raysseg.apps.cli import main
 
     with pytest.raises(SystemExit):
         main(["sweep", "--config", "hp_camvid", "--space", "hp_pool"])
@@ -120,7 +120,7 @@ def test_a_sweep_whose_driver_is_killed_resumes_when_run_again(tmp_path, synth_d
     """Driver killed (SIGKILL, with its local Ray) once the first of two k-means trials has
     finished; the same command again keeps that trial and its MLflow run, resumes the sweep's
     parent run, and finishes the second trial under its original child run."""
-    from raysseg.sweep import sweep
+    from raysseg.runtime.sweep import sweep
 
     space = tmp_path / "pixels.yaml"
     space.write_text("search: grid\nspace:\n  kmeans.pixels_per_image: {grid: [8, 16]}\n")
@@ -128,7 +128,7 @@ def test_a_sweep_whose_driver_is_killed_resumes_when_run_again(tmp_path, synth_d
                                          "data.image_size=64", "train.num_workers=1")]
     db = tmp_path / "mlruns.db"
     env = {**os.environ, "RAY_ADDRESS": ""}
-    cmd = [sys.executable, "-m", "raysseg.cli", "sweep", "--config", args[0], "--space", args[1],
+    cmd = [sys.executable, "-m", "raysseg.apps.cli", "sweep", "--config", args[0], "--space", args[1],
            *sum((["--set", o] for o in args[2]), [])]
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -161,7 +161,7 @@ def test_the_rayjob_manifest_runs_a_builtin_sweep_on_a_builtin_config():
 
     import yaml
 
-    from raysseg.cli import parser
+    from raysseg.apps.cli import parser
 
     manifest = yaml.safe_load((Path(__file__).parents[1] / "cluster_configs/kuberay-rayjob.yaml").read_text())
     args = parser().parse_args(shlex.split(manifest["spec"]["entrypoint"])[1:])
@@ -178,7 +178,7 @@ def test_a_one_trial_sweep_in_process_logs_a_parent_and_one_child_and_resumes_as
     Train run under the sweep's MLflow parent; the same command again does nothing."""
     from mlflow.tracking import MlflowClient
 
-    from raysseg.sweep import sweep
+    from raysseg.runtime.sweep import sweep
 
     monkeypatch.chdir(tmp_path)
     space = tmp_path / "one.yaml"

@@ -21,9 +21,9 @@ def synth_config(tmp_path: Path, train: str, val: str, *overrides: str, config: 
 
 
 def test_kmeans_from_s3_with_checkpoints_on_s3_and_mlflow(tmp_path, ray_local, s3_server, synth_data, capfd):
-    from raysseg.data import upload
-    from raysseg.evaluate import evaluate
-    from raysseg.train import train
+    from raysseg.io.images import upload
+    from raysseg.runtime.evaluate import evaluate
+    from raysseg.runtime.driver import train
 
     s3_server.create_bucket("quick")
     upload(str(synth_data), "s3://quick/synth")
@@ -52,7 +52,7 @@ def test_kmeans_from_s3_with_checkpoints_on_s3_and_mlflow(tmp_path, ray_local, s
     assert {"eval/val/report.json", "eval/val/confusion_clusters.png", "eval/val/overlays_clusters.png"} <= eval_files
 
     # predict writes label maps and overlays at each image's own size
-    from raysseg.predict import predict
+    from raysseg.apps.predict import predict
 
     written = predict(result.checkpoint, "s3://quick/synth/val/images", str(tmp_path / "pred"))
     assert written["written"] == 4
@@ -67,7 +67,7 @@ def test_kmeans_from_s3_with_checkpoints_on_s3_and_mlflow(tmp_path, ray_local, s
     assert again.already_finished and again.run_id == result.run_id
 
     # the S3 secret is nowhere: MLflow's store and artifacts, the checkpoints, Ray's logs, the output
-    from raysseg.storage import copy_tree
+    from raysseg.io.storage import copy_tree
 
     copy_tree("s3://quick/runs", str(tmp_path / "checkpoints"))
     secret = s3_server.secret_key.encode()
@@ -83,8 +83,8 @@ def test_kmeans_from_s3_with_checkpoints_on_s3_and_mlflow(tmp_path, ray_local, s
 
 @pytest.mark.slow  # skipping and counting at the Ray Data level: tests/test_data.py
 def test_bad_files_are_skipped_counted_and_reported(tmp_path, ray_local, synth_data):
-    from raysseg.evaluate import evaluate
-    from raysseg.train import train
+    from raysseg.runtime.evaluate import evaluate
+    from raysseg.runtime.driver import train
 
     data = tmp_path / "data"
     shutil.copytree(synth_data, data)
@@ -111,7 +111,7 @@ def test_bad_files_are_skipped_counted_and_reported(tmp_path, ray_local, synth_d
 def test_wrong_s3_secret_is_one_line_naming_endpoint_and_variables(tmp_path, s3_server):
     env = {**__import__("os").environ, **s3_server.client_env, "AWS_SECRET_ACCESS_KEY": "wrong-secret"}
     proc = subprocess.run(
-        [sys.executable, "-m", "raysseg.cli", "train", "--config", "kmeans_synth",
+        [sys.executable, "-m", "raysseg.apps.cli", "train", "--config", "kmeans_synth",
          "--set", "data.train=s3://quick/synth/train"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
     )

@@ -48,9 +48,9 @@ def bench_data() -> str:
     """Images/s of the Ray Data pipeline over CamVid train, from a folder and from the local S3 server."""
     import secrets
 
-    from raysseg.data import make_dataset, upload
-    from raysseg.storage import SeaweedServer
-    from raysseg.train import init_ray
+    from raysseg.io.images import make_dataset, upload
+    from raysseg.io.storage import SeaweedServer
+    from raysseg.runtime.driver import init_ray
 
     camvid = _camvid()
     init_ray()
@@ -87,8 +87,8 @@ def _run_config(name: str, tmp: str, overrides: list[str]):
 
 def bench_eval() -> str:
     """Time to evaluate CamVid val (k-means baseline checkpoint), with and without CRF."""
-    from raysseg.evaluate import evaluate
-    from raysseg.train import train
+    from raysseg.runtime.evaluate import evaluate
+    from raysseg.runtime.driver import train
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +120,7 @@ _ONCE_PARTS = {"hp": [("pool_build", "pool build s (once)")],
 
 def bench_step(method: str) -> str:
     """Iterations/s, peak memory and where the time goes, batch 8 at 224, 1 and 2 workers."""
-    from raysseg.train import train
+    from raysseg.runtime.driver import train
 
     steps, batch = 6, 8
     family = {"pgg": "picie", "concepts": "segsort"}.get(method, method)
@@ -223,7 +223,7 @@ def _feature_throughput(names: list[str], batch: int = 8, size: int = 224, warmu
     -> (table rows, {backbone: features/s})."""
     import torch
 
-    from raysseg.backbones import build_backbone, normalize
+    from raysseg.core.backbones import build_backbone, normalize
 
     rows = []
     for name in names:
@@ -257,8 +257,8 @@ def bench_cluster(sizes=(1_000_000, 5_000_000), dim: int = 128, k: int = 27, ite
     import ray
     from sklearn.cluster import MiniBatchKMeans
 
-    from raysseg.cluster import _assign_block, _assign_pass, _remote, kmeans_ray
-    from raysseg.train import init_ray
+    from raysseg.core.kmeans import _assign_block, _assign_pass, _remote, kmeans_ray
+    from raysseg.runtime.driver import init_ray
 
     feature_rows, features_per_s = _feature_throughput(list(backbones)) if backbones else ([], {})
 
@@ -345,10 +345,10 @@ def bench_select(reports: str, n_images: int = 32) -> str:
     from PIL import Image
     from scipy.stats import spearmanr
 
-    from raysseg.data import center_square_box, decode_image, list_split
-    from raysseg.model import load_segmenter
-    from raysseg.selection import view_nmi
-    from raysseg.storage import read_bytes
+    from raysseg.io.images import center_square_box, decode_image, list_split
+    from raysseg.core.segmenter import load_segmenter
+    from raysseg.core.selection import view_nmi
+    from raysseg.io.storage import read_bytes
 
     rows, seen = [], set()
     for path in sorted(glob.glob(reports)):

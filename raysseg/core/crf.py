@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pydensecrf.densecrf as dcrf
 
-from raysseg.metrics import EvalInputError
+from raysseg.core.metrics import EvalInputError
 
 
 def dense_crf(

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from raysseg import storage
+from raysseg.io import storage
 
 if TYPE_CHECKING:
     import ray.data
@@ -325,7 +325,7 @@ def _decode_batch(
             image, label = _load_row(path, label_path, settings, image_size, train, crop_scale, hflip, seed,
                                      label_range)
             if pseudo is not None:
-                from raysseg.segments import oversegment
+                from raysseg.core.segments import oversegment
 
                 pseudo[i] = oversegment(image, **segments)
         except storage.StorageError:
@@ -360,7 +360,7 @@ def make_dataset(
     ``limit`` keeps the first ``limit`` images in sorted order; ``files`` keeps only those image URIs.
     ``seed=None`` draws fresh crops each time a row is read, i.e. every epoch.
     ``shuffle`` visits the images in a fresh random order every epoch (the file list is shuffled, not pixels).
-    ``segments`` (keyword arguments of :func:`raysseg.segments.oversegment`) adds a ``segments`` column:
+    ``segments`` (keyword arguments of :func:`raysseg.core.segments.oversegment`) adds a ``segments`` column:
     the pseudo segments of each decoded image (int32 S x S), computed on the fly in the read.
     ``n_classes`` (with labels): a label file holding a value outside [0, n_classes) other than
     ``ignore_index`` makes its row invalid, with the bad values in the error.

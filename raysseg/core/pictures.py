@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from raysseg.metrics import EvalInputError
+from raysseg.core.metrics import EvalInputError
 
 _GOLDEN = 0.6180339887498949
 

@@ -232,7 +232,7 @@ def assign_concepts(protos: np.ndarray, dictionary: np.ndarray, chunk: int = 655
     import torch
     import torch.nn.functional as F
 
-    from raysseg.methods.segsort_core import quantize
+    from raysseg.methods.segsort.core import quantize
 
     d = F.normalize(torch.as_tensor(np.asarray(dictionary, np.float32)), dim=1)
     x = torch.as_tensor(np.asarray(protos, np.float32))
@@ -275,7 +275,7 @@ class SegmentIndexer:
         import torch
 
         from raysseg.config import config_from_dict
-        from raysseg.model import Segmenter
+        from raysseg.core.segmenter import Segmenter
 
         ckpt = ray.get(ckpt_ref[0])
         self.cfg = config_from_dict(ckpt["config"])
@@ -285,7 +285,7 @@ class SegmentIndexer:
         torch.set_num_threads(1)
 
     def __call__(self, batch: dict) -> dict:
-        from raysseg.data import valid_rows
+        from raysseg.io.images import valid_rows
 
         batch, skipped = valid_rows(batch)
         payload = segment_batch(self.seg, batch["image"], self.cfg.segments.grid, self.cfg.segments.iterations)
@@ -300,7 +300,7 @@ def segment_batch(seg, images: np.ndarray, grid: int, iterations: int) -> dict:
     pairs as local segment rows of the batch."""
     import torch
 
-    from raysseg.segments import image_segments
+    from raysseg.core.segments import image_segments
 
     if len(images) == 0:
         return {"maps": np.zeros((0, 1, 1), np.int16), "image": np.zeros(0, np.int64),
@@ -328,15 +328,15 @@ def build_index(checkpoint, split: str | None = None, limit: int | None = None, 
     """Segment every image of ``split`` (default: the config's ``data.train``; the first
     ``limit`` images when given) with a Ray Data actor pool and index the segments.
 
-    ``checkpoint``: a URI for :func:`raysseg.model.read_checkpoint` or an already read
+    ``checkpoint``: a URI for :func:`raysseg.core.segmenter.read_checkpoint` or an already read
     checkpoint dict. Concepts are the checkpoint's dictionary, else a spherical k-means of
     the prototypes into ``n_concepts`` clusters (fewer when there are fewer segments)."""
     import ray
 
     from raysseg.config import config_from_dict
-    from raysseg.data import list_split, make_dataset
-    from raysseg.model import Segmenter, read_checkpoint
-    from raysseg.train import init_ray
+    from raysseg.io.images import list_split, make_dataset
+    from raysseg.core.segmenter import Segmenter, read_checkpoint
+    from raysseg.runtime.driver import init_ray
 
     uri = checkpoint if isinstance(checkpoint, str) else checkpoint.get("uri", "<checkpoint>")
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
@@ -389,7 +389,7 @@ def build_index(checkpoint, split: str | None = None, limit: int | None = None, 
 
 def _assemble(parts: list[dict], cfg, k: int, dictionary: np.ndarray | None, seed: int) -> SegmentIndex:
     """Join batch payloads in path order, then give each segment its concept."""
-    from raysseg.cluster import spherical_kmeans
+    from raysseg.core.kmeans import spherical_kmeans
 
     images = sorted(((p, j, b) for j, part in enumerate(parts) for b, p in enumerate(part["paths"])))
     paths, maps, rows, pairs = [], [], [], []
@@ -557,8 +557,8 @@ def load_view(path: str, size: int) -> np.ndarray:
     """An image as the index saw it: the centre square resized to size x size, uint8 (size, size, 3)."""
     from PIL import Image
 
-    from raysseg.data import center_square_box, decode_image
-    from raysseg.storage import read_bytes
+    from raysseg.io.images import center_square_box, decode_image
+    from raysseg.io.storage import read_bytes
 
     image = decode_image(read_bytes(path))
     return np.asarray(image.resize((size, size), Image.BILINEAR, box=center_square_box(*image.size)))
@@ -656,7 +656,7 @@ def gallery(index: SegmentIndex, columns: int = 16, per_concept: int = 6, thumb:
 
 
 def _concept_colours(k: int) -> np.ndarray:
-    from raysseg.viz import palette
+    from raysseg.core.pictures import palette
 
     return palette(max(k, 1)).astype(np.float32) / 255.0
 
@@ -834,10 +834,10 @@ def browse(checkpoint: str, split: str | None = None, limit: int | None = None, 
     ``tsne.png``, ``concepts.json``, and for each query ``query_<i>.png`` (1-based) and
     ``queries.json``; log them into the checkpoint's MLflow run under ``concepts/<split name>/``.
     Returns a summary dict (paths of the outputs, counts, query results)."""
-    from raysseg import tracking
+    from raysseg.io import tracking
     from raysseg.config import config_from_dict
-    from raysseg.model import Segmenter, read_checkpoint
-    from raysseg.viz import save_png
+    from raysseg.core.segmenter import Segmenter, read_checkpoint
+    from raysseg.core.pictures import save_png
 
     if limit is not None and limit < 1:
         raise BrowseError(f"--limit must be at least 1, got {limit}")

@@ -1,6 +1,6 @@
 """MoCo v2 core (He et al. 2020; Chen et al. 2020, "Improved baselines"): loss, modules, views.
 
-Plain PyTorch, no Ray; :mod:`raysseg.pretrain` runs it on Ray Train. Notation: N images
+Plain PyTorch, no Ray; :mod:`raysseg.runtime.pretrain` runs it on Ray Train. Notation: N images
 in a local batch, C = ``Backbone.pooled_dim``, P = projection size, L = queue length.
 
 - An image's two views go through the query encoder (trained) and the key encoder (an
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raysseg.backbones import Backbone, standardize
-from raysseg.data import crop_resize, photometric_augment, random_boxes
-from raysseg.methods.hp_core import ema_update
+from raysseg.core.backbones import Backbone, standardize
+from raysseg.io.images import crop_resize, photometric_augment, random_boxes
+from raysseg.methods.hp.core import ema_update
 
 # MoCo v2 augmentation strengths (the "aug_plus" recipe of the reference code)
 MOCO_V2_AUG = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "p_jitter": 0.8,

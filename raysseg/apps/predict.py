@@ -17,9 +17,9 @@ def _input_size(h: int, w: int, short_side: int, stride: int) -> tuple[int, int]
 
 def predict(checkpoint: str, images: str, out: str) -> dict:
     """Segment every image under ``images`` (folder or s3:// prefix) into ``out``/{labels,overlays}."""
-    from raysseg.model import load_segmenter
-    from raysseg.storage import StorageError, list_files, read_bytes
-    from raysseg.viz import overlay
+    from raysseg.core.segmenter import load_segmenter
+    from raysseg.io.storage import StorageError, list_files, read_bytes
+    from raysseg.core.pictures import overlay
 
     seg, _ = load_segmenter(checkpoint)
     files = list_files(images)

@@ -67,7 +67,7 @@ def view_nmi(seg, images: np.ndarray, seed: int, centroids: torch.Tensor | None 
     ``centroids`` (K, D) default to the model's if fitted, else a k-means of the plain view's
     codes into ``cfg.n_clusters``. The jitter is drawn from ``seed``: give every trial of a
     sweep the same seed so their scores see the same views."""
-    from raysseg.cluster import spherical_kmeans
+    from raysseg.core.kmeans import spherical_kmeans
 
     images = np.ascontiguousarray(images[:SCORE_IMAGES])
     rng = np.random.default_rng(seed)

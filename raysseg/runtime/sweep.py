@@ -36,7 +36,7 @@ from raysseg.config import Config, ConfigError, available, read_named_yaml, with
 
 # label-free metrics every trial reports: name -> (direction, reported every epoch as well as at the end)
 METRICS = {
-    "view_nmi": ("max", True),  # agreement of two augmented views' cluster maps (raysseg.selection)
+    "view_nmi": ("max", True),  # agreement of two augmented views' cluster maps (raysseg.core.selection)
     "cluster_mean_cosine": ("max", False),  # the final k-means objective (rewards collapse: use with care)
     "loss_total": ("min", True),  # the training loss (not comparable when the sweep changes loss weights)
 }
@@ -148,7 +148,7 @@ def candidate_overrides(spec: SweepSpec) -> list[dict[str, Any]]:
 
 def check_space(spec: SweepSpec, cfg: Config) -> None:
     """Every candidate value must make a valid config with data enough to train on."""
-    from raysseg.train import check_inputs
+    from raysseg.runtime.driver import check_inputs
 
     if cfg.method == "kmeans" and spec.metric == "loss_total":
         raise ConfigError(f"sweep {spec.name}: metric loss_total: method kmeans does not train; use view_nmi")
@@ -206,7 +206,7 @@ def _trial(params: dict, *, config: dict, spec: dict, sweep: str, parent_run_id:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raysseg.config import config_from_dict
-    from raysseg.train import FINAL_FLAG, train
+    from raysseg.runtime.driver import FINAL_FLAG, train
 
     metric = spec["metric"]
 
@@ -222,7 +222,7 @@ def _trial(params: dict, *, config: dict, spec: dict, sweep: str, parent_run_id:
     result = train(cfg, parent_run_id=parent_run_id, callbacks=(EpochReports(),))
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     if spec["metric"].startswith("eval/"):  # named by the user: the only case a trial reads labels
-        from raysseg.evaluate import evaluate, report_metrics
+        from raysseg.runtime.evaluate import evaluate, report_metrics
 
         with tempfile.TemporaryDirectory() as out:
             final.update(report_metrics(evaluate(result.checkpoint, out=out)))
@@ -239,10 +239,10 @@ def sweep(config: str, space: str, overrides: tuple = (), restart: bool = False,
     """Run (or resume) the sweep of ``space`` over ``config``; returns its trials and the best one."""
     from ray import tune
 
-    from raysseg import tracking
+    from raysseg.io import tracking
     from raysseg.config import load_config
-    from raysseg.storage import remove_tree
-    from raysseg.train import _storage, init_ray
+    from raysseg.io.storage import remove_tree
+    from raysseg.runtime.driver import _storage, init_ray
 
     cfg = load_config(config, list(overrides))
     spec = load_sweep(space)
@@ -269,7 +269,7 @@ def sweep(config: str, space: str, overrides: tuple = (), restart: bool = False,
     params = {**cfg.flat(), "sweep.file": spec.name, "sweep.space": json.dumps(spec.space),
               **{f"sweep.{k}": v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "space")}}
     parent_id, resumed = tracking.start_or_resume_run(uri, cfg.mlflow.experiment, name, params,
-                                                      tags={"raysseg.sweep": spec.name})
+                                                      tags={"raysseg.runtime.sweep": spec.name})
     print(f"{'resuming' if resumed else 'starting'} sweep {name} (MLflow run {parent_id} at {uri})")
 
     init_ray(cfg.train.num_workers * spec.max_concurrent)
@@ -327,7 +327,7 @@ def _new_tuner(spec: SweepSpec, cfg: Config, trainable, name: str, storage_path:
 
 
 def _rows(grid, spec: SweepSpec) -> list[dict]:
-    from raysseg.train import FINAL_FLAG
+    from raysseg.runtime.driver import FINAL_FLAG
 
     rows = []
     for r in grid:
@@ -360,7 +360,7 @@ def _pick_best(rows: list[dict], spec: SweepSpec) -> dict | None:
 
 def _mark_stopped_trials(uri: str, experiment: str, parent_id: str) -> None:
     """Child runs still RUNNING after the sweep were stopped by the scheduler: mark them KILLED."""
-    from raysseg import tracking
+    from raysseg.io import tracking
 
     client = tracking.RunLogger(uri, parent_id).client
     exp = client.get_experiment_by_name(experiment)
@@ -372,7 +372,7 @@ def _mark_stopped_trials(uri: str, experiment: str, parent_id: str) -> None:
 
 
 def _log_summary(logger, spec: SweepSpec, rows: list[dict], best: dict | None, grid) -> None:
-    from raysseg.viz import sweep_figure
+    from raysseg.core.pictures import sweep_figure
 
     logger.log_bytes(_csv(rows, spec).encode(), "trials.csv")
     curves = {}

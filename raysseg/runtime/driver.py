@@ -24,8 +24,8 @@ import ray
 import torch
 
 from raysseg.config import Config, ConfigError, config_from_dict
-from raysseg.model import CHECKPOINT_FILE, Segmenter, read_checkpoint, save_checkpoint
-from raysseg.selection import SCORE_IMAGES, view_nmi
+from raysseg.core.segmenter import CHECKPOINT_FILE, Segmenter, read_checkpoint, save_checkpoint
+from raysseg.core.selection import SCORE_IMAGES, view_nmi
 
 
 FINAL_FLAG = "final"  # in the report of the finished model (after the final clustering)
@@ -80,7 +80,7 @@ class TrainResult:
 
 def check_inputs(cfg: Config) -> int:
     """Everything that can be checked before Ray starts; returns the training image count."""
-    from raysseg.data import list_split
+    from raysseg.io.images import list_split
 
     files = list_split(cfg.data.train, with_labels=False).images
     n = min(len(files), cfg.data.limit) if cfg.data.limit else len(files)
@@ -100,7 +100,7 @@ def check_inputs(cfg: Config) -> int:
 
 def _storage(cfg: Config):
     """(storage_path, filesystem or None) for Ray Train's RunConfig."""
-    from raysseg.storage import resolve
+    from raysseg.io.storage import resolve
 
     if cfg.train.storage.startswith("s3://"):
         fs, path = resolve(cfg.train.storage)
@@ -128,11 +128,11 @@ def train(cfg: Config, restart: bool = False, parent_run_id: str | None = None, 
     callback that forwards the workers' reports to Ray Tune."""
     from ray.train import DataConfig
 
-    from raysseg import tracking
-    from raysseg.bank import ConceptBank
-    from raysseg.data import list_split, make_dataset
-    from raysseg.segments import oversegment_kwargs
-    from raysseg.storage import remove_tree
+    from raysseg.io import tracking
+    from raysseg.runtime.bank import ConceptBank
+    from raysseg.io.images import list_split, make_dataset
+    from raysseg.core.segments import oversegment_kwargs
+    from raysseg.io.storage import remove_tree
 
     n_images = check_inputs(cfg)
     run_name = cfg.run_name()
@@ -273,7 +273,7 @@ def fit(new_trainer, logger, run_name: str, max_restarts: int = 0):
 
 def _root_message(e: BaseException) -> str:
     """The innermost useful line of a (Ray-wrapped) worker error, without secrets."""
-    from raysseg.tracking import redact
+    from raysseg.io.tracking import redact
 
     text = redact(str(e))
     failures = [redact(str(f)) for f in getattr(e, "worker_failures", {}).values()]  # each worker's full error
@@ -363,7 +363,7 @@ def run_epoch(shard, step_fn, cfg: Config, rank: int, progress: dict, logger, st
     files). Waiting for data is added to ``timers["data_wait"]``."""
     from collections import defaultdict
 
-    from raysseg.data import valid_rows
+    from raysseg.io.images import valid_rows
 
     done_before = progress["epoch_step"]
     bar = Progress(steps - done_before, label, cfg.train.log_every) if rank == 0 else None
@@ -405,8 +405,8 @@ def fit_clusters(cfg: Config, seg: Segmenter, shard, rank: int, device):
 
     Returns (skipped files, up to ``SCORE_IMAGES`` of the images seen, the label-free scores:
     ``cluster_mean_cosine``, the k-means objective, and ``view_nmi``; the scores on rank 0 only)."""
-    from raysseg.cluster import mean_max_cosine, sample_locations, spherical_kmeans
-    from raysseg.data import valid_rows
+    from raysseg.core.kmeans import mean_max_cosine, sample_locations, spherical_kmeans
+    from raysseg.io.images import valid_rows
 
     rng = np.random.default_rng(cfg.train.seed + rank)
     samples, skipped, seen = [], [], []
@@ -439,8 +439,8 @@ def fit_clusters(cfg: Config, seg: Segmenter, shard, rank: int, device):
 
 def _log_overlays(cfg: Config, seg: Segmenter, images: np.ndarray, logger, name: str) -> None:
     """A picture of the current segmentation of a few training images (clusters of their codes)."""
-    from raysseg.cluster import spherical_kmeans
-    from raysseg.viz import overlay_grid
+    from raysseg.core.kmeans import spherical_kmeans
+    from raysseg.core.pictures import overlay_grid
 
     images = images[:4]
     if bool(seg.fitted):
@@ -485,7 +485,7 @@ def worker_loop(loop_cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from raysseg import tracking
+    from raysseg.io import tracking
 
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # batches are read-only
     cfg = config_from_dict(loop_cfg["config"])
@@ -502,15 +502,15 @@ def worker_loop(loop_cfg: dict) -> None:
     method = None
     total_steps = (loop_cfg["n_images"] // world) // cfg.train.batch_size * cfg.train.epochs
     if cfg.method == "hp":
-        from raysseg.methods.hp import HPTrainer
+        from raysseg.methods.hp.trainer import HPTrainer
 
         method = HPTrainer(cfg, seg, bank, rank, world, device, total_steps, loop_cfg["pool_plan"])
     elif cfg.method in ("picie", "pgg"):
-        from raysseg.methods.picie import PiCIETrainer
+        from raysseg.methods.picie.trainer import PiCIETrainer
 
         method = PiCIETrainer(cfg, seg, bank, rank, world, device, total_steps, loop_cfg["files"])
     elif cfg.method in ("segsort", "concepts"):
-        from raysseg.methods.segsort import SegmentTrainer
+        from raysseg.methods.segsort.trainer import SegmentTrainer
 
         method = SegmentTrainer(cfg, seg, bank, rank, world, device, total_steps)
 

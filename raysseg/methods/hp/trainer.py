@@ -1,6 +1,6 @@
 """HP's training loop on one Ray Train worker (the maths is in :mod:`hp_core`).
 
-Shared state goes through the concept bank (:mod:`raysseg.bank`):
+Shared state goes through the concept bank (:mod:`raysseg.runtime.bank`):
 - ``pool`` (version 1, built once): the backbone features of M patches, one random
   patch from each of M images drawn by the driver across the whole training split.
   Each worker computes the features of its shard of those images. Q_ag is this table
@@ -21,11 +21,11 @@ import ray
 import torch
 from torch import nn
 
-from raysseg.backbones import normalize, standardize
+from raysseg.core.backbones import normalize, standardize
 from raysseg.config import Config
-from raysseg.data import photometric_augment, valid_rows
-from raysseg.methods.hp_core import ema_update, lambda_at
-from raysseg.methods.common import ResumableTrainer
+from raysseg.io.images import photometric_augment, valid_rows
+from raysseg.methods.hp.core import ema_update, lambda_at
+from raysseg.methods.base import ResumableTrainer
 
 
 class _HPLoss(nn.Module):
@@ -114,7 +114,7 @@ class HPTrainer(ResumableTrainer):
 
     def train_step(self, images: np.ndarray, step: int) -> dict[str, float]:
         """One iteration on this worker's batch (uint8 (B, S, S, 3)); may be empty (all rows invalid)."""
-        from raysseg.train import optimizer_step
+        from raysseg.runtime.driver import optimizer_step
 
         hp, seg = self.cfg.hp, self.seg
         weight = 1.0
@@ -146,7 +146,7 @@ class HPTrainer(ResumableTrainer):
 
     def train_epoch(self, shard, epoch: int, progress: dict, logger, checkpoint=None):
         """One pass over this worker's shard. Returns (epoch stats, last images, skipped files)."""
-        from raysseg.train import run_epoch
+        from raysseg.runtime.driver import run_epoch
 
         cfg = self.cfg
         self.timers.clear()

@@ -17,7 +17,7 @@ The bank keeps an audit trail of what each rank read (version and checksum; the 
 
 The concept dictionary is owned by the bank: workers send their per-step assignment
 statistics (:meth:`update_concepts`), and once every rank has contributed to a step the
-bank applies one EMA update (:func:`raysseg.methods.segsort_core.update_dictionary`) and
+bank applies one EMA update (:func:`raysseg.methods.segsort.core.update_dictionary`) and
 publishes the result. No worker holds a private copy that could drift.
 """
 from __future__ import annotations
@@ -134,10 +134,10 @@ class ConceptBank:
         await self._publish("concepts", 1, state["concepts"])
 
     async def update_concepts(self, version: int, rank: int, stats: dict[str, np.ndarray], decay: float) -> None:
-        """Contribute one rank's :func:`~raysseg.methods.segsort_core.concept_statistics` to
+        """Contribute one rank's :func:`~raysseg.methods.segsort.core.concept_statistics` to
         ``version``; the last contribution triggers the EMA update and publishes ``version``."""
         self._check()
-        from raysseg.methods.segsort_core import update_dictionary
+        from raysseg.methods.segsort.core import update_dictionary
 
         if version <= self.tables.get("concepts", (0, None))[0]:
             return

@@ -2,7 +2,7 @@
 
 Notation: N pixels (locations of the embedding map) with unit embeddings e (N, D); S
 segments with unit prototypes mu (S, D) (normalised mean embedding, see
-:func:`raysseg.segments.segment_prototypes`); a dictionary of K unit concept vectors
+:func:`raysseg.core.segments.segment_prototypes`); a dictionary of K unit concept vectors
 C (K, D). Similarities are exp(kappa * cos) (a vMF with shared concentration kappa).
 
 Readings of what the papers leave open:

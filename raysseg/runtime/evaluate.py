@@ -25,14 +25,14 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from raysseg.segments import image_segments
+from raysseg.core.segments import image_segments
 
 VARIANTS = ("clusters", "clusters_crf", "probe", "probe_crf", "retrieval", "retrieval_crf")
 
 
 def _segmenter(ref):
     from raysseg.config import config_from_dict
-    from raysseg.model import Segmenter
+    from raysseg.core.segmenter import Segmenter
 
     ckpt = ray.get(ref[0])
     seg = Segmenter(config_from_dict(ckpt["config"]), load_backbone_weights=False)
@@ -80,7 +80,7 @@ def _rows(code_dim: int, parts: list[tuple[np.ndarray, np.ndarray, bool, np.ndar
 def check_scored(split: str, n_files: int, n_images: int, skipped: list[tuple[str, str]]) -> None:
     """Raise a one-line DatasetError when no image of ``split`` could be scored (every row skipped):
     scores over nothing would be meaningless."""
-    from raysseg.data import DatasetError
+    from raysseg.io.images import DatasetError
 
     if n_images > 0:
         return
@@ -104,8 +104,8 @@ class TrainSampler:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, batch: dict) -> dict:
-        from raysseg.data import valid_rows
-        from raysseg.metrics import segment_majority_labels
+        from raysseg.io.images import valid_rows
+        from raysseg.core.metrics import segment_majority_labels
 
         cfg = self.cfg
         batch, bad = valid_rows(batch)
@@ -142,7 +142,7 @@ class Scorer:
         "labels": (P,) int64}``, nested in a list so that Ray hands the actor the reference."""
         import warnings
 
-        from raysseg.metrics import LinearProbe
+        from raysseg.core.metrics import LinearProbe
 
         self.seg, self.cfg = _segmenter(ckpt_ref)
         self.probe = None
@@ -159,9 +159,9 @@ class Scorer:
                 self.index = (torch.from_numpy(index["keys"]), torch.from_numpy(index["labels"]))
 
     def __call__(self, batch: dict) -> dict:
-        from raysseg.crf import dense_crf
-        from raysseg.data import valid_rows
-        from raysseg.metrics import cluster_probs, confusion_matrix, knn_vote
+        from raysseg.core.crf import dense_crf
+        from raysseg.io.images import valid_rows
+        from raysseg.core.metrics import cluster_probs, confusion_matrix, knn_vote
 
         cfg = self.cfg
         k, n = cfg.n_clusters, cfg.data.n_classes
@@ -231,14 +231,14 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     None = the checkpoint config's ``eval.*``. Probe and retrieval read the labels of the
     training split (``data.train``); when retrieval is on only by default (``retrieval=None``,
     no probe) and that split lacks labels, retrieval is left out with a warning."""
-    from raysseg import tracking
+    from raysseg.io import tracking
     from raysseg.config import config_from_dict
-    from raysseg.data import DatasetError, make_dataset, list_split
-    from raysseg.metrics import (EvalInputError, direct_scores, fit_linear_probe, hungarian_scores,
+    from raysseg.io.images import DatasetError, make_dataset, list_split
+    from raysseg.core.metrics import (EvalInputError, direct_scores, fit_linear_probe, hungarian_scores,
                                  matched_confusion)
-    from raysseg.model import read_checkpoint
-    from raysseg.train import init_ray
-    from raysseg.viz import confusion_figure, overlay_grid
+    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.runtime.driver import init_ray
+    from raysseg.core.pictures import confusion_figure, overlay_grid
 
     ckpt = read_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt["config"])
@@ -376,11 +376,11 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     grid = None
     if pictures:
         pictures.sort(key=lambda p: p[0])
-        from raysseg.metrics import apply_mapping
+        from raysseg.core.metrics import apply_mapping
 
         preds = [apply_mapping(p[3]["clusters"], mapping, cfg.data.ignore_index) for p in pictures]
         grid = overlay_grid([p[1] for p in pictures], preds, [p[2] for p in pictures], cfg.data.ignore_index)
-        from raysseg.viz import save_png
+        from raysseg.core.pictures import save_png
 
         save_png(grid, out_dir / "overlays_clusters.png")
     print(f"report: {out_dir / 'report.json'}")

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysseg.config import Config
-from raysseg.data import crop_resize, photometric_augment, random_boxes
-from raysseg.methods import segsort_core as core
-from raysseg.segments import batch_segment_ids, flat_pixels, pixel_sort, segment_prototypes
-from raysseg.methods.common import ResumableTrainer
+from raysseg.io.images import crop_resize, photometric_augment, random_boxes
+from raysseg.methods.segsort import core
+from raysseg.core.segments import batch_segment_ids, flat_pixels, pixel_sort, segment_prototypes
+from raysseg.methods.base import ResumableTrainer
 
 
 class _Net(nn.Module):
@@ -88,7 +88,7 @@ class SegmentTrainer(ResumableTrainer):
 
     def train_step(self, images: np.ndarray, pseudo: np.ndarray, step: int) -> dict[str, float]:
         """One iteration on this worker's batch: uint8 images (B, S, S, 3), pseudo segments (B, S, S)."""
-        from raysseg.train import optimizer_step
+        from raysseg.runtime.driver import optimizer_step
 
         cfg, ss = self.cfg, self.cfg.segsort
         weight = 1.0
@@ -185,7 +185,7 @@ class SegmentTrainer(ResumableTrainer):
 
     def train_epoch(self, shard, epoch: int, progress: dict, logger, checkpoint=None):
         """One pass over this worker's shard. Returns (epoch stats, last images, skipped files)."""
-        from raysseg.train import run_epoch
+        from raysseg.runtime.driver import run_epoch
 
         cfg = self.cfg
         self.seg.train()

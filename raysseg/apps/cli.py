@@ -13,7 +13,7 @@ def _config(args):
 
 
 def cmd_train(args) -> None:
-    from raysseg.train import train
+    from raysseg.runtime.driver import train
 
     cfg = _config(args)  # validated before Ray starts
     result = train(cfg, restart=args.restart)
@@ -22,8 +22,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from raysseg.sweep import sweep
-    from raysseg.train import RunFailed
+    from raysseg.runtime.sweep import sweep
+    from raysseg.runtime.driver import RunFailed
 
     result = sweep(args.config, args.space, tuple(args.set or ()), restart=args.restart, name=args.name,
                    max_concurrent=args.max_concurrent)
@@ -33,7 +33,7 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_pull_best(args) -> None:
-    from raysseg.tracking import pull_best
+    from raysseg.io.tracking import pull_best
 
     info = pull_best(args.experiment, args.metric, args.out, mode=args.mode, filter_string=args.filter or "",
                      register_as=args.register_as or "", alias=args.alias)
@@ -44,7 +44,7 @@ def cmd_pull_best(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from raysseg.pretrain import pretrain
+    from raysseg.runtime.pretrain import pretrain
 
     cfg = _config(args)  # validated before Ray starts
     result = pretrain(cfg, restart=args.restart)
@@ -53,7 +53,7 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from raysseg.evaluate import evaluate
+    from raysseg.runtime.evaluate import evaluate
 
     evaluate(args.checkpoint, split=args.split, crf=False if args.no_crf else None,
              probe=False if args.no_probe else None, retrieval=False if args.no_retrieval else None,
@@ -62,8 +62,8 @@ def cmd_evaluate(args) -> None:
 
 def cmd_run(args) -> None:
     """Train, then evaluate the final checkpoint: the quick start."""
-    from raysseg.evaluate import evaluate
-    from raysseg.train import train
+    from raysseg.runtime.evaluate import evaluate
+    from raysseg.runtime.driver import train
 
     cfg = _config(args)
     result = train(cfg, restart=args.restart)
@@ -73,20 +73,20 @@ def cmd_run(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from raysseg.predict import predict
+    from raysseg.apps.predict import predict
 
     predict(args.checkpoint, args.images, args.out)
 
 
 def cmd_concepts(args) -> None:
-    from raysseg.browse import browse
+    from raysseg.apps.browse import browse
 
     browse(args.checkpoint, split=args.split, limit=args.limit, out=args.out, queries=args.query or (),
            n_concepts=args.n_concepts, rebuild=args.rebuild)
 
 
 def cmd_data_synth(args) -> None:
-    from raysseg.data import synth_dataset
+    from raysseg.io.images import synth_dataset
 
     if os.path.isdir(os.path.join(args.out, "train", "images")) and not args.force:
         print(f"{args.out} already holds a dataset (use --force to regenerate)")
@@ -96,7 +96,7 @@ def cmd_data_synth(args) -> None:
 
 
 def cmd_data_upload(args) -> None:
-    from raysseg.data import upload
+    from raysseg.io.images import upload
 
     upload(args.src, args.dst)
 
@@ -106,7 +106,7 @@ def cmd_storage_serve(args) -> None:
     import signal
     import time
 
-    from raysseg.storage import SeaweedServer
+    from raysseg.io.storage import SeaweedServer
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the server on SIGTERM too
 
@@ -128,7 +128,7 @@ def cmd_storage_serve(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from raysseg import bench
+    from raysseg.apps import bench
 
     bench.main(args)
 
@@ -235,13 +235,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from raysseg.backbones import BackboneError
-    from raysseg.browse import BrowseError
+    from raysseg.core.backbones import BackboneError
+    from raysseg.apps.browse import BrowseError
     from raysseg.config import ConfigError
-    from raysseg.data import DatasetError
-    from raysseg.storage import StorageError
-    from raysseg.tracking import TrackingError
-    from raysseg.train import RunFailed
+    from raysseg.io.images import DatasetError
+    from raysseg.io.storage import StorageError
+    from raysseg.io.tracking import TrackingError
+    from raysseg.runtime.driver import RunFailed
 
     args = parser().parse_args(argv)
     try:
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(message: str) -> int:
-    from raysseg.tracking import redact
+    from raysseg.io.tracking import redact
 
     print(redact(message.splitlines()[0]) if message else "error", file=sys.stderr)
     return 2

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysseg.backbones import build_backbone, standardize
+from raysseg.core.backbones import build_backbone, standardize
 from raysseg.config import Config, config_from_dict
 
 CHECKPOINT_FILE = "model.pt"
@@ -28,17 +28,17 @@ class Segmenter(nn.Module):
         self.backbone = build_backbone(cfg.model.backbone, weights=weights, frozen=cfg.model.frozen, fpn_dim=fpn_dim)
         self.head: nn.Module | None = None
         if cfg.method == "hp":
-            from raysseg.methods.hp_core import HPModel
+            from raysseg.methods.hp.core import HPModel
 
             self.head = HPModel(self.backbone.dim, cfg.model.code_dim)
         elif cfg.method == "pgg":
-            from raysseg.methods.picie_core import PGGHead
+            from raysseg.methods.picie.core import PGGHead
 
             p = cfg.pgg
             self.head = PGGHead(self.backbone.dim, cae=p.cae, affinity=p.cae_affinity, n_global=p.global_clusters,
                                 guidance=p.guidance != "none", modified_cam=p.cam == "modified")
         elif cfg.method in ("segsort", "concepts"):
-            from raysseg.methods.segsort_core import EmbeddingHead
+            from raysseg.methods.segsort.core import EmbeddingHead
 
             self.head = EmbeddingHead(self.backbone.dim, cfg.segsort.embed_dim)
         self.code_dim = {"hp": cfg.model.code_dim, "segsort": cfg.segsort.embed_dim,
@@ -97,7 +97,7 @@ class Segmenter(nn.Module):
 
 def save_checkpoint(path: str, segmenter: Segmenter, **extra) -> None:
     """Write ``{config, state, **extra}`` atomically (local path or s3:// URI)."""
-    from raysseg.storage import write_bytes_atomic
+    from raysseg.io.storage import write_bytes_atomic
 
     buf = io.BytesIO()
     torch.save({"config": segmenter.cfg.to_dict(), "state": segmenter.state_dict(), **extra}, buf)
@@ -107,12 +107,12 @@ def save_checkpoint(path: str, segmenter: Segmenter, **extra) -> None:
 def read_checkpoint(uri: str) -> dict:
     """Load a checkpoint dict from a file, a run directory, s3://, ``runs:/<id>/checkpoint``
     or a registered model ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``)."""
-    from raysseg.storage import StorageError, read_bytes
+    from raysseg.io.storage import StorageError, read_bytes
 
     if uri.startswith(("runs:/", "models:/")):
         import mlflow
 
-        from raysseg.tracking import tracking_uri
+        from raysseg.io.tracking import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri())  # $MLFLOW_TRACKING_URI, else the local store
         try:

@@ -288,7 +288,7 @@ def load_backbone_weights(module: Backbone, uri: str, name: str) -> None:
     ResNet trunks (``module.encoder_q.``; ``fc.*`` dropped). A trunk-only checkpoint
     leaves the FPN as initialised. Raises BackboneWeightsError on any other mismatch.
     """
-    from raysseg.storage import read_bytes
+    from raysseg.io.storage import read_bytes
 
     data = read_bytes(uri)
     try:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from raysseg.config import Config, ConfigError, config_from_dict
-from raysseg.methods.moco_core import moco_logits, two_crops
+from raysseg.methods.moco.core import moco_logits, two_crops
 
 BACKBONE_FILE = "backbone.pt"
 STATE_FILE = "moco.pt"
@@ -87,7 +87,7 @@ def crop_size(cfg: Config) -> int:
 
 def check_pretrain_inputs(cfg: Config) -> int:
     """Everything that can be checked before Ray starts; returns the training image count."""
-    from raysseg.data import DatasetError, list_split
+    from raysseg.io.images import DatasetError, list_split
 
     try:
         files = list_split(cfg.data.train, with_labels=False).images
@@ -118,7 +118,7 @@ def backbone_uri(cfg: Config, run_name: str) -> str:
 
 def backbone_state(moco_state: dict, backbone_name: str) -> dict:
     """The query encoder's backbone as a plain state dict (``trunk.*`` for ResNets, ``vit.*`` for ViTs),
-    loadable by :func:`raysseg.backbones.build_backbone` ``(name, weights=...)``."""
+    loadable by :func:`raysseg.core.backbones.build_backbone` ``(name, weights=...)``."""
     prefix = "encoder_q.backbone."
     state = {k[len(prefix):]: v.detach().cpu().clone() for k, v in moco_state.items() if k.startswith(prefix)}
     if not backbone_name.startswith("vit"):
@@ -132,9 +132,10 @@ def _use_line(uri: str) -> None:
 
 def pretrain(cfg: Config, restart: bool = False) -> PretrainResult:
     """Pretrain (or resume) the run ``pretrain_run_name(cfg)``; returns where its backbone is."""
-    from raysseg import storage, tracking
-    from raysseg.data import make_dataset
-    from raysseg.train import fit, init_ray, make_trainer
+    from raysseg.io import storage
+    from raysseg.io import tracking
+    from raysseg.io.images import make_dataset
+    from raysseg.runtime.driver import fit, init_ray, make_trainer
 
     n_images = check_pretrain_inputs(cfg)
     run_name = pretrain_run_name(cfg)
@@ -194,7 +195,7 @@ def pretrain(cfg: Config, restart: bool = False) -> PretrainResult:
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``t`` (same shape on every rank) in rank order along dim 0."""
-    from raysseg.train import _dist
+    from raysseg.runtime.driver import _dist
 
     dist = _dist()
     if dist is None:
@@ -235,7 +236,7 @@ class MoCoTrainer:
     @torch.no_grad()
     def _keys(self, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(this rank's keys (B, P), every rank's keys in rank order (W*B, P)); shuffle-BN when W > 1."""
-        from raysseg.train import _dist
+        from raysseg.runtime.driver import _dist
 
         dist = _dist()
         encoder = self.moco.encoder_k
@@ -268,7 +269,7 @@ class MoCoTrainer:
             all_w = _gather(w)
         per_row = self.moco.loss(q, k, reduction="none")
         loss = (per_row * w).sum() / w.sum().clamp(min=1.0)
-        from raysseg.train import optimizer_step
+        from raysseg.runtime.driver import optimizer_step
 
         optimizer_step(loss, self.optimizer, step, "pretrain.lr", self.cfg.pretrain.lr)
         with torch.no_grad():
@@ -303,7 +304,7 @@ def _save(trainer: MoCoTrainer, progress: dict, metrics: dict, rank: int, cfg: C
     """Report metrics from every rank; rank 0 attaches the checkpoint (all ranks' generator states in it)."""
     import ray.train
 
-    from raysseg.train import all_gather
+    from raysseg.runtime.driver import all_gather
 
     generators = all_gather(trainer.generator.get_state())
     if rank != 0:
@@ -320,11 +321,11 @@ def pretrain_loop(loop_cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from raysseg import tracking
-    from raysseg.backbones import build_backbone
-    from raysseg.data import valid_rows
-    from raysseg.methods.moco_core import MoCo
-    from raysseg.train import Progress, all_gather, barrier
+    from raysseg.io import tracking
+    from raysseg.core.backbones import build_backbone
+    from raysseg.io.images import valid_rows
+    from raysseg.methods.moco.core import MoCo
+    from raysseg.runtime.driver import Progress, all_gather, barrier
 
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # batches are read-only
     cfg = config_from_dict(loop_cfg["config"])

@@ -8,7 +8,7 @@ centroids"):
    embeds two photometric views of each image of its shard of the training split. It
    samples ``kmeans.pixels_per_image`` locations per image and view, puts them into the
    Ray object store as blocks and hands the references to rank 0 through the bank.
-2. Rank 0 clusters each view separately with :func:`raysseg.cluster.kmeans_ray`: faiss
+2. Rank 0 clusters each view separately with :func:`raysseg.core.kmeans.kmeans_ray`: faiss
    on ``kmeans.init_sample`` features, then every stored feature assigned in parallel Ray
    tasks (``kmeans.assign_passes`` Lloyd passes). It publishes both centroid sets as the
    bank table ``centroids``, version ``epoch + 1``.
@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysseg.backbones import standardize
+from raysseg.core.backbones import standardize
 from raysseg.config import Config
-from raysseg.data import crop_resize, photometric_augment, random_boxes, valid_rows
-from raysseg.methods.picie_core import PYRAMID_BOXES, active_selection, assign_labels, guidance_loss, picie_loss
-from raysseg.methods.common import ResumableTrainer
+from raysseg.io.images import crop_resize, photometric_augment, random_boxes, valid_rows
+from raysseg.methods.picie.core import PYRAMID_BOXES, active_selection, assign_labels, guidance_loss, picie_loss
+from raysseg.methods.base import ResumableTrainer
 
 
 class _Net(nn.Module):
@@ -95,7 +95,7 @@ class PiCIETrainer(ResumableTrainer):
         if not self.guided:
             return
         shard = get_shard("cluster")
-        from raysseg.cluster import spherical_kmeans
+        from raysseg.core.kmeans import spherical_kmeans
 
         t0 = time.perf_counter()
         if ray.get(self.bank.version.remote("pgg_labels")) == 0:
@@ -139,7 +139,7 @@ class PiCIETrainer(ResumableTrainer):
 
     def _sync_buffers(self) -> None:
         """BatchNorm statistics drift apart after the last step; take rank 0's so snapshots are identical."""
-        from raysseg.train import _dist
+        from raysseg.runtime.driver import _dist
 
         dist = _dist()
         if dist is not None:
@@ -150,7 +150,7 @@ class PiCIETrainer(ResumableTrainer):
     def before_epoch(self, get_shard, epoch: int) -> None:
         """Snapshot the model, cluster both views' embeddings on Ray, fetch the centroids of this epoch."""
         shard = get_shard("cluster")
-        from raysseg.cluster import kmeans_ray, sample_locations
+        from raysseg.core.kmeans import kmeans_ray, sample_locations
 
         t0 = time.perf_counter()
         self._sync_buffers()
@@ -199,7 +199,7 @@ class PiCIETrainer(ResumableTrainer):
 
     def train_step(self, images: np.ndarray, paths, step: int) -> dict[str, float]:
         """One iteration on this worker's batch (uint8 (B, S, S, 3), may be empty: all rows invalid)."""
-        from raysseg.train import optimizer_step
+        from raysseg.runtime.driver import optimizer_step
 
         weight = 1.0
         if len(images) == 0:  # keep DDP in step with the other workers; contributes nothing
@@ -248,7 +248,7 @@ class PiCIETrainer(ResumableTrainer):
 
     def train_epoch(self, shard, epoch: int, progress: dict, logger, checkpoint=None):
         """One pass over this worker's shard. Returns (epoch stats, last images, skipped files)."""
-        from raysseg.train import run_epoch
+        from raysseg.runtime.driver import run_epoch
 
         cfg = self.cfg
         once = {k: self.timers.pop(k) for k in ("pseudo_labels", "extract", "cluster_total") if k in self.timers}
