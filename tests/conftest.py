@@ -40,7 +40,7 @@ def s3_server(tmp_path_factory, offline_env):
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """Root of a small synthetic dataset (8 train / 4 val images of 48x64, 5 classes)."""
-    from raysseg.io.images import synth_dataset
+    from raysseg.apps.synth import synth_dataset
 
     root = tmp_path_factory.mktemp("synth")
     synth_dataset(str(root), n_train=8, n_val=4, size=(48, 64), seed=0)

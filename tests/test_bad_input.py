@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from raysseg.io import images as data
+from raysseg.runtime import datasets
 from raysseg.io.images import BadFileError, DatasetError
 
 
@@ -167,7 +168,7 @@ def test_out_of_range_labels_are_skipped_counted_and_reported_in_evaluation(ray_
     bad_label = split / "labels" / "zz_range.png"
     expected = f"label {bad_label}: label values [7, 20] outside 0..4 (ignore 255): fix data.n_classes or the label file"
 
-    ds = data.make_dataset(str(split), image_size=32, train=False, with_labels=True, n_classes=5, ignore_index=255)
+    ds = datasets.make_dataset(str(split), image_size=32, train=False, with_labels=True, n_classes=5, ignore_index=255)
     batch = next(iter(ds.iter_batches(batch_size=100, batch_format="numpy")))
     names = [Path(p).name for p in batch["path"]]
     assert len(names) == 6
@@ -223,7 +224,7 @@ def test_empty_local_folder_is_one_line(tmp_path):
         data.list_split(str(tmp_path / "split"), with_labels=False)
     _one_line(str(err.value), f"{tmp_path / 'split' / 'images'} holds no .png/.jpg/.jpeg images", "put the split's")
     with pytest.raises(DatasetError) as err:  # make_dataset fails the same way, before any Ray work
-        data.make_dataset(str(tmp_path / "split"), image_size=32, train=True, with_labels=False)
+        datasets.make_dataset(str(tmp_path / "split"), image_size=32, train=True, with_labels=False)
     _one_line(str(err.value), "holds no .png")
     with pytest.raises(DatasetError) as err:
         data.list_split(str(tmp_path / "nowhere"), with_labels=True)

@@ -15,6 +15,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from raysseg.io import images as data
+from raysseg.apps import synth
+from raysseg.runtime import datasets
+from raysseg.core import augment
 from raysseg.io.images import DatasetError
 
 
@@ -28,11 +31,11 @@ def _png(array: np.ndarray, mode: str | None = None) -> bytes:
 
 
 def test_synth_layout(synth_data: Path):
-    assert (synth_data / "classes.txt").read_text().split() == list(data.SYNTH_CLASSES)
+    assert (synth_data / "classes.txt").read_text().split() == list(synth.SYNTH_CLASSES)
     readme = (synth_data / "README.txt").read_text()
-    assert all(name in readme for name in data.SYNTH_CLASSES)
-    assert data.read_classes(str(synth_data)) == list(data.SYNTH_CLASSES)
-    seen = np.zeros(len(data.SYNTH_CLASSES), int)
+    assert all(name in readme for name in synth.SYNTH_CLASSES)
+    assert data.read_classes(str(synth_data)) == list(synth.SYNTH_CLASSES)
+    seen = np.zeros(len(synth.SYNTH_CLASSES), int)
     for split, count in (("train", 8), ("val", 4)):
         files = data.list_split(str(synth_data / split), with_labels=True)
         assert len(files.images) == len(files.labels) == count
@@ -41,18 +44,18 @@ def test_synth_layout(synth_data: Path):
             image, label = Image.open(img_uri), np.asarray(Image.open(lab_uri))
             assert image.mode == "RGB" and image.size == (64, 48) and label.shape == (48, 64)
             seen += np.bincount(label.ravel(), minlength=len(seen))[: len(seen)]
-            assert label.max() < len(data.SYNTH_CLASSES)
+            assert label.max() < len(synth.SYNTH_CLASSES)
     assert (seen > 0).all()  # every class occurs
 
 
 def test_synth_is_seeded_and_classes_differ_in_colour(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    data.synth_dataset(str(a), n_train=3, n_val=1, size=(32, 40), seed=5)
-    data.synth_dataset(str(b), n_train=3, n_val=1, size=(32, 40), seed=5)
+    synth.synth_dataset(str(a), n_train=3, n_val=1, size=(32, 40), seed=5)
+    synth.synth_dataset(str(b), n_train=3, n_val=1, size=(32, 40), seed=5)
     for f in sorted((a / "train" / "images").iterdir()):
         assert f.read_bytes() == (b / "train" / "images" / f.name).read_bytes()
     # Per-class mean colours are distinct (pixel features can separate the classes).
-    image, label = data._synth_image(np.random.default_rng(0), 96, 128)
+    image, label = synth._synth_image(np.random.default_rng(0), 96, 128)
     means = [image[label == c].mean(0) for c in np.unique(label)]
     for i in range(len(means)):
         for j in range(i + 1, len(means)):
@@ -189,7 +192,7 @@ def test_ray_local_split_with_bad_files(ray_local, synth_data, tmp_path):
     (images / "zz_rgba.png").write_bytes(_png(np.full((48, 64, 4), 90, np.uint8)))
     (labels / "zz_rgba.png").write_bytes((labels / good[3]).read_bytes())
 
-    ds = data.make_dataset(str(split), image_size=32, train=False, with_labels=True)
+    ds = datasets.make_dataset(str(split), image_size=32, train=False, with_labels=True)
     cols = _collect(ds)
     by_name = {Path(p).name: i for i, p in enumerate(cols["path"])}
     assert len(by_name) == len(good) + 5
@@ -215,11 +218,11 @@ def test_ray_training_never_opens_labels(ray_local, synth_data, tmp_path):
     (split / "labels").mkdir()
     for p in (split / "images").iterdir():
         (split / "labels" / p.name).write_bytes(b"garbage, not a PNG")
-    cols = _collect(data.make_dataset(str(split), image_size=24, train=True, with_labels=False, limit=3))
+    cols = _collect(datasets.make_dataset(str(split), image_size=24, train=True, with_labels=False, limit=3))
     assert len(cols["path"]) == 3 and all(cols["valid"]) and "label" not in cols
     assert cols["image"][0].shape == (24, 24, 3)
     # The same garbage does get caught when labels are requested.
-    cols = _collect(data.make_dataset(str(split), image_size=24, train=False, with_labels=True))
+    cols = _collect(datasets.make_dataset(str(split), image_size=24, train=False, with_labels=True))
     assert not any(cols["valid"])
 
 
@@ -228,12 +231,12 @@ def test_ray_from_s3(ray_local, s3_server, synth_data, capsys):
     s3_server.create_bucket(bucket)
     assert data.upload(str(synth_data), f"s3://{bucket}/synth") == 26
     assert f"26/26 files to s3://{bucket}/synth" in capsys.readouterr().out
-    assert data.read_classes(f"s3://{bucket}/synth") == list(data.SYNTH_CLASSES)
-    cols = _collect(data.make_dataset(f"s3://{bucket}/synth/train", image_size=40, train=True, with_labels=True, seed=1))
+    assert data.read_classes(f"s3://{bucket}/synth") == list(synth.SYNTH_CLASSES)
+    cols = _collect(datasets.make_dataset(f"s3://{bucket}/synth/train", image_size=40, train=True, with_labels=True, seed=1))
     assert len(cols["path"]) == 8 and all(cols["valid"])
     assert all(p.startswith(f"s3://{bucket}/synth/train/images/") for p in cols["path"])
     assert np.stack(cols["image"]).shape == (8, 40, 40, 3) and np.stack(cols["label"]).shape == (8, 40, 40)
-    assert np.stack(cols["label"]).max() < len(data.SYNTH_CLASSES)
+    assert np.stack(cols["label"]).max() < len(synth.SYNTH_CLASSES)
 
 
 # --------------------------------------------------------------------------- photometric augmentation
@@ -246,7 +249,7 @@ def _images(b: int = 4, h: int = 20, w: int = 24) -> torch.Tensor:
 def test_color_jitter_matches_torchvision_per_image():
     x = _images()
     br, co, sa, hu = (torch.tensor(v) for v in ([0.7, 1.3, 1.0, 0.9], [1.2, 0.8, 1.0, 1.1], [0.75, 1.25, 1.0, 0.0], [0.1, -0.1, 0.0, 0.05]))
-    out = data.color_jitter(x, br, co, sa, hu)
+    out = augment.color_jitter(x, br, co, sa, hu)
     for i in range(len(x)):
         ref = TF.adjust_brightness(x[i], float(br[i]))
         ref = TF.adjust_contrast(ref, float(co[i]))
@@ -257,13 +260,13 @@ def test_color_jitter_matches_torchvision_per_image():
 
 def test_gaussian_blur_matches_torchvision():
     x = _images()
-    out = data.gaussian_blur(x, torch.full((4,), 1.5))
+    out = augment.gaussian_blur(x, torch.full((4,), 1.5))
     k = 2 * math.ceil(3 * 1.5) + 1
     torch.testing.assert_close(out, TF.gaussian_blur(x, [k, k], [1.5, 1.5]), atol=1e-5, rtol=1e-5)
-    tiny = data.gaussian_blur(torch.rand(2, 3, 3, 3), torch.tensor([0.5, 2.0]))  # kernel larger than image
+    tiny = augment.gaussian_blur(torch.rand(2, 3, 3, 3), torch.tensor([0.5, 2.0]))  # kernel larger than image
     assert tiny.shape == (2, 3, 3, 3) and torch.isfinite(tiny).all()
     with pytest.raises(ValueError, match="sigma > 0"):
-        data.gaussian_blur(x, torch.tensor([1.0, 0.0, 1.0, 1.0]))
+        augment.gaussian_blur(x, torch.tensor([1.0, 0.0, 1.0, 1.0]))
 
 
 def _no_jitter() -> dict:
@@ -272,16 +275,16 @@ def _no_jitter() -> dict:
 
 def test_photometric_grayscale_really_applied():
     x = _images()
-    out = data.photometric_augment(x, torch.Generator().manual_seed(1), **_no_jitter(), p_gray=1.0, p_blur=0.0)
+    out = augment.photometric_augment(x, torch.Generator().manual_seed(1), **_no_jitter(), p_gray=1.0, p_blur=0.0)
     assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
-    torch.testing.assert_close(out[:, :1], data.rgb_to_gray(x), atol=1e-5, rtol=1e-5)
-    same = data.photometric_augment(x, torch.Generator().manual_seed(1), **_no_jitter(), p_gray=0.0, p_blur=0.0)
+    torch.testing.assert_close(out[:, :1], augment.rgb_to_gray(x), atol=1e-5, rtol=1e-5)
+    same = augment.photometric_augment(x, torch.Generator().manual_seed(1), **_no_jitter(), p_gray=0.0, p_blur=0.0)
     torch.testing.assert_close(same, x, atol=1e-5, rtol=1e-5)
 
 
 def test_photometric_blur_really_applied():
     x = _images()
-    out = data.photometric_augment(x, torch.Generator().manual_seed(2), **_no_jitter(), p_gray=0.0, p_blur=1.0, blur_sigma=(0.8, 2.0))
+    out = augment.photometric_augment(x, torch.Generator().manual_seed(2), **_no_jitter(), p_gray=0.0, p_blur=1.0, blur_sigma=(0.8, 2.0))
 
     def roughness(t: torch.Tensor) -> torch.Tensor:
         return (t[..., 1:, :] - t[..., :-1, :]).abs().mean(dim=(1, 2, 3))
@@ -292,8 +295,8 @@ def test_photometric_blur_really_applied():
 
 def test_photometric_default_is_per_image_random_and_seeded():
     x = _images(b=1).expand(64, -1, -1, -1).contiguous()
-    a = data.photometric_augment(x, torch.Generator().manual_seed(3))
-    b = data.photometric_augment(x, torch.Generator().manual_seed(3))
+    a = augment.photometric_augment(x, torch.Generator().manual_seed(3))
+    b = augment.photometric_augment(x, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
     assert len({tuple(v.tolist()) for v in a.mean(dim=(2, 3)).round(decimals=4)}) > 50  # images differ
@@ -302,7 +305,7 @@ def test_photometric_default_is_per_image_random_and_seeded():
 
 
 def test_crop_resize_is_slicing_flipping_and_identity_on_exact_boxes():
-    from raysseg.io.images import crop_resize
+    from raysseg.core.augment import crop_resize
 
     x = torch.randn(2, 3, 8, 8)
     full = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)
@@ -316,7 +319,7 @@ def test_crop_resize_is_slicing_flipping_and_identity_on_exact_boxes():
 def test_crop_of_features_equals_features_of_crop_for_a_pooling_network():
     """PiCIE's equivariance: cropping the image or the feature map of the whole image selects
     the same region (exact for a stride-4 average pool and boxes on the 4-pixel grid)."""
-    from raysseg.io.images import crop_resize
+    from raysseg.core.augment import crop_resize
 
     x = torch.rand(1, 3, 32, 32)
     net = torch.nn.AvgPool2d(4)
@@ -328,7 +331,7 @@ def test_crop_of_features_equals_features_of_crop_for_a_pooling_network():
 
 
 def test_random_boxes_stay_inside_the_image_with_the_requested_area():
-    from raysseg.io.images import random_boxes
+    from raysseg.core.augment import random_boxes
 
     boxes = random_boxes(2000, torch.Generator().manual_seed(0), scale=(0.3, 0.9))
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -339,7 +342,7 @@ def test_random_boxes_stay_inside_the_image_with_the_requested_area():
 
 
 def test_photometric_jitter_probability():
-    from raysseg.io.images import photometric_augment
+    from raysseg.core.augment import photometric_augment
 
     x = torch.rand(64, 3, 8, 8)
     off = dict(p_gray=0.0, p_blur=0.0)

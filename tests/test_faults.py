@@ -33,7 +33,7 @@ def _config(tmp_path: Path, data: str, *overrides: str):
 
 @pytest.fixture(scope="module")
 def data32(tmp_path_factory) -> Path:
-    from raysseg.io.images import synth_dataset
+    from raysseg.apps.synth import synth_dataset
 
     root = tmp_path_factory.mktemp("synth32")
     synth_dataset(str(root), n_train=32, n_val=4, size=(48, 64), seed=1)

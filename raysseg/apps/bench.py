@@ -48,7 +48,8 @@ def bench_data() -> str:
     """Images/s of the Ray Data pipeline over CamVid train, from a folder and from the local S3 server."""
     import secrets
 
-    from raysseg.io.images import make_dataset, upload
+    from raysseg.runtime.datasets import make_dataset
+    from raysseg.io.images import upload
     from raysseg.io.storage import SeaweedServer
     from raysseg.runtime.driver import init_ray
 

@@ -334,7 +334,8 @@ def build_index(checkpoint, split: str | None = None, limit: int | None = None, 
     import ray
 
     from raysseg.config import config_from_dict
-    from raysseg.io.images import list_split, make_dataset
+    from raysseg.runtime.datasets import make_dataset
+    from raysseg.io.images import list_split
     from raysseg.core.segmenter import Segmenter, read_checkpoint
     from raysseg.runtime.driver import init_ray
 

@@ -86,7 +86,7 @@ def cmd_concepts(args) -> None:
 
 
 def cmd_data_synth(args) -> None:
-    from raysseg.io.images import synth_dataset
+    from raysseg.apps.synth import synth_dataset
 
     if os.path.isdir(os.path.join(args.out, "train", "images")) and not args.force:
         print(f"{args.out} already holds a dataset (use --force to regenerate)")

@@ -1,4 +1,4 @@
-"""Datasets: layout, a synthetic dataset, the Ray Data input pipeline and photometric augmentation.
+"""Image splits: layout, listing and decoding rows (the Ray Data pipeline is in :mod:`raysseg.runtime.datasets`).
 
 A split is a local folder or s3:// prefix holding ``images/`` (PNG/JPEG) and, optionally,
 ``labels/`` (single-channel PNG, one class index per pixel, same stem as its image).
@@ -17,20 +17,12 @@ import io
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from raysseg.io import storage
 
-if TYPE_CHECKING:
-    import ray.data
-
-SYNTH_CLASSES = ("sky", "ground", "grass", "red_object", "blue_shape")
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision
 
 
 class DatasetError(ValueError):
@@ -39,85 +31,6 @@ class DatasetError(ValueError):
 
 class BadFileError(DatasetError):
     """One image or label file cannot be used; its pipeline row is marked invalid with this one line."""
-
-
-# --------------------------------------------------------------------------- synthetic data
-
-
-def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell_h: float, cell_w: float) -> np.ndarray:
-    """Smooth random field in [-1, 1] of shape (h, w): coarse uniform noise upsampled bicubically."""
-    gh, gw = max(2, int(h / cell_h) + 2), max(2, int(w / cell_w) + 2)
-    coarse = rng.uniform(0, 255, (gh, gw)).astype(np.float32)
-    up = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC))
-    return np.clip(up / 127.5 - 1.0, -1.0, 1.0)
-
-
-def _synth_image(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic scene: (image uint8 (h,w,3), label uint8 (h,w)) with classes SYNTH_CLASSES."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    horizon = h * rng.uniform(0.3, 0.5) + h * 0.05 * np.sin(xx / w * 2 * np.pi * rng.uniform(0.5, 2) + rng.uniform(0, 6.3))
-    label = np.where(yy < horizon, 0, 1).astype(np.uint8)
-    grass = _smooth_noise(rng, h, w, h / 3, w / 3) > rng.uniform(-0.3, 0.3)
-    label[(label == 1) & grass] = 2
-
-    for _ in range(rng.integers(1, 4)):
-        cy, cx = rng.uniform(0.15, 0.9) * h, rng.uniform(0.1, 0.9) * w
-        ry, rx = rng.uniform(0.08, 0.2) * h, rng.uniform(0.06, 0.18) * w
-        if rng.random() < 0.5:
-            label[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0] = 3
-        else:
-            label[(np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx)] = 4
-
-    img = np.zeros((h, w, 3), np.float32)
-    t = np.clip(yy / np.maximum(horizon, 1.0), 0, 1)[..., None]
-    sky_top = np.array([70, 120, 210]) + rng.normal(0, 12, 3)
-    sky_low = np.array([190, 210, 235]) + rng.normal(0, 10, 3)
-    sky = sky_top * (1 - t) + sky_low * t + rng.normal(0, 5, (h, w, 3))
-    ground_tex = _smooth_noise(rng, h, w, 4, 6)[..., None]
-    ground = (np.array([125, 95, 65]) + rng.normal(0, 10, 3)) * (1 + 0.25 * ground_tex) + rng.normal(0, 14, (h, w, 3))
-    grass_tex = _smooth_noise(rng, h, w, 6, 1.5)[..., None]  # vertical blades
-    grass_col = np.array([70, 135, 55]) + rng.normal(0, 10, 3)
-    grass_px = grass_col * (1 + 0.3 * grass_tex) + rng.normal(0, 16, (h, w, 3))
-    shade = (1 + 0.2 * _smooth_noise(rng, h, w, h / 2, w / 2))[..., None]
-    red = (np.array([185, 55, 45]) + rng.normal(0, 15, 3)) * shade + rng.normal(0, 20, (h, w, 3))
-    blue = (np.array([45, 65, 165]) + rng.normal(0, 15, 3)) * shade + rng.normal(0, 20, (h, w, 3))
-    for cls, px in enumerate((sky, ground, grass_px, red, blue)):
-        img[label == cls] = px[label == cls]
-    img *= rng.uniform(0.8, 1.2)  # global exposure
-    return np.clip(img, 0, 255).astype(np.uint8), label
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def synth_dataset(out_dir: str, n_train: int = 48, n_val: int = 16, size: tuple[int, int] = (96, 128), seed: int = 0) -> dict:
-    """Write a small synthetic segmentation dataset (``train/`` and ``val/`` splits with images and
-    labels, ``classes.txt`` and ``README.txt``) to a local folder or s3:// prefix.
-
-    Five classes (SYNTH_CLASSES): a sky gradient, textured ground, textured grass, red-ish ellipses
-    and blue-ish rectangles, with per-image colour shifts and pixel noise.
-    Returns {"root", "classes", "train", "val"} (the last two: image counts).
-    """
-    h, w = size
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", n_train), ("val", n_val)):
-        for i in range(count):
-            image, label = _synth_image(rng, h, w)
-            name = f"{split}_{i:04d}.png"
-            storage.write_bytes_atomic(storage.join(out_dir, split, "images", name), _png_bytes(image))
-            storage.write_bytes_atomic(storage.join(out_dir, split, "labels", name), _png_bytes(label))
-    storage.write_bytes_atomic(storage.join(out_dir, "classes.txt"), ("\n".join(SYNTH_CLASSES) + "\n").encode())
-    readme = (
-        "raysseg synthetic segmentation dataset\n"
-        f"image size {h}x{w} (HxW), seed {seed}, {n_train} train / {n_val} val images\n"
-        "labels/*.png hold one class index per pixel:\n"
-        + "".join(f"  {i}: {name}\n" for i, name in enumerate(SYNTH_CLASSES))
-    )
-    storage.write_bytes_atomic(storage.join(out_dir, "README.txt"), readme.encode())
-    return {"root": out_dir, "classes": list(SYNTH_CLASSES), "train": n_train, "val": n_val}
 
 
 def read_classes(root_uri: str) -> list[str]:
@@ -133,6 +46,7 @@ def upload(local_dir: str, s3_uri: str) -> int:
             print(f"uploaded {done}/{total} files to {s3_uri}", flush=True)
 
     return storage.copy_tree(local_dir, s3_uri, progress=progress)
+
 
 
 # --------------------------------------------------------------------------- split listing
@@ -346,12 +260,22 @@ def _decode_batch(
     return out
 
 
-def make_dataset(
+
+def valid_rows(batch: dict) -> tuple[dict, list[tuple[str, str]]]:
+    """Drop the rows with valid=False from a numpy batch; return (kept batch, [(path, error), ...])."""
+    valid = np.asarray(batch["valid"], bool)
+    skipped = [(str(p), str(e)) for p, e, ok in zip(batch["path"], batch["error"], valid) if not ok]
+    if not skipped:
+        return batch, []
+    return {k: np.asarray(v)[valid] for k, v in batch.items()}, skipped
+
+
+def read_plan(
     split_uri: str, *, image_size: int, train: bool, with_labels: bool, crop_scale: tuple[float, float] = (0.5, 1.0),
     hflip: bool = True, seed: int | None = 0, limit: int | None = None, files: list[str] | None = None,
-    shuffle: bool = False, segments: dict | None = None, n_classes: int | None = None, ignore_index: int = 255,
-) -> "ray.data.Dataset":
-    """A Ray Dataset of decoded, cropped rows from a split folder/prefix.
+    segments: dict | None = None, n_classes: int | None = None, ignore_index: int = 255,
+) -> tuple[list[dict], functools.partial]:
+    """(rows of file URIs, the batch function that decodes them) for a split folder/prefix.
 
     train=True: random resized crop (area fraction in ``crop_scale``) to image_size x image_size and
     a random horizontal flip, seeded per image from (seed, path); pass a different seed per epoch
@@ -359,14 +283,13 @@ def make_dataset(
     Labels (only opened when ``with_labels``) follow the same geometry with NEAREST.
     ``limit`` keeps the first ``limit`` images in sorted order; ``files`` keeps only those image URIs.
     ``seed=None`` draws fresh crops each time a row is read, i.e. every epoch.
-    ``shuffle`` visits the images in a fresh random order every epoch (the file list is shuffled, not pixels).
     ``segments`` (keyword arguments of :func:`raysseg.core.segments.oversegment`) adds a ``segments`` column:
     the pseudo segments of each decoded image (int32 S x S), computed on the fly in the read.
     ``n_classes`` (with labels): a label file holding a value outside [0, n_classes) other than
     ``ignore_index`` makes its row invalid, with the bad values in the error.
+    Ray Data maps the function over the rows (:mod:`raysseg.runtime.datasets`); the in-process runner
+    calls it directly.
     """
-    import ray.data
-
     if image_size <= 0:
         raise DatasetError(f"image_size must be positive, got {image_size}")
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
@@ -386,159 +309,4 @@ def make_dataset(
         crop_scale=tuple(crop_scale), hflip=hflip, seed=seed, segments=segments,
         label_range=(n_classes, ignore_index) if with_labels and n_classes is not None else None,
     )
-    ds = ray.data.from_items(items)
-    if shuffle:
-        ds = ds.random_shuffle()
-    return ds.map_batches(fn, batch_size=16, batch_format="numpy")
-
-
-def valid_rows(batch: dict) -> tuple[dict, list[tuple[str, str]]]:
-    """Drop the rows with valid=False from a numpy batch; return (kept batch, [(path, error), ...])."""
-    valid = np.asarray(batch["valid"], bool)
-    skipped = [(str(p), str(e)) for p, e, ok in zip(batch["path"], batch["error"], valid) if not ok]
-    if not skipped:
-        return batch, []
-    return {k: np.asarray(v)[valid] for k, v in batch.items()}, skipped
-
-
-# --------------------------------------------------------------------------- photometric augmentation (torch)
-
-
-def rgb_to_gray(images: torch.Tensor) -> torch.Tensor:
-    """Luma of (B,3,H,W) RGB in [0,1] -> (B,1,H,W)."""
-    w = images.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
-    return (images * w).sum(1, keepdim=True)
-
-
-def _rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
-    """(B,3,H,W) RGB in [0,1] -> HSV with hue in [0,1)."""
-    r, g, b = images.unbind(1)
-    maxc, _ = images.max(1)
-    minc, _ = images.min(1)
-    delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hue = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    hue = torch.where(delta > 0, (hue / 6.0) % 1.0, torch.zeros_like(hue))
-    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    return torch.stack([hue, sat, maxc], 1)
-
-
-def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    """Inverse of _rgb_to_hsv."""
-    h, s, v = hsv.unbind(1)
-    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], 1)  # (B,3,H,W) for R, G, B
-    return v.unsqueeze(1) - (v * s).unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1))
-
-
-def color_jitter(
-    images: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor, hue: torch.Tensor
-) -> torch.Tensor:
-    """Per-image colour jitter of (B,3,H,W) in [0,1] with factors of shape (B,), applied in the order
-    brightness, contrast, saturation (multiplicative, 1 = unchanged), hue (shift in turns, 0 = unchanged);
-    clamped to [0,1] after each step, as torchvision's functional ops."""
-    view = (-1, 1, 1, 1)
-    x = (images * brightness.view(view)).clamp(0, 1)
-    mean = rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = (contrast.view(view) * x + (1 - contrast.view(view)) * mean).clamp(0, 1)
-    x = (saturation.view(view) * x + (1 - saturation.view(view)) * rgb_to_gray(x)).clamp(0, 1)
-    hsv = _rgb_to_hsv(x)
-    hsv = torch.stack([(hsv[:, 0] + hue.view(-1, 1, 1)) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
-    return _hsv_to_rgb(hsv).clamp(0, 1)
-
-
-def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Blur each image of (B,C,H,W) with its own Gaussian sigma (B,) > 0, separably.
-
-    Kernel size is the odd 2*ceil(3*max(sigma))+1 shared by the batch (each kernel normalised);
-    borders are reflected (replicated when the image is smaller than the kernel radius).
-    """
-    if (sigma <= 0).any():
-        raise ValueError("gaussian_blur needs sigma > 0 for every image")
-    b, c, h, w = images.shape
-    radius = int(math.ceil(3 * float(sigma.max())))
-    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.to(images).view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, K)
-    mode = "reflect" if radius < min(h, w) else "replicate"
-    x = F.pad(images.reshape(1, b * c, h, w), (radius, radius, radius, radius), mode=mode)
-    x = F.conv2d(x, kernel.view(b * c, 1, 1, -1), groups=b * c)
-    x = F.conv2d(x, kernel.view(b * c, 1, -1, 1), groups=b * c)
-    return x.view(b, c, h, w)
-
-
-def photometric_augment(
-    images: torch.Tensor, generator: torch.Generator, *, brightness: float = 0.3, contrast: float = 0.3,
-    saturation: float = 0.3, hue: float = 0.1, p_gray: float = 0.2, p_blur: float = 0.5,
-    blur_sigma: tuple[float, float] = (0.1, 2.0), p_jitter: float = 1.0,
-) -> torch.Tensor:
-    """Random per-image photometric augmentation of (B,3,H,W) RGB in [0,1] -> same shape.
-
-    ColorJitter(brightness, contrast, saturation, hue) with probability p_jitter and factors
-    drawn uniformly from [1-x, 1+x] (hue: [-hue, hue]), then grayscale with probability p_gray,
-    then Gaussian blur with probability p_blur and sigma uniform in blur_sigma. All randomness
-    comes from ``generator``.
-    """
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"photometric_augment expects (B,3,H,W) images, got shape {tuple(images.shape)}")
-    if not 0 < blur_sigma[0] <= blur_sigma[1]:
-        raise ValueError(f"blur_sigma must be a positive (low, high) range, got {blur_sigma}")
-    b = images.shape[0]
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        u = torch.rand(b, generator=generator, device=generator.device).to(images.device, images.dtype)
-        return low + (high - low) * u
-
-    x = color_jitter(
-        images, uniform(1 - brightness, 1 + brightness), uniform(1 - contrast, 1 + contrast),
-        uniform(1 - saturation, 1 + saturation), uniform(-hue, hue),
-    )
-    if p_jitter < 1:  # drawn only then, so the default keeps its random stream
-        x = torch.where((uniform(0, 1) < p_jitter).view(-1, 1, 1, 1), x, images)
-    gray = uniform(0, 1) < p_gray
-    x = torch.where(gray.view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
-    blur = uniform(0, 1) < p_blur
-    sigma = uniform(*blur_sigma)
-    if blur.any():
-        x = torch.where(blur.view(-1, 1, 1, 1), gaussian_blur(x, sigma), x)
-    return x
-
-
-def random_boxes(
-    n: int, generator: torch.Generator, scale: tuple[float, float] = (0.5, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> torch.Tensor:
-    """n random crop boxes (n, 4) as (x0, y0, x1, y1) fractions of the image, inside [0, 1].
-
-    Area fraction uniform in ``scale``, aspect ratio log-uniform in ``ratio`` (the
-    RandomResizedCrop recipe); a box that would not fit is shrunk to fit."""
-    u = torch.rand(n, 4, generator=generator, device=generator.device).cpu()
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
-    w = (area * torch.exp(log_r)).sqrt().clamp(max=1.0)
-    h = (area / torch.exp(log_r)).sqrt().clamp(max=1.0)
-    x0, y0 = (1 - w) * u[:, 2], (1 - h) * u[:, 3]
-    return torch.stack([x0, y0, x0 + w, y0 + h], 1)
-
-
-def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], flips: torch.Tensor | None = None,
-                mode: str = "bilinear") -> torch.Tensor:
-    """Crop each map of x (B, C, H, W) to its box (B, 4) of image fractions, resize to ``size``
-    and mirror it where ``flips`` (B,) is true -> (B, C, size[0], size[1]).
-
-    Works the same on images and on feature maps: a box is a fraction of the map, so
-    cropping an image and cropping the features of the whole image select the same region
-    (PiCIE's equivariance). Sampling is bilinear at output-cell centres (align_corners=False).
-    """
-    b = x.shape[0]
-    boxes = boxes.to(x.device, x.dtype)
-    x0, y0, x1, y1 = boxes.unbind(1)
-    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
-    sx = x1 - x0
-    if flips is not None:
-        sx = torch.where(flips.to(x.device), -sx, sx)
-    theta[:, 0, 0] = sx
-    theta[:, 0, 2] = x0 + x1 - 1
-    theta[:, 1, 1] = y1 - y0
-    theta[:, 1, 2] = y0 + y1 - 1
-    grid = F.affine_grid(theta, [b, x.shape[1], *size], align_corners=False)
-    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+    return items, fn

@@ -130,7 +130,8 @@ def train(cfg: Config, restart: bool = False, parent_run_id: str | None = None, 
 
     from raysseg.io import tracking
     from raysseg.runtime.bank import ConceptBank
-    from raysseg.io.images import list_split, make_dataset
+    from raysseg.runtime.datasets import make_dataset
+    from raysseg.io.images import list_split
     from raysseg.core.segments import oversegment_kwargs
     from raysseg.io.storage import remove_tree
 

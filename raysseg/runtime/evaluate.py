@@ -233,7 +233,8 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     no probe) and that split lacks labels, retrieval is left out with a warning."""
     from raysseg.io import tracking
     from raysseg.config import config_from_dict
-    from raysseg.io.images import DatasetError, make_dataset, list_split
+    from raysseg.runtime.datasets import make_dataset
+    from raysseg.io.images import DatasetError, list_split
     from raysseg.core.metrics import (EvalInputError, direct_scores, fit_linear_probe, hungarian_scores,
                                  matched_confusion)
     from raysseg.core.segmenter import read_checkpoint

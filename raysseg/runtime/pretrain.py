@@ -134,7 +134,7 @@ def pretrain(cfg: Config, restart: bool = False) -> PretrainResult:
     """Pretrain (or resume) the run ``pretrain_run_name(cfg)``; returns where its backbone is."""
     from raysseg.io import storage
     from raysseg.io import tracking
-    from raysseg.io.images import make_dataset
+    from raysseg.runtime.datasets import make_dataset
     from raysseg.runtime.driver import fit, init_ray, make_trainer
 
     n_images = check_pretrain_inputs(cfg)

@@ -23,7 +23,8 @@ from torch import nn
 
 from raysseg.core.backbones import normalize, standardize
 from raysseg.config import Config
-from raysseg.io.images import photometric_augment, valid_rows
+from raysseg.core.augment import photometric_augment
+from raysseg.io.images import valid_rows
 from raysseg.methods.hp.core import ema_update, lambda_at
 from raysseg.methods.base import ResumableTrainer
 

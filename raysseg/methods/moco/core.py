@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raysseg.core.backbones import Backbone, standardize
-from raysseg.io.images import crop_resize, photometric_augment, random_boxes
+from raysseg.core.augment import crop_resize, photometric_augment, random_boxes
 from raysseg.methods.hp.core import ema_update
 
 # MoCo v2 augmentation strengths (the "aug_plus" recipe of the reference code)

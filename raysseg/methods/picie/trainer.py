@@ -42,7 +42,8 @@ from torch import nn
 
 from raysseg.core.backbones import standardize
 from raysseg.config import Config
-from raysseg.io.images import crop_resize, photometric_augment, random_boxes, valid_rows
+from raysseg.core.augment import crop_resize, photometric_augment, random_boxes
+from raysseg.io.images import valid_rows
 from raysseg.methods.picie.core import PYRAMID_BOXES, active_selection, assign_labels, guidance_loss, picie_loss
 from raysseg.methods.base import ResumableTrainer
 

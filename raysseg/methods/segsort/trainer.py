@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysseg.config import Config
-from raysseg.io.images import crop_resize, photometric_augment, random_boxes
+from raysseg.core.augment import crop_resize, photometric_augment, random_boxes
 from raysseg.methods.segsort import core
 from raysseg.core.segments import batch_segment_ids, flat_pixels, pixel_sort, segment_prototypes
 from raysseg.methods.base import ResumableTrainer
