@@ -13,23 +13,16 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message is one line naming the key."""
+from raysseg.core.geometry import BACKBONES, input_multiple
+from raysseg.methods.registry import METHODS, config_sections, spec
+from raysseg.settings import ConfigError, setting as _f
 
-
-def _f(default, *, lo=None, hi=None, choices=None, help=""):
-    """A dataclass field with validation metadata (inclusive bounds, allowed values)."""
-    kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(metadata={"lo": lo, "hi": hi, "choices": choices, "help": help}, **kw)
-
-
-BACKBONES = ("vit_small_patch16", "vit_small_patch8", "vit_base_patch8", "resnet18_fpn", "resnet50_fpn")
-METHODS = ("kmeans", "hp", "picie", "pgg", "segsort", "concepts")
+__all__ = ["Config", "ConfigError", "load_config", "with_overrides", "config_from_dict"]
 
 
 @dataclass
@@ -82,33 +75,6 @@ class KMeansConfig:
 
 
 @dataclass
-class HPConfig:
-    pool_size: int = _f(2048, lo=1, help="M: one patch from each of M different images")
-    renew_every: int = _f(100, lo=1, help="N: iterations between task-specific pool renewals")
-    tau: float = _f(0.8, lo=1e-3, hi=10.0)
-    rho: float = _f(0.02, lo=0.0, hi=1.0, help="fraction of non-positives kept as negatives")
-    alpha: float = _f(0.05, lo=0.0, hi=100.0, help="consistency regulariser weight")
-    warmup: int = _f(1000, lo=0, help="iterations with lambda = 0")
-    ema: float = _f(0.99, lo=0.0, hi=1.0, help="EMA momentum of the task-specific head")
-    sigma: float = _f(28.0, lo=0.0, help="attention scale in local hidden positives")
-    local: bool = _f(True, help="local hidden positives (gradient propagation)")
-    chunk: int = _f(2048, lo=16, help="anchor rows per block in selection and loss")
-
-
-@dataclass
-class PGGConfig:
-    guidance: str = _f("pyramid", choices=("none", "image", "pyramid"),
-                       help="image-level pseudo labels: none (PiCIE + CAE), one per image (GG), or 6 pyramid views (PGG)")
-    global_clusters: int = _f(50, lo=2, help="k-means clusters of the pooled self-supervised features")
-    keep_fraction: float = _f(0.4, lo=0.01, hi=1.0, help="active selection: views closest to their centre kept")
-    cam: str = _f("modified", choices=("classic", "modified"), help="classic: GAP-Linear; modified: GAP-Linear-ReLU-Linear")
-    weight: float = _f(1.0, lo=0.0, help="weight of the image-level loss")
-    cae: bool = _f(True, help="context-aware embedding at 1/16 resolution")
-    cae_affinity: str = _f("both", choices=("both", "feature", "raw"),
-                           help="CAE affinity: cosine x colour/position kernels, cosine only, or kernels only")
-
-
-@dataclass
 class SegmentsConfig:
     """Pseudo segments (oversegmentation) and per-image pixel sorting, shared by SegSort,
     visual concepts, retrieval evaluation and concept browsing."""
@@ -121,38 +87,6 @@ class SegmentsConfig:
     compactness: float = _f(10.0, lo=0.01, help="slic: colour vs. space weight")
     grid: int = _f(5, lo=1, hi=64, help="pixel sorting: k-means per image from a grid x grid initialisation")
     iterations: int = _f(10, lo=1, hi=1000, help="pixel sorting: spherical k-means iterations")
-
-
-@dataclass
-class SegSortConfig:
-    embed_dim: int = _f(32, lo=2, hi=4096, help="pixel embedding size (unit sphere)")
-    kappa: float = _f(10.0, lo=1e-3, hi=1000.0, help="vMF concentration: similarity exp(kappa * cos)")
-    memory_batches: int = _f(2, lo=0, hi=1000, help="prototypes of the last B global batches, held by the concept bank")
-
-
-@dataclass
-class ConceptsConfig:
-    n_concepts: int = _f(512, lo=2, hi=1_000_000, help="global concepts: VQ dictionary size")
-    beta: float = _f(0.5, lo=0.0, hi=100.0, help="VQ commitment constant")
-    decay: float = _f(0.99, lo=0.0, hi=1.0, help="EMA decay of the dictionary and the co-occurrence counts")
-    lambda_s: float = _f(1.0, lo=0.0, help="weight of the local-concept loss")
-    lambda_v: float = _f(2.0, lo=0.0, help="weight of the global-concept (VQ) loss")
-    lambda_c: float = _f(1.0, lo=0.0, help="weight of the co-occurrence loss")
-    warmup: int = _f(0, lo=0, help="steps training only the local-concept term (the dictionary still learns)")
-
-
-@dataclass
-class PretrainConfig:
-    epochs: int = _f(50, lo=1, hi=100000)
-    batch_size: int = _f(32, lo=2, hi=8192, help="images per worker per step (two crops each)")
-    lr: float = _f(0.03, lo=0.0, help="SGD learning rate (momentum 0.9, cosine schedule)")
-    weight_decay: float = _f(1e-4, lo=0.0)
-    queue: int = _f(4096, lo=1, help="MoCo negatives queue length")
-    momentum: float = _f(0.99, lo=0.0, hi=1.0, help="key encoder EMA momentum")
-    temperature: float = _f(0.2, lo=1e-3, hi=10.0)
-    proj_dim: int = _f(128, lo=2)
-    crop_size: int = _f(0, lo=0, help="training crop side; 0 = data.image_size")
-    crop_scale_min: float = _f(0.2, lo=0.01, hi=1.0)
 
 
 @dataclass
@@ -174,22 +108,8 @@ class MlflowConfig:
     tracking_uri: str = _f("", help="empty = $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
 
 
-@dataclass
-class Config:
-    name: str = _f("custom")
-    method: str = _f("kmeans", choices=METHODS)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
-    hp: HPConfig = field(default_factory=HPConfig)
-    pgg: PGGConfig = field(default_factory=PGGConfig)
-    segments: SegmentsConfig = field(default_factory=SegmentsConfig)
-    segsort: SegSortConfig = field(default_factory=SegSortConfig)
-    concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+class _ConfigMethods:
+    """The methods of :class:`Config` (whose fields come partly from the method registry)."""
 
     @property
     def n_clusters(self) -> int:
@@ -216,6 +136,21 @@ class Config:
         settings = {k: v for k, v in self.flat().items() if not k.startswith(operational)}
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
         return f"{self.name}-{digest}"
+
+
+def _section(name: str, cls: type) -> tuple[str, type, Any]:
+    return name, cls, field(default_factory=cls)
+
+
+# A run's whole configuration: the generic sections and every method's own (methods/<name>/spec.py).
+Config = dataclasses.make_dataclass("Config", [
+    ("name", str, _f("custom")),
+    ("method", str, _f("kmeans", choices=tuple(METHODS))),
+    _section("data", DataConfig), _section("model", ModelConfig), _section("train", TrainConfig),
+    _section("kmeans", KMeansConfig),
+    *(_section(name, cls) for name, cls in config_sections()),
+    _section("segments", SegmentsConfig), _section("eval", EvalConfig), _section("mlflow", MlflowConfig),
+], bases=(_ConfigMethods,), namespace={"__module__": __name__})
 
 
 def available(package: str) -> list[str]:
@@ -340,24 +275,16 @@ def _apply_override(raw: dict, assignment: str) -> None:
 
 
 def _check_consistency(cfg: Config) -> None:
-    stride = 8 if "patch8" in cfg.model.backbone else 16 if "patch16" in cfg.model.backbone else 32
-    if cfg.data.image_size % stride:
+    multiple = input_multiple(cfg.model.backbone)
+    if cfg.data.image_size % multiple:
         raise ConfigError(
-            f"data.image_size: {cfg.data.image_size} is not a multiple of {stride}, the stride of {cfg.model.backbone}"
+            f"data.image_size: {cfg.data.image_size} is not a multiple of {multiple}, the stride of {cfg.model.backbone}"
         )
     if cfg.data.class_names and len(cfg.data.class_names) != cfg.data.n_classes:
         raise ConfigError(
             f"data.class_names: {len(cfg.data.class_names)} names for data.n_classes = {cfg.data.n_classes}"
         )
-    if cfg.method == "hp" and not cfg.model.backbone.startswith("vit"):
-        raise ConfigError(f"model.backbone: HP needs a ViT backbone (last-block attention), got {cfg.model.backbone}")
-    if cfg.method == "hp" and not cfg.model.frozen:
-        raise ConfigError("model.frozen: HP trains heads on a frozen backbone; set model.frozen=true")
-    if cfg.method in ("picie", "pgg"):
-        if not cfg.model.backbone.endswith("_fpn"):
-            raise ConfigError(f"model.backbone: {cfg.method} trains a ResNet-FPN, got {cfg.model.backbone}")
-        if cfg.model.frozen:
-            raise ConfigError(f"model.frozen: {cfg.method} trains the backbone; set model.frozen=false")
+    spec(cfg.method).check_config(cfg)
 
 
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:

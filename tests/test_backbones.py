@@ -213,10 +213,14 @@ def test_unreadable_checkpoint_is_rejected(tmp_path):
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):
-    from raysseg.io.storage import StorageError
+    from raysseg.core.backbones import BackboneWeightsError
+    from raysseg.io.storage import StorageError, read_bytes
 
     path = tmp_path / "nowhere" / "dino.pth"
     with pytest.raises(StorageError) as info:
+        build_backbone("vit_small_patch16", weights=str(path), read_bytes=read_bytes)
+    assert str(path) in str(info.value)
+    with pytest.raises(BackboneWeightsError) as info:  # core's own reader (no storage layer) says the same
         build_backbone("vit_small_patch16", weights=str(path))
     assert str(path) in str(info.value)
 
@@ -225,14 +229,14 @@ def test_dino_checkpoint_loads_from_s3(s3_server):
     """The real loading path from object storage, on a checkpoint the test writes itself."""
     import io
 
-    from raysseg.io.storage import write_bytes_atomic
+    from raysseg.io.storage import read_bytes, write_bytes_atomic
 
     source = _seeded("vit_small_patch16", 0)
     buf = io.BytesIO()
     torch.save({"teacher": {"backbone." + k: v for k, v in source.vit.state_dict().items()}}, buf)
     s3_server.create_bucket("weights")
     write_bytes_atomic("s3://weights/dino/vits16.pth", buf.getvalue())
-    loaded = _seeded("vit_small_patch16", 1, weights="s3://weights/dino/vits16.pth")
+    loaded = _seeded("vit_small_patch16", 1, weights="s3://weights/dino/vits16.pth", read_bytes=read_bytes)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).features, source(x).features)

@@ -162,7 +162,7 @@ def test_out_of_range_labels_are_skipped_counted_and_reported_in_evaluation(ray_
     code (Scorer: scored images and skipped files; TrainSampler: the probe/retrieval pass)."""
     from raysseg.config import load_config
     from raysseg.runtime.evaluate import Scorer, TrainSampler
-    from raysseg.core.segmenter import Segmenter
+    from raysseg.methods.registry import build_segmenter
 
     split = _split_with_bad_labels(tmp_path, synth_data)
     bad_label = split / "labels" / "zz_range.png"
@@ -182,7 +182,7 @@ def test_out_of_range_labels_are_skipped_counted_and_reported_in_evaluation(ray_
 
     cfg = load_config("kmeans_synth", ["data.image_size=32", "model.backbone=resnet18_fpn"])  # quick to build
     torch.manual_seed(0)
-    seg = Segmenter(cfg, load_backbone_weights=False)
+    seg = build_segmenter(cfg, load_backbone_weights=False)
     ref = [ray_local.put({"config": cfg.to_dict(), "state": seg.state_dict()})]
     scored = Scorer(ref, None, False, [])(batch)
     assert scored["n_images"].tolist() == [5]
@@ -274,7 +274,7 @@ def test_config_values_out_of_range(override, words):
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), float("-inf")])
 def test_non_finite_loss_stops_before_the_weights_change(bad):
-    from raysseg.runtime.driver import NonFiniteLoss, optimizer_step
+    from raysseg.core.distributed import NonFiniteLoss, optimizer_step
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)

@@ -152,14 +152,15 @@ def _write_checkpoint(path, synth_data, uri, method, run_name):
 
     from raysseg.io import tracking
     from raysseg.config import load_config
-    from raysseg.core.segmenter import Segmenter, save_checkpoint
+    from raysseg.methods.registry import build_segmenter
+    from raysseg.io.checkpoints import save_checkpoint
 
     cfg = load_config("kmeans_synth", [
         f"method={method}", "model.backbone=resnet18_fpn", "model.frozen=false", "data.image_size=64",
         "concepts.n_concepts=8", f"data.train={synth_data}/train", f"data.val={synth_data}/val",
         "eval.workers=1", "eval.batch_size=4", f"mlflow.tracking_uri={uri}"])
     torch.manual_seed(0)
-    seg = Segmenter(cfg, load_backbone_weights=False)
+    seg = build_segmenter(cfg, load_backbone_weights=False)
     if method == "concepts":
         seg.concepts.copy_(F.normalize(torch.randn(8, seg.code_dim), dim=1))
     run_id, _ = tracking.start_or_resume_run(uri, "browse-test", run_name, {})

@@ -20,7 +20,7 @@ def unpacked(name: str, tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_checkpoint_of_the_earlier_layout_loads_and_gives_the_same_maps(method, tmp_path):
-    from raysseg.core.segmenter import load_segmenter
+    from raysseg.io.checkpoints import load_segmenter
 
     seg, ckpt = load_segmenter(unpacked(f"{method}.pt.xz", tmp_path))
     assert seg.cfg.method == method and ckpt["finished"] and ckpt["progress"]["clustered"]

@@ -1,12 +1,20 @@
-"""Distributed spherical k-means (``raysseg.core.kmeans.kmeans_ray``) on a real local Ray."""
+"""Spherical k-means: over blocks (``raysseg.core.kmeans.blockwise_kmeans``; on a real local Ray,
+``raysseg.runtime.kmeans.kmeans_ray``) and in one process (faiss, or its torch fallback)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from raysseg.core.kmeans import _allocate, _update, kmeans_plus_plus, kmeans_ray, spherical_kmeans
+from raysseg.core.kmeans import (
+    LocalExecutor, _allocate, _update, blockwise_kmeans, kmeans_plus_plus, spherical_kmeans,
+)
+from raysseg.runtime.kmeans import kmeans_ray
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -113,3 +121,105 @@ def test_fewer_points_than_clusters(ray_local):
         kmeans_ray([], 3, init_sample=100, assign_passes=1)
     with pytest.raises(ValueError, match="init must be"):
         kmeans_ray(blocks, 2, init_sample=100, assign_passes=1, init="kmeans||")
+
+
+def test_torch_fallback_agrees_with_faiss():
+    pytest.importorskip("faiss")
+    # Well-separated clusters, random starts: both find the same partition and centroids.
+    x, centres, labels = _mixture(4_000, 6, 24, noise=0.05, seed=6)
+    fa = spherical_kmeans(x, 6, redo=3, seed=1, backend="faiss")
+    to = spherical_kmeans(x, 6, redo=3, seed=1, backend="torch")
+    for c in (fa, to):
+        assert c.shape == (6, 24) and c.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-5)
+    rows, cols = linear_sum_assignment(-(fa @ to.T))
+    np.testing.assert_allclose(to[cols], fa[rows], atol=1e-4)
+    _, lab_fa = _mean_cosine(x, fa)
+    _, lab_to = _mean_cosine(x, to)
+    assert (cols[lab_fa] == lab_to).all()  # the same partition, up to the order of the clusters
+    _, truth = linear_sum_assignment(-(fa @ centres.T))
+    assert (truth[lab_fa] == labels).all()
+    # No structure, the same k-means++ start (redo 2: both start there twice): the same objective.
+    y = _normalise(np.random.default_rng(7).normal(size=(3_000, 16)))
+    start = kmeans_plus_plus(y, 10, np.random.default_rng(0))
+    obj_fa, _ = _mean_cosine(y, spherical_kmeans(y, 10, redo=2, init_centroids=start, backend="faiss"))
+    to = spherical_kmeans(y, 10, redo=2, init_centroids=start, backend="torch")
+    obj_to, _ = _mean_cosine(y, to)
+    assert obj_to == pytest.approx(obj_fa, abs=1e-3)
+    # From random starts (other random streams than faiss's: other local optima), about as good,
+    # and deterministic for a seed.
+    obj_fa, _ = _mean_cosine(y, spherical_kmeans(y, 10, redo=3, seed=2, backend="faiss"))
+    to = spherical_kmeans(y, 10, redo=3, seed=2, backend="torch")
+    obj_to, _ = _mean_cosine(y, to)
+    assert obj_to == pytest.approx(obj_fa, abs=1e-2)
+    np.testing.assert_array_equal(to, spherical_kmeans(y, 10, redo=3, seed=2, backend="torch"))
+    with pytest.raises(ValueError, match="backend must be"):
+        spherical_kmeans(y, 10, backend="sklearn")
+
+
+def test_local_executor_gives_the_same_bits_as_ray(ray_local):
+    x, _, _ = _mixture(9_000, 5, 16, noise=0.4, seed=8)
+    cuts = [2000, 2100, 4000, 6000, 6500, 8000]
+    for init in ("k-means++", "random"):
+        kw = dict(init_sample=1500, assign_passes=2, iterations=5, redo=2, seed=3, init=init)
+        local = blockwise_kmeans(np.split(x, cuts), 7, **kw)
+        assert blockwise_kmeans(np.split(x, cuts), 7, executor=LocalExecutor(), **kw).centroids.tobytes() \
+            == local.centroids.tobytes()
+        on_ray = kmeans_ray(_blocks(ray_local, x, cuts), 7, **kw)
+        assert on_ray.centroids.tobytes() == local.centroids.tobytes()
+        assert on_ray.counts.tolist() == local.counts.tolist()
+        assert on_ray.mean_cosine == local.mean_cosine and on_ray.n_points == local.n_points == 9_000
+
+
+class _ReversedExecutor(LocalExecutor):
+    """Hands the per-block results back last block first (as Ray may, in any order)."""
+
+    def map(self, fn, arg_lists):
+        return reversed(list(super().map(fn, arg_lists)))
+
+
+def test_order_of_the_block_results_changes_no_bit():
+    # Many blocks of very different sizes: float sums in another order would round differently.
+    x, _, _ = _mixture(8_000, 6, 20, noise=0.5, seed=9)
+    cuts = [1, 3, 50, 51, 700, 2000, 2001, 5000, 7990]
+    kw = dict(init_sample=800, assign_passes=3, iterations=4, seed=5)
+    fwd = blockwise_kmeans(np.split(x, cuts), 9, executor=LocalExecutor(), **kw)
+    rev = blockwise_kmeans(np.split(x, cuts), 9, executor=_ReversedExecutor(), **kw)
+    assert fwd.centroids.tobytes() == rev.centroids.tobytes()
+    assert fwd.counts.tolist() == rev.counts.tolist() and fwd.mean_cosine == rev.mean_cosine
+    ref, lab = _mean_cosine(x, fwd.centroids)
+    assert fwd.mean_cosine == pytest.approx(ref, abs=1e-6)
+    assert fwd.counts.tolist() == np.bincount(lab, minlength=9).tolist()
+
+
+def test_blockwise_kmeans_checks_its_blocks():
+    x = _mixture(100, 2, 8, noise=0.1)[0]
+    with pytest.raises(ValueError, match="same D"):
+        blockwise_kmeans([x, x[:, :4]], 2, init_sample=50, assign_passes=1)
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        blockwise_kmeans([x, bad], 2, init_sample=50, assign_passes=1)
+
+
+def test_works_without_faiss():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["faiss"] = None
+        import numpy as np
+        from raysseg.core.kmeans import blockwise_kmeans, spherical_kmeans
+
+        rng = np.random.default_rng(0)
+        centres = rng.normal(size=(4, 12))
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        x = centres[rng.integers(0, 4, 2000)] + 0.05 * rng.normal(size=(2000, 12))
+        x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        for c in (spherical_kmeans(x, 4, redo=2, seed=0),
+                  blockwise_kmeans(np.split(x, [700]), 4, init_sample=500, assign_passes=1).centroids):
+            assert c.shape == (4, 12) and np.allclose(np.linalg.norm(c, axis=1), 1, atol=1e-5)
+            assert (c @ centres.T).max(0).min() > 0.99, c @ centres.T
+        assert "faiss" not in sys.modules or sys.modules["faiss"] is None
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -158,18 +158,19 @@ def test_a_killed_bank_refuses_to_serve_until_restored(ray_local):
 def test_a_checkpoint_write_killed_midway_leaves_the_previous_one(tmp_path):
     """SIGKILL a process while it writes a large checkpoint over an existing one: the old file is
     intact and loads; the partial bytes sit only in a hidden temp file."""
-    from raysseg.core.segmenter import Segmenter, read_checkpoint, save_checkpoint
+    from raysseg.methods.registry import build_segmenter
+    from raysseg.io.checkpoints import read_checkpoint, save_checkpoint
 
     cfg = load_config("kmeans_synth", ["model.backbone=resnet18_fpn", "model.weights="])
     target = tmp_path / "model.pt"
-    save_checkpoint(str(target), Segmenter(cfg), progress={"epoch": 1})
+    save_checkpoint(str(target), build_segmenter(cfg), progress={"epoch": 1})
     before = target.read_bytes()
     writer = subprocess.Popen([sys.executable, "-c", (
         "import sys, torch\n"
         "from raysseg.config import load_config\n"
-        "from raysseg.core.segmenter import Segmenter, save_checkpoint\n"
+        "from raysseg.methods.registry import build_segmenter\nfrom raysseg.io.checkpoints import save_checkpoint\n"
         "cfg = load_config('kmeans_synth', ['model.backbone=resnet18_fpn', 'model.weights='])\n"
-        "save_checkpoint(sys.argv[1], Segmenter(cfg), progress={'epoch': 2}, big=torch.ones(300_000_000, dtype=torch.uint8))\n"
+        "save_checkpoint(sys.argv[1], build_segmenter(cfg), progress={'epoch': 2}, big=torch.ones(300_000_000, dtype=torch.uint8))\n"
     ), str(target)], stderr=subprocess.PIPE)
     temp = lambda: [p for p in tmp_path.iterdir() if p.name.endswith(".tmp") and p.stat().st_size > 0]  # noqa: E731
     deadline = time.time() + 120
@@ -196,7 +197,7 @@ def test_a_killed_worker_then_a_killed_bank_restart_from_the_latest_checkpoint(t
     (losing at most 3 steps), the bank comes back from that checkpoint and both workers read the
     same table at every version after it; the run finishes with 24 steps under one MLflow run."""
     from raysseg.runtime.bank import reads_by_version
-    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.io.checkpoints import read_checkpoint
     from raysseg.runtime.driver import train
 
     db = tmp_path / "mlruns.db"
@@ -245,7 +246,7 @@ def test_the_s3_server_stopped_for_seconds_then_for_good(tmp_path, ray_local, da
     for good in epoch 3: a one-line error after the bounded retries, the checkpoints are kept, and
     once the server is back the same run resumes and finishes."""
     from raysseg.io.images import upload
-    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.io.checkpoints import read_checkpoint
     from raysseg.io.storage import SeaweedServer
     from raysseg.runtime.driver import RunFailed, train
 
@@ -297,7 +298,7 @@ def test_the_s3_server_stopped_for_seconds_then_for_good(tmp_path, ray_local, da
 def test_a_killed_driver_resumes_its_run_when_the_command_is_run_again(tmp_path, ray_local, synth_data, monkeypatch):
     """`raysseg train` SIGKILLed (with its local Ray) after its first checkpoint; the same command
     again continues the same MLflow run from that checkpoint instead of starting over."""
-    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.io.checkpoints import read_checkpoint
     from raysseg.runtime.driver import train
 
     sets = [f"data.train={synth_data}/train", f"data.val={synth_data}/val", "data.image_size=64", "data.n_classes=5",

@@ -29,7 +29,7 @@ def test_two_workers_share_pools_nan_stops_and_resume_restores_the_bank(tmp_path
        line and the last good checkpoint is untouched;
     3. more epochs at a sane rate: resumes from that checkpoint, the bank is restored from
        it (Q_ag not rebuilt, Q_sp versions continue) and the MLflow run is the same."""
-    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.io.checkpoints import read_checkpoint
     from raysseg.runtime.driver import RunFailed, train
 
     first = train(hp_config(tmp_path, synth_data, "train.epochs=1"))
@@ -69,7 +69,7 @@ def test_two_workers_share_pools_nan_stops_and_resume_restores_the_bank(tmp_path
 
 def test_pool_larger_than_the_split_is_rejected_before_ray(tmp_path, synth_data):
     with pytest.raises(ConfigError, match=r"hp.pool_size: M = 50 .* has 8; set hp.pool_size <= 8"):
-        from raysseg.runtime.driver import check_inputs
+        from raysseg.engine.inputs import check_inputs
 
         check_inputs(hp_config(tmp_path, synth_data, "hp.pool_size=50"))
     proc = subprocess.run(

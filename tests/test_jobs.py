@@ -199,7 +199,7 @@ def test_sweep_job_with_asha_one_parent_run_one_child_per_trial_and_best_registe
     heavier, so a loss far higher after epoch 1): ASHA stops the second at its first rung."""
     from mlflow.tracking import MlflowClient
 
-    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.io.checkpoints import read_checkpoint
     from raysseg.io.tracking import pull_best
 
     space = tmp_path / "alpha.yaml"

@@ -23,7 +23,7 @@ def pgg_config(tmp_path: Path, synth_data: Path, *overrides: str):
 
 def test_pgg_two_workers_train_against_identical_centroids_and_pseudo_labels(tmp_path, ray_local, synth_data):
     from raysseg.runtime.evaluate import evaluate
-    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.io.checkpoints import read_checkpoint
     from raysseg.runtime.driver import train
 
     # 7 images: Ray's equal split over 2 workers leaves one image out of each pass
@@ -65,12 +65,12 @@ def test_pgg_config_errors_name_the_key(override, message):
 
 
 def test_ablation_switches_build_the_matching_model():
-    from raysseg.core.segmenter import Segmenter
+    from raysseg.methods.registry import build_segmenter
 
-    full = Segmenter(load_config("pgg_camvid", ["model.fpn_dim=16", "pgg.global_clusters=7"]))
+    full = build_segmenter(load_config("pgg_camvid", ["model.fpn_dim=16", "pgg.global_clusters=7"]))
     assert full.head.cae is not None and full.head.cam is not None and full.stride == 8
     assert full.head.cam(__import__("torch").zeros(2, 16)).shape == (2, 7)
-    bare = Segmenter(load_config("pgg_camvid", ["model.fpn_dim=16", "pgg.cae=false", "pgg.guidance=none"]))
+    bare = build_segmenter(load_config("pgg_camvid", ["model.fpn_dim=16", "pgg.cae=false", "pgg.guidance=none"]))
     assert bare.head.cae is None and bare.head.cam is None
-    picie = Segmenter(load_config("picie_camvid", ["model.fpn_dim=16"]))
+    picie = build_segmenter(load_config("picie_camvid", ["model.fpn_dim=16"]))
     assert picie.head is None and picie.stride == 4

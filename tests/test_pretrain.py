@@ -72,7 +72,9 @@ def test_queue_is_a_ring_buffer():
 
 
 def test_two_crops_and_one_training_step(synth_data, tmp_path):
-    from raysseg.runtime.pretrain import MoCoTrainer, backbone_state
+    from raysseg.methods.base import TrainContext
+    from raysseg.methods.moco.trainer import MoCoTrainer
+    from raysseg.runtime.pretrain import backbone_state
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 48, 48, 3), dtype=torch.uint8, generator=g)
@@ -88,7 +90,7 @@ def test_two_crops_and_one_training_step(synth_data, tmp_path):
     torch.manual_seed(0)
     moco = MoCo(build_backbone("resnet18_fpn", frozen=False), 16, 8, 0.9, 0.2).train()
     moco.sync_key_encoder()
-    trainer = MoCoTrainer(cfg, moco, moco.encoder_q, torch.device("cpu"), 0, 1, total_steps=4)
+    trainer = MoCoTrainer(cfg, moco, TrainContext(rank=0, world=1, device=torch.device("cpu"), shared=None, total_steps=4))
     before = {k: v.clone() for k, v in moco.state_dict().items()}
     weight = np.array([1, 1, 1, 0], np.float32)  # one filler row: not in the loss, not in the queue
     stats = trainer.step(images.numpy()[:, :32, :32], weight, step=0)

@@ -1,5 +1,6 @@
 """SegSort / visual-concepts maths against hand-computed cases and slow loops, and the bank's
 ring table and dictionary updates on a real local Ray."""
+import functools
 import math
 
 import numpy as np
@@ -202,9 +203,10 @@ def test_bank_ring_table_and_dictionary_are_identical_for_every_rank(ray_local):
     assert table[:, 0].tolist() == [30, 30, 31, 40, 40, 41]  # the last 2 batches, oldest first
 
     state = core.init_dictionary(4, 2, seed=0)
-    ray.get(bank.init_concepts.remote(state, 0))
+    ray.get(bank.init_reduced.remote(state, 0))
     stats = [core.concept_statistics(np.array([[1, 0]], np.float32), np.array([r]), np.array([0]), 4) for r in (0, 1)]
-    ray.get([bank.update_concepts.remote(2, r, stats[r], 0.9) for r in (1, 0)])
+    reducer = functools.partial(core.update_dictionary, decay=0.9)
+    ray.get([bank.reduce.remote(2, r, stats[r], reducer) for r in (1, 0)])
     got = ray.get([bank.get_many.remote(["concepts", "cooccurrence"], 2, r) for r in (0, 1)])
     expected = core.update_dictionary(state, stats, 0.9, np.random.default_rng([0, 2]))
     for g in got:

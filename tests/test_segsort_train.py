@@ -30,7 +30,7 @@ def _same_for_both_ranks(trace: list[dict]) -> dict:
 
 
 def test_concepts_two_workers_share_memory_and_dictionary_versions_and_resume(tmp_path, ray_local, synth_data):
-    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.io.checkpoints import read_checkpoint
     from raysseg.runtime.driver import train
 
     # 8 images, 2 workers, batch 2: 2 steps per epoch

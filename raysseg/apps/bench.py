@@ -106,25 +106,13 @@ def bench_eval() -> str:
                   ["variant", "images", "seconds", "clusters mIoU", "probe mIoU"], rows)
 
 
-# Per-step timers (inside a step) and one-off timers each method reports, as (metric, column title).
-_STEP_PARTS = {
-    "hp": [("backbone", "backbone fwd"), ("selection", "selection"), ("loss", "contrastive loss"),
-           ("head_forward", "all head fwd"), ("backward", "backward+opt"), ("bank", "bank")],
-    "picie": [("labels", "views + snapshot labels"), ("forward_loss", "fwd + loss"), ("backward", "backward+opt")],
-    "segsort": [("bank", "bank read"), ("augment", "views"), ("forward_segments", "fwd + segments"),
-                ("loss", "losses"), ("backward", "backward+opt")],
-}
-_ONCE_PARTS = {"hp": [("pool_build", "pool build s (once)")],
-               "picie": [("extract", "feature extraction s (per epoch)"), ("cluster_total", "extraction + k-means s (per epoch)")],
-               "segsort": []}
-
-
 def bench_step(method: str) -> str:
     """Iterations/s, peak memory and where the time goes, batch 8 at 224, 1 and 2 workers."""
+    from raysseg.methods.registry import spec
     from raysseg.runtime.driver import train
 
     steps, batch = 6, 8
-    family = {"pgg": "picie", "concepts": "segsort"}.get(method, method)
+    parts = spec(method)
     rows = []
     for workers in (1, 2):
         limit = steps * batch * workers
@@ -140,12 +128,11 @@ def bench_step(method: str) -> str:
         rows.append([workers, f"{m['iterations_per_s']:.3f}", f"{m['iterations_per_s'] * batch * workers:.1f}",
                      f"{m['peak_rss_mb'] / 1024:.2f}"]
                     + [f"{m.get(f'time_{p}_s', 0):.3f} ({100 * m.get(f'time_{p}_s', 0) / step:.0f}%)"
-                       for p, _ in _STEP_PARTS[family]]
-                    + [f"{m['time_data_wait_s']:.3f}"] + [f"{m.get(f'time_{p}_s', 0):.1f}" for p, _ in _ONCE_PARTS[family]])
-    header = (["workers", "it/s", "images/s", "peak RSS GiB (rank 0)"] + [f"{t} s/it" for _, t in _STEP_PARTS[family]]
-              + ["waiting for data s/it"] + [t for _, t in _ONCE_PARTS[family]])
-    backbone = {"hp": "ViT-S/16 (frozen)"}.get(method, "ResNet-18-FPN (trained)")
-    return _table(f"{method.upper()} training step, batch {batch}/worker at 224x224, {backbone}, {steps} steps",
+                       for p, _ in parts.step_timers]
+                    + [f"{m['time_data_wait_s']:.3f}"] + [f"{m.get(f'time_{p}_s', 0):.1f}" for p, _ in parts.once_timers])
+    header = (["workers", "it/s", "images/s", "peak RSS GiB (rank 0)"] + [f"{t} s/it" for _, t in parts.step_timers]
+              + ["waiting for data s/it"] + [t for _, t in parts.once_timers])
+    return _table(f"{method.upper()} training step, batch {batch}/worker at 224x224, {parts.bench_backbone}, {steps} steps",
                   header, rows)
 
 
@@ -258,7 +245,8 @@ def bench_cluster(sizes=(1_000_000, 5_000_000), dim: int = 128, k: int = 27, ite
     import ray
     from sklearn.cluster import MiniBatchKMeans
 
-    from raysseg.core.kmeans import _assign_block, _assign_pass, _remote, kmeans_ray
+    from raysseg.core.kmeans import assign_pass
+    from raysseg.runtime.kmeans import RayExecutor, _remote, kmeans_ray
     from raysseg.runtime.driver import init_ray
 
     feature_rows, features_per_s = _feature_throughput(list(backbones)) if backbones else ([], {})
@@ -269,7 +257,7 @@ def bench_cluster(sizes=(1_000_000, 5_000_000), dim: int = 128, k: int = 27, ite
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     weights = rng.dirichlet(np.full(k, 2.0))
     spreads = rng.uniform(0.06, 0.12, k).astype(np.float32)  # per-coordinate std: cosine to centre ~0.6-0.8
-    generate, assign = _remote(_mixture_block), _remote(_assign_block)
+    generate = _remote(_mixture_block)
     cref, wref, sref = ray.put(centres), ray.put(weights), ray.put(spreads)
     rows = []
     for n in sizes:
@@ -281,7 +269,7 @@ def bench_cluster(sizes=(1_000_000, 5_000_000), dim: int = 128, k: int = 27, ite
             t_gen = time.perf_counter() - t0
         rows.append([f"{n:,}", "data generation (Ray tasks, object store)", f"{len(blocks)} blocks",
                      f"{t_gen:.1f}", "", "", f"{mem.driver / 2**30:.2f}", f"{mem.workers / 2**30:.2f}"])
-        _, _, cos = _assign_pass(assign, blocks, centres)
+        _, _, cos = assign_pass(blocks, centres, RayExecutor())
         rows.append([f"{n:,}", "generating centres (reference, 1 pass)", "", "", "", f"{cos / n:.4f}", "", ""])
 
         for init in ("k-means++", "random"):
@@ -309,7 +297,7 @@ def bench_cluster(sizes=(1_000_000, 5_000_000), dim: int = 128, k: int = 27, ite
         gc.collect()
         skl = km.cluster_centers_.astype(np.float32)
         skl /= np.linalg.norm(skl, axis=1, keepdims=True)
-        _, _, cos = _assign_pass(assign, blocks, skl)
+        _, _, cos = assign_pass(blocks, skl, RayExecutor())
         steps = km.n_steps_
         rows.append([f"{n:,}", f"MiniBatchKMeans: batch {sklearn_batch}, n_init 1, max_iter {sklearn_max_iter} "
                                f"({steps} steps = {steps * sklearn_batch / n:.2f} epochs)",
@@ -347,7 +335,7 @@ def bench_select(reports: str, n_images: int = 32) -> str:
     from scipy.stats import spearmanr
 
     from raysseg.io.images import center_square_box, decode_image, list_split
-    from raysseg.core.segmenter import load_segmenter
+    from raysseg.io.checkpoints import load_segmenter
     from raysseg.core.selection import view_nmi
     from raysseg.io.storage import read_bytes
 

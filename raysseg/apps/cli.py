@@ -13,9 +13,20 @@ def _config(args):
 
 
 def cmd_train(args) -> None:
+    cfg = _config(args)  # validated before Ray starts
+    if args.local:
+        from raysseg.engine.local import train_local
+        from raysseg.io.tracking import tracking_uri
+
+        if args.restart:
+            from raysseg.io.storage import remove_tree
+
+            remove_tree(f"{cfg.train.storage.rstrip('/')}/{cfg.run_name()}")
+        result = train_local(cfg, tracking_uri=tracking_uri(cfg.mlflow.tracking_uri) if args.mlflow else "")
+        print(f"checkpoint: {result.checkpoint}")
+        return
     from raysseg.runtime.driver import train
 
-    cfg = _config(args)  # validated before Ray starts
     result = train(cfg, restart=args.restart)
     print(f"checkpoint: {result.checkpoint}")
     print(f"MLflow run: {result.run_id} ({result.tracking_uri})")
@@ -134,6 +145,8 @@ def cmd_bench(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from raysseg.methods.registry import trained_methods
+
     p = argparse.ArgumentParser(prog="raysseg", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -143,7 +156,11 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start over")
         return sp
 
-    with_config(sub.add_parser("train", help="train (or resume) a run")).set_defaults(fn=cmd_train)
+    sp = with_config(sub.add_parser("train", help="train (or resume) a run"))
+    sp.add_argument("--local", action="store_true",
+                    help="in this process, without Ray: one worker, for debugging and machines without Ray")
+    sp.add_argument("--mlflow", action="store_true", help="with --local: log to MLflow too (mlflow.tracking_uri)")
+    sp.set_defaults(fn=cmd_train)
     with_config(sub.add_parser("pretrain", help="MoCo v2 backbone pretraining (or resume); writes backbone.pt "
                                                 "for model.weights")).set_defaults(fn=cmd_pretrain)
     sp = with_config(sub.add_parser("sweep", help="Ray Tune over config keys; resumes when run again"))
@@ -219,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("what", choices=["data", "eval", "step", "cluster", "select"])
     sp.add_argument("--reports", default="outputs/*/*/report.json",
                     help="select: glob of `raysseg evaluate` reports whose checkpoints get a view_nmi")
-    sp.add_argument("--method", default="hp", choices=["hp", "picie", "pgg", "segsort", "concepts"])
+    sp.add_argument("--method", default="hp", choices=trained_methods())
     sp.add_argument("--sizes", default="1000000,5000000", help="cluster: comma-separated feature counts N")
     sp.add_argument("--dim", type=int, default=128, help="cluster: feature dimension")
     sp.add_argument("--k", type=int, default=27, help="cluster: number of clusters")

@@ -17,7 +17,7 @@ def _input_size(h: int, w: int, short_side: int, stride: int) -> tuple[int, int]
 
 def predict(checkpoint: str, images: str, out: str) -> dict:
     """Segment every image under ``images`` (folder or s3:// prefix) into ``out``/{labels,overlays}."""
-    from raysseg.core.segmenter import load_segmenter
+    from raysseg.io.checkpoints import load_segmenter
     from raysseg.io.storage import StorageError, list_files, read_bytes
     from raysseg.core.pictures import overlay
 

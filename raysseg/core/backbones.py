@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import timm
 import torch
@@ -220,10 +221,11 @@ class ResNetFPNBackbone(Backbone):
 
 
 def build_backbone(
-    name: str, weights: str | None = None, frozen: bool = True, fpn_dim: int | None = None
+    name: str, weights: str | None = None, frozen: bool = True, fpn_dim: int | None = None, read_bytes=None
 ) -> Backbone:
-    """Build a randomly initialised backbone, optionally load ``weights`` (path or s3:// URI),
-    and freeze it if ``frozen``. ``fpn_dim`` (ResNet-FPN only) defaults to 128."""
+    """Build a randomly initialised backbone, optionally load ``weights`` (a path, or any URI that
+    ``read_bytes`` reads, e.g. :func:`raysseg.io.storage.read_bytes` for s3://), and freeze it if
+    ``frozen``. ``fpn_dim`` (ResNet-FPN only) defaults to 128."""
     if name in VIT_MODELS:
         if fpn_dim is not None:
             raise BackboneError(f"fpn_dim is only for ResNet-FPN backbones, not {name}; drop it")
@@ -233,7 +235,7 @@ def build_backbone(
     else:
         raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}")
     if weights:
-        load_backbone_weights(model, weights, name)
+        load_backbone_weights(model, weights, name, read_bytes)
     return model.freeze() if frozen else model
 
 
@@ -280,17 +282,24 @@ def _few(keys: list[str], limit: int = 4) -> str:
     return f"[{shown}{f', ... +{len(keys) - limit} more' if len(keys) > limit else ''}]"
 
 
-def load_backbone_weights(module: Backbone, uri: str, name: str) -> None:
-    """Load a checkpoint from a local path or s3:// URI into ``module`` (in place).
+def _read_local(uri: str) -> bytes:
+    if "://" in uri:
+        raise BackboneWeightsError(f"model.weights: {uri} needs a storage reader (read_bytes); "
+                                   "give a local path or load through raysseg's runners")
+    if not Path(uri).is_file():
+        raise BackboneWeightsError(f"model.weights: {uri} not found; give a backbone checkpoint file")
+    return Path(uri).read_bytes()
+
+
+def load_backbone_weights(module: Backbone, uri: str, name: str, read_bytes=None) -> None:
+    """Load a checkpoint from a local path (or a URI ``read_bytes`` reads) into ``module`` (in place).
 
     Accepts a plain state dict, DINO checkpoints (``teacher``/``student``/``state_dict``/
     ``model``; ``module.``/``backbone.`` prefixes; ``head.*`` dropped) and torchvision/MoCo
     ResNet trunks (``module.encoder_q.``; ``fc.*`` dropped). A trunk-only checkpoint
     leaves the FPN as initialised. Raises BackboneWeightsError on any other mismatch.
     """
-    from raysseg.io.storage import read_bytes
-
-    data = read_bytes(uri)
+    data = (read_bytes or _read_local)(uri)
     try:
         # Full DINO checkpoints also pickle their argparse.Namespace of training args.
         with torch.serialization.safe_globals([argparse.Namespace]):

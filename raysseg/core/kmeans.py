@@ -1,32 +1,167 @@
-"""k-means on L2-normalised codes with faiss (spherical: centroids re-normalised), in one process
-(:func:`spherical_kmeans`) or over feature blocks in the Ray object store (:func:`kmeans_ray`)."""
+"""Spherical k-means on L2-normalised codes (centroids re-normalised after every update).
+
+- :func:`spherical_kmeans`: every point in one process, with faiss when it is importable, else
+  an equivalent torch implementation;
+- :func:`blockwise_kmeans`: the rows of many feature blocks, wherever the blocks live: an
+  *executor* runs the per-block tasks and hands back small per-block results. :class:`LocalExecutor`
+  runs them in this process on numpy arrays; ``raysseg.runtime.kmeans.RayExecutor`` runs them as
+  Ray tasks on blocks in the object store (``raysseg.runtime.kmeans.kmeans_ray``). Both give the
+  same bits: the same sampling seeds, and a reduction of the per-block results that does not
+  depend on the order in which they arrive.
+
+torch and numpy only here: faiss and threadpoolctl are used when importable, never required.
+"""
 from __future__ import annotations
 
-import functools
+import contextlib
+import math
+import sys
 import time
 from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
+_CHUNK_ROWS = 65536  # rows handled at a time: bounds the temporaries
+_ONE_HOT_ELEMENTS = 1 << 23  # at most this many (64 MiB) in the (k, rows) one-hot matrix of a chunk
+_SPLIT_EPS = 1.0 / 1024.0  # faiss's perturbation when an empty cluster takes half of another one
+
+
+def _faiss():
+    """The faiss module, or None where it is not installed (e.g. the GPU image)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+@contextlib.contextmanager
+def limit_threads(n: int | None):
+    """Within the block, at most ``n`` threads for faiss (OpenMP), BLAS (via threadpoolctl, when
+    installed) and torch (when imported, or when it stands in for a missing faiss); ``None``: no limit.
+    The previous settings come back on exit."""
+    if n is None:
+        yield
+        return
+    n = max(1, int(n))
+    with contextlib.ExitStack() as stack:
+        faiss = _faiss()
+        if faiss is not None:
+            stack.callback(faiss.omp_set_num_threads, faiss.omp_get_max_threads())
+            faiss.omp_set_num_threads(n)
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            pass
+        else:
+            stack.enter_context(threadpool_limits(n, user_api="blas"))
+        if faiss is None or "torch" in sys.modules:
+            import torch
+
+            stack.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(n)
+        yield
+
 
 def spherical_kmeans(x: np.ndarray, k: int, iterations: int = 20, redo: int = 1, seed: int = 0,
-                     init_centroids: np.ndarray | None = None) -> np.ndarray:
+                     init_centroids: np.ndarray | None = None, backend: str = "auto") -> np.ndarray:
     """x (N, D) L2-normalised float -> centroids (k, D) L2-normalised.
 
-    Uses every point: faiss would otherwise subsample to 256*k points. Starts from
-    ``init_centroids`` (k, D) if given (then every redo starts there), else from k random points.
-    """
-    import faiss
+    Uses every point (faiss would otherwise subsample to 256*k points). Starts from
+    ``init_centroids`` (k, D) if given (then, as in faiss, each further redo carries on from where
+    the previous one ended), else from k random points (other ones in each redo); of the ``redo``
+    runs, the one with the highest sum of cosines (at its last assignment) wins.
+    An update re-normalises the per-cluster means; a cluster left empty takes half of a populated
+    one (chosen with probability growing with its size), both nudged apart, as faiss does.
 
+    ``backend``: ``"faiss"`` (``faiss.Kmeans(spherical=True)``), ``"torch"`` (the same algorithm
+    in torch on the CPU, deterministic for a seed; its random starts and splits use other random
+    streams than faiss's, so from random starts the two may reach different local optima), or
+    ``"auto"`` (default): faiss when it is importable, else torch.
+    """
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"k-means needs a 2-D (N, D) array, got shape {x.shape}")
     if x.shape[0] < k:
         raise ValueError(f"k-means needs at least k={k} points, got {x.shape[0]}; use more images or pixels")
+    if init_centroids is not None:
+        init_centroids = np.ascontiguousarray(init_centroids, dtype=np.float32)
+        if init_centroids.shape != (k, x.shape[1]):
+            raise ValueError(f"init_centroids must have shape {(k, x.shape[1])}, got {init_centroids.shape}")
+    faiss = _faiss() if backend != "torch" else None
+    if backend == "faiss" and faiss is None:
+        raise ImportError("spherical_kmeans(backend='faiss') needs faiss; use backend='auto' or 'torch'")
+    if faiss is None:
+        return _spherical_kmeans_torch(x, k, iterations, redo, seed, init_centroids)
     km = faiss.Kmeans(
         x.shape[1], k, niter=iterations, nredo=redo, spherical=True, seed=seed,
         max_points_per_centroid=max(256, x.shape[0] // k + 1), verbose=False,
     )
-    km.train(x, init_centroids=None if init_centroids is None else np.ascontiguousarray(init_centroids, np.float32))
+    km.train(x, init_centroids=init_centroids)
     return km.centroids.copy()
+
+
+def _spherical_kmeans_torch(x: np.ndarray, k: int, iterations: int, redo: int, seed: int,
+                            init_centroids: np.ndarray | None) -> np.ndarray:
+    """:func:`spherical_kmeans` in torch (CPU): x (N, D) float32 contiguous, N >= k."""
+    import torch
+
+    xt = torch.from_numpy(x)
+    n, d = x.shape
+    flip = torch.ones(d, dtype=torch.float32)
+    flip[1::2] = -1.0  # faiss's split: even coordinates of the new centroid up, odd down
+    best, best_obj = None, -math.inf
+    c = None if init_centroids is None else torch.from_numpy(init_centroids.copy())
+    for run in range(max(1, redo)):
+        run_seed = seed + 1 + run * 15486557  # one seed per run, as faiss derives them
+        if init_centroids is None:  # else: the input, then where the previous run ended (as faiss)
+            gen = torch.Generator().manual_seed(run_seed)
+            c = xt[torch.randperm(n, generator=gen)[:k]].clone()
+        c = _normalise_rows_torch(c)
+        split_rng = np.random.default_rng(run_seed)
+        obj = -math.inf
+        for _ in range(max(1, iterations)):
+            sums = torch.zeros(k, d, dtype=torch.float64)
+            counts = torch.zeros(k, dtype=torch.int64)
+            total = 0.0
+            for start in range(0, n, _CHUNK_ROWS):
+                chunk = xt[start:start + _CHUNK_ROWS]
+                sim, lab = (chunk @ c.T).max(1)
+                total += float(sim.sum(dtype=torch.float64))
+                counts += torch.bincount(lab, minlength=k)
+                sums.index_add_(0, lab, chunk.to(torch.float64))
+            obj = total
+            if iterations < 1:  # no update: just the objective of the start
+                break
+            new = (sums / counts.clamp(min=1)[:, None].to(torch.float64)).to(torch.float32)
+            sizes = counts.tolist()
+            for ci in range(k):  # faiss's split_clusters
+                if sizes[ci] > 0:
+                    continue
+                cj = 0
+                while True:
+                    if split_rng.random() < (sizes[cj] - 1.0) / max(n - k, 1):
+                        break
+                    cj = (cj + 1) % k
+                new[ci] = new[cj] * (1 + _SPLIT_EPS * flip)
+                new[cj] = new[cj] * (1 - _SPLIT_EPS * flip)
+                sizes[ci] = sizes[cj] // 2
+                sizes[cj] -= sizes[ci]
+            c = _normalise_rows_torch(new)
+        if best is None or obj > best_obj:
+            best, best_obj = c, obj
+    return best.numpy().copy()
+
+
+def _normalise_rows_torch(c):
+    import torch
+
+    norms = torch.linalg.vector_norm(c, dim=1, keepdim=True)
+    return c / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
 def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator, trials: int | None = None) -> np.ndarray:
@@ -61,11 +196,58 @@ def sample_locations(codes: np.ndarray, per_image: int, rng: np.random.Generator
     return np.take_along_axis(flat, idx[:, :, None], axis=1).reshape(-1, d)
 
 
-# --------------------------------------------------------------------------------------------
-# Distributed spherical k-means over feature blocks held in the Ray object store.
+def mean_max_cosine(x: np.ndarray, centroids: np.ndarray) -> float:
+    total = 0.0
+    for start in range(0, x.shape[0], _CHUNK_ROWS):
+        total += float((x[start:start + _CHUNK_ROWS] @ centroids.T).max(1).sum(dtype=np.float64))
+    return total / x.shape[0]
 
-_CHUNK_ROWS = 65536  # rows assigned at a time inside a task: bounds the temporaries
-_ONE_HOT_ELEMENTS = 1 << 23  # at most this many (64 MiB) in the (k, rows) one-hot matrix of a chunk
+
+# --------------------------------------------------------------------------------------------
+# k-means over feature blocks, run by an executor.
+
+
+class Executor(Protocol):
+    """Where the per-block tasks of :func:`blockwise_kmeans` run. ``fn`` is a module-level
+    function of this module (picklable by reference); its arguments are blocks, handles from
+    :meth:`put` or :meth:`submit`, and small plain values."""
+
+    def put(self, obj: Any) -> Any:
+        """A handle to ``obj`` that tasks take in its place (so it is shipped once)."""
+
+    def submit(self, fn: Callable, *args: Any) -> Any:
+        """Starts ``fn(*args)`` as one task; returns a handle to its result, which stays with the
+        executor (it is only ever passed to later tasks, never fetched by the caller)."""
+
+    def call(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` as one task; returns its result."""
+
+    def map(self, fn: Callable, arg_lists: Iterable[tuple]) -> Iterator[Any]:
+        """``fn(*args)`` for every ``args`` in ``arg_lists`` as separate tasks; yields their results
+        one at a time, in any order (as they finish)."""
+
+
+class LocalExecutor:
+    """Runs every task in this process, one after another, on the objects themselves (blocks
+    are plain numpy arrays). ``threads``: at most this many faiss/BLAS/torch threads inside a
+    task (:func:`limit_threads`); ``None`` (default): the process's own settings."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads
+
+    def put(self, obj: Any) -> Any:
+        return obj
+
+    def submit(self, fn: Callable, *args: Any) -> Any:
+        return self.call(fn, *args)
+
+    def call(self, fn: Callable, *args: Any) -> Any:
+        with limit_threads(self.threads):
+            return fn(*args)
+
+    def map(self, fn: Callable, arg_lists: Iterable[tuple]) -> Iterator[Any]:
+        for args in arg_lists:  # lazily: the caller holds one result at a time
+            yield self.call(fn, *args)
 
 
 @dataclass
@@ -74,21 +256,23 @@ class KMeansResult:
     counts: np.ndarray  # (k,) int64 points per cluster after the last assignment pass
     mean_cosine: float  # mean cosine of every point to its centroid (higher is better)
     n_points: int
-    time_init_s: float  # sizes + sample (Ray tasks) + faiss k-means on the sample
+    time_init_s: float  # block sizes + sample + k-means on the sample (tasks)
     time_assign_s: float  # every assignment pass, the final one included
 
 
-def _task_threads() -> int:
-    """The CPUs Ray gave this task (at least 1): faiss must not use every core of a shared node."""
-    import ray
-
-    if not ray.is_initialized():  # called outside Ray (asking the runtime context would start one)
-        return 1
-    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-
-
-def _block_shape(x: np.ndarray) -> tuple[int, int, str]:
-    return int(x.shape[0]), int(x.shape[1]) if x.ndim == 2 else -1, str(x.dtype)
+def _block_info(i: int, x: np.ndarray) -> tuple[int, int, int, float]:
+    """(i, rows, D or -1 if x is not 2-D, largest |value| (inf if any is not finite))."""
+    if x.ndim != 2:
+        return i, int(x.shape[0]) if x.ndim else 0, -1, 0.0
+    top = 0.0
+    if x.size:
+        for start in range(0, x.shape[0], _CHUNK_ROWS):  # no |x| temporary of the whole block
+            chunk = x[start:start + _CHUNK_ROWS]
+            hi, lo = float(np.max(chunk)), float(np.min(chunk))
+            if not (math.isfinite(hi) and math.isfinite(lo)):
+                return i, int(x.shape[0]), int(x.shape[1]), math.inf
+            top = max(top, hi, -lo)
+    return i, int(x.shape[0]), int(x.shape[1]), top
 
 
 def _sample_block(x: np.ndarray, m: int, seed: tuple[int, int]) -> np.ndarray:
@@ -98,24 +282,31 @@ def _sample_block(x: np.ndarray, m: int, seed: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(x[idx], dtype=np.float32)
 
 
+def _fit_sample(k: int, iterations: int, redo: int, seed: int, init: str, *parts: np.ndarray) -> np.ndarray:
+    """Spherical k-means of the concatenated sample ``parts``: ``redo`` runs, the best mean cosine wins."""
+    sample = np.concatenate(parts)
+    if init == "random":
+        return spherical_kmeans(sample, k, iterations, redo, seed)
+    rng, best, centroids = np.random.default_rng(seed), -np.inf, None
+    for run in range(max(1, redo)):
+        start = kmeans_plus_plus(sample, k, rng)
+        cand = spherical_kmeans(sample, k, iterations, 1, seed + run, init_centroids=start)
+        score = mean_max_cosine(sample, cand)
+        if score > best:
+            centroids, best = cand, score
+    return centroids
+
+
 def _assign_block(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Nearest centroid (inner product) of every row of x -> (per-cluster sums (k, D) float64,
-    counts (k,) int64, sum of the max cosines)."""
-    import faiss
-    from threadpoolctl import threadpool_limits
-
-    threads = _task_threads()
-    faiss.omp_set_num_threads(threads)
-    with threadpool_limits(threads, user_api="blas"):  # the one-hot products below
-        return _assign_rows(x, centroids)
-
-
-def _assign_rows(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    import faiss
-
+    counts (k,) int64, sum of the max cosines). faiss finds the nearest when importable, else numpy."""
+    faiss = _faiss()
     k, d = centroids.shape
-    index = faiss.IndexFlatIP(d)
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    index = None
+    if faiss is not None:
+        index = faiss.IndexFlatIP(d)
+        index.add(centroids)
     sums = np.zeros((k, d), np.float64)
     counts = np.zeros(k, np.int64)
     cos_sum = 0.0
@@ -123,68 +314,72 @@ def _assign_rows(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.n
     one_hot = np.zeros((k, rows), np.float64)
     for start in range(0, x.shape[0], rows):
         chunk = np.ascontiguousarray(x[start:start + rows], dtype=np.float32)
-        sim, lab = index.search(chunk, 1)
-        lab = lab[:, 0]
+        n = len(chunk)
+        if index is not None:
+            sim, lab = index.search(chunk, 1)
+            sim, lab = sim[:, 0], lab[:, 0]
+        else:
+            full = chunk @ centroids.T
+            lab = full.argmax(1)
+            sim = full[np.arange(n), lab]
         cos_sum += float(sim.sum(dtype=np.float64))
         counts += np.bincount(lab, minlength=k)
         # per-cluster sums as a one-hot matrix product (BLAS): several times faster than sort + reduceat
-        n = len(lab)
         one_hot[:, :n] = 0.0
         one_hot[lab, np.arange(n)] = 1.0
         sums += one_hot[:, :n] @ chunk.astype(np.float64)
     return sums, counts, cos_sum
 
 
-@functools.lru_cache(maxsize=None)
-def _remote(fn):
-    """``fn`` as a 1-CPU Ray task, made once per process."""
-    import ray
-
-    return ray.remote(num_cpus=1)(fn)
+def _fixed_point_exponent(bound: float) -> int:
+    """g such that sums of partials bounded by ``bound`` in all fit in int64 once scaled by 2**g."""
+    _, e = math.frexp(bound)  # bound < 2**e
+    return 61 - e
 
 
-def _assign_pass(assign, blocks: list, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    import ray
-
-    cref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
+def _reduce_pass(executor: Executor, blocks: list, centroids: np.ndarray, bound: float
+                 ) -> tuple[np.ndarray, np.ndarray, float]:
+    """One assignment pass: per-block results reduced as they arrive, exactly, so that the order of
+    arrival makes no difference to any bit. The float64 sums are added in fixed point (int64, in
+    units of 2**-g, with g from ``bound`` >= the sum over rows of |value|: no overflow; the rounding
+    of each partial to that grid is ~2**-61 of ``bound``), the cosine sums as exact fractions."""
     k, d = centroids.shape
-    sums, counts, cos_sum = np.zeros((k, d), np.float64), np.zeros(k, np.int64), 0.0
-    pending = [assign.remote(b, cref) for b in blocks]
-    while pending:  # reduce as the blocks finish: the caller holds one (k, D) partial at a time
-        done, pending = ray.wait(pending, num_returns=1)
-        s, c, cs = ray.get(done[0])
-        sums += s
+    g = _fixed_point_exponent(bound)
+    cref = executor.put(np.ascontiguousarray(centroids, dtype=np.float32))
+    acc, counts, cos_sum = np.zeros((k, d), np.int64), np.zeros(k, np.int64), Fraction(0)
+    for s, c, cs in executor.map(_assign_block, [(b, cref) for b in blocks]):
+        acc += np.rint(np.ldexp(s, g)).astype(np.int64)
         counts += c
-        cos_sum += cs
-    return sums, counts, cos_sum
+        cos_sum += Fraction(cs)
+    return np.ldexp(acc.astype(np.float64), -g), counts, float(cos_sum)
 
 
-def _fit_sample(k: int, iterations: int, redo: int, seed: int, init: str, *parts: np.ndarray) -> np.ndarray:
-    """Spherical k-means of the concatenated sample ``parts``: ``redo`` runs, the best mean cosine wins."""
-    import faiss
-    from threadpoolctl import threadpool_limits
-
-    sample = np.concatenate(parts)
-    threads = _task_threads()
-    faiss.omp_set_num_threads(threads)
-    with threadpool_limits(threads, user_api="blas"):
-        if init == "random":
-            return spherical_kmeans(sample, k, iterations, redo, seed)
-        rng, best, centroids = np.random.default_rng(seed), -np.inf, None
-        for run in range(max(1, redo)):
-            start = kmeans_plus_plus(sample, k, rng)
-            cand = spherical_kmeans(sample, k, iterations, 1, seed + run, init_centroids=start)
-            score = mean_max_cosine(sample, cand)
-            if score > best:
-                centroids, best = cand, score
-        return centroids
+def _block_stats(executor: Executor, blocks: list) -> tuple[np.ndarray, float]:
+    """Block sizes (block order) and the bound of :func:`_reduce_pass`, checking the blocks are
+    2-D with one D and finite values."""
+    infos = sorted(executor.map(_block_info, list(enumerate(blocks))))
+    dims = {d for _, _, d, _ in infos}
+    if len(dims) != 1 or -1 in dims:
+        raise ValueError(f"every block must be a 2-D (n, D) array with the same D, got shapes "
+                         f"{sorted({(n, d) for _, n, d, _ in infos})[:5]}")
+    bad = [i for i, _, _, top in infos if not math.isfinite(top)]
+    if bad:
+        raise ValueError(f"k-means blocks must hold finite values; NaN or inf in block(s) {bad[:5]}")
+    sizes = np.array([n for _, n, _, _ in infos], np.int64)
+    bound = sum(n * top for _, n, _, top in infos)  # >= any per-cluster |sum| (x4 headroom in the grid)
+    if not math.isfinite(bound):
+        raise ValueError("k-means blocks hold values too large to sum in float64")
+    return sizes, bound
 
 
-def mean_max_cosine(x: np.ndarray, centroids: np.ndarray) -> float:
-    total = 0.0
-    for start in range(0, x.shape[0], _CHUNK_ROWS):
-        total += float((x[start:start + _CHUNK_ROWS] @ centroids.T).max(1).sum(dtype=np.float64))
-    return total / x.shape[0]
+def assign_pass(blocks: list, centroids: np.ndarray, executor: Executor | None = None
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Assigns every row of ``blocks`` to its nearest centroid (inner product) -> per-cluster sums
+    (k, D) float64, counts (k,) int64 and the sum of the max cosines, reduced as in
+    :func:`blockwise_kmeans` (one extra task per block first, for the sizes and value range)."""
+    executor = LocalExecutor() if executor is None else executor
+    _, bound = _block_stats(executor, blocks)
+    return _reduce_pass(executor, blocks, centroids, bound)
 
 
 def _update(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -208,13 +403,16 @@ def _allocate(sizes: np.ndarray, m: int) -> np.ndarray:
     return np.minimum(alloc, sizes)
 
 
-def kmeans_ray(blocks: list, k: int, *, init_sample: int, assign_passes: int, iterations: int = 20,
-               redo: int = 1, seed: int = 0, init: str = "k-means++") -> KMeansResult:
-    """Spherical k-means of the rows of ``blocks`` (``ray.ObjectRef``s to float32 (n_i, D) arrays
-    of L2-normalised features), without bringing the blocks to the caller.
+def blockwise_kmeans(blocks: list, k: int, *, init_sample: int, assign_passes: int, iterations: int = 20,
+                     redo: int = 1, seed: int = 0, init: str = "k-means++",
+                     executor: Executor | None = None) -> KMeansResult:
+    """Spherical k-means of the rows of ``blocks`` (float (n_i, D) arrays of L2-normalised features,
+    or the executor's handles to them), with every pass over the data done by one ``executor``
+    task per block (default :class:`LocalExecutor`: in this process, on numpy arrays).
 
-    1. ``init_sample`` points (at least k), spread over the blocks proportionally to their sizes,
-       are drawn in Ray tasks and clustered with faiss (:func:`spherical_kmeans`) in one more task, ``redo``
+    1. one task per block reads its size and value range; ``init_sample`` points (at least k),
+       spread over the blocks proportionally to their sizes, are drawn in tasks (block i with
+       seed ``(seed, i)``) and clustered by :func:`spherical_kmeans` in one more task, ``redo``
        times from different starts, keeping the run with the best mean cosine on the sample; a
        start is a greedy k-means++ seeding (``init="k-means++"``) or k random points
        (``init="random"``: faiss's own, as in PiCIE);
@@ -223,9 +421,11 @@ def kmeans_ray(blocks: list, k: int, *, init_sample: int, assign_passes: int, it
        cluster keeps its centroid);
     3. a final assignment pass against the returned centroids gives ``counts`` and ``mean_cosine``
        (so ``assign_passes + 1`` passes over the data in all).
-    """
-    import ray
 
+    Per-block results are reduced as they arrive, in a way that does not depend on their order,
+    so every executor gives the same bits (given the same thread settings inside the tasks).
+    """
+    executor = LocalExecutor() if executor is None else executor
     if k < 1:
         raise ValueError(f"k-means needs k >= 1 clusters, got k={k}")
     if assign_passes < 0:
@@ -235,30 +435,24 @@ def kmeans_ray(blocks: list, k: int, *, init_sample: int, assign_passes: int, it
     if not blocks:
         raise ValueError(f"k-means needs at least k={k} points, got no blocks")
     t0 = time.perf_counter()
-    shapes = ray.get([_remote(_block_shape).remote(b) for b in blocks])
-    dims = {d for _, d, _ in shapes}
-    if len(dims) != 1 or -1 in dims:
-        raise ValueError(f"every block must be a 2-D (n, D) array with the same D, got shapes "
-                         f"{sorted({(n, d) for n, d, _ in shapes})[:5]}")
-    sizes = np.array([n for n, _, _ in shapes], np.int64)
+    sizes, bound = _block_stats(executor, blocks)
     n_total = int(sizes.sum())
     if n_total < k:
         raise ValueError(f"k-means needs at least k={k} points, got {n_total} in {len(blocks)} blocks; "
                          "use more images or pixels, or fewer clusters")
     alloc = _allocate(sizes, max(int(init_sample), k))
-    sample_task = _remote(_sample_block)
-    parts = [sample_task.remote(b, int(m), (seed, i)) for i, (b, m) in enumerate(zip(blocks, alloc)) if m]
-    # The sample goes straight from the sampling tasks to one more task: faiss there runs on the
-    # CPU Ray gave it, not on every core of a node the caller may share with other workers.
-    centroids = ray.get(_remote(_fit_sample).remote(k, iterations, redo, seed, init, *parts))
+    parts = [executor.submit(_sample_block, b, int(m), (seed, i))
+             for i, (b, m) in enumerate(zip(blocks, alloc)) if m]
+    # The sample goes straight from the sampling tasks to one more task (with Ray: never through
+    # the caller), and the clustering there runs on the CPUs the executor gave that task.
+    centroids = executor.call(_fit_sample, k, iterations, redo, seed, init, *parts)
     del parts
     t1 = time.perf_counter()
 
-    assign = _remote(_assign_block)
     for _ in range(assign_passes):
-        sums, counts, _ = _assign_pass(assign, blocks, centroids)
+        sums, counts, _ = _reduce_pass(executor, blocks, centroids, bound)
         centroids = _update(centroids, sums, counts)
-    _, counts, cos_sum = _assign_pass(assign, blocks, centroids)
+    _, counts, cos_sum = _reduce_pass(executor, blocks, centroids, bound)
     t2 = time.perf_counter()
     return KMeansResult(centroids=np.ascontiguousarray(centroids, dtype=np.float32), counts=counts,
                         mean_cosine=cos_sum / n_total, n_points=n_total, time_init_s=t1 - t0,

@@ -261,15 +261,6 @@ def _decode_batch(
 
 
 
-def valid_rows(batch: dict) -> tuple[dict, list[tuple[str, str]]]:
-    """Drop the rows with valid=False from a numpy batch; return (kept batch, [(path, error), ...])."""
-    valid = np.asarray(batch["valid"], bool)
-    skipped = [(str(p), str(e)) for p, e, ok in zip(batch["path"], batch["error"], valid) if not ok]
-    if not skipped:
-        return batch, []
-    return {k: np.asarray(v)[valid] for k, v in batch.items()}, skipped
-
-
 def read_plan(
     split_uri: str, *, image_size: int, train: bool, with_labels: bool, crop_scale: tuple[float, float] = (0.5, 1.0),
     hflip: bool = True, seed: int | None = 0, limit: int | None = None, files: list[str] | None = None,

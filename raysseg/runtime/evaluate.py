@@ -31,14 +31,11 @@ VARIANTS = ("clusters", "clusters_crf", "probe", "probe_crf", "retrieval", "retr
 
 
 def _segmenter(ref):
-    from raysseg.config import config_from_dict
-    from raysseg.core.segmenter import Segmenter
+    from raysseg.io.checkpoints import segmenter_from
 
-    ckpt = ray.get(ref[0])
-    seg = Segmenter(config_from_dict(ckpt["config"]), load_backbone_weights=False)
-    seg.load_state_dict(ckpt["state"])
+    seg = segmenter_from(ray.get(ref[0]))
     torch.set_num_threads(1)
-    return seg.eval(), config_from_dict(ckpt["config"])
+    return seg, seg.cfg
 
 
 def codes_at(codes: torch.Tensor, ys: np.ndarray, xs: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -104,7 +101,7 @@ class TrainSampler:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, batch: dict) -> dict:
-        from raysseg.io.images import valid_rows
+        from raysseg.core.batches import valid_rows
         from raysseg.core.metrics import segment_majority_labels
 
         cfg = self.cfg
@@ -160,7 +157,7 @@ class Scorer:
 
     def __call__(self, batch: dict) -> dict:
         from raysseg.core.crf import dense_crf
-        from raysseg.io.images import valid_rows
+        from raysseg.core.batches import valid_rows
         from raysseg.core.metrics import cluster_probs, confusion_matrix, knn_vote
 
         cfg = self.cfg
@@ -237,7 +234,7 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     from raysseg.io.images import DatasetError, list_split
     from raysseg.core.metrics import (EvalInputError, direct_scores, fit_linear_probe, hungarian_scores,
                                  matched_confusion)
-    from raysseg.core.segmenter import read_checkpoint
+    from raysseg.io.checkpoints import read_checkpoint
     from raysseg.runtime.driver import init_ray
     from raysseg.core.pictures import confusion_figure, overlay_grid
 

@@ -31,24 +31,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
-import os
 import tempfile
-import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from raysseg.config import Config, ConfigError, config_from_dict
-from raysseg.methods.moco.core import moco_logits, two_crops
+from raysseg.config import Config, ConfigError
+from raysseg.core.geometry import patch_size
+from raysseg.engine.loop import PRETRAIN_FILE as STATE_FILE
+from raysseg.methods.moco.trainer import crop_size
 
 BACKBONE_FILE = "backbone.pt"
-STATE_FILE = "moco.pt"
 BACKBONE_TAG = "raysseg.backbone"
-SGD_MOMENTUM = 0.9
 MATERIALIZE_BYTES = 256 << 20  # decoded datasets up to this size are kept in the object store across epochs
 
 
@@ -81,10 +76,6 @@ def pretrain_run_name(cfg: Config) -> str:
     return f"{cfg.name}-pretrain-{digest}"
 
 
-def crop_size(cfg: Config) -> int:
-    return cfg.pretrain.crop_size or cfg.data.image_size
-
-
 def check_pretrain_inputs(cfg: Config) -> int:
     """Everything that can be checked before Ray starts; returns the training image count."""
     from raysseg.io.images import DatasetError, list_split
@@ -101,7 +92,7 @@ def check_pretrain_inputs(cfg: Config) -> int:
             f"({n} images, {cfg.train.num_workers} workers); lower pretrain.batch_size or train.num_workers"
         )
     name = cfg.model.backbone
-    stride = 8 if "patch8" in name else 16 if "patch16" in name else 1
+    stride = patch_size(name)
     if crop_size(cfg) % stride:
         raise ConfigError(
             f"pretrain.crop_size: {crop_size(cfg)} is not a multiple of {stride}, the patch size of {name}"
@@ -136,6 +127,7 @@ def pretrain(cfg: Config, restart: bool = False) -> PretrainResult:
     from raysseg.io import tracking
     from raysseg.runtime.datasets import make_dataset
     from raysseg.runtime.driver import fit, init_ray, make_trainer
+    from raysseg.runtime.worker import pretrain_loop
 
     n_images = check_pretrain_inputs(cfg)
     run_name = pretrain_run_name(cfg)
@@ -188,219 +180,3 @@ def pretrain(cfg: Config, restart: bool = False) -> PretrainResult:
     print(f"pretraining run {run_name} finished: backbone {out_uri}", flush=True)
     _use_line(out_uri)
     return PretrainResult(run_id, run_name, out_uri, uri, dict(result.metrics or {}))
-
-
-# ---------------------------------------------------------------- worker side
-
-
-def _gather(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``t`` (same shape on every rank) in rank order along dim 0."""
-    from raysseg.runtime.driver import _dist
-
-    dist = _dist()
-    if dist is None:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
-def cosine_lr(base: float, step: int, total: int) -> float:
-    """base * (1 + cos(pi * step / total)) / 2."""
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
-
-
-class MoCoTrainer:
-    """One worker's MoCo v2 optimisation: views, query/key encoding, loss, SGD, EMA, queue.
-
-    ``query`` is ``moco.encoder_q`` itself or its DDP wrapper. Works without a process group
-    (one worker, or a unit test): then there is no key shuffle and nothing to gather."""
-
-    def __init__(self, cfg: Config, moco, query, device, rank: int, world: int, total_steps: int):
-        self.cfg, self.moco, self.query, self.device = cfg, moco, query, device
-        self.rank, self.world, self.total_steps = rank, world, max(total_steps, 1)
-        params = [p for p in moco.encoder_q.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=cfg.pretrain.lr, momentum=SGD_MOMENTUM,
-                                         weight_decay=cfg.pretrain.weight_decay)
-        self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
-        self.size = crop_size(cfg)
-        self.scale = (cfg.pretrain.crop_scale_min, 1.0)
-
-    def state_dict(self) -> dict:
-        return {"moco": self.moco.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.moco.load_state_dict(state["moco"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-    @torch.no_grad()
-    def _keys(self, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this rank's keys (B, P), every rank's keys in rank order (W*B, P)); shuffle-BN when W > 1."""
-        from raysseg.runtime.driver import _dist
-
-        dist = _dist()
-        encoder = self.moco.encoder_k
-        if dist is None or self.world == 1:
-            k = encoder(x_k)
-            return k, k
-        b = x_k.shape[0]
-        everything = _gather(x_k)  # (W*B, 3, S, S)
-        perm = torch.randperm(everything.shape[0], generator=self.generator, device=self.generator.device)
-        perm = perm.to(x_k.device)
-        dist.broadcast(perm, src=0)  # rank 0's permutation for everyone
-        mine = perm[self.rank * b:(self.rank + 1) * b]
-        shuffled = _gather(encoder(everything[mine]))  # row j: key of image perm[j]
-        keys = torch.empty_like(shuffled)
-        keys[perm] = shuffled
-        return keys[self.rank * b:(self.rank + 1) * b], keys
-
-    def step(self, images: np.ndarray, weight: np.ndarray, step: int) -> dict[str, float]:
-        """One iteration. images: uint8 (B, S, S, 3), B the same on every rank; weight: (B,) 1 for
-        real rows, 0 for fillers (left out of the loss and the queue)."""
-        lr = cosine_lr(self.cfg.pretrain.lr, step, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        w = torch.from_numpy(np.asarray(weight, np.float32)).to(self.device)
-        x_q, x_k = two_crops(torch.from_numpy(images).to(self.device), self.generator, self.size, self.scale)
-        q = self.query(x_q)
-        with torch.no_grad():
-            self.moco.momentum_update()
-            k, all_keys = self._keys(x_k)
-            all_w = _gather(w)
-        per_row = self.moco.loss(q, k, reduction="none")
-        loss = (per_row * w).sum() / w.sum().clamp(min=1.0)
-        from raysseg.runtime.driver import optimizer_step
-
-        optimizer_step(loss, self.optimizer, step, "pretrain.lr", self.cfg.pretrain.lr)
-        with torch.no_grad():
-            logits = moco_logits(q.detach(), k, self.moco.queue)
-            real = w > 0
-            n_real = max(int(real.sum()), 1)
-            stats = {
-                "loss": float(loss),
-                "pos_logit": float(logits[real, 0].sum()) / n_real / self.moco.temperature,
-                "neg_logit": float(logits[real, 1:].mean(dim=1).sum()) / n_real / self.moco.temperature,
-                "acc": float((logits[real].argmax(dim=1) == 0).float().sum()) / n_real,
-                "lr": lr,
-            }
-            self.moco.enqueue(all_keys[all_w > 0])
-        return stats
-
-
-def fill_batch(images: np.ndarray, batch_size: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pad a batch whose unreadable rows were dropped back to ``batch_size`` rows (every rank must
-    contribute the same number of keys): repeat its readable rows, or zeros if none. Returns
-    (images (batch_size, ...), weight (batch_size,) with 0 for the filler rows)."""
-    m = len(images)
-    weight = (np.arange(batch_size) < m).astype(np.float32)
-    if m == batch_size:
-        return images, weight
-    if m == 0:
-        return np.zeros((batch_size, size, size, 3), np.uint8), weight
-    return images[np.arange(batch_size) % m], weight
-
-
-def _save(trainer: MoCoTrainer, progress: dict, metrics: dict, rank: int, cfg: Config) -> None:
-    """Report metrics from every rank; rank 0 attaches the checkpoint (all ranks' generator states in it)."""
-    import ray.train
-
-    from raysseg.runtime.driver import all_gather
-
-    generators = all_gather(trainer.generator.get_state())
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save({**trainer.state_dict(), "progress": dict(progress), "generators": generators,
-                    "config": cfg.to_dict(), "backbone": cfg.model.backbone}, Path(tmp) / STATE_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def pretrain_loop(loop_cfg: dict) -> None:
-    """The Ray Train worker function of :func:`pretrain`."""
-    import ray.train
-    import ray.train.torch
-
-    from raysseg.io import tracking
-    from raysseg.core.backbones import build_backbone
-    from raysseg.io.images import valid_rows
-    from raysseg.methods.moco.core import MoCo
-    from raysseg.runtime.driver import Progress, all_gather, barrier
-
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # batches are read-only
-    cfg = config_from_dict(loop_cfg["config"])
-    pc = cfg.pretrain
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))  # share the node's cores
-    torch.manual_seed(cfg.train.seed)
-    device = ray.train.torch.get_device()
-    resnet = not cfg.model.backbone.startswith("vit")
-    backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights or None, frozen=False,
-                              fpn_dim=cfg.model.fpn_dim if resnet else None)
-    moco = MoCo(backbone, pc.proj_dim, pc.queue, pc.momentum, pc.temperature, seed=cfg.train.seed).to(device)
-    moco.train()
-    query = ray.train.torch.prepare_model(moco.encoder_q)  # DDP when world > 1 (parameters from rank 0)
-    steps_per_epoch = (loop_cfg["n_images"] // world) // pc.batch_size
-    trainer = MoCoTrainer(cfg, moco, query, device, rank, world, steps_per_epoch * pc.epochs)
-    logger = tracking.RunLogger(loop_cfg["tracking_uri"], loop_cfg["run_id"]) if rank == 0 else None
-
-    progress = {"epoch": 0, "step": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-        trainer.load_state_dict(state)
-        progress = state["progress"]
-        if len(state.get("generators", [])) == world:
-            trainer.generator.set_state(state["generators"][rank])
-        if rank == 0:
-            print(f"resumed from {checkpoint.path} at epoch {progress['epoch']}, step {progress['step']}", flush=True)
-    else:
-        moco.sync_key_encoder()  # the key encoder starts as the (rank-0 broadcast) query encoder
-    barrier()
-
-    shard = ray.train.get_dataset_shard("train")
-    skipped: set = set()
-    if progress["epoch"] >= pc.epochs:  # finished before the driver wrote backbone.pt: report it again
-        _save(trainer, progress, {"epoch": progress["epoch"], "step": progress["step"]}, rank, cfg)
-        return
-    for epoch in range(progress["epoch"], pc.epochs):
-        bar = Progress(steps_per_epoch, f"pretrain epoch {epoch + 1}/{pc.epochs}", cfg.train.log_every) if rank == 0 else None
-        sums = {"loss": 0.0, "pos_logit": 0.0, "neg_logit": 0.0, "acc": 0.0}
-        n, bad_rows, t_epoch = 0, [], time.perf_counter()
-        batches = shard.iter_batches(batch_size=pc.batch_size, batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=max(4 * pc.batch_size, 64))
-        for _, batch in zip(range(steps_per_epoch), batches):
-            t0 = time.perf_counter()
-            batch, bad = valid_rows(batch)
-            bad_rows += bad
-            images, weight = fill_batch(batch["image"], pc.batch_size, cfg.data.image_size)
-            stats = trainer.step(images, weight, progress["step"])
-            progress["step"] += 1
-            n += 1
-            for key in sums:
-                sums[key] += stats[key]
-            if rank == 0:
-                stats["images_per_s"] = world * pc.batch_size / max(time.perf_counter() - t0, 1e-9)
-                if progress["step"] % cfg.train.log_every == 0:
-                    logger.log_metrics({f"train/{k}": v for k, v in stats.items()}, step=progress["step"])
-                bar.update(loss=stats["loss"], acc=stats["acc"], lr=stats["lr"])
-        elapsed = time.perf_counter() - t_epoch
-        skipped.update(map(tuple, sum(all_gather(bad_rows), [])))
-        digest, checksum = moco.queue_checksum()
-        progress["epoch"] = epoch + 1
-        metrics = {k: v / max(n, 1) for k, v in sums.items()}
-        metrics.update({
-            "epoch": epoch + 1, "step": progress["step"], "lr": cosine_lr(pc.lr, progress["step"], trainer.total_steps),
-            "images_per_s": world * pc.batch_size * n / max(elapsed, 1e-9), "epoch_s": elapsed,
-            "queue_checksum": checksum, "queue_sha1_by_rank": all_gather(digest), "skipped_files": len(skipped),
-        })
-        if rank == 0:
-            logger.log_metrics({f"epoch/{k}": v for k, v in metrics.items() if not isinstance(v, list)},
-                               step=progress["step"])
-            if skipped:
-                logger.log_bytes("".join(f"{p}\t{e}\n" for p, e in sorted(skipped)).encode(), "skipped_files.txt")
-            print(f"[pretrain] epoch {epoch + 1}/{pc.epochs}: loss {metrics['loss']:.4f}, "
-                  f"top-1 {metrics['acc']:.3f}, {metrics['images_per_s']:.1f} images/s", flush=True)
-        _save(trainer, progress, metrics, rank, cfg)

@@ -148,12 +148,14 @@ def candidate_overrides(spec: SweepSpec) -> list[dict[str, Any]]:
 
 def check_space(spec: SweepSpec, cfg: Config) -> None:
     """Every candidate value must make a valid config with data enough to train on."""
-    from raysseg.runtime.driver import check_inputs
+    from raysseg.engine.inputs import check_inputs
+    from raysseg.methods.registry import spec as method_spec
 
-    if cfg.method == "kmeans" and spec.metric == "loss_total":
-        raise ConfigError(f"sweep {spec.name}: metric loss_total: method kmeans does not train; use view_nmi")
-    if cfg.method == "kmeans" and spec.scheduler == "asha":
-        raise ConfigError(f"sweep {spec.name}: scheduler asha: method kmeans has no epochs to stop between")
+    trains = method_spec(cfg.method).trainer is not None
+    if not trains and spec.metric == "loss_total":
+        raise ConfigError(f"sweep {spec.name}: metric loss_total: method {cfg.method} does not train; use view_nmi")
+    if not trains and spec.scheduler == "asha":
+        raise ConfigError(f"sweep {spec.name}: scheduler asha: method {cfg.method} has no epochs to stop between")
     for overrides in candidate_overrides(spec):
         for key in overrides:
             if key.split(".")[0] in ("train", "mlflow") and key.split(".")[-1] in ("run_name", "storage", "experiment",
@@ -206,7 +208,8 @@ def _trial(params: dict, *, config: dict, spec: dict, sweep: str, parent_run_id:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raysseg.config import config_from_dict
-    from raysseg.runtime.driver import FINAL_FLAG, train
+    from raysseg.engine.loop import FINAL_FLAG
+    from raysseg.runtime.driver import train
 
     metric = spec["metric"]
 
@@ -327,7 +330,7 @@ def _new_tuner(spec: SweepSpec, cfg: Config, trainable, name: str, storage_path:
 
 
 def _rows(grid, spec: SweepSpec) -> list[dict]:
-    from raysseg.runtime.driver import FINAL_FLAG
+    from raysseg.engine.loop import FINAL_FLAG
 
     rows = []
     for r in grid:

@@ -384,6 +384,10 @@ class HPModel(nn.Module):
         """Segmentation codes for inference (no dropout). [B, C, h, w] -> [B, K, h, w]."""
         return self.seg(feats)
 
+    def embed(self, feats: Tensor, rgb: Tensor) -> Tensor:
+        """The Segmenter's head interface: the codes of ``feats`` (``rgb`` unused)."""
+        return self.codes(feats)
+
     @torch.no_grad()
     def ema_codes(self, feats: Tensor) -> Tensor:
         """Codes s' of the momentum head (no grad, no dropout). [B, C, h, w] -> [B, K, h, w]."""

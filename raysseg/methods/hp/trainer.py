@@ -1,6 +1,6 @@
-"""HP's training loop on one Ray Train worker (the maths is in :mod:`hp_core`).
+"""HP's trainer: one worker's side of training (the maths is in :mod:`raysseg.methods.hp.core`).
 
-Shared state goes through the concept bank (:mod:`raysseg.runtime.bank`):
+Shared state goes through the :class:`raysseg.methods.base.SharedState` of the context:
 - ``pool`` (version 1, built once): the backbone features of M patches, one random
   patch from each of M images drawn by the driver across the whole training split.
   Each worker computes the features of its shard of those images. Q_ag is this table
@@ -12,27 +12,25 @@ Shared state goes through the concept bank (:mod:`raysseg.runtime.bank`):
 """
 from __future__ import annotations
 
-import resource
 import time
 from collections import defaultdict
 
 import numpy as np
-import ray
 import torch
 from torch import nn
 
-from raysseg.core.backbones import normalize, standardize
-from raysseg.config import Config
 from raysseg.core.augment import photometric_augment
-from raysseg.io.images import valid_rows
+from raysseg.core.backbones import normalize, standardize
+from raysseg.core.batches import valid_rows
+from raysseg.core.distributed import optimizer_step
+from raysseg.methods.base import TrainContext, load_optimizer_state, optimizer_state
 from raysseg.methods.hp.core import ema_update, lambda_at
-from raysseg.methods.base import ResumableTrainer
 
 
 class _HPLoss(nn.Module):
     """Wraps ``HPModel.loss`` as ``forward`` so DistributedDataParallel syncs its gradients."""
 
-    def __init__(self, head: nn.Module, cfg: Config, generator: torch.Generator):
+    def __init__(self, head: nn.Module, cfg, generator: torch.Generator):
         super().__init__()
         self.head, self.cfg, self.generator = head, cfg, generator
 
@@ -42,16 +40,13 @@ class _HPLoss(nn.Module):
                               sigma=hp.sigma, chunk=hp.chunk, generator=self.generator)
 
 
-class HPTrainer(ResumableTrainer):
-    def __init__(self, cfg: Config, seg, bank, rank: int, world: int, device, total_steps: int,
-                 pool_plan: dict[str, tuple[int, int]]):
-        import ray.train.torch
-
-        self.cfg, self.seg, self.bank = cfg, seg, bank
-        self.rank, self.world, self.device = rank, world, device
-        self.total_steps, self.pool_plan = max(total_steps, 1), pool_plan
-        self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
-        self.loss_module = ray.train.torch.prepare_model(_HPLoss(seg.head, cfg, self.generator))
+class HPTrainer:
+    def __init__(self, cfg, seg, ctx: TrainContext):
+        self.cfg, self.seg, self.shared = cfg, seg, ctx.shared
+        self.rank, self.world, self.device = ctx.rank, ctx.world, ctx.device
+        self.total_steps, self.pool_plan = max(ctx.total_steps, 1), ctx.plan["pool"]
+        self.generator = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + ctx.rank)
+        self.loss_module = ctx.wrap_model(_HPLoss(seg.head, cfg, self.generator))
         params = [p for p in seg.head.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.q_ag: torch.Tensor | None = None
@@ -60,6 +55,14 @@ class HPTrainer(ResumableTrainer):
         self.pool_build_s = 0.0
         self.timers: dict[str, float] = defaultdict(float)
 
+    def state_dict(self) -> dict:
+        return optimizer_state(self.optimizer, self.generator)
+
+    def load_state_dict(self, state: dict) -> None:
+        load_optimizer_state(state, self.optimizer, self.generator, self.cfg.train.lr)
+
+    def before_checkpoint(self, progress: dict) -> None:
+        """Nothing: the pools are in the shared state, which every checkpoint holds."""
 
     # ---------------------------------------------------------- shared pools
 
@@ -68,7 +71,7 @@ class HPTrainer(ResumableTrainer):
         """Build Q_ag once (all workers contribute, from their ``get_shard("pool")``), then fetch it."""
         pool_shard = get_shard("pool")
         t0 = time.perf_counter()
-        if ray.get(self.bank.version.remote("pool")) == 0:
+        if self.shared.version("pool") == 0:
             index, rows = [], []
             for batch in pool_shard.iter_batches(batch_size=self.cfg.eval.batch_size, batch_format="numpy"):
                 batch, _ = valid_rows(batch)
@@ -81,16 +84,20 @@ class HPTrainer(ResumableTrainer):
                     index.append(k)
                     rows.append(flat[b, patch].cpu().numpy())
             dim = self.seg.backbone.dim
-            self.bank.put_part.remote("pool", 1, self.rank, np.asarray(index, dtype=np.int64),
-                                      np.stack(rows) if rows else np.zeros((0, dim), np.float32))
-        _, table = ray.get(self.bank.get.remote("pool", 1, self.rank))
+            self.shared.put_part("pool", 1, self.rank, np.asarray(index, dtype=np.int64),
+                                 np.stack(rows) if rows else np.zeros((0, dim), np.float32))
+        _, table = self.shared.get("pool", 1, self.rank)
         self.q_ag = torch.from_numpy(table).to(self.device)
         self.pool_build_s = time.perf_counter() - t0
         if self.rank == 0:
             print(f"[hp] task-agnostic pool: {len(table)} patches from {len(table)} images", flush=True)
 
     def before_epoch(self, get_shard, epoch: int) -> None:
-        """Nothing: HP's pools are renewed by step count, inside the epoch."""
+        """Only the timers restart: HP's pools are renewed by step count, inside the epoch."""
+        self.timers.clear()
+
+    def epoch_stats(self) -> dict[str, float]:
+        return {"time_pool_build_s": self.pool_build_s}
 
     @torch.no_grad()
     def _refresh_sp(self, step: int) -> None:
@@ -99,12 +106,12 @@ class HPTrainer(ResumableTrainer):
         if self.sp_version >= needed:
             return
         t0 = time.perf_counter()
-        if ray.get(self.bank.version.remote("sp")) < needed:
+        if self.shared.version("sp") < needed:
             index = np.arange(self.rank, len(self.q_ag), self.world)
             pool = self.q_ag[torch.from_numpy(index).to(self.device)][:, :, None, None]
             codes = self.seg.head.ema_codes(pool)[:, :, 0, 0].cpu().numpy()
-            self.bank.put_part.remote("sp", needed, self.rank, index, codes)
-        self.sp_version, table = ray.get(self.bank.get.remote("sp", needed, self.rank))
+            self.shared.put_part("sp", needed, self.rank, index, codes)
+        self.sp_version, table = self.shared.get("sp", needed, self.rank)
         self.q_sp = torch.from_numpy(table).to(self.device)
         self.timers["bank"] += time.perf_counter() - t0
 
@@ -113,11 +120,10 @@ class HPTrainer(ResumableTrainer):
     def _float_images(self, images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)
 
-    def train_step(self, images: np.ndarray, step: int) -> dict[str, float]:
-        """One iteration on this worker's batch (uint8 (B, S, S, 3)); may be empty (all rows invalid)."""
-        from raysseg.runtime.driver import optimizer_step
-
+    def train_step(self, batch: dict, step: int) -> dict[str, float]:
+        """One iteration on this worker's batch (``image`` uint8 (B, S, S, 3)); may be empty (all rows invalid)."""
         hp, seg = self.cfg.hp, self.seg
+        images = batch["image"]
         weight = 1.0
         if len(images) == 0:  # keep DDP in step with the other workers; contributes nothing
             images, weight = np.zeros((1, self.cfg.data.image_size, self.cfg.data.image_size, 3), np.uint8), 0.0
@@ -144,17 +150,3 @@ class HPTrainer(ResumableTrainer):
         self.timers["step"] += t4 - t0
         stats["sp_version"] = self.sp_version
         return stats
-
-    def train_epoch(self, shard, epoch: int, progress: dict, logger, checkpoint=None):
-        """One pass over this worker's shard. Returns (epoch stats, last images, skipped files)."""
-        from raysseg.runtime.driver import run_epoch
-
-        cfg = self.cfg
-        self.timers.clear()
-        stats, last, skipped = run_epoch(
-            shard, lambda batch, step: self.train_step(batch["image"], step), cfg, self.rank, progress, logger,
-            self.total_steps // cfg.train.epochs, f"hp epoch {epoch + 1}/{cfg.train.epochs}", self.timers,
-            checkpoint)
-        stats["time_pool_build_s"] = self.pool_build_s
-        stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return stats, last, skipped

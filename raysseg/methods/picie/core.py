@@ -339,6 +339,10 @@ class PGGHead(nn.Module):
         ctx = self.cae(f16, rgb16)
         return emb + F.interpolate(ctx, size=emb.shape[-2:], mode="bilinear", align_corners=False)
 
+    def embed(self, f4: Tensor, rgb: Tensor) -> Tensor:
+        """The Segmenter's head interface: :meth:`forward`."""
+        return self(f4, rgb)
+
     def global_logits(self, emb: Tensor, boxes: Tensor) -> Tensor:
         """cam(region_pool(emb, boxes)): emb [B, D, h, w], boxes [V, 4] -> logits [B, V, G]."""
         if self.cam is None:

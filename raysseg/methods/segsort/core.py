@@ -58,6 +58,10 @@ class EmbeddingHead(nn.Module):
     def forward(self, feats: Tensor) -> Tensor:
         return self.net(feats)
 
+    def embed(self, feats: Tensor, rgb: Tensor) -> Tensor:
+        """The Segmenter's head interface (``rgb`` unused)."""
+        return self(feats)
+
 
 def segment_sort_loss(emb: Tensor, pixel_label: Tensor, protos: Tensor, proto_label: Tensor,
                       kappa: float) -> Tensor:

@@ -1,37 +1,37 @@
-"""SegSort and visual-concepts training on one Ray Train worker (the maths is in :mod:`segsort_core`).
+"""SegSort and visual concepts: one worker's side of training (the maths is in :mod:`raysseg.methods.segsort.core`).
 
-Each training row carries its image and its pseudo segments (oversegmentation computed in
-the Ray Data read). The worker crops and augments on the fly; segment maps follow the
+Each training row carries its image and its pseudo segments (oversegmentation computed when
+the row is read). The worker crops and augments on the fly; segment maps follow the
 same boxes and flips with nearest sampling, straight to the embedding grid.
 
-Shared state goes through the concept bank, one version per global step ``t``:
+Shared state goes through the context's shared state (the concept bank under Ray), one version
+per global step ``t``:
 - ``memory``: the segment prototypes of the last ``segsort.memory_batches`` global batches
   (a ring table: every rank appends its batch's prototypes to version t + 2 after step t;
   all ranks read version t + 1 at step t, so all see the same memory);
 - ``concepts`` and ``cooccurrence`` (visual concepts only): the dictionary and its
-  co-occurrence counts, owned by the bank. After step t each rank sends the statistics
-  of its prototypes' assignments; the bank applies one EMA update when every rank has
-  sent, and publishes version t + 2.
+  co-occurrence counts, a reduced state owned by the shared state. After step t each rank
+  sends the statistics of its prototypes' assignments; the shared state applies one EMA
+  update when every rank has sent, and publishes version t + 2.
 Reading version t + 1 at step t blocks until every rank has finished step t - 1, which
 DDP's gradient all-reduce already requires, so the wait is short.
 """
 from __future__ import annotations
 
-import resource
+import functools
 import time
 from collections import defaultdict
 
 import numpy as np
-import ray
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysseg.config import Config
 from raysseg.core.augment import crop_resize, photometric_augment, random_boxes
-from raysseg.methods.segsort import core
+from raysseg.core.distributed import optimizer_step
 from raysseg.core.segments import batch_segment_ids, flat_pixels, pixel_sort, segment_prototypes
-from raysseg.methods.base import ResumableTrainer
+from raysseg.methods.base import TrainContext, load_optimizer_state, optimizer_state
+from raysseg.methods.segsort import core
 
 
 class _Net(nn.Module):
@@ -45,36 +45,45 @@ class _Net(nn.Module):
         return F.normalize(self.seg.embed(x), dim=1)
 
 
-class SegmentTrainer(ResumableTrainer):
-    def __init__(self, cfg: Config, seg, bank, rank: int, world: int, device, total_steps: int):
-        import ray.train.torch
-
-        self.cfg, self.seg, self.bank = cfg, seg, bank
-        self.rank, self.world, self.device = rank, world, device
-        self.total_steps = max(total_steps, 1)
+class SegmentTrainer:
+    def __init__(self, cfg, seg, ctx: TrainContext):
+        self.cfg, self.seg, self.shared = cfg, seg, ctx.shared
+        self.rank, self.world, self.device = ctx.rank, ctx.world, ctx.device
+        self.total_steps = max(ctx.total_steps, 1)
         self.concepts = cfg.method == "concepts"
         self.tables = ["memory", "concepts", "cooccurrence"] if self.concepts else ["memory"]
-        self.generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank)
-        self.net = ray.train.torch.prepare_model(_Net(seg))
+        self.generator = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + ctx.rank)
+        self.net = ctx.wrap_model(_Net(seg))
         params = [p for p in seg.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.timers: dict[str, float] = defaultdict(float)
         self.versions: dict[str, int] = {}
         self.used: set[int] = set()  # concepts assigned to some segment this epoch
 
+    def state_dict(self) -> dict:
+        return optimizer_state(self.optimizer, self.generator)
+
+    def load_state_dict(self, state: dict) -> None:
+        load_optimizer_state(state, self.optimizer, self.generator, self.cfg.train.lr)
 
     def setup(self, get_shard) -> None:
         """Rank 0 publishes version 1 of the shared tables (an empty memory, a random dictionary)
         unless they were restored from a checkpoint."""
         if self.rank == 0:
             dim = self.seg.code_dim
-            ray.get(self.bank.publish.remote("memory", 1, np.zeros((0, dim), np.float32)))
+            self.shared.publish("memory", 1, np.zeros((0, dim), np.float32))
             if self.concepts:
                 state = core.init_dictionary(self.cfg.concepts.n_concepts, dim, self.cfg.train.seed)
-                ray.get(self.bank.init_concepts.remote(state, self.cfg.train.seed))
+                self.shared.init_reduced(state, self.cfg.train.seed)
 
     def before_epoch(self, get_shard, epoch: int) -> None:
-        """Nothing: the shared tables change every step, inside the epoch."""
+        """Fresh timers and concept counts: the shared tables change every step, inside the epoch."""
+        self.seg.train()
+        self.timers.clear()
+        self.used = set()
+
+    def epoch_stats(self) -> dict[str, float]:
+        return {"concepts_used": float(len(self.used))} if self.concepts else {}
 
     def _views(self, x: torch.Tensor, pseudo: torch.Tensor, grid: tuple[int, int]):
         """A random crop + flip + photometric view of each image and its pseudo segments on ``grid``."""
@@ -86,18 +95,17 @@ class SegmentTrainer(ResumableTrainer):
         seg_ids = crop_resize(pseudo[:, None].float(), boxes, grid, flips, mode="nearest")[:, 0].long()
         return view, seg_ids
 
-    def train_step(self, images: np.ndarray, pseudo: np.ndarray, step: int) -> dict[str, float]:
-        """One iteration on this worker's batch: uint8 images (B, S, S, 3), pseudo segments (B, S, S)."""
-        from raysseg.runtime.driver import optimizer_step
-
+    def train_step(self, batch: dict, step: int) -> dict[str, float]:
+        """One iteration on this worker's batch: ``image`` uint8 (B, S, S, 3), ``segments`` (B, S, S)."""
         cfg, ss = self.cfg, self.cfg.segsort
+        images, pseudo = batch["image"], batch["segments"]
         weight = 1.0
         if len(images) == 0:  # keep DDP and the bank in step with the other workers; contributes nothing
             size = cfg.data.image_size
             images, pseudo, weight = np.zeros((1, size, size, 3), np.uint8), np.zeros((1, size, size), np.int32), 0.0
         t0 = time.perf_counter()
         version = step + 1
-        shared = ray.get(self.bank.get_many.remote(self.tables, version, self.rank))
+        shared = self.shared.get_many(self.tables, version, self.rank)
         self.versions = {name: v for name, (v, _) in shared.items()}
         memory = torch.from_numpy(shared["memory"][1]).to(self.device)
         t1 = time.perf_counter()
@@ -160,12 +168,13 @@ class SegmentTrainer(ResumableTrainer):
         t5 = time.perf_counter()
 
         rows = protos.detach().cpu().numpy() if weight > 0 else np.zeros((0, protos.shape[1]), np.float32)
-        self.bank.append.remote("memory", version + 1, self.rank, rows, ss.memory_batches)
+        self.shared.append("memory", version + 1, self.rank, rows, ss.memory_batches)
         if self.concepts:
             if concept_stats is None:
                 concept_stats = core.concept_statistics(rows, np.zeros(0, np.int64), np.zeros(0, np.int64),
                                                         self.cfg.concepts.n_concepts)
-            self.bank.update_concepts.remote(version + 1, self.rank, concept_stats, self.cfg.concepts.decay)
+            self.shared.reduce(version + 1, self.rank, concept_stats,
+                               functools.partial(core.update_dictionary, decay=self.cfg.concepts.decay))
         stats["loss_total"] = loss.item()
         stats["bank_version"] = float(self.versions["memory"])
         self.timers["bank"] += t1 - t0
@@ -179,23 +188,6 @@ class SegmentTrainer(ResumableTrainer):
     def before_checkpoint(self, progress: dict) -> None:
         """Wait for the tables after the last step (a resumed run reads them from the checkpoint's bank
         state) and put the dictionary as of now into the model."""
-        shared = ray.get(self.bank.get_many.remote(self.tables, progress["step"] + 1, self.rank))
+        shared = self.shared.get_many(self.tables, progress["step"] + 1, self.rank)
         if self.concepts:
             self.seg.concepts.copy_(torch.from_numpy(shared["concepts"][1]).to(self.seg.concepts.device))
-
-    def train_epoch(self, shard, epoch: int, progress: dict, logger, checkpoint=None):
-        """One pass over this worker's shard. Returns (epoch stats, last images, skipped files)."""
-        from raysseg.runtime.driver import run_epoch
-
-        cfg = self.cfg
-        self.seg.train()
-        self.timers.clear()
-        self.used: set[int] = set()
-        stats, last, skipped = run_epoch(
-            shard, lambda batch, step: self.train_step(batch["image"], batch["segments"], step), cfg, self.rank,
-            progress, logger, self.total_steps // cfg.train.epochs,
-            f"{cfg.method} epoch {epoch + 1}/{cfg.train.epochs}", self.timers, checkpoint)
-        if self.concepts:
-            stats["concepts_used"] = float(len(self.used))
-        stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return stats, last, skipped

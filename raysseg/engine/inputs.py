@@ -1,0 +1,20 @@
+"""Checks of a run's inputs that need no Ray: done by every runner before it starts anything."""
+from __future__ import annotations
+
+from raysseg.io.images import list_split
+from raysseg.methods.registry import spec
+from raysseg.settings import ConfigError
+
+
+def check_inputs(cfg) -> int:
+    """Everything that can be checked before training starts; returns the training image count."""
+    files = list_split(cfg.data.train, with_labels=False).images
+    n = min(len(files), cfg.data.limit) if cfg.data.limit else len(files)
+    per_worker = n // cfg.train.num_workers
+    if spec(cfg.method).trainer and per_worker < cfg.train.batch_size:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} images per worker but only {per_worker} per worker "
+            f"({n} images, {cfg.train.num_workers} workers); lower train.batch_size or train.num_workers"
+        )
+    spec(cfg.method).check_inputs(cfg, n)
+    return n

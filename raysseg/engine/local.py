@@ -1,0 +1,188 @@
+"""The in-process runner: ``raysseg train --local`` and :func:`train_local`.
+
+Trains any method in this one process, with no Ray, and MLflow only when a tracking URI is
+given: for debugging, fast tests and a GPU machine without Ray. It runs the same worker loop
+as Ray Train (:func:`raysseg.engine.loop.train_worker`) with one worker, an in-process shared
+state and datasets read here (:func:`raysseg.io.images.read_plan`, the decoding Ray Data runs).
+Checkpoints go to ``<train.storage>/<run name>/local_<step>/model.pt`` (written atomically,
+the newest ``train.checkpoints_to_keep`` kept); running the same config again resumes.
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from raysseg.engine.inputs import check_inputs
+from raysseg.engine.loop import WorkerEnv, train_worker
+from raysseg.io import storage, tracking
+from raysseg.io.images import list_split, read_plan
+from raysseg.methods.registry import output_stride, spec
+from raysseg.methods.shared import LocalSharedState
+
+DECODE_ROWS = 16  # rows decoded at a time, as Ray Data's map_batches does
+
+
+class LocalShard:
+    """Rows read and decoded in this process, with the ``iter_batches`` of a Ray Data shard.
+
+    ``shuffle``: a new order each pass, from a generator seeded once (reproducible runs)."""
+
+    def __init__(self, items: list[dict], decode, shuffle: bool = False, seed: int = 0):
+        self.items, self.decode, self.shuffle = items, decode, shuffle
+        self.rng = np.random.default_rng(seed)
+
+    def _rows(self):
+        order = self.rng.permutation(len(self.items)) if self.shuffle else np.arange(len(self.items))
+        for start in range(0, len(order), DECODE_ROWS):
+            chunk = [self.items[i] for i in order[start:start + DECODE_ROWS]]
+            yield self.decode({k: np.array([item[k] for item in chunk], dtype=object) for k in chunk[0]})
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False, **_):
+        pending: list[dict] = []
+        for decoded in self._rows():
+            pending.append(decoded)
+            while sum(len(p["path"]) for p in pending) >= batch_size:
+                joined = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                yield {k: v[:batch_size] for k, v in joined.items()}
+                pending = [{k: v[batch_size:] for k, v in joined.items()}]
+        rest = sum(len(p["path"]) for p in pending)
+        if rest and not drop_last:
+            yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+
+
+class BatchShard:
+    """Given batches (dicts of numpy arrays), re-batched: for tests and callers with their own rows."""
+
+    def __init__(self, batches: list[dict]):
+        self.rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False, **_):
+        n = len(self.rows["path"])
+        for start in range(0, n, batch_size):
+            if drop_last and start + batch_size > n:
+                return
+            yield {k: v[start:start + batch_size] for k, v in self.rows.items()}
+
+
+@dataclass
+class LocalResult:
+    run_name: str
+    checkpoint: str  # URI of the final model.pt
+    metrics: dict = field(default_factory=dict)  # the last report (the final clustering's)
+    trace: list = field(default_factory=list)  # the shared state's reads (rank, table, version, checksum)
+
+
+class LocalCheckpoints:
+    """Checkpoints of an in-process run under ``<root>/local_<step>/``: the newest is restored."""
+
+    def __init__(self, root: str, keep: int):
+        self.root, self.keep = root.rstrip("/"), keep
+        self.metrics: dict = {}
+        self.latest: str = ""
+
+    def _steps(self, name: str) -> list[int]:
+        if not storage.exists(self.root):
+            return []
+        found = []
+        for uri in storage.list_files(self.root, suffixes=(name,)):
+            folder = uri.rstrip("/").rsplit("/", 2)[-2]
+            if folder.startswith("local_") and folder[6:].isdigit():
+                found.append(int(folder[6:]))
+        return sorted(set(found))
+
+    def restore(self, name: str):
+        steps = self._steps(name)
+        if not steps:
+            return None
+        uri = f"{self.root}/local_{steps[-1]:09d}/{name}"
+        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False), uri
+
+    def report(self, metrics: dict, payload: dict | None, name: str) -> None:
+        self.metrics = dict(metrics)
+        if payload is None:
+            return
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        step = int(payload.get("progress", {}).get("step", 0))
+        self.latest = f"{self.root}/local_{step:09d}/{name}"
+        storage.write_bytes_atomic(self.latest, buf.getvalue())
+        for old in self._steps(name)[:-self.keep]:
+            storage.remove_tree(f"{self.root}/local_{old:09d}")
+
+
+def _device(cfg) -> torch.device:
+    return torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def local_datasets(cfg, plan: dict) -> dict:
+    """The method's datasets and ``cluster``, read in this process (see :class:`LocalShard`)."""
+    common = {"image_size": cfg.data.image_size, "with_labels": False, "limit": cfg.data.limit or None}
+    wanted = {"cluster": {"train": False}, **spec(cfg.method).datasets(cfg, plan)}
+    shards = {}
+    for name, options in wanted.items():
+        options = dict(options)
+        shuffle = options.pop("shuffle", False)
+        items, decode = read_plan(cfg.data.train, **common, **options)
+        shards[name] = LocalShard(items, decode, shuffle=shuffle, seed=cfg.train.seed)
+    return shards
+
+
+def train_local(cfg, tracking_uri: str = "", datasets: dict | None = None, device=None) -> LocalResult:
+    """Train ``cfg`` (or resume it) in this process; log to MLflow only when ``tracking_uri`` is set.
+
+    ``datasets`` (name -> shard with ``iter_batches``) replaces the ones read from ``cfg.data.train``."""
+    n_images = check_inputs(cfg)
+    files = list_split(cfg.data.train, with_labels=False).images
+    files = files[: cfg.data.limit] if cfg.data.limit else files
+    s = spec(cfg.method)
+    grid = (cfg.data.image_size // output_stride(cfg)) ** 2
+    plan = s.plan(cfg, files, grid) if s.plan else {}
+    shards = datasets if datasets is not None else local_datasets(cfg, plan)
+    run_name = cfg.run_name()
+    checkpoints = LocalCheckpoints(f"{cfg.train.storage.rstrip('/')}/{run_name}", cfg.train.checkpoints_to_keep)
+    logger = None
+    if tracking_uri:
+        run_id, resumed = tracking.start_or_resume_run(tracking_uri, cfg.mlflow.experiment, run_name, cfg.flat())
+        logger = tracking.RunLogger(tracking_uri, run_id)
+        print(f"{'resuming' if resumed else 'starting'} run {run_name} in process (MLflow run {run_id} at "
+              f"{tracking_uri})", flush=True)
+    shared = LocalSharedState()
+    env = WorkerEnv(rank=0, world=1, local_world=1, device=device or _device(cfg), get_shard=shards.__getitem__,
+                    restore=checkpoints.restore, report=checkpoints.report, shared=shared, logger=logger,
+                    run={"run_id": getattr(logger, "run_id", ""), "tracking_uri": tracking_uri})
+    t0 = time.perf_counter()
+    try:
+        train_worker(cfg, env, n_images, plan)
+    except BaseException:
+        if logger is not None:
+            logger.finish("FAILED")
+        raise
+    if logger is not None:
+        logger.set_tag(tracking.CHECKPOINT_TAG, checkpoints.latest)
+        logger.finish("FINISHED")
+    print(f"run {run_name} finished in process in {time.perf_counter() - t0:.1f}s: {checkpoints.latest}", flush=True)
+    return LocalResult(run_name, checkpoints.latest, checkpoints.metrics, shared.trace())
+
+
+
+def pretrain_local(cfg, datasets: dict | None = None, device=None) -> LocalResult:
+    """MoCo v2 pretraining of ``cfg`` in this process (resumes like :func:`train_local`); the checkpoint
+    is ``moco.pt`` (query and key encoders, queue, optimizer), without MLflow."""
+    from raysseg.engine.loop import pretrain_worker
+
+    n_images = len(list_split(cfg.data.train, with_labels=False).images)
+    n_images = min(n_images, cfg.data.limit) if cfg.data.limit else n_images
+    if datasets is None:
+        items, decode = read_plan(cfg.data.train, image_size=cfg.data.image_size, train=False, with_labels=False,
+                                  limit=cfg.data.limit or None)
+        datasets = {"train": LocalShard(items, decode, shuffle=True, seed=cfg.train.seed)}
+    run_name = f"{cfg.run_name()}-pretrain"
+    checkpoints = LocalCheckpoints(f"{cfg.train.storage.rstrip('/')}/{run_name}", cfg.train.checkpoints_to_keep)
+    env = WorkerEnv(rank=0, world=1, local_world=1, device=device or _device(cfg), get_shard=datasets.__getitem__,
+                    restore=checkpoints.restore, report=checkpoints.report)
+    pretrain_worker(cfg, env, n_images)
+    return LocalResult(run_name, checkpoints.latest, checkpoints.metrics)

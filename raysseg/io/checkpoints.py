@@ -1,0 +1,61 @@
+"""The one checkpoint format and its one loader: ``{config, state, **extra}`` in ``model.pt``."""
+from __future__ import annotations
+
+import io
+
+import torch
+
+from raysseg.config import config_from_dict
+from raysseg.methods.registry import build_segmenter
+
+CHECKPOINT_FILE = "model.pt"
+
+
+def save_checkpoint(path: str, segmenter, **extra) -> None:
+    """Write ``{config, state, **extra}`` atomically (local path or s3:// URI)."""
+    from raysseg.io.storage import write_bytes_atomic
+
+    buf = io.BytesIO()
+    torch.save({"config": segmenter.cfg.to_dict(), "state": segmenter.state_dict(), **extra}, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def read_checkpoint(uri: str) -> dict:
+    """Load a checkpoint dict from a file, a run directory, s3://, ``runs:/<id>/checkpoint``
+    or a registered model ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``)."""
+    from raysseg.io.storage import StorageError, read_bytes
+
+    if uri.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        from raysseg.io.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())  # $MLFLOW_TRACKING_URI, else the local store
+        try:
+            uri = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        except mlflow.exceptions.MlflowException as e:
+            raise StorageError(f"checkpoint {uri}: {e.message.splitlines()[0]} (MLflow at "
+                               f"{mlflow.get_tracking_uri()}; set MLFLOW_TRACKING_URI)") from None
+    if not uri.endswith(".pt"):
+        uri = uri.rstrip("/") + "/" + CHECKPOINT_FILE
+    try:
+        data = read_bytes(uri)
+    except FileNotFoundError:
+        raise StorageError(f"checkpoint {uri} not found; pass the model.pt of a finished run") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise StorageError(f"checkpoint {uri} is not a raysseg checkpoint ({type(e).__name__}: {e})") from None
+
+
+def segmenter_from(ckpt: dict):
+    """The Segmenter (eval mode) a loaded checkpoint dict holds."""
+    seg = build_segmenter(config_from_dict(ckpt["config"]), load_backbone_weights=False)
+    seg.load_state_dict(ckpt["state"])
+    return seg.eval()
+
+
+def load_segmenter(uri: str):
+    """A Segmenter (eval mode) from a checkpoint, and the checkpoint's extra fields."""
+    ckpt = read_checkpoint(uri)
+    return segmenter_from(ckpt), ckpt

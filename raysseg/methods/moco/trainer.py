@@ -1,0 +1,108 @@
+"""MoCo v2: one worker's side of backbone pretraining (the maths is in :mod:`raysseg.methods.moco.core`)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from raysseg.core.distributed import gather_tensor, optimizer_step, process_group
+from raysseg.methods.base import TrainContext
+from raysseg.methods.moco.core import moco_logits, two_crops
+
+SGD_MOMENTUM = 0.9
+
+
+def crop_size(cfg) -> int:
+    return cfg.pretrain.crop_size or cfg.data.image_size
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    """base * (1 + cos(pi * step / total)) / 2."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+class MoCoTrainer:
+    """One worker's MoCo v2 optimisation: views, query/key encoding, loss, SGD, EMA, queue.
+
+    ``query`` is ``moco.encoder_q`` made data-parallel by ``ctx.wrap_model``. Works without a process group
+    (one worker, or a unit test): then there is no key shuffle and nothing to gather."""
+
+    def __init__(self, cfg, moco, ctx: TrainContext):
+        self.cfg, self.moco, self.query, self.device = cfg, moco, ctx.wrap_model(moco.encoder_q), ctx.device
+        self.rank, self.world, self.total_steps = ctx.rank, ctx.world, max(ctx.total_steps, 1)
+        params = [p for p in moco.encoder_q.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=cfg.pretrain.lr, momentum=SGD_MOMENTUM,
+                                         weight_decay=cfg.pretrain.weight_decay)
+        self.generator = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + ctx.rank)
+        self.size = crop_size(cfg)
+        self.scale = (cfg.pretrain.crop_scale_min, 1.0)
+
+    def state_dict(self) -> dict:
+        return {"moco": self.moco.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.moco.load_state_dict(state["moco"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    @torch.no_grad()
+    def _keys(self, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's keys (B, P), every rank's keys in rank order (W*B, P)); shuffle-BN when W > 1."""
+        dist = process_group()
+        encoder = self.moco.encoder_k
+        if dist is None or self.world == 1:
+            k = encoder(x_k)
+            return k, k
+        b = x_k.shape[0]
+        everything = gather_tensor(x_k)  # (W*B, 3, S, S)
+        perm = torch.randperm(everything.shape[0], generator=self.generator, device=self.generator.device)
+        perm = perm.to(x_k.device)
+        dist.broadcast(perm, src=0)  # rank 0's permutation for everyone
+        mine = perm[self.rank * b:(self.rank + 1) * b]
+        shuffled = gather_tensor(encoder(everything[mine]))  # row j: key of image perm[j]
+        keys = torch.empty_like(shuffled)
+        keys[perm] = shuffled
+        return keys[self.rank * b:(self.rank + 1) * b], keys
+
+    def step(self, images: np.ndarray, weight: np.ndarray, step: int) -> dict[str, float]:
+        """One iteration. images: uint8 (B, S, S, 3), B the same on every rank; weight: (B,) 1 for
+        real rows, 0 for fillers (left out of the loss and the queue)."""
+        lr = cosine_lr(self.cfg.pretrain.lr, step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        w = torch.from_numpy(np.asarray(weight, np.float32)).to(self.device)
+        x_q, x_k = two_crops(torch.from_numpy(images).to(self.device), self.generator, self.size, self.scale)
+        q = self.query(x_q)
+        with torch.no_grad():
+            self.moco.momentum_update()
+            k, all_keys = self._keys(x_k)
+            all_w = gather_tensor(w)
+        per_row = self.moco.loss(q, k, reduction="none")
+        loss = (per_row * w).sum() / w.sum().clamp(min=1.0)
+        optimizer_step(loss, self.optimizer, step, "pretrain.lr", self.cfg.pretrain.lr)
+        with torch.no_grad():
+            logits = moco_logits(q.detach(), k, self.moco.queue)
+            real = w > 0
+            n_real = max(int(real.sum()), 1)
+            stats = {
+                "loss": float(loss),
+                "pos_logit": float(logits[real, 0].sum()) / n_real / self.moco.temperature,
+                "neg_logit": float(logits[real, 1:].mean(dim=1).sum()) / n_real / self.moco.temperature,
+                "acc": float((logits[real].argmax(dim=1) == 0).float().sum()) / n_real,
+                "lr": lr,
+            }
+            self.moco.enqueue(all_keys[all_w > 0])
+        return stats
+
+
+def fill_batch(images: np.ndarray, batch_size: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad a batch whose unreadable rows were dropped back to ``batch_size`` rows (every rank must
+    contribute the same number of keys): repeat its readable rows, or zeros if none. Returns
+    (images (batch_size, ...), weight (batch_size,) with 0 for the filler rows)."""
+    m = len(images)
+    weight = (np.arange(batch_size) < m).astype(np.float32)
+    if m == batch_size:
+        return images, weight
+    if m == 0:
+        return np.zeros((batch_size, size, size, 3), np.uint8), weight
+    return images[np.arange(batch_size) % m], weight
