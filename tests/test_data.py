@@ -18,6 +18,7 @@ from raysseg.io import images as data
 from raysseg.apps import synth
 from raysseg.runtime import datasets
 from raysseg.core import augment
+from raysseg.core.batches import valid_rows
 from raysseg.io.images import DatasetError
 
 
@@ -163,7 +164,7 @@ def test_valid_rows():
         "image": np.arange(3)[:, None], "path": np.array(["a", "b", "c"], object),
         "valid": np.array([True, False, True]), "error": np.array(["", "bad", ""], object),
     }
-    kept, skipped = data.valid_rows(batch)
+    kept, skipped = valid_rows(batch)
     assert kept["path"].tolist() == ["a", "c"] and kept["image"].ravel().tolist() == [0, 2]
     assert skipped == [("b", "bad")]
 
@@ -208,7 +209,7 @@ def test_ray_local_split_with_bad_files(ray_local, synth_data, tmp_path):
     assert (cols["image"][by_name["zz_rgba.png"]] == 90).all()
 
     batch = next(iter(ds.iter_batches(batch_size=100, batch_format="numpy")))
-    kept, skipped = data.valid_rows(batch)
+    kept, skipped = valid_rows(batch)
     assert len(kept["path"]) == len(good) + 2 and sorted(Path(p).name for p, _ in skipped) == sorted(bad)
 
 
