@@ -50,8 +50,6 @@ def test_lower_layers_never_name_ray_mlflow_pyarrow_or_boto3(layer):
                 assert name.startswith(allowed_upward[layer]), f"{path.relative_to(PACKAGE)} imports {name} (upward)"
 
 
-def test_no_module_imports_ray_outside_runtime_but_the_cluster_benchmark():
-    # apps/bench.py's k-means benchmark still drives Ray tasks itself (inside its function), so that
-    # module imports without Ray but its `cluster` benchmark needs it: the one exception left.
+def test_no_module_imports_ray_outside_runtime():
     offenders = [str(p.relative_to(PACKAGE)) for p in RAY_FREE if any(n.split(".")[0] == "ray" for n in imported(p))]
-    assert offenders == ["apps/bench.py"]
+    assert offenders == []

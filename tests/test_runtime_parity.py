@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from raysseg.engine.inputs import run_plan
 from raysseg.io.images import read_plan
-from raysseg.methods.registry import output_stride, spec
 from tests.test_local import small_config
 
 # Each shared-state pattern runs by default: put_part (hp), object-store blocks + share/collect +
@@ -16,18 +16,12 @@ METHODS = ["hp", "pgg", "concepts", pytest.param("picie", marks=pytest.mark.slow
 
 def decoded_rows(cfg) -> dict[str, list[dict]]:
     """Every dataset the method reads, decoded once in a fixed order (no shuffle): name -> rows."""
-    from raysseg.io.images import list_split
-
-    files = list_split(cfg.data.train, with_labels=False).images[: cfg.data.limit]
-    s = spec(cfg.method)
-    plan = s.plan(cfg, files, (cfg.data.image_size // output_stride(cfg)) ** 2) if s.plan else {}
     out = {}
-    for name, options in {"cluster": {"train": False}, **s.datasets(cfg, plan)}.items():
-        options = {k: v for k, v in options.items() if k != "shuffle"}
+    for name, options in run_plan(cfg)[1].items():
+        options.pop("shuffle", None)
         if options.get("seed", 0) is None:
             options["seed"] = 7  # fixed crops: both runs must read the same pixels
-        items, decode = read_plan(cfg.data.train, image_size=cfg.data.image_size, with_labels=False,
-                                  limit=cfg.data.limit, **options)
+        items, decode = read_plan(cfg.data.train, **options)
         batch = decode({k: np.array([it[k] for it in items], dtype=object) for k in items[0]})
         out[name] = [{k: v[i] for k, v in batch.items()} for i in range(len(items))]
     return out

@@ -242,12 +242,11 @@ def bench_cluster(sizes=(1_000_000, 5_000_000), dim: int = 128, k: int = 27, ite
     import gc
 
     import numpy as np
-    import ray
     from sklearn.cluster import MiniBatchKMeans
 
     from raysseg.core.kmeans import assign_pass
-    from raysseg.runtime.kmeans import RayExecutor, _remote, kmeans_ray
     from raysseg.runtime.driver import init_ray
+    from raysseg.runtime.kmeans import RayExecutor, kmeans_ray
 
     feature_rows, features_per_s = _feature_throughput(list(backbones)) if backbones else ([], {})
 
@@ -257,19 +256,19 @@ def bench_cluster(sizes=(1_000_000, 5_000_000), dim: int = 128, k: int = 27, ite
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     weights = rng.dirichlet(np.full(k, 2.0))
     spreads = rng.uniform(0.06, 0.12, k).astype(np.float32)  # per-coordinate std: cosine to centre ~0.6-0.8
-    generate = _remote(_mixture_block)
-    cref, wref, sref = ray.put(centres), ray.put(weights), ray.put(spreads)
+    ray_tasks = RayExecutor()
+    cref, wref, sref = ray_tasks.put(centres), ray_tasks.put(weights), ray_tasks.put(spreads)
     rows = []
     for n in sizes:
         counts = [min(block_rows, n - s) for s in range(0, n, block_rows)]
         with _PeakMemory() as mem:
             t0 = time.perf_counter()
-            blocks = [generate.remote(cref, wref, sref, m, (seed, i)) for i, m in enumerate(counts)]
-            ray.wait(blocks, num_returns=len(blocks), fetch_local=False)
+            blocks = [ray_tasks.submit(_mixture_block, cref, wref, sref, m, (seed, i)) for i, m in enumerate(counts)]
+            ray_tasks.wait(blocks)
             t_gen = time.perf_counter() - t0
         rows.append([f"{n:,}", "data generation (Ray tasks, object store)", f"{len(blocks)} blocks",
                      f"{t_gen:.1f}", "", "", f"{mem.driver / 2**30:.2f}", f"{mem.workers / 2**30:.2f}"])
-        _, _, cos = assign_pass(blocks, centres, RayExecutor())
+        _, _, cos = assign_pass(blocks, centres, ray_tasks)
         rows.append([f"{n:,}", "generating centres (reference, 1 pass)", "", "", "", f"{cos / n:.4f}", "", ""])
 
         for init in ("k-means++", "random"):
@@ -286,7 +285,7 @@ def bench_cluster(sizes=(1_000_000, 5_000_000), dim: int = 128, k: int = 27, ite
 
         with _PeakMemory() as mem:
             t0 = time.perf_counter()
-            x = np.concatenate(ray.get(blocks))
+            x = np.concatenate(ray_tasks.gather(blocks))
             t_fetch = time.perf_counter() - t0
             km = MiniBatchKMeans(n_clusters=k, batch_size=sklearn_batch, n_init=1, max_iter=sklearn_max_iter,
                                  random_state=seed)
@@ -297,7 +296,7 @@ def bench_cluster(sizes=(1_000_000, 5_000_000), dim: int = 128, k: int = 27, ite
         gc.collect()
         skl = km.cluster_centers_.astype(np.float32)
         skl /= np.linalg.norm(skl, axis=1, keepdims=True)
-        _, _, cos = assign_pass(blocks, skl, RayExecutor())
+        _, _, cos = assign_pass(blocks, skl, ray_tasks)
         steps = km.n_steps_
         rows.append([f"{n:,}", f"MiniBatchKMeans: batch {sklearn_batch}, n_init 1, max_iter {sklearn_max_iter} "
                                f"({steps} steps = {steps * sklearn_batch / n:.2f} epochs)",

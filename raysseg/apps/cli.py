@@ -145,7 +145,7 @@ def cmd_bench(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from raysseg.methods.registry import trained_methods
+    from raysseg.methods.registry import METHODS, trained_methods
 
     p = argparse.ArgumentParser(prog="raysseg", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -156,7 +156,10 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--restart", action="store_true", help="discard this run's checkpoints and start over")
         return sp
 
-    sp = with_config(sub.add_parser("train", help="train (or resume) a run"))
+    methods = "\n".join(f"  {name:9} {s.summary}" for name, s in METHODS.items())
+    sp = with_config(sub.add_parser("train", help="train (or resume) a run",
+                                    epilog=f"methods (config key `method`):\n{methods}",
+                                    formatter_class=argparse.RawDescriptionHelpFormatter))
     sp.add_argument("--local", action="store_true",
                     help="in this process, without Ray: one worker, for debugging and machines without Ray")
     sp.add_argument("--mlflow", action="store_true", help="with --local: log to MLflow too (mlflow.tracking_uri)")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from raysseg.io.images import list_split
-from raysseg.methods.registry import spec
+from raysseg.methods.registry import output_stride, spec
 from raysseg.settings import ConfigError
 
 
@@ -18,3 +18,16 @@ def check_inputs(cfg) -> int:
         )
     spec(cfg.method).check_inputs(cfg, n)
     return n
+
+
+def run_plan(cfg) -> tuple[dict, dict[str, dict]]:
+    """(the method's plan, computed once for every worker; every dataset the run reads, name ->
+    reading options of :func:`raysseg.io.images.read_plan` plus ``shuffle``): ``cluster``, the
+    training split centre-cropped, and the method's own."""
+    files = list_split(cfg.data.train, with_labels=False).images
+    files = files[: cfg.data.limit] if cfg.data.limit else files
+    method = spec(cfg.method)
+    plan = method.plan(cfg, files, (cfg.data.image_size // output_stride(cfg)) ** 2) if method.plan else {}
+    common = {"image_size": cfg.data.image_size, "with_labels": False, "limit": cfg.data.limit or None}
+    wanted = {"cluster": {"train": False}, **method.datasets(cfg, plan)}
+    return plan, {name: {**common, **options} for name, options in wanted.items()}

@@ -16,14 +16,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from raysseg.engine.inputs import check_inputs
+from raysseg.engine.inputs import check_inputs, run_plan
 from raysseg.engine.loop import WorkerEnv, train_worker
 from raysseg.io import storage, tracking
 from raysseg.io.images import list_split, read_plan
-from raysseg.methods.registry import output_stride, spec
 from raysseg.methods.shared import LocalSharedState
 
 DECODE_ROWS = 16  # rows decoded at a time, as Ray Data's map_batches does
+
+
+def rebatch(chunks, batch_size: int, drop_last: bool):
+    """Batches of ``batch_size`` rows from chunks of any size (the last one shorter unless ``drop_last``)."""
+    held = None
+    for chunk in chunks:
+        held = chunk if held is None else {k: np.concatenate([held[k], chunk[k]]) for k in chunk}
+        while len(held["path"]) >= batch_size:
+            yield {k: v[:batch_size] for k, v in held.items()}
+            held = {k: v[batch_size:] for k, v in held.items()}
+    if held is not None and len(held["path"]) and not drop_last:
+        yield held
 
 
 class LocalShard:
@@ -35,37 +46,24 @@ class LocalShard:
         self.items, self.decode, self.shuffle = items, decode, shuffle
         self.rng = np.random.default_rng(seed)
 
-    def _rows(self):
+    def _decoded(self):
         order = self.rng.permutation(len(self.items)) if self.shuffle else np.arange(len(self.items))
         for start in range(0, len(order), DECODE_ROWS):
             chunk = [self.items[i] for i in order[start:start + DECODE_ROWS]]
             yield self.decode({k: np.array([item[k] for item in chunk], dtype=object) for k in chunk[0]})
 
     def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False, **_):
-        pending: list[dict] = []
-        for decoded in self._rows():
-            pending.append(decoded)
-            while sum(len(p["path"]) for p in pending) >= batch_size:
-                joined = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-                yield {k: v[:batch_size] for k, v in joined.items()}
-                pending = [{k: v[batch_size:] for k, v in joined.items()}]
-        rest = sum(len(p["path"]) for p in pending)
-        if rest and not drop_last:
-            yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+        return rebatch(self._decoded(), batch_size, drop_last)
 
 
 class BatchShard:
-    """Given batches (dicts of numpy arrays), re-batched: for tests and callers with their own rows."""
+    """Given batches (dicts of numpy arrays), re-batched: for tests and callers with rows of their own."""
 
     def __init__(self, batches: list[dict]):
-        self.rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+        self.batches = batches
 
     def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False, **_):
-        n = len(self.rows["path"])
-        for start in range(0, n, batch_size):
-            if drop_last and start + batch_size > n:
-                return
-            yield {k: v[start:start + batch_size] for k, v in self.rows.items()}
+        return rebatch(iter(self.batches), batch_size, drop_last)
 
 
 @dataclass
@@ -118,30 +116,17 @@ def _device(cfg) -> torch.device:
     return torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
 
 
-def local_datasets(cfg, plan: dict) -> dict:
-    """The method's datasets and ``cluster``, read in this process (see :class:`LocalShard`)."""
-    common = {"image_size": cfg.data.image_size, "with_labels": False, "limit": cfg.data.limit or None}
-    wanted = {"cluster": {"train": False}, **spec(cfg.method).datasets(cfg, plan)}
-    shards = {}
-    for name, options in wanted.items():
-        options = dict(options)
-        shuffle = options.pop("shuffle", False)
-        items, decode = read_plan(cfg.data.train, **common, **options)
-        shards[name] = LocalShard(items, decode, shuffle=shuffle, seed=cfg.train.seed)
-    return shards
-
-
 def train_local(cfg, tracking_uri: str = "", datasets: dict | None = None, device=None) -> LocalResult:
     """Train ``cfg`` (or resume it) in this process; log to MLflow only when ``tracking_uri`` is set.
 
     ``datasets`` (name -> shard with ``iter_batches``) replaces the ones read from ``cfg.data.train``."""
     n_images = check_inputs(cfg)
-    files = list_split(cfg.data.train, with_labels=False).images
-    files = files[: cfg.data.limit] if cfg.data.limit else files
-    s = spec(cfg.method)
-    grid = (cfg.data.image_size // output_stride(cfg)) ** 2
-    plan = s.plan(cfg, files, grid) if s.plan else {}
-    shards = datasets if datasets is not None else local_datasets(cfg, plan)
+    plan, reads = run_plan(cfg)
+    if datasets is None:
+        datasets = {}
+        for name, options in reads.items():
+            shuffle = options.pop("shuffle", False)
+            datasets[name] = LocalShard(*read_plan(cfg.data.train, **options), shuffle=shuffle, seed=cfg.train.seed)
     run_name = cfg.run_name()
     checkpoints = LocalCheckpoints(f"{cfg.train.storage.rstrip('/')}/{run_name}", cfg.train.checkpoints_to_keep)
     logger = None
@@ -151,7 +136,7 @@ def train_local(cfg, tracking_uri: str = "", datasets: dict | None = None, devic
         print(f"{'resuming' if resumed else 'starting'} run {run_name} in process (MLflow run {run_id} at "
               f"{tracking_uri})", flush=True)
     shared = LocalSharedState()
-    env = WorkerEnv(rank=0, world=1, local_world=1, device=device or _device(cfg), get_shard=shards.__getitem__,
+    env = WorkerEnv(rank=0, world=1, local_world=1, device=device or _device(cfg), get_shard=datasets.__getitem__,
                     restore=checkpoints.restore, report=checkpoints.report, shared=shared, logger=logger,
                     run={"run_id": getattr(logger, "run_id", ""), "tracking_uri": tracking_uri})
     t0 = time.perf_counter()

@@ -112,7 +112,7 @@ def run_epoch(shard, step_fn, cfg, rank: int, progress: dict, logger, steps: int
     return stats, last, skipped
 
 
-def fit_clusters(cfg, seg, shard, rank: int, device, shared=None):
+def fit_clusters(cfg, seg, shard, rank: int, device):
     """Offline k-means of the codes of the training split; sets ``seg.centroids`` on every rank.
 
     Returns (skipped files, up to ``SCORE_IMAGES`` of the images seen, the label-free scores:

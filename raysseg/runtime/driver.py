@@ -19,9 +19,9 @@ from pathlib import Path
 import ray
 
 from raysseg.config import Config
-from raysseg.engine.inputs import check_inputs
+from raysseg.engine.inputs import check_inputs, run_plan
 from raysseg.io.checkpoints import CHECKPOINT_FILE, read_checkpoint
-from raysseg.methods.registry import output_stride, spec
+from raysseg.methods.registry import spec
 
 
 class RunFailed(RuntimeError):
@@ -92,7 +92,6 @@ def train(cfg: Config, restart: bool = False, parent_run_id: str | None = None, 
     from ray.train import DataConfig
 
     from raysseg.io import tracking
-    from raysseg.io.images import list_split
     from raysseg.io.storage import remove_tree
     from raysseg.runtime.bank import ConceptBank
     from raysseg.runtime.datasets import make_dataset
@@ -126,17 +125,10 @@ def train(cfg: Config, restart: bool = False, parent_run_id: str | None = None, 
     world = cfg.train.num_workers
     init_ray(world)
     loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images}
-    files = list_split(cfg.data.train, with_labels=False).images
-    files = files[: cfg.data.limit] if cfg.data.limit else files
-    method = spec(cfg.method)
-    if method.plan is not None:  # computed once, here, so every worker gets the same
-        loop_cfg["plan"] = method.plan(cfg, files, (cfg.data.image_size // output_stride(cfg)) ** 2)
-    datasets = datasets or {name: make_dataset(cfg.data.train, image_size=cfg.data.image_size, with_labels=False,
-                                   limit=cfg.data.limit or None, **options)
-                for name, options in {"cluster": {"train": False},
-                                      **method.datasets(cfg, loop_cfg.get("plan", {}))}.items()}
+    loop_cfg["plan"], reads = run_plan(cfg)
+    datasets = datasets or {name: make_dataset(cfg.data.train, **options) for name, options in reads.items()}
     bank = None
-    if method.trainer:  # every trained method shares its state through one bank
+    if spec(cfg.method).trainer:  # every trained method shares its state through one bank
         bank = ConceptBank.options(name=f"bank-{run_name}-{run_id[:8]}").remote(world)
         loop_cfg["bank"] = bank
 

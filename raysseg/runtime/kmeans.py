@@ -45,6 +45,13 @@ class RayExecutor:
     def call(self, fn: Callable, *args: Any) -> Any:
         return ray.get(self.submit(fn, *args))
 
+    def wait(self, handles: list) -> None:
+        """Until every task behind ``handles`` has finished (their results stay in the object store)."""
+        ray.wait(handles, num_returns=len(handles), fetch_local=False)
+
+    def gather(self, handles: list) -> list:
+        return ray.get(handles)
+
     def map(self, fn: Callable, arg_lists: Iterable[tuple]) -> Iterator[Any]:
         task = _remote(fn)
         pending = [task.remote(*args) for args in arg_lists]
@@ -59,18 +66,8 @@ class RayExecutor:
 def kmeans_ray(blocks: list, k: int, *, init_sample: int, assign_passes: int, iterations: int = 20,
                redo: int = 1, seed: int = 0, init: str = "k-means++") -> KMeansResult:
     """Spherical k-means of the rows of ``blocks`` (``ray.ObjectRef``s to float32 (n_i, D) arrays
-    of L2-normalised features), without bringing the blocks to the caller.
-
-    1. ``init_sample`` points (at least k), spread over the blocks proportionally to their sizes,
-       are drawn in Ray tasks and clustered with faiss (:func:`spherical_kmeans`) in one more task, ``redo``
-       times from different starts, keeping the run with the best mean cosine on the sample; a
-       start is a greedy k-means++ seeding (``init="k-means++"``) or k random points
-       (``init="random"``: faiss's own, as in PiCIE);
-    2. ``assign_passes`` times, one task per block assigns its rows to the nearest centroid and
-       returns per-cluster sums and counts; the centroids become the re-normalised sums (an empty
-       cluster keeps its centroid);
-    3. a final assignment pass against the returned centroids gives ``counts`` and ``mean_cosine``
-       (so ``assign_passes + 1`` passes over the data in all).
+    of L2-normalised features), without bringing the blocks to the caller: the steps of
+    :func:`raysseg.core.kmeans.blockwise_kmeans`, each per-block step a Ray task.
 
     This is :func:`raysseg.core.kmeans.blockwise_kmeans` with a :class:`RayExecutor` (the same
     result, bit for bit, as with any other executor); without faiss, the clustering of the

@@ -20,7 +20,7 @@ single-GPU MoCo does.
 Differences from the MoCo v2 reference, on purpose:
 - The dataset is the eval-style pipeline (short side resized to data.image_size, centre
   crop); the random resized crops are taken from that square on the worker
-  (:func:`moco_core.two_crops`), at ``pretrain.crop_size`` (0 = data.image_size).
+  (:func:`raysseg.methods.moco.core.two_crops`), at ``pretrain.crop_size`` (0 = data.image_size).
 - The learning rate follows a per-step cosine (the reference steps it per epoch) and is
   not scaled with the number of workers.
 - For a ResNet-FPN only the trunk is trained and saved: the FPN is not on the path of the

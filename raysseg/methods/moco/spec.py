@@ -21,5 +21,6 @@ class PretrainConfig:
     crop_scale_min: float = setting(0.2, lo=0.01, hi=1.0)
 
 
+# Its trainer (trainer.py: MoCoTrainer) is run by raysseg.engine.loop.pretrain_worker, not train_worker.
 MOCO = MethodSpec(name="moco", summary="MoCo v2 backbone pretraining (raysseg pretrain)",
-                  sections=(("pretrain", PretrainConfig),), trainer="raysseg.methods.moco.trainer:MoCoTrainer")
+                  sections=(("pretrain", PretrainConfig),))
