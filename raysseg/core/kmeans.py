@@ -5,9 +5,9 @@
 - :func:`blockwise_kmeans`: the rows of many feature blocks, wherever the blocks live: an
   *executor* runs the per-block tasks and hands back small per-block results. :class:`LocalExecutor`
   runs them in this process on numpy arrays; ``raysseg.runtime.kmeans.RayExecutor`` runs them as
-  Ray tasks on blocks in the object store (``raysseg.runtime.kmeans.kmeans_ray``). Both give the
-  same bits: the same sampling seeds, and a reduction of the per-block results that does not
-  depend on the order in which they arrive.
+  Ray tasks on blocks in the object store (``raysseg.runtime.kmeans.kmeans_ray``). Both draw the
+  same samples from the same seeds; their sums differ only by float64 rounding (the order in
+  which per-block results arrive).
 
 torch and numpy only here: faiss and threadpoolctl are used when importable, never required.
 """
@@ -18,7 +18,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -260,19 +259,9 @@ class KMeansResult:
     time_assign_s: float  # every assignment pass, the final one included
 
 
-def _block_info(i: int, x: np.ndarray) -> tuple[int, int, int, float]:
-    """(i, rows, D or -1 if x is not 2-D, largest |value| (inf if any is not finite))."""
-    if x.ndim != 2:
-        return i, int(x.shape[0]) if x.ndim else 0, -1, 0.0
-    top = 0.0
-    if x.size:
-        for start in range(0, x.shape[0], _CHUNK_ROWS):  # no |x| temporary of the whole block
-            chunk = x[start:start + _CHUNK_ROWS]
-            hi, lo = float(np.max(chunk)), float(np.min(chunk))
-            if not (math.isfinite(hi) and math.isfinite(lo)):
-                return i, int(x.shape[0]), int(x.shape[1]), math.inf
-            top = max(top, hi, -lo)
-    return i, int(x.shape[0]), int(x.shape[1]), top
+def _block_shape(i: int, x: np.ndarray) -> tuple[int, int, int]:
+    """(i, rows, D), with D = -1 if x is not 2-D."""
+    return i, (int(x.shape[0]) if x.ndim else 0), (int(x.shape[1]) if x.ndim == 2 else -1)
 
 
 def _sample_block(x: np.ndarray, m: int, seed: tuple[int, int]) -> np.ndarray:
@@ -331,55 +320,33 @@ def _assign_block(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.
     return sums, counts, cos_sum
 
 
-def _fixed_point_exponent(bound: float) -> int:
-    """g such that sums of partials bounded by ``bound`` in all fit in int64 once scaled by 2**g."""
-    _, e = math.frexp(bound)  # bound < 2**e
-    return 61 - e
-
-
-def _reduce_pass(executor: Executor, blocks: list, centroids: np.ndarray, bound: float
-                 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """One assignment pass: per-block results reduced as they arrive, exactly, so that the order of
-    arrival makes no difference to any bit. The float64 sums are added in fixed point (int64, in
-    units of 2**-g, with g from ``bound`` >= the sum over rows of |value|: no overflow; the rounding
-    of each partial to that grid is ~2**-61 of ``bound``), the cosine sums as exact fractions."""
+def _reduce_pass(executor: Executor, blocks: list, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """One assignment pass: per-block (sums, counts, cosine sum) added up as they arrive, so the
+    caller holds one (k, D) partial at a time."""
     k, d = centroids.shape
-    g = _fixed_point_exponent(bound)
     cref = executor.put(np.ascontiguousarray(centroids, dtype=np.float32))
-    acc, counts, cos_sum = np.zeros((k, d), np.int64), np.zeros(k, np.int64), Fraction(0)
+    sums, counts, cos_sum = np.zeros((k, d), np.float64), np.zeros(k, np.int64), 0.0
     for s, c, cs in executor.map(_assign_block, [(b, cref) for b in blocks]):
-        acc += np.rint(np.ldexp(s, g)).astype(np.int64)
+        sums += s
         counts += c
-        cos_sum += Fraction(cs)
-    return np.ldexp(acc.astype(np.float64), -g), counts, float(cos_sum)
+        cos_sum += cs
+    return sums, counts, cos_sum
 
 
-def _block_stats(executor: Executor, blocks: list) -> tuple[np.ndarray, float]:
-    """Block sizes (block order) and the bound of :func:`_reduce_pass`, checking the blocks are
-    2-D with one D and finite values."""
-    infos = sorted(executor.map(_block_info, list(enumerate(blocks))))
-    dims = {d for _, _, d, _ in infos}
-    if len(dims) != 1 or -1 in dims:
+def _block_sizes(executor: Executor, blocks: list) -> np.ndarray:
+    """Rows per block (block order), checking the blocks are 2-D with one D."""
+    shapes = sorted(executor.map(_block_shape, list(enumerate(blocks))))
+    if len({d for _, _, d in shapes}) != 1 or shapes[0][2] == -1:
         raise ValueError(f"every block must be a 2-D (n, D) array with the same D, got shapes "
-                         f"{sorted({(n, d) for _, n, d, _ in infos})[:5]}")
-    bad = [i for i, _, _, top in infos if not math.isfinite(top)]
-    if bad:
-        raise ValueError(f"k-means blocks must hold finite values; NaN or inf in block(s) {bad[:5]}")
-    sizes = np.array([n for _, n, _, _ in infos], np.int64)
-    bound = sum(n * top for _, n, _, top in infos)  # >= any per-cluster |sum| (x4 headroom in the grid)
-    if not math.isfinite(bound):
-        raise ValueError("k-means blocks hold values too large to sum in float64")
-    return sizes, bound
+                         f"{sorted({(n, d) for _, n, d in shapes})[:5]}")
+    return np.array([n for _, n, _ in shapes], np.int64)
 
 
 def assign_pass(blocks: list, centroids: np.ndarray, executor: Executor | None = None
                 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Assigns every row of ``blocks`` to its nearest centroid (inner product) -> per-cluster sums
-    (k, D) float64, counts (k,) int64 and the sum of the max cosines, reduced as in
-    :func:`blockwise_kmeans` (one extra task per block first, for the sizes and value range)."""
-    executor = LocalExecutor() if executor is None else executor
-    _, bound = _block_stats(executor, blocks)
-    return _reduce_pass(executor, blocks, centroids, bound)
+    (k, D) float64, counts (k,) int64 and the sum of the max cosines."""
+    return _reduce_pass(LocalExecutor() if executor is None else executor, blocks, centroids)
 
 
 def _update(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -410,7 +377,7 @@ def blockwise_kmeans(blocks: list, k: int, *, init_sample: int, assign_passes: i
     or the executor's handles to them), with every pass over the data done by one ``executor``
     task per block (default :class:`LocalExecutor`: in this process, on numpy arrays).
 
-    1. one task per block reads its size and value range; ``init_sample`` points (at least k),
+    1. one task per block reads its shape; ``init_sample`` points (at least k),
        spread over the blocks proportionally to their sizes, are drawn in tasks (block i with
        seed ``(seed, i)``) and clustered by :func:`spherical_kmeans` in one more task, ``redo``
        times from different starts, keeping the run with the best mean cosine on the sample; a
@@ -422,8 +389,8 @@ def blockwise_kmeans(blocks: list, k: int, *, init_sample: int, assign_passes: i
     3. a final assignment pass against the returned centroids gives ``counts`` and ``mean_cosine``
        (so ``assign_passes + 1`` passes over the data in all).
 
-    Per-block results are reduced as they arrive, in a way that does not depend on their order,
-    so every executor gives the same bits (given the same thread settings inside the tasks).
+    Per-block results are added up (float64) as they arrive; executors that return them in another
+    order agree to float64 rounding.
     """
     executor = LocalExecutor() if executor is None else executor
     if k < 1:
@@ -435,7 +402,7 @@ def blockwise_kmeans(blocks: list, k: int, *, init_sample: int, assign_passes: i
     if not blocks:
         raise ValueError(f"k-means needs at least k={k} points, got no blocks")
     t0 = time.perf_counter()
-    sizes, bound = _block_stats(executor, blocks)
+    sizes = _block_sizes(executor, blocks)
     n_total = int(sizes.sum())
     if n_total < k:
         raise ValueError(f"k-means needs at least k={k} points, got {n_total} in {len(blocks)} blocks; "
@@ -450,9 +417,9 @@ def blockwise_kmeans(blocks: list, k: int, *, init_sample: int, assign_passes: i
     t1 = time.perf_counter()
 
     for _ in range(assign_passes):
-        sums, counts, _ = _reduce_pass(executor, blocks, centroids, bound)
+        sums, counts, _ = _reduce_pass(executor, blocks, centroids)
         centroids = _update(centroids, sums, counts)
-    _, counts, cos_sum = _reduce_pass(executor, blocks, centroids, bound)
+    _, counts, cos_sum = _reduce_pass(executor, blocks, centroids)
     t2 = time.perf_counter()
     return KMeansResult(centroids=np.ascontiguousarray(centroids, dtype=np.float32), counts=counts,
                         mean_cosine=cos_sum / n_total, n_points=n_total, time_init_s=t1 - t0,

@@ -66,12 +66,10 @@ class RayExecutor:
 def kmeans_ray(blocks: list, k: int, *, init_sample: int, assign_passes: int, iterations: int = 20,
                redo: int = 1, seed: int = 0, init: str = "k-means++") -> KMeansResult:
     """Spherical k-means of the rows of ``blocks`` (``ray.ObjectRef``s to float32 (n_i, D) arrays
-    of L2-normalised features), without bringing the blocks to the caller: the steps of
-    :func:`raysseg.core.kmeans.blockwise_kmeans`, each per-block step a Ray task.
+    of L2-normalised features), without bringing the blocks to the caller:
+    :func:`raysseg.core.kmeans.blockwise_kmeans` with a :class:`RayExecutor`, each per-block step a Ray task.
 
-    This is :func:`raysseg.core.kmeans.blockwise_kmeans` with a :class:`RayExecutor` (the same
-    result, bit for bit, as with any other executor); without faiss, the clustering of the
-    sample falls back to torch and the assignment to numpy.
+    Without faiss, the clustering of the sample falls back to torch and the assignment to numpy.
     """
     return blockwise_kmeans(blocks, k, init_sample=init_sample, assign_passes=assign_passes,
                             iterations=iterations, redo=redo, seed=seed, init=init, executor=RayExecutor())
