@@ -19,6 +19,7 @@ import yaml
 
 
 from raysseg.core.geometry import BACKBONES, input_multiple
+from raysseg.core.precision import PRECISIONS
 from raysseg.methods.registry import METHODS, config_sections, spec
 from raysseg.settings import ConfigError, setting as _f
 
@@ -55,6 +56,10 @@ class TrainConfig:
     grad_clip: float = _f(10.0, lo=0.0)
     num_workers: int = _f(2, lo=1, hi=4096, help="Ray Train workers")
     use_gpu: bool = _f(False)
+    precision: str = _f("fp32", choices=PRECISIONS,
+                        help="bf16/fp16: autocast for the network and losses (fp16 with a GradScaler); "
+                             "selection, assignments and k-means stay in exact fp32")
+    compile: bool = _f(False, help="torch.compile the backbone (first steps are slower while it compiles)")
     seed: int = _f(0, lo=0)
     storage: str = _f("runs", help="checkpoint root: folder or s3://bucket/prefix")
     run_name: str = _f("", help="empty = <config>-<hash of the settings>")
@@ -132,10 +137,19 @@ class _ConfigMethods:
         """The run's identity: the same settings give the same name, so a rerun resumes."""
         if self.train.run_name:
             return self.train.run_name
-        operational = ("eval.", "mlflow.", "pretrain.", "train.log_every", "train.checkpoint", "train.max_restarts")
+        operational = ("eval.", "mlflow.", "pretrain.", "train.log_every", "train.checkpoint", "train.max_restarts",
+                       "train.compile")
         settings = {k: v for k, v in self.flat().items() if not k.startswith(operational)}
+        for key, default in ADDED_SETTINGS.items():  # named only away from their default: older runs keep their names
+            if settings.get(key) == default:
+                settings.pop(key)
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
         return f"{self.name}-{digest}"
+
+
+# Settings added after runs existed that change what a run computes: hashed into the run name only
+# when set away from these defaults.
+ADDED_SETTINGS = {"train.precision": "fp32"}
 
 
 def _section(name: str, cls: type) -> tuple[str, type, Any]:

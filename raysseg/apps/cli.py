@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from raysseg.settings import ConfigError
+
 
 def _config(args):
     from raysseg.config import load_config
@@ -139,12 +141,20 @@ def cmd_storage_serve(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.what == "gpu" or (args.what == "step" and args.local):  # torch only: no Ray, MLflow or faiss
+        from raysseg.apps import bench_steps
+
+        bench_steps.main(args)
+        return
+    if args.method == "moco":
+        raise ConfigError("bench step --method moco runs in process only: add --local")
     from raysseg.apps import bench
 
     bench.main(args)
 
 
 def parser() -> argparse.ArgumentParser:
+    from raysseg.core.precision import PRECISIONS
     from raysseg.methods.registry import METHODS, trained_methods
 
     p = argparse.ArgumentParser(prog="raysseg", description=__doc__)
@@ -236,10 +246,16 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_storage_serve)
 
     sp = sub.add_parser("bench", help="benchmarks that print a table")
-    sp.add_argument("what", choices=["data", "eval", "step", "cluster", "select"])
+    sp.add_argument("what", choices=["data", "eval", "step", "gpu", "cluster", "select"],
+                    help="gpu: every method's step at the papers' settings, fp32 and bf16 (torch only)")
     sp.add_argument("--reports", default="outputs/*/*/report.json",
                     help="select: glob of `raysseg evaluate` reports whose checkpoints get a view_nmi")
-    sp.add_argument("--method", default="hp", choices=trained_methods())
+    sp.add_argument("--method", default="hp", choices=[*trained_methods(), "moco"])
+    sp.add_argument("--local", action="store_true", help="step: in this process on synthetic scenes (no Ray)")
+    sp.add_argument("--device", default="cpu", help="step --local, gpu: cpu or cuda")
+    sp.add_argument("--precision", default="fp32", choices=PRECISIONS, help="step --local: train.precision")
+    sp.add_argument("--paper", action="store_true", help="step --local: the papers' settings (batch, size, backbone)")
+    sp.add_argument("--steps", type=int, default=8, help="step --local, gpu: timed steps (after 2 warm-up steps)")
     sp.add_argument("--sizes", default="1000000,5000000", help="cluster: comma-separated feature counts N")
     sp.add_argument("--dim", type=int, default=128, help="cluster: feature dimension")
     sp.add_argument("--k", type=int, default=27, help="cluster: number of clusters")
@@ -254,29 +270,44 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    from raysseg.core.backbones import BackboneError
-    from raysseg.apps.browse import BrowseError
-    from raysseg.config import ConfigError
-    from raysseg.io.images import DatasetError
-    from raysseg.io.storage import StorageError
-    from raysseg.io.tracking import TrackingError
-    from raysseg.runtime.driver import RunFailed
+# Errors that end a command with one line: (module, class). A module whose dependencies are not installed
+# (a GPU machine with torch only) cannot raise its errors, so it is skipped.
+USER_ERRORS = (("raysseg.core.backbones", "BackboneError"), ("raysseg.apps.browse", "BrowseError"),
+               ("raysseg.io.images", "DatasetError"), ("raysseg.io.storage", "StorageError"),
+               ("raysseg.io.tracking", "TrackingError"), ("raysseg.runtime.driver", "RunFailed"))
 
+
+def _user_errors() -> tuple[type, ...]:
+    import importlib
+
+    found = []
+    for module, name in USER_ERRORS:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except ImportError:
+            continue
+    return tuple(found)
+
+
+def main(argv: list[str] | None = None) -> None:
+    user_errors = _user_errors()
     args = parser().parse_args(argv)
     try:
         args.fn(args)
     except ConfigError as e:
         sys.exit(_fail(f"config error: {e}"))
-    except (StorageError, BackboneError, DatasetError, RunFailed, BrowseError, TrackingError) as e:
+    except user_errors as e:
         sys.exit(_fail(f"error: {e}"))
     except KeyboardInterrupt:
         sys.exit(_fail("interrupted; run the same command again to resume"))
 
 
 def _fail(message: str) -> int:
-    from raysseg.io.tracking import redact
-
+    try:
+        from raysseg.io.tracking import redact
+    except ImportError:  # without MLflow's dependencies there are no tracking URIs to redact
+        def redact(text):
+            return text
     print(redact(message.splitlines()[0]) if message else "error", file=sys.stderr)
     return 2
 

@@ -6,8 +6,6 @@ import io
 import numpy as np
 from PIL import Image
 
-from raysseg.io import storage
-
 SYNTH_CLASSES = ("sky", "ground", "grass", "red_object", "blue_shape")
 
 
@@ -54,6 +52,12 @@ def _synth_image(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, 
     return np.clip(img, 0, 255).astype(np.uint8), label
 
 
+def synth_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """n synthetic scenes as one uint8 array (n, size, size, 3), generated in memory (benchmarks)."""
+    rng = np.random.default_rng(seed)
+    return np.stack([_synth_image(rng, size, size)[0] for _ in range(n)])
+
+
 def _png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
@@ -68,6 +72,8 @@ def synth_dataset(out_dir: str, n_train: int = 48, n_val: int = 16, size: tuple[
     and blue-ish rectangles, with per-image colour shifts and pixel noise.
     Returns {"root", "classes", "train", "val"} (the last two: image counts).
     """
+    from raysseg.io import storage
+
     h, w = size
     rng = np.random.default_rng(seed)
     for split, count in (("train", n_train), ("val", n_val)):

@@ -50,11 +50,13 @@ def barrier() -> None:
 
 
 def optimizer_step(loss: torch.Tensor, optimizer, step: int, lr_key: str, lr: float, *, weight: float = 1.0,
-                   grad_clip: float = 0.0) -> None:
+                   grad_clip: float = 0.0, scaler=None) -> None:
     """Backward of ``loss * weight``, optional gradient clipping, one optimizer step.
 
     First every worker checks its loss: if any is NaN or inf, all stop together before the
-    weights change, with one line naming ``lr_key`` (the setting to lower)."""
+    weights change, with one line naming ``lr_key`` (the setting to lower). ``scaler`` (fp16's
+    GradScaler) scales the loss before backward, unscales before clipping and skips the step
+    when a gradient overflowed (then lowers its scale)."""
     bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)  # NCCL needs it on the GPU
     dist = process_group()
     if dist is not None:
@@ -65,8 +67,16 @@ def optimizer_step(loss: torch.Tensor, optimizer, step: int, lr_key: str, lr: fl
             f"lower {lr_key} (now {lr}) and run again (training runs resume when train.run_name is set)"
         )
     optimizer.zero_grad(set_to_none=True)
-    (loss * weight).backward()
+    if scaler is None:
+        (loss * weight).backward()
+    else:
+        scaler.scale(loss * weight).backward()
+        scaler.unscale_(optimizer)
     if grad_clip > 0:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()

@@ -65,7 +65,7 @@ def limit_threads(n: int | None):
 
 
 def spherical_kmeans(x: np.ndarray, k: int, iterations: int = 20, redo: int = 1, seed: int = 0,
-                     init_centroids: np.ndarray | None = None, backend: str = "auto") -> np.ndarray:
+                     init_centroids: np.ndarray | None = None, backend: str = "auto", device: str = "cpu") -> np.ndarray:
     """x (N, D) L2-normalised float -> centroids (k, D) L2-normalised.
 
     Uses every point (faiss would otherwise subsample to 256*k points). Starts from
@@ -79,6 +79,8 @@ def spherical_kmeans(x: np.ndarray, k: int, iterations: int = 20, redo: int = 1,
     in torch on the CPU, deterministic for a seed; its random starts and splits use other random
     streams than faiss's, so from random starts the two may reach different local optima), or
     ``"auto"`` (default): faiss when it is importable, else torch.
+    ``device``: ``"cuda"`` runs faiss on the GPU when faiss was built with GPUs (the ``gpu`` extra),
+    else the torch implementation on that device (in exact fp32: no TF32).
     """
     if backend not in ("auto", "faiss", "torch"):
         raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
@@ -94,38 +96,50 @@ def spherical_kmeans(x: np.ndarray, k: int, iterations: int = 20, redo: int = 1,
     faiss = _faiss() if backend != "torch" else None
     if backend == "faiss" and faiss is None:
         raise ImportError("spherical_kmeans(backend='faiss') needs faiss; use backend='auto' or 'torch'")
-    if faiss is None:
-        return _spherical_kmeans_torch(x, k, iterations, redo, seed, init_centroids)
+    on_gpu = str(device).startswith("cuda")
+    if faiss is None or (on_gpu and backend == "auto" and not _faiss_gpus(faiss)):
+        return _spherical_kmeans_torch(x, k, iterations, redo, seed, init_centroids, device)
     km = faiss.Kmeans(
         x.shape[1], k, niter=iterations, nredo=redo, spherical=True, seed=seed,
-        max_points_per_centroid=max(256, x.shape[0] // k + 1), verbose=False,
+        max_points_per_centroid=max(256, x.shape[0] // k + 1), verbose=False, gpu=on_gpu and _faiss_gpus(faiss),
     )
     km.train(x, init_centroids=init_centroids)
     return km.centroids.copy()
 
 
+def _faiss_gpus(faiss) -> bool:
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
 def _spherical_kmeans_torch(x: np.ndarray, k: int, iterations: int, redo: int, seed: int,
-                            init_centroids: np.ndarray | None) -> np.ndarray:
-    """:func:`spherical_kmeans` in torch (CPU): x (N, D) float32 contiguous, N >= k."""
+                            init_centroids: np.ndarray | None, device: str = "cpu") -> np.ndarray:
+    """:func:`spherical_kmeans` in torch: x (N, D) float32 contiguous, N >= k."""
+    from raysseg.core.precision import exact_fp32
+
+    with exact_fp32():
+        return _lloyd_torch(x, k, iterations, redo, seed, init_centroids, device)
+
+
+def _lloyd_torch(x, k, iterations, redo, seed, init_centroids, device):
     import torch
 
-    xt = torch.from_numpy(x)
+    xt = torch.from_numpy(x).to(device)
     n, d = x.shape
-    flip = torch.ones(d, dtype=torch.float32)
+    flip = torch.ones(d, dtype=torch.float32, device=device)
     flip[1::2] = -1.0  # faiss's split: even coordinates of the new centroid up, odd down
     best, best_obj = None, -math.inf
-    c = None if init_centroids is None else torch.from_numpy(init_centroids.copy())
+    c = None if init_centroids is None else torch.from_numpy(init_centroids.copy()).to(device)
     for run in range(max(1, redo)):
         run_seed = seed + 1 + run * 15486557  # one seed per run, as faiss derives them
         if init_centroids is None:  # else: the input, then where the previous run ended (as faiss)
             gen = torch.Generator().manual_seed(run_seed)
-            c = xt[torch.randperm(n, generator=gen)[:k]].clone()
+            c = xt[torch.randperm(n, generator=gen)[:k].to(device)].clone()
         c = _normalise_rows_torch(c)
         split_rng = np.random.default_rng(run_seed)
         obj = -math.inf
         for _ in range(max(1, iterations)):
-            sums = torch.zeros(k, d, dtype=torch.float64)
-            counts = torch.zeros(k, dtype=torch.int64)
+            sums = torch.zeros(k, d, dtype=torch.float64, device=device)
+            counts = torch.zeros(k, dtype=torch.int64, device=device)
             total = 0.0
             for start in range(0, n, _CHUNK_ROWS):
                 chunk = xt[start:start + _CHUNK_ROWS]
@@ -153,7 +167,7 @@ def _spherical_kmeans_torch(x: np.ndarray, k: int, iterations: int, redo: int, s
             c = _normalise_rows_torch(new)
         if best is None or obj > best_obj:
             best, best_obj = c, obj
-    return best.numpy().copy()
+    return best.cpu().numpy().copy()
 
 
 def _normalise_rows_torch(c):

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysseg.core.backbones import build_backbone, standardize
+from raysseg.core.device import as_input
 from raysseg.core.geometry import feature_stride, input_multiple
+from raysseg.core.precision import Precision, exact_fp32
 
 
 class Segmenter(nn.Module):
@@ -38,6 +40,7 @@ class Segmenter(nn.Module):
             self.register_buffer(name, torch.zeros(*shape))
         self.register_buffer("centroids", torch.zeros(cfg.n_clusters, self.code_dim))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.precision = cfg.train.precision  # of inference (codes); assignments are exact fp32 always
 
     @property
     def input_multiple(self) -> int:
@@ -55,17 +58,21 @@ class Segmenter(nn.Module):
     def codes(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (B, H, W, 3) -> L2-normalised codes (B, D, H/stride, W/stride)."""
         x = images.to(self.centroids.device).permute(0, 3, 1, 2).float().div_(255.0)
-        return F.normalize(self.embed(x), dim=1)
+        with Precision(self.precision, x.device.type).autocast():
+            emb = self.embed(as_input(x, self.cfg.model.backbone))
+        return F.normalize(emb.float(), dim=1)
 
     def cluster_logits(self, codes: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity to each centroid: codes (B, D, h, w) -> (B, K, h, w)."""
-        return torch.einsum("bdhw,kd->bkhw", codes, F.normalize(self.centroids, dim=1))
+        """Cosine similarity to each centroid: codes (B, D, h, w) -> (B, K, h, w), in exact fp32."""
+        with exact_fp32():
+            return torch.einsum("bdhw,kd->bkhw", codes.float(), F.normalize(self.centroids.float(), dim=1))
 
     @torch.no_grad()
     def cluster_map(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """uint8 images (B, H, W, 3) -> cluster ids (B, H', W') at ``size`` (default: image size)."""
         logits = self.cluster_logits(self.codes(images))
         size = size or tuple(images.shape[1:3])
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)
+        with exact_fp32():
+            return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)
 
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from raysseg.core.precision import exact_fp32
+
 
 def oversegment(image: np.ndarray, method: str = "felzenszwalb", *, scale: float = 100.0, sigma: float = 0.8,
                 min_size: int = 50, n_segments: int = 64, compactness: float = 10.0) -> np.ndarray:
@@ -51,6 +53,11 @@ def pixel_sort(emb: Tensor, grid: int = 5, iterations: int = 10, position_weight
     Each of the grid*grid clusters starts as the mean of its cell; empty clusters stay empty.
     Returns cluster ids (B, h, w) int64 in [0, grid*grid).
     """
+    with exact_fp32():  # a clustering decides the segments: fp32 whatever the run's precision
+        return _pixel_sort(emb.detach().float(), grid, iterations, position_weight)
+
+
+def _pixel_sort(emb: Tensor, grid: int, iterations: int, position_weight: float) -> Tensor:
     b, d, h, w = emb.shape
     g = grid * grid
     ys = torch.linspace(-1, 1, h, device=emb.device) if h > 1 else torch.zeros(1, device=emb.device)

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from raysseg.core.batches import valid_rows
+from raysseg.core.device import configure, prepare_model
 from raysseg.core.distributed import all_gather, barrier
+from raysseg.core.precision import precision_for
 from raysseg.core.progress import Progress
 from raysseg.core.selection import SCORE_IMAGES, view_nmi
 from raysseg.io import storage
@@ -54,6 +56,7 @@ def _setup_worker(env: WorkerEnv, seed: int) -> None:
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # batches are read-only
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world))  # share the machine's cores
     torch.manual_seed(seed)
+    configure(env.device)
 
 
 def _log_skipped(logger, skipped: set) -> None:
@@ -135,7 +138,8 @@ def fit_clusters(cfg, seg, shard, rank: int, device):
     if rank == 0:
         x = np.concatenate(gathered)
         print(f"[k-means] {x.shape[0]} codes of dim {x.shape[1]} into {cfg.n_clusters} clusters", flush=True)
-        centroids = spherical_kmeans(x, cfg.n_clusters, cfg.kmeans.iterations, cfg.kmeans.redo, cfg.train.seed)
+        centroids = spherical_kmeans(x, cfg.n_clusters, cfg.kmeans.iterations, cfg.kmeans.redo, cfg.train.seed,
+                                     device=str(device))
         scores["cluster_mean_cosine"] = mean_max_cosine(x, centroids)
     else:
         centroids = None
@@ -215,12 +219,14 @@ def train_worker(cfg, env: WorkerEnv, n_images: int, plan: dict) -> None:
     """One worker's whole run: the method's epochs, then the offline k-means; checkpoints on the way."""
     _setup_worker(env, cfg.train.seed)
     seg = build_segmenter(cfg, read_bytes=storage.read_bytes).to(env.device)
+    prepare_model(seg, env.device, cfg.model.backbone, cfg.train.compile)
     logger = env.logger if env.rank == 0 else None
     trainer = None
     total_steps = (n_images // env.world) // cfg.train.batch_size * cfg.train.epochs
     if spec(cfg.method).trainer:
         ctx = TrainContext(rank=env.rank, world=env.world, device=env.device, shared=env.shared,
-                           total_steps=total_steps, plan=plan, wrap_model=env.wrap_model)
+                           total_steps=total_steps, plan=plan, wrap_model=env.wrap_model,
+                           precision=precision_for(cfg, env.device))
         trainer = build_trainer(cfg, seg, ctx)
     progress = _restore(env, cfg, seg, trainer)
     barrier()
@@ -295,10 +301,12 @@ def pretrain_worker(cfg, env: WorkerEnv, n_images: int) -> None:
     backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights or None, frozen=False,
                               fpn_dim=cfg.model.fpn_dim if resnet else None, read_bytes=storage.read_bytes)
     moco = MoCo(backbone, pc.proj_dim, pc.queue, pc.momentum, pc.temperature, seed=cfg.train.seed).to(env.device)
+    prepare_model(moco, env.device, cfg.model.backbone, compile_model=False)
     moco.train()
     steps_per_epoch = (n_images // world) // pc.batch_size
     ctx = TrainContext(rank=rank, world=world, device=env.device, shared=env.shared,
-                       total_steps=steps_per_epoch * pc.epochs, wrap_model=env.wrap_model)
+                       total_steps=steps_per_epoch * pc.epochs, wrap_model=env.wrap_model,
+                       precision=precision_for(cfg, env.device))
     trainer = MoCoTrainer(cfg, moco, ctx)  # DDP on the query encoder when world > 1 (parameters from rank 0)
 
     progress = {"epoch": 0, "step": 0}

@@ -4,7 +4,9 @@ provide (:class:`Trainer`), and the shared state every trainer talks to (:class:
 A trainer is plain PyTorch: it never imports Ray. Whichever runtime runs it (Ray Train
 workers, or one process with :func:`raysseg.engine.local.train_local`) hands it a
 :class:`TrainContext`: its rank, the world size, the device, a ``wrap_model`` that makes a
-module data-parallel (DDP under Ray Train, nothing in one process) and the shared state.
+module data-parallel (DDP under Ray Train, nothing in one process), the shared state and the
+precision (forward passes and losses under ``ctx.precision.autocast()``, decisions in
+:func:`raysseg.core.precision.exact_fp32`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
+
+from raysseg.core.precision import Precision
 
 
 class SharedState(Protocol):
@@ -47,6 +51,7 @@ class TrainContext:
     total_steps: int  # optimisation steps of the whole run (every epoch)
     plan: dict = field(default_factory=dict)  # the method's driver-side plan (MethodSpec.plan)
     wrap_model: Callable = lambda module: module  # DistributedDataParallel under Ray Train
+    precision: Precision = field(default_factory=Precision)  # autocast and loss scaling (train.precision)
 
 
 class Trainer(Protocol):
@@ -94,14 +99,20 @@ class MethodSpec:
     bench_backbone: str = ""
 
 
-def optimizer_state(optimizer, generator) -> dict:
-    """A trainer's checkpointed state: the optimizer and the augmentation generator."""
-    return {"optimizer": optimizer.state_dict(), "generator": generator.get_state()}
+def optimizer_state(optimizer, generator, scaler=None) -> dict:
+    """A trainer's checkpointed state: the optimizer, the augmentation generator and fp16's loss scaler."""
+    state = {"optimizer": optimizer.state_dict(), "generator": generator.get_state()}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
 
 
-def load_optimizer_state(state: dict, optimizer, generator, lr: float) -> None:
-    """Restore :func:`optimizer_state`; the config's learning rate wins (e.g. lowered after a NaN)."""
+def load_optimizer_state(state: dict, optimizer, generator, lr: float, scaler=None) -> None:
+    """Restore :func:`optimizer_state`; the config's learning rate wins (e.g. lowered after a NaN). A run
+    resumed in fp16 from a checkpoint of another precision starts a fresh loss scale."""
     optimizer.load_state_dict(state["optimizer"])
     for group in optimizer.param_groups:
         group["lr"] = lr
     generator.set_state(state["generator"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])

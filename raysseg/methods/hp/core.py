@@ -26,6 +26,11 @@ Readings of details the paper leaves open (each checked against METHODS.md):
   Dropout2d(0.1) features during training.
 - Negatives are Bernoulli(rho) per candidate pair, so an anchor keeps a rho fraction
   of its candidates in expectation.
+- Precision: under bf16/fp16 autocast the heads and the contrastive products run in the
+  low precision, but the selection (criteria, masks, negatives, the local weights'
+  thresholds) runs in exact fp32 (`exact_fp32`: no autocast, no TF32), and the logits are
+  cast to fp32 before the logsumexp and the weighted sums. The released code selects under
+  fp16 autocast, which flips 2-3.6% of the positives of identical inputs.
 
 Memory (N patches, M pool size, chunk rows at a time):
 - selection: each positive mask and the negative mask is one N x N bool (N^2 bytes);
@@ -50,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from raysseg.core.precision import at_least_fp32, exact_fp32
 
 BASE_TEMPERATURE = 0.07  # the released code multiplies the loss by tau / 0.07
 
@@ -103,7 +110,8 @@ def anchor_criterion(feats: Tensor, pool: Tensor, chunk: int) -> Tensor:
     _check_unit("anchor_criterion", "feats", feats)
     _check_unit("anchor_criterion", "pool", pool)
     f, q = feats.float(), pool.float()
-    return torch.cat([(f[i:i + chunk] @ q.T).amax(dim=1) for i in range(0, f.shape[0], chunk)])
+    with exact_fp32():  # thresholds of a decision: fp32 whatever the caller's autocast
+        return torch.cat([(f[i:i + chunk] @ q.T).amax(dim=1) for i in range(0, f.shape[0], chunk)])
 
 
 @torch.no_grad()
@@ -111,15 +119,16 @@ def hidden_positive_mask(feats: Tensor, pool: Tensor, chunk: int) -> Tensor:
     """Global hidden positives: (i, j) iff cos(f_i, f_j) > c_i or > c_j, i != j.
 
     feats [N, C] and pool [M, C] L2-normalised -> bool [N, N]. Built chunk rows at a
-    time, so the float work is chunk x N.
+    time, so the float work is chunk x N; in exact fp32 even inside an autocast region.
     """
     crit = anchor_criterion(feats, pool, chunk)
     f = feats.float()
     n = f.shape[0]
     mask = torch.empty(n, n, dtype=torch.bool, device=f.device)
-    for i in range(0, n, chunk):
-        sim = f[i:i + chunk] @ f.T
-        torch.logical_or(sim > crit[i:i + chunk, None], sim > crit[None, :], out=mask[i:i + chunk])
+    with exact_fp32():
+        for i in range(0, n, chunk):
+            sim = f[i:i + chunk] @ f.T
+            torch.logical_or(sim > crit[i:i + chunk, None], sim > crit[None, :], out=mask[i:i + chunk])
     mask.fill_diagonal_(False)
     return mask
 
@@ -166,7 +175,7 @@ def _chunk_nll_sum(anchors: Tensor, z: Tensor, neg: Tensor, *parts: Tensor,
     pos = w > 0
     # Rows without positives get a full (finite) denominator; their w = 0 removes them.
     denom = pos | neg | ~pos.any(dim=1, keepdim=True)
-    logits = (anchors.float() @ z.float().T) / tau
+    logits = at_least_fp32(anchors @ z.T) / tau  # under autocast the product is bf16/fp16; the softmax sums are fp32
     lse = logits.masked_fill(~denom, float("-inf")).logsumexp(dim=1, keepdim=True)
     return (w * (lse - logits)).sum()
 
@@ -415,12 +424,12 @@ class HPModel(nn.Module):
 
         _sync(device)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), exact_fp32():  # selection decides: fp32 whatever the run's precision
             f = F.normalize(_flat(feats).float(), dim=1)
             pos_ag = hidden_positive_mask(f, F.normalize(q_ag.float(), dim=1), chunk)
             pos_sp = None
             if q_sp is not None and lam > 0:
-                s_ema = F.normalize(_flat(self.ema_codes(feats)).float(), dim=1)
+                s_ema = F.normalize(_flat(self.ema_codes(feats.float())).float(), dim=1)
                 pos_sp = hidden_positive_mask(s_ema, F.normalize(q_sp.float(), dim=1), chunk)
                 pos_any = pos_ag | pos_sp
             else:
@@ -435,7 +444,9 @@ class HPModel(nn.Module):
         phi, counts = ghp_supcon_loss(_flat(z), pos_ag, pos_sp, lam, neg, tau, chunk)
         psi = phi.new_zeros(())
         if attn_logits is not None:
-            z_mix = _flat(self.proj(mix_codes(s, local_attention_weights(attn_logits, h, w, sigma))))
+            with exact_fp32():  # the weights threshold at the row mean: decided in fp32
+                weights = local_attention_weights(attn_logits, h, w, sigma)
+            z_mix = _flat(self.proj(mix_codes(s, weights)))
             if mixed_contrast:
                 psi = ghp_supcon_loss(z_mix, pos_ag, pos_sp, lam, neg, tau, chunk)[0]
             else:

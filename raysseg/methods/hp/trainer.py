@@ -22,7 +22,9 @@ from torch import nn
 from raysseg.core.augment import photometric_augment
 from raysseg.core.backbones import normalize, standardize
 from raysseg.core.batches import valid_rows
+from raysseg.core.device import Uploader, clock
 from raysseg.core.distributed import optimizer_step
+from raysseg.core.precision import exact_fp32
 from raysseg.methods.base import TrainContext, load_optimizer_state, optimizer_state
 from raysseg.methods.hp.core import ema_update, lambda_at
 
@@ -54,12 +56,14 @@ class HPTrainer:
         self.sp_version = 0
         self.pool_build_s = 0.0
         self.timers: dict[str, float] = defaultdict(float)
+        self.precision, self.scaler = ctx.precision, ctx.precision.scaler()
+        self.upload = Uploader(ctx.device)
 
     def state_dict(self) -> dict:
-        return optimizer_state(self.optimizer, self.generator)
+        return optimizer_state(self.optimizer, self.generator, self.scaler)
 
     def load_state_dict(self, state: dict) -> None:
-        load_optimizer_state(state, self.optimizer, self.generator, self.cfg.train.lr)
+        load_optimizer_state(state, self.optimizer, self.generator, self.cfg.train.lr, self.scaler)
 
     def before_checkpoint(self, progress: dict) -> None:
         """Nothing: the pools are in the shared state, which every checkpoint holds."""
@@ -77,8 +81,9 @@ class HPTrainer:
                 batch, _ = valid_rows(batch)
                 if len(batch["image"]) == 0:
                     continue
-                feats = self.seg.backbone(normalize(torch.from_numpy(batch["image"]).to(self.device))).features
-                flat = feats.flatten(2).transpose(1, 2)  # (B, h*w, C)
+                with self.precision.autocast():
+                    feats = self.seg.backbone(normalize(self.upload(batch["image"]))).features
+                flat = feats.flatten(2).transpose(1, 2).float()  # (B, h*w, C)
                 for b, path in enumerate(batch["path"]):
                     k, patch = self.pool_plan[str(path)]
                     index.append(k)
@@ -109,7 +114,8 @@ class HPTrainer:
         if self.shared.version("sp") < needed:
             index = np.arange(self.rank, len(self.q_ag), self.world)
             pool = self.q_ag[torch.from_numpy(index).to(self.device)][:, :, None, None]
-            codes = self.seg.head.ema_codes(pool)[:, :, 0, 0].cpu().numpy()
+            with exact_fp32():  # the pool the task-specific positives are selected against
+                codes = self.seg.head.ema_codes(pool.float())[:, :, 0, 0].cpu().numpy()
             self.shared.put_part("sp", needed, self.rank, index, codes)
         self.sp_version, table = self.shared.get("sp", needed, self.rank)
         self.q_sp = torch.from_numpy(table).to(self.device)
@@ -118,7 +124,7 @@ class HPTrainer:
     # ---------------------------------------------------------- training
 
     def _float_images(self, images: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+        return self.upload(images).permute(0, 3, 1, 2).float().div_(255)
 
     def train_step(self, batch: dict, step: int) -> dict[str, float]:
         """One iteration on this worker's batch (``image`` uint8 (B, S, S, 3)); may be empty (all rows invalid)."""
@@ -127,21 +133,22 @@ class HPTrainer:
         weight = 1.0
         if len(images) == 0:  # keep DDP in step with the other workers; contributes nothing
             images, weight = np.zeros((1, self.cfg.data.image_size, self.cfg.data.image_size, 3), np.uint8), 0.0
-        t0 = time.perf_counter()
+        t0 = clock(self.device)
         x = self._float_images(images)
-        with torch.no_grad():
+        with torch.no_grad(), self.precision.autocast():
             out = seg.backbone(standardize(x), with_attention=hp.local)
             aug = seg.backbone(standardize(photometric_augment(x, self.generator))).features
-        t1 = time.perf_counter()
+        t1 = clock(self.device)
         self._refresh_sp(step)
-        t2 = time.perf_counter()
+        t2 = clock(self.device)
         lam = lambda_at(step, hp.warmup, self.total_steps)
-        loss, stats = self.loss_module(out.features, aug, out.attn_logits, self.q_ag, self.q_sp, lam)
-        t3 = time.perf_counter()
+        with self.precision.autocast():
+            loss, stats = self.loss_module(out.features, aug, out.attn_logits, self.q_ag, self.q_sp, lam)
+        t3 = clock(self.device)
         optimizer_step(loss, self.optimizer, step, "train.lr", self.cfg.train.lr, weight=weight,
-                       grad_clip=self.cfg.train.grad_clip)
+                       grad_clip=self.cfg.train.grad_clip, scaler=self.scaler)
         ema_update(seg.head.ema_seg, seg.head.seg, hp.ema)
-        t4 = time.perf_counter()
+        t4 = clock(self.device)
         self.timers["backbone"] += t1 - t0
         self.timers["selection"] += stats.pop("time_selection_s")
         self.timers["loss"] += stats.pop("time_loss_s")

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from raysseg.core.backbones import Backbone, standardize
 from raysseg.core.augment import crop_resize, photometric_augment, random_boxes
+from raysseg.core.precision import at_least_fp32
 from raysseg.methods.hp.core import ema_update
 
 # MoCo v2 augmentation strengths (the "aug_plus" recipe of the reference code)
@@ -51,7 +52,7 @@ def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float, reduction:
         raise MoCoInputError(f"info_nce: queue must be (L, {q.shape[1]}), got {tuple(queue.shape)}")
     if temperature <= 0:
         raise MoCoInputError(f"info_nce: temperature must be > 0, got {temperature}")
-    logits = moco_logits(q, k, queue) / temperature
+    logits = at_least_fp32(moco_logits(q, k, queue)) / temperature  # fp32 softmax under autocast
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, labels, reduction=reduction)
 

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import torch
 
+from raysseg.core.device import Uploader, as_input
 from raysseg.core.distributed import gather_tensor, optimizer_step, process_group
 from raysseg.methods.base import TrainContext
 from raysseg.methods.moco.core import moco_logits, two_crops
@@ -37,13 +38,20 @@ class MoCoTrainer:
         self.generator = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + ctx.rank)
         self.size = crop_size(cfg)
         self.scale = (cfg.pretrain.crop_scale_min, 1.0)
+        self.precision, self.scaler = ctx.precision, ctx.precision.scaler()
+        self.upload = Uploader(ctx.device)
 
     def state_dict(self) -> dict:
-        return {"moco": self.moco.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"moco": self.moco.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.moco.load_state_dict(state["moco"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     @torch.no_grad()
     def _keys(self, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,17 +79,19 @@ class MoCoTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         w = torch.from_numpy(np.asarray(weight, np.float32)).to(self.device)
-        x_q, x_k = two_crops(torch.from_numpy(images).to(self.device), self.generator, self.size, self.scale)
-        q = self.query(x_q)
+        x_q, x_k = two_crops(self.upload(images), self.generator, self.size, self.scale)
+        backbone = self.cfg.model.backbone
+        with self.precision.autocast():
+            q = self.query(as_input(x_q, backbone))
+            with torch.no_grad():
+                self.moco.momentum_update()
+                k, all_keys = self._keys(as_input(x_k, backbone))
+                all_w = gather_tensor(w)
+            per_row = self.moco.loss(q, k, reduction="none")
+        loss = (per_row.float() * w).sum() / w.sum().clamp(min=1.0)
+        optimizer_step(loss, self.optimizer, step, "pretrain.lr", self.cfg.pretrain.lr, scaler=self.scaler)
         with torch.no_grad():
-            self.moco.momentum_update()
-            k, all_keys = self._keys(x_k)
-            all_w = gather_tensor(w)
-        per_row = self.moco.loss(q, k, reduction="none")
-        loss = (per_row * w).sum() / w.sum().clamp(min=1.0)
-        optimizer_step(loss, self.optimizer, step, "pretrain.lr", self.cfg.pretrain.lr)
-        with torch.no_grad():
-            logits = moco_logits(q.detach(), k, self.moco.queue)
+            logits = moco_logits(q.detach().float(), k.float(), self.moco.queue)
             real = w > 0
             n_real = max(int(real.sum()), 1)
             stats = {

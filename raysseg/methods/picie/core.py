@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raysseg.core.precision import exact_fp32
+
 
 class PiCIEInputError(ValueError):
     """Bad input to a PiCIE/PGG/CAE function; the message names the function and field."""
@@ -92,7 +94,8 @@ def assign_labels(z: Tensor, centroids: Tensor) -> Tensor:
     """Nearest centroid by cosine. z [B, D, h, w] L2-normalised, centroids [K, D] -> int64 [B, h, w]."""
     _check_map("assign_labels", "z", z)
     _check_centroids("assign_labels", "centroids", centroids, z.shape[1])
-    return _cosine_logits(z, centroids).argmax(dim=1)
+    with exact_fp32():  # a decision: fp32 whatever the run's precision
+        return _cosine_logits(z.float(), centroids.float()).argmax(dim=1)
 
 
 def _ce(logits: Tensor, labels: Tensor) -> Tensor:

@@ -42,6 +42,7 @@ from torch import nn
 from raysseg.core.augment import crop_resize, photometric_augment, random_boxes
 from raysseg.core.backbones import standardize
 from raysseg.core.batches import valid_rows
+from raysseg.core.device import Uploader, as_input, clock
 from raysseg.core.distributed import broadcast_buffers, optimizer_step
 from raysseg.core.kmeans import sample_locations, spherical_kmeans
 from raysseg.methods.base import TrainContext, load_optimizer_state, optimizer_state
@@ -82,18 +83,21 @@ class PiCIETrainer:
         self.cluster_stats: dict[str, float] = {}
         self.timers: dict[str, float] = defaultdict(float)
         self.once: dict[str, float] = {}  # seconds of the work before the epoch's steps
+        self.precision, self.scaler = ctx.precision, ctx.precision.scaler()
+        self.upload = Uploader(ctx.device)
 
     def state_dict(self) -> dict:
-        return optimizer_state(self.optimizer, self.generator)
+        return optimizer_state(self.optimizer, self.generator, self.scaler)
 
     def load_state_dict(self, state: dict) -> None:
-        load_optimizer_state(state, self.optimizer, self.generator, self.cfg.train.lr)
+        load_optimizer_state(state, self.optimizer, self.generator, self.cfg.train.lr, self.scaler)
 
     def before_checkpoint(self, progress: dict) -> None:
         """Nothing: the pseudo labels and centroids are in the shared state, which every checkpoint holds."""
 
     def _float(self, images: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+        x = self.upload(images).permute(0, 3, 1, 2).float().div_(255)
+        return as_input(x, self.cfg.model.backbone)
 
     # ---------------------------------------------------------- PGG pseudo labels (once per run)
 
@@ -113,9 +117,10 @@ class PiCIETrainer:
                 if len(batch["image"]) == 0:
                     continue
                 x = self._float(batch["image"])
-                views = [backbone.pooled(standardize(crop_resize(x, box.expand(len(x), 4), size)))
-                         for box in self.boxes]
-                feats.append(F.normalize(torch.stack(views, 1), dim=-1).cpu().numpy())  # (B, V, C)
+                with self.precision.autocast():
+                    views = [backbone.pooled(standardize(crop_resize(x, box.expand(len(x), 4), size)))
+                             for box in self.boxes]
+                feats.append(F.normalize(torch.stack(views, 1).float(), dim=-1).cpu().numpy())  # (B, V, C)
                 index += [self.index[str(p)] for p in batch["path"]]
             dim, v = backbone.pooled_dim, len(self.boxes)
             part = (np.asarray(index, np.int64), np.concatenate(feats) if feats else np.zeros((0, v, dim), np.float32))
@@ -163,7 +168,9 @@ class PiCIETrainer:
                     continue
                 x = self._float(batch["image"])
                 for view in (0, 1):
-                    z = F.normalize(self.snapshot.embed(photometric_augment(x, self.generator)), dim=1)
+                    with self.precision.autocast():
+                        z = self.snapshot.embed(photometric_augment(x, self.generator))
+                    z = F.normalize(z.float(), dim=1)
                     samples[view].append(sample_locations(z.cpu().numpy(), self.cfg.kmeans.pixels_per_image, rng))
             refs = [[self.shared.put_block(np.concatenate(s))] if s else [] for s in samples]
             self.shared.share(f"features-{version}", self.rank, refs)
@@ -201,7 +208,7 @@ class PiCIETrainer:
         weight = 1.0
         if len(images) == 0:  # keep DDP in step with the other workers; contributes nothing
             images, paths, weight = np.zeros((1, *([self.cfg.data.image_size] * 2), 3), np.uint8), None, 0.0
-        t0 = time.perf_counter()
+        t0 = clock(self.device)
         g = self.generator
         x = self._float(images)
         b, size = len(x), x.shape[-2:]
@@ -212,15 +219,14 @@ class PiCIETrainer:
         both = torch.cat([view1, view2])
         c1, c2 = self.centroids
         with torch.no_grad():
-            snap = self.snapshot.embed(both)
+            with self.precision.autocast():
+                snap = self.snapshot.embed(both).float()
             grid = tuple(snap.shape[-2:])
             y1 = assign_labels(F.normalize(snap[:b], dim=1), c1)
             y2 = assign_labels(F.normalize(crop_resize(snap[b:], boxes, grid, flips), dim=1), c2)
-        t1 = time.perf_counter()
-        emb, logits = self.net(both, self.boxes if self.guided else None)
-        z1 = F.normalize(emb[:b], dim=1)
-        z2 = F.normalize(crop_resize(emb[b:], boxes, grid, flips), dim=1)
-        loss, stats = picie_loss(z1, z2, c1, c2, y1, y2)
+        t1 = clock(self.device)
+        with self.precision.autocast():
+            loss, stats, logits = self._loss(both, b, boxes, flips, grid, y1, y2)
         if self.guided:
             if paths is None:
                 labels = torch.zeros(logits.shape[:2], dtype=torch.long, device=self.device)
@@ -228,20 +234,29 @@ class PiCIETrainer:
             else:
                 rows = torch.from_numpy(self.pseudo[[self.index[str(p)] for p in paths]]).to(self.device)
                 labels, keep = rows[..., 0], rows[..., 1].bool()
-            g_loss = guidance_loss(logits, labels, keep)
+            g_loss = guidance_loss(logits.float(), labels, keep)
             loss = loss + self.cfg.pgg.weight * g_loss
             stats["loss_global"] = g_loss.item()
             stats["global_views_kept"] = float(keep.float().mean())
-        t2 = time.perf_counter()
+        t2 = clock(self.device)
         optimizer_step(loss, self.optimizer, step, "train.lr", self.cfg.train.lr, weight=weight,
-                       grad_clip=self.cfg.train.grad_clip)
-        t3 = time.perf_counter()
+                       grad_clip=self.cfg.train.grad_clip, scaler=self.scaler)
+        t3 = clock(self.device)
         stats["loss_total"] = loss.item()
         self.timers["labels"] += t1 - t0
         self.timers["forward_loss"] += t2 - t1
         self.timers["backward"] += t3 - t2
         self.timers["step"] += t3 - t0
         return stats
+
+    def _loss(self, both, b, boxes, flips, grid, y1, y2):
+        """(PiCIE loss, its stats, view 2's global logits or None) of the trained network on both views."""
+        c1, c2 = self.centroids
+        emb, logits = self.net(both, self.boxes if self.guided else None)
+        z1 = F.normalize(emb[:b], dim=1)
+        z2 = F.normalize(crop_resize(emb[b:], boxes, grid, flips), dim=1)
+        loss, stats = picie_loss(z1, z2, c1, c2, y1, y2)
+        return loss, stats, logits
 
     def epoch_stats(self) -> dict[str, float]:
         stats = {**self.cluster_stats, **{f"time_{k}_s": v for k, v in self.once.items()}}

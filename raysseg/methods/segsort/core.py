@@ -38,9 +38,12 @@ Readings of what the papers leave open:
 from __future__ import annotations
 
 import numpy as np
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from raysseg.core.precision import at_least_fp32, exact_fp32
 
 DEAD_COUNT = 0.01  # EMA assignment count below which a concept is restarted from a current prototype
 
@@ -71,7 +74,7 @@ def segment_sort_loss(emb: Tensor, pixel_label: Tensor, protos: Tensor, proto_la
     emb (N, D) unit; pixel_label (N,) int; protos (S, D) unit; proto_label (S,) int (use -1 for
     memory-bank prototypes, which are only negatives). Pixels without a positive are left out.
     Returns a scalar (0 when no pixel has a positive)."""
-    logits = kappa * emb @ protos.T  # (N, S)
+    logits = kappa * at_least_fp32(emb @ protos.T)  # (N, S); the logsumexps run in fp32 under autocast
     pos = pixel_label[:, None] == proto_label[None, :]
     has = pos.any(1)
     if not bool(has.any()):
@@ -83,7 +86,8 @@ def segment_sort_loss(emb: Tensor, pixel_label: Tensor, protos: Tensor, proto_la
 def quantize(protos: Tensor, dictionary: Tensor) -> Tensor:
     """Nearest concept of each prototype: protos (S, D), dictionary (K, D), both unit -> (S,) int64.
     On the sphere the largest cosine is the smallest Euclidean distance."""
-    return (protos @ dictionary.T).argmax(1)
+    with exact_fp32():  # a decision: fp32 whatever the run's precision
+        return (protos.float() @ dictionary.float().T).argmax(1)
 
 
 def vq_loss(protos: Tensor, dictionary: Tensor, index: Tensor, beta: float) -> tuple[Tensor, Tensor]:
@@ -142,7 +146,7 @@ def cooccurrence_loss(emb: Tensor, pixel_concept: Tensor, protos: Tensor, proto_
     if not bool(has.any()):
         return emb.sum() * 0
     w = w[has] / total[has, None]
-    logp = torch.log_softmax(kappa * emb[has] @ protos.T, 1)
+    logp = torch.log_softmax(kappa * at_least_fp32(emb[has] @ protos.T), 1)
     return -(w * logp).sum(1).mean()
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysseg.core.augment import crop_resize, photometric_augment, random_boxes
+from raysseg.core.device import Uploader, as_input, clock
 from raysseg.core.distributed import optimizer_step
 from raysseg.core.segments import batch_segment_ids, flat_pixels, pixel_sort, segment_prototypes
 from raysseg.methods.base import TrainContext, load_optimizer_state, optimizer_state
@@ -59,12 +60,14 @@ class SegmentTrainer:
         self.timers: dict[str, float] = defaultdict(float)
         self.versions: dict[str, int] = {}
         self.used: set[int] = set()  # concepts assigned to some segment this epoch
+        self.precision, self.scaler = ctx.precision, ctx.precision.scaler()
+        self.upload = Uploader(ctx.device)
 
     def state_dict(self) -> dict:
-        return optimizer_state(self.optimizer, self.generator)
+        return optimizer_state(self.optimizer, self.generator, self.scaler)
 
     def load_state_dict(self, state: dict) -> None:
-        load_optimizer_state(state, self.optimizer, self.generator, self.cfg.train.lr)
+        load_optimizer_state(state, self.optimizer, self.generator, self.cfg.train.lr, self.scaler)
 
     def setup(self, get_shard) -> None:
         """Rank 0 publishes version 1 of the shared tables (an empty memory, a random dictionary)
@@ -103,21 +106,23 @@ class SegmentTrainer:
         if len(images) == 0:  # keep DDP and the bank in step with the other workers; contributes nothing
             size = cfg.data.image_size
             images, pseudo, weight = np.zeros((1, size, size, 3), np.uint8), np.zeros((1, size, size), np.int32), 0.0
-        t0 = time.perf_counter()
+        t0 = clock(self.device)
         version = step + 1
         shared = self.shared.get_many(self.tables, version, self.rank)
         self.versions = {name: v for name, (v, _) in shared.items()}
         memory = torch.from_numpy(shared["memory"][1]).to(self.device)
-        t1 = time.perf_counter()
+        t1 = clock(self.device)
 
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)
-        pseudo_t = torch.from_numpy(np.asarray(pseudo, np.int64)).to(self.device)
+        x = self.upload(images).permute(0, 3, 1, 2).float().div_(255)
+        pseudo_t = self.upload(np.asarray(pseudo, np.int64))
         b = len(x)
         grid = (cfg.data.image_size // self.seg.stride,) * 2
         n_views = 2 if self.concepts else 1
         views, maps = zip(*(self._views(x, pseudo_t, grid) for _ in range(n_views)))
-        t2 = time.perf_counter()
-        emb = self.net(torch.cat(views))  # (V*B, D, h, w)
+        t2 = clock(self.device)
+        with self.precision.autocast():  # the network; segments, prototypes and losses in fp32 below
+            emb = self.net(as_input(torch.cat(views), cfg.model.backbone))  # (V*B, D, h, w)
+        emb = emb.float()
         maps = torch.cat(maps)  # (V*B, h, w)
         e = flat_pixels(emb)
         if self.concepts:  # segments = pseudo segments per view; label = (image, pseudo segment) across views
@@ -125,7 +130,7 @@ class SegmentTrainer:
             image = image % b
         else:  # segments = pixel-sorting clusters within pseudo segments; label = own segment
             ids, image = batch_segment_ids(pixel_sort(emb, cfg.segments.grid, cfg.segments.iterations), maps)
-        t3 = time.perf_counter()
+        t3 = clock(self.device)
         ids = ids.reshape(-1)
         n_seg = int(ids.max()) + 1
         protos, _ = segment_prototypes(e, ids, n_seg)
@@ -163,9 +168,10 @@ class SegmentTrainer:
             if weight > 0:
                 concept_stats = core.concept_statistics(protos.detach().cpu().numpy(), index.cpu().numpy(),
                                                         image.cpu().numpy(), c.n_concepts)
-        t4 = time.perf_counter()
-        optimizer_step(loss, self.optimizer, step, "train.lr", cfg.train.lr, weight=weight, grad_clip=cfg.train.grad_clip)
-        t5 = time.perf_counter()
+        t4 = clock(self.device)
+        optimizer_step(loss, self.optimizer, step, "train.lr", cfg.train.lr, weight=weight, grad_clip=cfg.train.grad_clip,
+                       scaler=self.scaler)
+        t5 = clock(self.device)
 
         rows = protos.detach().cpu().numpy() if weight > 0 else np.zeros((0, protos.shape[1]), np.float32)
         self.shared.append("memory", version + 1, self.rank, rows, ss.memory_batches)

@@ -1,0 +1,291 @@
+"""Training-step benchmarks that need only torch: ``raysseg bench step --local`` (one method, one
+precision) and ``raysseg bench gpu`` (every method at the papers' settings, fp32 and bf16, one table).
+
+Both time the real trainers on synthetic scenes held in memory (:mod:`raysseg.engine.steps`), so
+they run where Ray, MLflow, faiss and pyarrow are not installed (a bare GPU machine):
+``python -m raysseg.apps.cli bench gpu``. FLOPs are counted with ``torch.utils.flop_counter``.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+# The papers' settings per GPU (one worker = one GPU): the configs users run, at their batch and size.
+PAPER_SETTINGS = {
+    "hp": ("hp_cocostuff", []),  # ViT-S/8, batch 64 at 224, pool 2048
+    "picie": ("picie_cocostuff", []),  # R50-FPN 128-d, batch 16 at 320
+    "pgg": ("pgg_cocostuff", []),  # R50-FPN 256-d, pyramid guidance, CAE, batch 16 at 320
+    "segsort": ("segsort_voc", ["train.batch_size=8"]),  # R50-FPN, 32-d embeddings; the paper's 8 images per step
+    "concepts": ("concepts_voc", ["train.batch_size=8"]),
+    "moco": ("pgg_cocostuff", []),  # MoCo v2 on the R50-FPN trunk: batch 32 per GPU, 2 crops at 224
+}
+# The CPU mode: the same code paths at sizes a laptop (and the default tests) can run.
+CPU_SETTINGS = {
+    "hp": ("hp_camvid", ["train.batch_size=2", "data.image_size=64", "hp.pool_size=16", "model.code_dim=32"]),
+    "picie": ("picie_camvid", ["train.batch_size=2", "data.image_size=64", "model.backbone=resnet18_fpn",
+                               "model.fpn_dim=16", "kmeans.init_sample=500"]),
+    "pgg": ("pgg_camvid", ["train.batch_size=2", "data.image_size=64", "model.backbone=resnet18_fpn",
+                           "model.fpn_dim=16", "kmeans.init_sample=500", "pgg.global_clusters=4"]),
+    "segsort": ("segsort_camvid", ["train.batch_size=2", "data.image_size=64", "model.backbone=resnet18_fpn",
+                                   "model.fpn_dim=16", "segsort.embed_dim=8", "segments.min_size=20"]),
+    "concepts": ("concepts_camvid", ["train.batch_size=2", "data.image_size=64", "model.backbone=resnet18_fpn",
+                                     "model.fpn_dim=16", "segsort.embed_dim=8", "segments.min_size=20",
+                                     "concepts.n_concepts=16"]),
+    "moco": ("pgg_camvid", ["model.backbone=resnet18_fpn", "model.fpn_dim=16", "pretrain.batch_size=4",
+                            "pretrain.queue=64", "pretrain.crop_size=64"]),
+}
+DISTINCT_IMAGES = 64  # synthetic scenes generated; rows beyond that repeat them under other paths
+CLUSTER_ROWS = 64  # images of the split the per-epoch clustering and pseudo labels see (setup cost only)
+
+
+@dataclass
+class StepResult:
+    method: str
+    backbone: str
+    batch: int
+    size: int
+    precision: str
+    device: str
+    step_s: list[float] = field(default_factory=list)
+    parts: dict[str, float] = field(default_factory=dict)  # seconds per step
+    peak_memory_gib: float = 0.0
+    memory_kind: str = ""
+    backbone_gflop_per_image: float = 0.0  # forward
+    backbone_fwd_s: float = 0.0
+    step_gflop: float = 0.0  # everything one step runs, backward included
+    peak_flops: float = float("nan")
+    peak_source: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / statistics.median(self.step_s)
+
+    def row(self) -> list[str]:
+        step = statistics.median(self.step_s)
+        bb_flops = self.backbone_gflop_per_image * 1e9 * self.batch / max(self.backbone_fwd_s, 1e-12)
+        step_flops = self.step_gflop * 1e9 / step
+        parts = " · ".join(f"{k} {1000 * v:.0f}" for k, v in self.parts.items() if k != "step")
+        return [self.method, self.backbone, f"{self.batch} x {self.size}", self.precision, f"{self.images_per_s:.1f}",
+                f"{1000 * step:.0f}", f"{self.peak_memory_gib:.2f} ({self.memory_kind})", parts or "-",
+                f"{self.backbone_gflop_per_image:.1f}", f"{bb_flops / 1e12:.2f} ({100 * bb_flops / self.peak_flops:.0f}%)",
+                f"{step_flops / 1e12:.2f} ({100 * step_flops / self.peak_flops:.0f}%)"]
+
+
+HEADER = ["method", "backbone", "batch x size", "precision", "images/s", "step ms (median)", "peak memory GiB",
+          "parts ms/step", "backbone GFLOP/image (fwd)", "backbone fwd TFLOP/s (% peak)", "whole step TFLOP/s (% peak)"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "CUDA allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"
+
+
+def _count_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def _time_backbone(backbone, x: torch.Tensor, precision, device: torch.device, repeats: int) -> tuple[float, float]:
+    """(median seconds of one no-grad forward of the batch, its FLOPs)."""
+    with torch.no_grad(), precision.autocast():
+        backbone(x)  # warm-up (cuDNN autotuning, lazy inits)
+        flops = _count_flops(lambda: backbone(x))
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            backbone(x)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), flops
+
+
+def _config(name: str, overrides: list[str]):
+    from raysseg.config import load_config
+
+    return load_config(name, ["data.limit=0", "train.num_workers=1", "train.use_gpu=false", *overrides])
+
+
+def step_benchmark(method: str, device: str, precision: str, overrides: list[str], steps: int = 8, warmup: int = 2,
+                   paper: bool = False) -> StepResult:
+    """Time ``steps`` training steps of ``method`` (after ``warmup`` steps) on synthetic scenes."""
+    from raysseg.apps.synth import synth_images
+    from raysseg.core.backbones import standardize
+    from raysseg.core.device import peak_flops
+    from raysseg.core.precision import Precision
+    from raysseg.engine.steps import build_rig, memory_rows
+
+    name, preset = (PAPER_SETTINGS if paper else CPU_SETTINGS)[method]
+    cfg = _config(name, [*preset, *overrides, f"train.precision={precision}"])
+    dev = torch.device(device)
+    prec = Precision(precision, dev.type)
+    if method == "moco":
+        return _moco_benchmark(cfg, dev, prec, steps, warmup)
+    size, batch = cfg.data.image_size, cfg.train.batch_size
+    images = synth_images(DISTINCT_IMAGES, size, seed=cfg.train.seed)
+    n_rows = max(CLUSTER_ROWS, batch, cfg.hp.pool_size if method == "hp" else 0)
+    rig = build_rig(cfg, memory_rows(images, n_rows), dev, total_steps=steps + warmup)
+    batches = rig.batches()
+    for i in range(warmup):
+        rig.trainer.train_step(next(batches), i)
+    rig.trainer.timers.clear()
+    _reset_memory(dev)
+    result = StepResult(method, cfg.model.backbone, batch, size, precision, str(dev))
+    for i in range(warmup, warmup + steps):
+        batch_rows = next(batches)
+        _sync(dev)
+        t0 = time.perf_counter()
+        rig.trainer.train_step(batch_rows, i)
+        _sync(dev)
+        result.step_s.append(time.perf_counter() - t0)
+    result.peak_memory_gib, result.memory_kind = _peak_memory(dev)
+    result.parts = {k: v / steps for k, v in rig.trainer.timers.items()}
+    batch_rows = next(batches)
+    result.step_gflop = _count_flops(lambda: rig.trainer.train_step(batch_rows, warmup + steps)) / 1e9
+    x = standardize(torch.from_numpy(batch_rows["image"]).to(dev).permute(0, 3, 1, 2).float().div(255))
+    fwd_s, fwd_flops = _time_backbone(rig.seg.backbone, x, prec, dev, repeats=max(3, steps // 2))
+    result.backbone_fwd_s, result.backbone_gflop_per_image = fwd_s, fwd_flops / 1e9 / batch
+    result.peak_flops, result.peak_source = peak_flops(dev, precision)
+    return result
+
+
+def _moco_benchmark(cfg, dev: torch.device, prec, steps: int, warmup: int) -> StepResult:
+    """MoCo v2 steps (query and key encoders on two crops, queue) on synthetic scenes."""
+    import numpy as np
+
+    from raysseg.apps.synth import synth_images
+    from raysseg.core.backbones import build_backbone, standardize
+    from raysseg.core.device import configure, peak_flops, prepare_model
+    from raysseg.methods.base import TrainContext
+    from raysseg.methods.moco.core import MoCo
+    from raysseg.methods.moco.trainer import MoCoTrainer, crop_size
+    from raysseg.methods.shared import LocalSharedState
+
+    pc = cfg.pretrain
+    configure(dev)
+    torch.manual_seed(cfg.train.seed)
+    resnet = not cfg.model.backbone.startswith("vit")
+    backbone = build_backbone(cfg.model.backbone, frozen=False, fpn_dim=cfg.model.fpn_dim if resnet else None)
+    moco = MoCo(backbone, pc.proj_dim, pc.queue, pc.momentum, pc.temperature, seed=cfg.train.seed).to(dev)
+    prepare_model(moco, dev, cfg.model.backbone, compile_model=False)
+    moco.train()
+    moco.sync_key_encoder()
+    ctx = TrainContext(rank=0, world=1, device=dev, shared=LocalSharedState(), total_steps=steps + warmup + 1,
+                       precision=prec)
+    trainer = MoCoTrainer(cfg, moco, ctx)
+    size = crop_size(cfg)
+    images = synth_images(min(DISTINCT_IMAGES, pc.batch_size), max(size, cfg.data.image_size), seed=cfg.train.seed)
+    batch = images[np.arange(pc.batch_size) % len(images)]
+    weight = np.ones(pc.batch_size, np.float32)
+    for i in range(warmup):
+        trainer.step(batch, weight, i)
+    _reset_memory(dev)
+    result = StepResult("moco", cfg.model.backbone, pc.batch_size, size, prec.name, str(dev))
+    for i in range(warmup, warmup + steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        trainer.step(batch, weight, i)
+        _sync(dev)
+        result.step_s.append(time.perf_counter() - t0)
+    result.peak_memory_gib, result.memory_kind = _peak_memory(dev)
+    result.step_gflop = _count_flops(lambda: trainer.step(batch, weight, warmup + steps)) / 1e9
+    x = standardize(torch.from_numpy(batch[:, :size, :size]).to(dev).permute(0, 3, 1, 2).float().div(255))
+    fwd_s, fwd_flops = _time_backbone(moco.backbone, x, prec, dev, repeats=max(3, steps // 2))
+    result.backbone_fwd_s, result.backbone_gflop_per_image = fwd_s, fwd_flops / 1e9 / pc.batch_size
+    result.peak_flops, result.peak_source = peak_flops(dev, prec.name)
+    return result
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU used"
+    return f"{os.cpu_count()} CPUs ({cpu}), {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
+
+
+def table(title: str, results: list[StepResult]) -> str:
+    dev = torch.device(results[0].device)
+    peaks = sorted({f"{r.precision}: {r.peak_flops / 1e12:.1f} TFLOP/s ({r.peak_source})" for r in results})
+    lines = [f"### {title}", "", f"Machine: {machine(dev)}", "", "Peak FLOP/s used for the percentages: "
+             + "; ".join(peaks), "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r.row()) + " |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def bench_step_local(method: str, device: str, precision: str, steps: int, paper: bool = False) -> str:
+    """``raysseg bench step --local``: one method's step in this process (CPU-sized unless ``paper``)."""
+    result = step_benchmark(method, device, precision, [], steps=steps, paper=paper)
+    return table(f"{method} training step in process ({'papers settings' if paper else 'CPU settings'}), "
+                 f"median of {steps} steps", [result])
+
+
+def bench_gpu(device: str = "cuda", precisions=("fp32", "bf16"), methods=tuple(PAPER_SETTINGS), steps: int = 8,
+              paper: bool = True) -> str:
+    """Every method's step at the papers' settings in each precision: one table (``paper=False``: the CPU mode)."""
+    results = []
+    for method in methods:
+        for precision in precisions:
+            t0 = time.perf_counter()
+            try:
+                results.append(step_benchmark(method, device, precision, [], steps=steps, paper=paper))
+            except torch.OutOfMemoryError as exc:
+                print(f"[bench gpu] {method} {precision}: out of memory ({' '.join(str(exc).split())[:120]})", flush=True)
+                continue
+            finally:
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()
+            r = results[-1]
+            print(f"[bench gpu] {method} {precision}: {r.images_per_s:.1f} images/s "
+                  f"({time.perf_counter() - t0:.0f} s with setup)", flush=True)
+    return table(f"Training step per method, {'papers settings' if paper else 'CPU mode'}, "
+                 f"median of {steps} steps", results)
+
+
+def main(args) -> None:
+    """Print (and with ``args.out`` append to a file) the table of ``args.what``: ``step`` or ``gpu``."""
+    device = args.device
+    if args.what == "gpu":
+        text = bench_gpu(device=device, steps=args.steps, paper=torch.device(device).type == "cuda")
+    else:
+        text = bench_step_local(args.method, device, args.precision, args.steps, paper=args.paper)
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":  # python -m raysseg.apps.bench_steps [--device cuda]: the GPU table, torch only
+    import argparse
+
+    cli = argparse.ArgumentParser(description="every method's training step, fp32 and bf16, one table")
+    cli.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_argument("--steps", type=int, default=8)
+    cli.add_argument("--out", default=None)
+    main(argparse.Namespace(what="gpu", **vars(cli.parse_args())))

@@ -1,0 +1,74 @@
+"""Numeric precision of a run (``train.precision``): autocast for the network, fp32 for decisions.
+
+``fp32`` runs everything in float32. ``bf16`` and ``fp16`` run the backbone, heads and losses
+under :func:`torch.autocast` (``fp16`` also scales the loss with a GradScaler, so small
+gradients do not flush to zero). What decides something discrete or sums many terms stays in
+exact float32 whatever the precision, inside :func:`exact_fp32`: HP's positive selection and its
+thresholds, cluster assignments (PiCIE labels, k-means, concept quantisation, pixel sorting),
+and the masks built from them. Logsumexp and cross-entropy already run in float32 under
+autocast (torch's autocast lists), on logits cast up first where the methods compute them.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """No autocast (CPU or CUDA) and no TF32 matmuls inside the block: float32 inputs give float32
+    results with full mantissas. Callers cast their inputs with ``.float()``."""
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32, or as it is when already float64 (reference computations keep their precision)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A run's precision on one device: ``autocast()`` around forward passes and losses,
+    ``scaler()`` for the optimizer step (None except for fp16)."""
+
+    name: str = "fp32"
+    device_type: str = "cpu"
+
+    def __post_init__(self):
+        if self.name not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.name!r}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.name]
+
+    def autocast(self):
+        """The autocast context of this precision (a no-op for fp32)."""
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def scaler(self):
+        """A fresh GradScaler for fp16; None otherwise (bf16 has fp32's exponent range)."""
+        if self.name != "fp16":
+            return None
+        return torch.amp.GradScaler(self.device_type)
+
+
+def precision_for(cfg, device) -> Precision:
+    """The run's precision (``train.precision``) on ``device``."""
+    return Precision(cfg.train.precision, torch.device(device).type)
