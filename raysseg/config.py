@@ -36,6 +36,10 @@ class DataConfig:
     ignore_index: int = _f(255, lo=0, hi=65535)
     class_names: list = _f([], help="optional names, one per class")
     limit: int = _f(0, lo=0, help="use only the first N images of each split (0 = all)")
+    cache: str = _f("", help="prepared-data cache of the training split: its images decoded once and resized "
+                             "to a short side of 1.25 x image_size (never enlarged), then read every epoch and run "
+                             "instead of the files. '' = off, 'auto' = <data.train>/.raysseg-cache, or a folder or "
+                             "s3://bucket/prefix; built again when the split's files or data.image_size change")
 
 
 @dataclass
@@ -138,7 +142,7 @@ class _ConfigMethods:
         if self.train.run_name:
             return self.train.run_name
         operational = ("eval.", "mlflow.", "pretrain.", "train.log_every", "train.checkpoint", "train.max_restarts",
-                       "train.compile")
+                       "train.compile", "data.cache")
         settings = {k: v for k, v in self.flat().items() if not k.startswith(operational)}
         for key, default in ADDED_SETTINGS.items():  # named only away from their default: older runs keep their names
             if settings.get(key) == default:

@@ -36,7 +36,8 @@ def losses(uri: str) -> list[float]:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_the_same_losses_in_process_and_on_ray_train(method, synth_data, tmp_path, ray_local):
-    from raysseg.engine.local import BatchShard, train_local
+    from raysseg.core.batches import BatchShard
+    from raysseg.engine.local import train_local
     from raysseg.runtime.driver import train
 
     ray = ray_local

@@ -23,7 +23,7 @@ PAPER_SETTINGS = {
     "pgg": ("pgg_cocostuff", []),  # R50-FPN 256-d, pyramid guidance, CAE, batch 16 at 320
     "segsort": ("segsort_voc", ["train.batch_size=8"]),  # R50-FPN, 32-d embeddings; the paper's 8 images per step
     "concepts": ("concepts_voc", ["train.batch_size=8"]),
-    "moco": ("pgg_cocostuff", []),  # MoCo v2 on the R50-FPN trunk: batch 32 per GPU, 2 crops at 224
+    "moco": ("pgg_cocostuff", ["pretrain.crop_size=224"]),  # MoCo v2 on the R50-FPN trunk: batch 32 per GPU, 2 crops at 224
 }
 # The CPU mode: the same code paths at sizes a laptop (and the default tests) can run.
 CPU_SETTINGS = {
@@ -239,9 +239,11 @@ def table(title: str, results: list[StepResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bench_step_local(method: str, device: str, precision: str, steps: int, paper: bool = False) -> str:
-    """``raysseg bench step --local``: one method's step in this process (CPU-sized unless ``paper``)."""
-    result = step_benchmark(method, device, precision, [], steps=steps, paper=paper)
+def bench_step_local(method: str, device: str, precision: str, steps: int, paper: bool = False,
+                     overrides: list[str] = ()) -> str:
+    """``raysseg bench step --local``: one method's step in this process (CPU-sized unless ``paper``;
+    ``overrides`` are ``key=value`` settings on top)."""
+    result = step_benchmark(method, device, precision, list(overrides), steps=steps, paper=paper)
     return table(f"{method} training step in process ({'papers settings' if paper else 'CPU settings'}), "
                  f"median of {steps} steps", [result])
 
@@ -268,13 +270,49 @@ def bench_gpu(device: str = "cuda", precisions=("fp32", "bf16"), methods=tuple(P
                  f"median of {steps} steps", results)
 
 
+def step_gflop(method: str, batch: int, overrides: list[str]) -> float:
+    """GFLOP of one training step of ``method`` at the papers' settings with ``batch`` images, counted on the CPU."""
+    result = step_benchmark(method, "cpu", "fp32", [f"train.batch_size={batch}", f"pretrain.batch_size={batch}",
+                                                    *overrides], steps=1, warmup=1, paper=True)
+    return result.step_gflop
+
+
+def bench_demand(gpu_tflops: float = 989.4, utilisation: float = 0.4) -> str:
+    """Images/s one GPU would consume per method at the papers' settings, from FLOPs counted on the CPU.
+
+    A step's FLOPs are counted at two small batches and fitted as a * B + b * B^2 (HP's selection and
+    contrastive loss compare every patch of the batch with every other: quadratic in B), then taken at
+    the papers' batch. Demand = utilisation x the GPU's bf16 peak / FLOPs per image."""
+    rows = []
+    for method in PAPER_SETTINGS:
+        cfg = _config(PAPER_SETTINGS[method][0], PAPER_SETTINGS[method][1])
+        paper_batch = cfg.pretrain.batch_size if method == "moco" else cfg.train.batch_size
+        small = ["hp.pool_size=64"] if method == "hp" else []  # the pool's features cost B x M, not B^2: small
+        b1, b2 = (2, 4)
+        f1, f2 = step_gflop(method, b1, small), step_gflop(method, b2, small)
+        quad = (f2 / b2 - f1 / b1) / (b2 - b1)  # per-image FLOPs = a + b * B
+        lin = f1 / b1 - quad * b1
+        per_image = lin + quad * paper_batch
+        rows.append([method, f"{paper_batch}", f"{f1 / b1:.0f}", f"{f2 / b2:.0f}", f"{per_image:.0f}",
+                     f"{utilisation * gpu_tflops * 1e3 / per_image:,.0f}"])
+        print(f"[bench demand] {method}: {per_image:.0f} GFLOP per image at batch {paper_batch}", flush=True)
+    header = ["method", "papers batch", "GFLOP/image at B=2", "GFLOP/image at B=4", "GFLOP/image at the papers batch",
+              f"images/s per GPU at {100 * utilisation:.0f}% of {gpu_tflops:.0f} TFLOP/s"]
+    lines = [f"### Demand: training images/s one GPU consumes (FLOPs of a step counted with torch.utils.flop_counter)",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
 def main(args) -> None:
     """Print (and with ``args.out`` append to a file) the table of ``args.what``: ``step`` or ``gpu``."""
     device = args.device
-    if args.what == "gpu":
+    if args.what == "demand":
+        text = bench_demand()
+    elif args.what == "gpu":
         text = bench_gpu(device=device, steps=args.steps, paper=torch.device(device).type == "cuda")
     else:
-        text = bench_step_local(args.method, device, args.precision, args.steps, paper=args.paper)
+        text = bench_step_local(args.method, device, args.precision, args.steps, paper=args.paper,
+                                overrides=args.set or [])
     print(text)
     if args.out:
         with open(args.out, "a") as f:

@@ -141,7 +141,7 @@ def cmd_storage_serve(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    if args.what == "gpu" or (args.what == "step" and args.local):  # torch only: no Ray, MLflow or faiss
+    if args.what in ("gpu", "demand") or (args.what == "step" and args.local):  # torch only: no Ray, MLflow or faiss
         from raysseg.apps import bench_steps
 
         bench_steps.main(args)
@@ -246,8 +246,9 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_storage_serve)
 
     sp = sub.add_parser("bench", help="benchmarks that print a table")
-    sp.add_argument("what", choices=["data", "eval", "step", "gpu", "cluster", "select"],
-                    help="gpu: every method's step at the papers' settings, fp32 and bf16 (torch only)")
+    sp.add_argument("what", choices=["data", "eval", "step", "gpu", "demand", "cluster", "select"],
+                    help="gpu: every method's step at the papers' settings, fp32 and bf16 (torch only); "
+                         "demand: images/s a GPU would consume, from FLOPs counted on the CPU")
     sp.add_argument("--reports", default="outputs/*/*/report.json",
                     help="select: glob of `raysseg evaluate` reports whose checkpoints get a view_nmi")
     sp.add_argument("--method", default="hp", choices=[*trained_methods(), "moco"])
@@ -256,6 +257,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--precision", default="fp32", choices=PRECISIONS, help="step --local: train.precision")
     sp.add_argument("--paper", action="store_true", help="step --local: the papers' settings (batch, size, backbone)")
     sp.add_argument("--steps", type=int, default=8, help="step --local, gpu: timed steps (after 2 warm-up steps)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="step --local: a setting on top of the preset")
     sp.add_argument("--sizes", default="1000000,5000000", help="cluster: comma-separated feature counts N")
     sp.add_argument("--dim", type=int, default=128, help="cluster: feature dimension")
     sp.add_argument("--k", type=int, default=27, help="cluster: number of clusters")

@@ -22,7 +22,12 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @contextlib.contextmanager
 def exact_fp32():
     """No autocast (CPU or CUDA) and no TF32 matmuls inside the block: float32 inputs give float32
-    results with full mantissas. Callers cast their inputs with ``.float()``."""
+    results with full mantissas. Callers cast their inputs with ``.float()``. The TF32 switches are
+    CUDA's only, so they are left alone where there is no GPU."""
+    if not torch.cuda.is_available():
+        with torch.autocast("cpu", enabled=False):
+            yield
+        return
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     cudnn_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -3,7 +3,8 @@
 Trains any method in this one process, with no Ray, and MLflow only when a tracking URI is
 given: for debugging, fast tests and a GPU machine without Ray. It runs the same worker loop
 as Ray Train (:func:`raysseg.engine.loop.train_worker`) with one worker, an in-process shared
-state and datasets read here (:func:`raysseg.io.images.read_plan`, the decoding Ray Data runs).
+state and datasets read here (:func:`raysseg.io.images.read_plan`, the decoding Ray Data runs; with
+``data.cache`` from the prepared-data cache, built first on a thread per core).
 Checkpoints go to ``<train.storage>/<run name>/local_<step>/model.pt`` (written atomically,
 the newest ``train.checkpoints_to_keep`` kept); running the same config again resumes.
 """
@@ -16,25 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from raysseg.engine.inputs import check_inputs, run_plan
+from raysseg.core.batches import rebatch
+from raysseg.engine.inputs import check_inputs, prepared_split, run_plan
 from raysseg.engine.loop import WorkerEnv, train_worker
 from raysseg.io import storage, tracking
 from raysseg.io.images import list_split, read_plan
 from raysseg.methods.shared import LocalSharedState
 
 DECODE_ROWS = 16  # rows decoded at a time, as Ray Data's map_batches does
-
-
-def rebatch(chunks, batch_size: int, drop_last: bool):
-    """Batches of ``batch_size`` rows from chunks of any size (the last one shorter unless ``drop_last``)."""
-    held = None
-    for chunk in chunks:
-        held = chunk if held is None else {k: np.concatenate([held[k], chunk[k]]) for k in chunk}
-        while len(held["path"]) >= batch_size:
-            yield {k: v[:batch_size] for k, v in held.items()}
-            held = {k: v[batch_size:] for k, v in held.items()}
-    if held is not None and len(held["path"]) and not drop_last:
-        yield held
 
 
 class LocalShard:
@@ -54,16 +44,6 @@ class LocalShard:
 
     def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False, **_):
         return rebatch(self._decoded(), batch_size, drop_last)
-
-
-class BatchShard:
-    """Given batches (dicts of numpy arrays), re-batched: for tests and callers with rows of their own."""
-
-    def __init__(self, batches: list[dict]):
-        self.batches = batches
-
-    def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False, **_):
-        return rebatch(iter(self.batches), batch_size, drop_last)
 
 
 @dataclass
@@ -121,7 +101,7 @@ def train_local(cfg, tracking_uri: str = "", datasets: dict | None = None, devic
 
     ``datasets`` (name -> shard with ``iter_batches``) replaces the ones read from ``cfg.data.train``."""
     n_images = check_inputs(cfg)
-    plan, reads = run_plan(cfg)
+    plan, reads = run_plan(cfg, None if datasets is not None else prepared_split(cfg))
     if datasets is None:
         datasets = {}
         for name, options in reads.items():
@@ -163,7 +143,7 @@ def pretrain_local(cfg, datasets: dict | None = None, device=None) -> LocalResul
     n_images = min(n_images, cfg.data.limit) if cfg.data.limit else n_images
     if datasets is None:
         items, decode = read_plan(cfg.data.train, image_size=cfg.data.image_size, train=False, with_labels=False,
-                                  limit=cfg.data.limit or None)
+                                  limit=cfg.data.limit or None, prepared=prepared_split(cfg))
         datasets = {"train": LocalShard(items, decode, shuffle=True, seed=cfg.train.seed)}
     run_name = f"{cfg.run_name()}-pretrain"
     checkpoints = LocalCheckpoints(f"{cfg.train.storage.rstrip('/')}/{run_name}", cfg.train.checkpoints_to_keep)

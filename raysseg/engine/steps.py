@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from raysseg.core.batches import BatchShard
 from raysseg.core.device import configure, prepare_model
 from raysseg.core.precision import precision_for
-from raysseg.core.batches import BatchShard
 from raysseg.methods.base import TrainContext
 from raysseg.methods.registry import build_segmenter, build_trainer, output_stride, spec
 from raysseg.methods.shared import LocalSharedState

@@ -17,12 +17,15 @@ import io
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from raysseg.io import storage
 
+if TYPE_CHECKING:
+    from raysseg.io.prepared import PreparedSplit
 
 
 class DatasetError(ValueError):
@@ -176,6 +179,24 @@ def check_label_values(label: np.ndarray, n_classes: int, ignore_index: int) -> 
             "fix data.n_classes or the label file")
 
 
+def crop_geometry(
+    path: str, size: tuple[int, int], train: bool, crop_scale: tuple[float, float], hflip: bool, seed: int | None,
+) -> tuple[tuple[float, float, float, float], bool]:
+    """(crop box in the pixels of an image of ``size`` (W, H), horizontal flip?) of the row ``path``:
+    a random resized crop (seeded per image, see :func:`read_plan`) when ``train``, else the centred square."""
+    if not train:
+        return center_square_box(*size), False
+    rng = _row_rng(seed, path)
+    box = random_resized_crop_box(rng, *size, crop_scale)
+    return box, hflip and rng.random() < 0.5
+
+
+def row_error(exc: Exception) -> str:
+    """The one-line error of an invalid row."""
+    text = str(exc) if isinstance(exc, BadFileError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
 def _decoded(kind: str, uri: str, settings: storage.S3Settings | None, decode) -> Image.Image:
     """Read ``uri`` (storage errors propagate) and decode it; a decode failure becomes one BadFileError
     line naming the file and what to do."""
@@ -208,9 +229,7 @@ def _load_row(
             reason = check_label_values(np.asarray(label), *label_range)
             if reason:
                 raise BadFileError(f"label {label_path}: {reason}")
-    rng = _row_rng(seed, path)
-    box = random_resized_crop_box(rng, *image.size, crop_scale) if train else center_square_box(*image.size)
-    flip = train and hflip and rng.random() < 0.5
+    box, flip = crop_geometry(path, image.size, train, crop_scale, hflip, seed)
     out_size = (image_size, image_size)
     image_arr = np.asarray(image.resize(out_size, Image.BILINEAR, box=box))
     label_arr = None if label is None else np.asarray(label.resize(out_size, Image.NEAREST, box=box)).astype(np.int64)
@@ -246,8 +265,7 @@ def _decode_batch(
             raise  # storage outages and bad credentials must fail loudly, not look like bad images
         except Exception as exc:  # noqa: BLE001 - any decode failure marks the row invalid
             valid[i] = False
-            text = str(exc) if isinstance(exc, BadFileError) else f"{type(exc).__name__}: {exc}"
-            errors[i] = " ".join(text.split())
+            errors[i] = row_error(exc)
             continue
         images[i] = image
         if label is not None:
@@ -261,10 +279,20 @@ def _decode_batch(
 
 
 
+def select_rows(items: list[dict], limit: int | None, files: list[str] | None) -> list[dict]:
+    """The first ``limit`` rows (in sorted order), then only those whose ``path`` is in ``files``."""
+    items = items if limit is None else items[:limit]
+    if files is not None:
+        wanted = set(files)
+        items = [item for item in items if item["path"] in wanted]
+    return items
+
+
 def read_plan(
     split_uri: str, *, image_size: int, train: bool, with_labels: bool, crop_scale: tuple[float, float] = (0.5, 1.0),
     hflip: bool = True, seed: int | None = 0, limit: int | None = None, files: list[str] | None = None,
     segments: dict | None = None, n_classes: int | None = None, ignore_index: int = 255,
+    prepared: PreparedSplit | None = None,
 ) -> tuple[list[dict], functools.partial]:
     """(rows of file URIs, the batch function that decodes them) for a split folder/prefix.
 
@@ -278,6 +306,8 @@ def read_plan(
     the pseudo segments of each decoded image (int32 S x S), computed on the fly in the read.
     ``n_classes`` (with labels): a label file holding a value outside [0, n_classes) other than
     ``ignore_index`` makes its row invalid, with the bad values in the error.
+    ``prepared`` (a :class:`raysseg.io.prepared.PreparedSplit` of this split and image_size, no labels):
+    the rows come from its cached shards instead of the image files, with the same crops.
     Ray Data maps the function over the rows (:mod:`raysseg.runtime.datasets`); the in-process runner
     calls it directly.
     """
@@ -285,15 +315,19 @@ def read_plan(
         raise DatasetError(f"image_size must be positive, got {image_size}")
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
         raise DatasetError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
+    if prepared is not None:
+        from raysseg.io.prepared import cached_read_plan
+
+        if with_labels:
+            raise DatasetError(f"{split_uri}: labels are never cached; read a labelled split without `prepared`")
+        return cached_read_plan(prepared, split_uri, image_size=image_size, train=train, crop_scale=crop_scale,
+                                hflip=hflip, seed=seed, limit=limit, files=files, segments=segments)
     split = list_split(split_uri, with_labels)
-    n = len(split.images) if limit is None else min(limit, len(split.images))
     if with_labels:
-        items = [{"path": p, "label_path": l} for p, l in zip(split.images[:n], split.labels[:n])]
+        items = [{"path": p, "label_path": l} for p, l in zip(split.images, split.labels)]
     else:
-        items = [{"path": p} for p in split.images[:n]]
-    if files is not None:
-        wanted = set(files)
-        items = [item for item in items if item["path"] in wanted]
+        items = [{"path": p} for p in split.images]
+    items = select_rows(items, limit, files)
     settings = storage.s3_settings() if storage.is_s3(split_uri) else None  # ship the driver's S3 settings
     fn = functools.partial(
         _decode_batch, settings=settings, image_size=image_size, train=train, with_labels=with_labels,

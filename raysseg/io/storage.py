@@ -259,18 +259,19 @@ def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:
     return _retrying(uri, read, settings)
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
+def write_bytes_atomic(uri: str, data: bytes, settings: S3Settings | None = None) -> None:
     """Write a whole file so readers see either the old or the new content, never a partial one.
 
     Local: temp file in the same folder, fsync, os.replace. S3: one upload (objects appear on completion).
+    ``settings``: see :func:`resolve`.
     """
-    fs, path = resolve(uri)
+    fs, path = resolve(uri, settings)
     if is_s3(uri):
         def write() -> None:
             with fs.open_output_stream(path) as f:
                 f.write(data)
 
-        _retrying(uri, write)
+        _retrying(uri, write, settings)
         return
     folder = os.path.dirname(path)
     with _errors(uri):
@@ -310,6 +311,39 @@ def list_files(prefix_uri: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> l
         i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.lower().endswith(wanted)
     )
     return [join(prefix_uri, n) for n in names]
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """A listed file: its URI, size in bytes and modification time (S3: LastModified)."""
+
+    uri: str
+    size: int
+    mtime_ns: int
+
+
+def list_file_stats(prefix_uri: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[FileStat]:
+    """:func:`list_files` with each file's size and modification time, from the same single listing."""
+    fs, path = resolve(prefix_uri)
+    wanted = tuple(s.lower() for s in suffixes)
+    infos = _retrying(prefix_uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+    found = sorted((i for i in infos if i.type == pafs.FileType.File and i.base_name.lower().endswith(wanted)),
+                   key=lambda i: i.base_name)
+    return [FileStat(join(prefix_uri, i.base_name), int(i.size), int(i.mtime_ns or 0)) for i in found]
+
+
+def read_range(uri: str, offset: int, length: int, settings: S3Settings | None = None) -> bytes:
+    """``length`` bytes of a file from byte ``offset`` (S3: one ranged GET; ``settings``: see :func:`resolve`)."""
+    fs, path = resolve(uri, settings)
+
+    def read() -> bytes:
+        with fs.open_input_file(path) as f:
+            data = f.read_at(length, offset)
+        if len(data) != length:
+            raise OSError(f"short read: {len(data)} of {length} bytes at offset {offset}")
+        return data
+
+    return _retrying(uri, read, settings)
 
 
 def makedirs(uri: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 
 from raysseg.config import Config
-from raysseg.engine.inputs import check_inputs, run_plan
+from raysseg.engine.inputs import check_inputs, prepared_split, run_plan
 from raysseg.io.checkpoints import CHECKPOINT_FILE, read_checkpoint
 from raysseg.methods.registry import spec
 
@@ -94,7 +94,7 @@ def train(cfg: Config, restart: bool = False, parent_run_id: str | None = None, 
     from raysseg.io import tracking
     from raysseg.io.storage import remove_tree
     from raysseg.runtime.bank import ConceptBank
-    from raysseg.runtime.datasets import make_dataset
+    from raysseg.runtime.datasets import make_dataset, run_tasks
     from raysseg.runtime.worker import train_loop
 
     n_images = check_inputs(cfg)
@@ -125,7 +125,8 @@ def train(cfg: Config, restart: bool = False, parent_run_id: str | None = None, 
     world = cfg.train.num_workers
     init_ray(world)
     loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images}
-    loop_cfg["plan"], reads = run_plan(cfg)
+    prepared = None if datasets else prepared_split(cfg, run=run_tasks)  # data.cache: built once, by Ray tasks
+    loop_cfg["plan"], reads = run_plan(cfg, prepared)
     datasets = datasets or {name: make_dataset(cfg.data.train, **options) for name, options in reads.items()}
     bank = None
     if spec(cfg.method).trainer:  # every trained method shares its state through one bank

@@ -74,7 +74,7 @@ def segment_sort_loss(emb: Tensor, pixel_label: Tensor, protos: Tensor, proto_la
     emb (N, D) unit; pixel_label (N,) int; protos (S, D) unit; proto_label (S,) int (use -1 for
     memory-bank prototypes, which are only negatives). Pixels without a positive are left out.
     Returns a scalar (0 when no pixel has a positive)."""
-    logits = kappa * at_least_fp32(emb @ protos.T)  # (N, S); the logsumexps run in fp32 under autocast
+    logits = at_least_fp32((kappa * emb) @ protos.T)  # (N, S): kappa on the small side; fp32 logsumexps
     pos = pixel_label[:, None] == proto_label[None, :]
     has = pos.any(1)
     if not bool(has.any()):
@@ -146,7 +146,7 @@ def cooccurrence_loss(emb: Tensor, pixel_concept: Tensor, protos: Tensor, proto_
     if not bool(has.any()):
         return emb.sum() * 0
     w = w[has] / total[has, None]
-    logp = torch.log_softmax(kappa * at_least_fp32(emb[has] @ protos.T), 1)
+    logp = torch.log_softmax(at_least_fp32((kappa * emb[has]) @ protos.T), 1)
     return -(w * logp).sum(1).mean()
 
 
