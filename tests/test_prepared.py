@@ -126,6 +126,32 @@ def test_a_half_written_cache_is_never_read(synth_data, tmp_path):
     assert np.abs(cached["image"].astype(int) - direct["image"].astype(int)).mean() <= MEAN_ABS_TOLERANCE
 
 
+def test_pseudo_segments_of_centre_crops_are_computed_once_and_cached(synth_data, tmp_path):
+    from raysseg.core.segments import oversegment
+
+    split = str(_split(synth_data, tmp_path))
+    shutil.copy(Path(__file__).parent / "__init__.py", Path(split) / "images" / "not_an_image.png")  # one bad file
+    said = []
+    prepared = prepare(split, 32, str(tmp_path / "cache"), log=_quiet)
+    segments = {"method": "felzenszwalb", "scale": 50.0, "sigma": 0.5, "min_size": 10}
+    options = {"image_size": 32, "train": False, "with_labels": False, "segments": segments}
+    plain = _rows(*read_plan(split, prepared=prepared, **options))  # builds the segments cache
+    bad = np.array([str(p).endswith("not_an_image.png") for p in plain["path"]])
+    assert np.array_equal(plain["valid"], ~bad)
+    for image, ids in zip(plain["image"][~bad], plain["segments"][~bad]):
+        assert np.array_equal(ids, oversegment(image, **segments))  # what computing them in the read gives
+    folder = prepared_module.segments_folder(prepared, segments)
+    assert storage.exists(f"{folder}/{MANIFEST}")
+    prepared_module.prepare_segments(prepared, segments, log=said.append)
+    assert said == []  # cached: nothing computed again
+    (Path(folder) / "shard-00000.npy").write_bytes(b"torn")  # a damaged shard is computed again
+    prepared_module.prepare_segments(prepared, segments, log=said.append)
+    assert any("computing the pseudo segments of 8 centre crops" in line for line in said)
+    assert np.array_equal(_rows(*read_plan(split, prepared=prepared, **options))["segments"], plain["segments"])
+    other = {**segments, "scale": 200.0}
+    assert prepared_module.segments_folder(prepared, other) != folder
+
+
 def test_s3_round_trip(s3_server, synth_data, tmp_path, monkeypatch):
     bucket = "prep-" + uuid.uuid4().hex[:8]
     s3_server.create_bucket(bucket)
@@ -211,3 +237,4 @@ def test_ray_train_run_builds_and_reads_the_cache(ray_local, synth_data, tmp_pat
     assert result.metrics["final"] == 1 and np.isfinite(result.metrics["loss_total"])
     assert f"[data cache] decoding 8 images of {synth_data}/train" in capsys.readouterr().out
     assert len(list((tmp_path / "cache").glob(f"64px-*/{MANIFEST}"))) == 1
+    assert len(list((tmp_path / "cache").glob(f"64px-*/segments-*/{MANIFEST}"))) == 1  # built by Ray tasks

@@ -8,10 +8,10 @@ from raysseg.engine.inputs import run_plan
 from raysseg.io.images import read_plan
 from tests.test_local import small_config
 
-# Each shared-state pattern runs by default: put_part (hp), object-store blocks + share/collect +
-# k-means (pgg), ring table + reduced dictionary (concepts); the other two methods are slow.
-METHODS = ["hp", "pgg", "concepts", pytest.param("picie", marks=pytest.mark.slow),
-           pytest.param("segsort", marks=pytest.mark.slow)]
+# hp (put_part tables) runs by default. pgg (object-store blocks + share/collect + k-means) and concepts
+# (ring table + reduced dictionary) are slow here: their two-worker Ray runs in test_picie_train.py and
+# test_segsort_train.py check those patterns by default, and tests/test_local.py trains them in process.
+METHODS = ["hp", *(pytest.param(m, marks=pytest.mark.slow) for m in ("pgg", "concepts", "picie", "segsort"))]
 
 
 def decoded_rows(cfg) -> dict[str, list[dict]]:

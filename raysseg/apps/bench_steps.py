@@ -42,6 +42,7 @@ CPU_SETTINGS = {
 }
 DISTINCT_IMAGES = 64  # synthetic scenes generated; rows beyond that repeat them under other paths
 CLUSTER_ROWS = 64  # images of the split the per-epoch clustering and pseudo labels see (setup cost only)
+CPU_CLUSTER_ROWS = 16  # the same in the CPU mode
 
 
 @dataclass
@@ -144,7 +145,7 @@ def step_benchmark(method: str, device: str, precision: str, overrides: list[str
         return _moco_benchmark(cfg, dev, prec, steps, warmup)
     size, batch = cfg.data.image_size, cfg.train.batch_size
     images = synth_images(DISTINCT_IMAGES, size, seed=cfg.train.seed)
-    n_rows = max(CLUSTER_ROWS, batch, cfg.hp.pool_size if method == "hp" else 0)
+    n_rows = max(CLUSTER_ROWS if paper else CPU_CLUSTER_ROWS, batch, cfg.hp.pool_size if method == "hp" else 0)
     rig = build_rig(cfg, memory_rows(images, n_rows), dev, total_steps=steps + warmup)
     batches = rig.batches()
     for i in range(warmup):

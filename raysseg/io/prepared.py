@@ -20,6 +20,11 @@ The key hashes FORMAT_VERSION, image_size, MARGIN and the split's listing (URI, 
 time of each image): an image added, removed or changed, or another image size, gives a new key, so a
 new cache is built beside the old one. The cache covers the whole split (``data.limit`` selects rows
 from it). Labels are never cached.
+
+Pseudo segments (SegSort, visual concepts) of centre-crop reads are deterministic, so they are cached
+too, the first time a read asks for them: ``<key>/segments-<hash of the settings>/shard-*.npy``
+(int32 S x S maps, one file per image shard) and a manifest written last. Random-crop reads with
+segments still compute them in the read.
 """
 from __future__ import annotations
 
@@ -61,6 +66,7 @@ class PreparedSplit:
     image_size: int
     folder: str
     rows: list[dict]
+    run: Callable | None = None  # how build jobs run (Ray tasks on the driver; None: a thread per core)
 
     @property
     def invalid(self) -> list[dict]:
@@ -194,6 +200,7 @@ def prepare(split_uri: str, image_size: int, setting: str, run: Callable | None 
     found = open_cache(split_uri, image_size, folder, key, log)
     if found is not None:
         log(f"[data cache] reading {len(found.rows)} prepared images of {split_uri} from {folder}")
+        found.run = run
         return found
 
     short_side = math.ceil(image_size * MARGIN)
@@ -218,7 +225,7 @@ def prepare(split_uri: str, image_size: int, setting: str, run: Callable | None 
                 "margin": MARGIN, "short_side": short_side,
                 "shards": [{"name": _shard_name(i), "bytes": built[i][1]} for i in range(n_shards)], "rows": rows}
     storage.write_bytes_atomic(storage.join(folder, MANIFEST), json.dumps(manifest).encode(), settings)
-    prepared = PreparedSplit(split_uri, image_size, folder, rows)
+    prepared = PreparedSplit(split_uri, image_size, folder, rows, run)
     if prepared.invalid:
         log(f"[data cache] {len(prepared.invalid)} of {len(rows)} images do not decode; kept as invalid rows, "
             f"listed in {storage.join(folder, MANIFEST)} (first: {prepared.invalid[0]['error']})")
@@ -241,11 +248,110 @@ def cached_read_plan(
               "shard": storage.join(prepared.folder, _shard_name(r["shard"])), "offset": r.get("offset", 0),
               "w": r.get("w", 0), "h": r.get("h", 0), "ow": r.get("ow", 0), "oh": r.get("oh", 0)}
              for r in prepared.rows]
+    if segments is not None and not train:  # centre crops: their pseudo segments are computed once, cached
+        offsets = prepare_segments(prepared, segments)
+        for item in items:
+            item["segments_shard"], item["segments_offset"] = offsets.get(item["path"], ("", 0))
+        segments = None
     items = select_rows(items, limit, files)
     settings = storage.s3_settings() if storage.is_s3(prepared.folder) else None
     fn = functools.partial(_crop_cached_batch, settings=settings, image_size=image_size, train=train,
                            crop_scale=tuple(crop_scale), hflip=hflip, seed=seed, segments=segments)
     return items, fn
+
+
+# --------------------------------------------------------------------------- cached pseudo segments
+
+
+@dataclass(frozen=True)
+class SegmentsJob:
+    """The pseudo segments of one image shard's centre crops, to compute and write."""
+
+    index: int
+    uri: str
+    image_shard: str
+    rows: tuple[tuple, ...]  # (offset, w, h, ow, oh) of each valid image of the shard, in order
+    image_size: int
+    segments: tuple[tuple[str, object], ...]  # oversegment keyword arguments
+    settings: storage.S3Settings | None
+
+
+def segments_folder(prepared: PreparedSplit, segments: dict) -> str:
+    """Where the pseudo segments of ``prepared``'s centre crops with these settings live."""
+    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, sorted(segments.items())], default=str).encode())
+    return storage.join(prepared.folder, f"segments-{digest.hexdigest()[:12]}")
+
+
+def build_segments_shard(job: SegmentsJob) -> tuple[int, int]:
+    """Centre-crop each image of a shard as a read does and oversegment it; write one int32 .npy of
+    (n, S, S). Returns (the job's index, the file's size)."""
+    from raysseg.core.segments import oversegment
+
+    s = job.image_size
+    blob = np.frombuffer(storage.read_bytes(job.image_shard, job.settings), np.uint8)
+    out = np.zeros((len(job.rows), s, s), np.int32)
+    for i, (offset, w, h, ow, oh) in enumerate(job.rows):
+        out[i] = oversegment(_centre_crop(blob[offset:offset + 3 * w * h], w, h, ow, oh, s), **dict(job.segments))
+    buf = io.BytesIO()
+    np.save(buf, out, allow_pickle=False)
+    storage.write_bytes_atomic(job.uri, buf.getvalue(), job.settings)
+    return job.index, buf.tell()
+
+
+def prepare_segments(prepared: PreparedSplit, segments: dict, log: Callable = _say) -> dict[str, tuple[str, int]]:
+    """The cached pseudo segments of every valid image's centre crop (built first when missing, with
+    ``prepared.run``): path -> (segments shard URI, byte offset of its S x S int32 map)."""
+    folder = segments_folder(prepared, segments)
+    settings = storage.s3_settings() if storage.is_s3(folder) else None
+    by_shard: dict[int, list[dict]] = {}
+    for row in prepared.rows:
+        if row["valid"]:
+            by_shard.setdefault(row["shard"], []).append(row)
+    shards = sorted(by_shard)
+    names = {i: storage.join(folder, _shard_name(i)) for i in shards}
+    manifest_uri = storage.join(folder, MANIFEST)
+    done = {}
+    if storage.exists(manifest_uri):
+        try:
+            done = {int(k): v for k, v in json.loads(storage.read_bytes(manifest_uri))["bytes"].items()}
+        except (ValueError, KeyError, TypeError):
+            done = {}
+        on_disk = {f.uri.rstrip("/").rsplit("/", 1)[-1]: f.size for f in storage.list_file_stats(folder, (".npy",))}
+        if any(on_disk.get(_shard_name(i)) != done.get(i) for i in shards):
+            done = {}
+    if not done:
+        jobs = [SegmentsJob(i, names[i], storage.join(prepared.folder, _shard_name(i)),
+                            tuple((r["offset"], r["w"], r["h"], r["ow"], r["oh"]) for r in by_shard[i]),
+                            prepared.image_size, tuple(sorted(segments.items())), settings)
+                for i in shards]
+        n = sum(len(j.rows) for j in jobs)
+        log(f"[data cache] computing the pseudo segments of {n} centre crops once into {folder}")
+        t0 = time.perf_counter()
+        done = dict((prepared.run or run_in_threads)(build_segments_shard, jobs))
+        storage.write_bytes_atomic(manifest_uri, json.dumps({"segments": segments, "bytes": done}).encode(), settings)
+        log(f"[data cache] pseudo segments of {n} images in {time.perf_counter() - t0:.1f} s")
+    plane = 4 * prepared.image_size ** 2
+    offsets = {}
+    for i in shards:
+        header = done[i] - plane * len(by_shard[i])  # the .npy header comes first
+        for k, row in enumerate(by_shard[i]):
+            offsets[row["path"]] = (names[i], header + k * plane)
+    return offsets
+
+
+def _crop(pixels: np.ndarray, w: int, h: int, ow: int, oh: int, box: tuple, size: int) -> np.ndarray:
+    """``box`` (in the original image's pixels, ``ow`` x ``oh``) of a cached ``w`` x ``h`` image, resized to
+    ``size`` x ``size``."""
+    sx, sy = w / ow, h / oh
+    cached = Image.fromarray(pixels.reshape(h, w, 3))
+    return np.asarray(cached.resize((size, size), Image.BILINEAR,
+                                    box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)))
+
+
+def _centre_crop(pixels: np.ndarray, w: int, h: int, ow: int, oh: int, size: int) -> np.ndarray:
+    """The centre crop a read (``train=False``) takes of a cached image."""
+    box, _ = crop_geometry("", (ow, oh), False, (1.0, 1.0), False, None)
+    return _crop(pixels, w, h, ow, oh, box, size)
 
 
 # S3 reads: ranged GETs spanning at most S3_PIECE_BYTES, several at once, cropped as each arrives. A request
@@ -300,15 +406,18 @@ def _crop_cached_batch(
         for i, pixels in piece.items():
             w, h, ow, oh = (int(batch[k][i]) for k in ("w", "h", "ow", "oh"))
             box, flip = crop_geometry(paths[i], (ow, oh), train, crop_scale, hflip, seed)
-            sx, sy = w / ow, h / oh
-            cached = Image.fromarray(pixels.reshape(h, w, 3))
-            crop = np.asarray(cached.resize((s, s), Image.BILINEAR,
-                                            box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)))
+            crop = _crop(pixels, w, h, ow, oh, box, s)
             images[i] = crop[:, ::-1] if flip else crop
             if pseudo is not None:
                 from raysseg.core.segments import oversegment
 
                 pseudo[i] = oversegment(images[i], **segments)
+    if "segments_shard" in batch:
+        pseudo = np.zeros((n, s, s), np.int32)
+        for i in np.flatnonzero(valid):
+            data = storage.read_range(str(batch["segments_shard"][i]), int(batch["segments_offset"][i]), 4 * s * s,
+                                      settings)
+            pseudo[i] = np.frombuffer(data, np.int32).reshape(s, s)
     out = {"image": images, "path": np.array(paths, dtype=object), "valid": valid,
            "error": np.array(errors, dtype=object)}
     if pseudo is not None:
