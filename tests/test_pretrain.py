@@ -135,7 +135,7 @@ def test_two_workers_pretrain_a_resnet_and_its_backbone_loads(tmp_path, ray_loca
         f"data.train={synth_data}/train", "data.image_size=64", f"train.storage={tmp_path}/runs",
         f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlruns.db", "train.num_workers=2", "model.backbone=resnet18_fpn",
         "pretrain.epochs=2", "pretrain.batch_size=2", "pretrain.queue=6", "pretrain.proj_dim=16",
-        "pretrain.crop_size=32", "train.log_every=1",
+        "pretrain.crop_size=32", "train.log_every=1", f"data.cache={tmp_path}/cache",
     ]
     cfg = load_config("kmeans_synth", overrides)
     result = pretrain(cfg)
@@ -161,7 +161,9 @@ def test_two_workers_pretrain_a_resnet_and_its_backbone_loads(tmp_path, ray_loca
     assert len(client.get_metric_history(result.run_id, "train/loss")) == 4
     assert np.isfinite(run.data.metrics["epoch/loss"]) and run.data.metrics["epoch/images_per_s"] > 0
     assert [a.path for a in client.list_artifacts(result.run_id)] == ["backbone.pt"]
-    assert "use it with: --set model.weights=" + result.backbone in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "use it with: --set model.weights=" + result.backbone in out
+    assert f"[data cache] decoding 8 images of {synth_data}/train" in out  # read from the prepared cache
 
     # the same command again is recognised as finished, through the CLI
     args = ["pretrain", "--config", "kmeans_synth"] + [a for o in overrides for a in ("--set", o)]

@@ -125,7 +125,8 @@ def pretrain(cfg: Config, restart: bool = False) -> PretrainResult:
     """Pretrain (or resume) the run ``pretrain_run_name(cfg)``; returns where its backbone is."""
     from raysseg.io import storage
     from raysseg.io import tracking
-    from raysseg.runtime.datasets import make_dataset
+    from raysseg.engine.inputs import prepared_split
+    from raysseg.runtime.datasets import make_dataset, run_tasks
     from raysseg.runtime.driver import fit, init_ray, make_trainer
     from raysseg.runtime.worker import pretrain_loop
 
@@ -154,8 +155,9 @@ def pretrain(cfg: Config, restart: bool = False) -> PretrainResult:
 
     world = cfg.train.num_workers
     init_ray(world)
+    prepared = prepared_split(cfg, run=run_tasks)  # data.cache: decoded once, by Ray tasks
     dataset = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=False, with_labels=False,
-                           limit=cfg.data.limit or None)
+                           limit=cfg.data.limit or None, prepared=prepared)
     if n_images * cfg.data.image_size ** 2 * 3 <= MATERIALIZE_BYTES:
         dataset = dataset.materialize()  # decode once, not every epoch
     loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images}
