@@ -7,14 +7,14 @@ they run where Ray, MLflow, faiss and pyarrow are not installed (a bare GPU mach
 """
 from __future__ import annotations
 
-import os
-import platform
 import resource
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
+
+from raysseg.core.device import clock
 
 # The papers' settings per GPU (one worker = one GPU): the configs users run, at their batch and size.
 PAPER_SETTINGS = {
@@ -82,11 +82,6 @@ HEADER = ["method", "backbone", "batch x size", "precision", "images/s", "step m
           "parts ms/step", "backbone GFLOP/image (fwd)", "backbone fwd TFLOP/s (% peak)", "whole step TFLOP/s (% peak)"]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _reset_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -114,11 +109,9 @@ def _time_backbone(backbone, x: torch.Tensor, precision, device: torch.device, r
         flops = _count_flops(lambda: backbone(x))
         times = []
         for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock(device)
             backbone(x)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
+            times.append(clock(device) - t0)
     return statistics.median(times), flops
 
 
@@ -155,11 +148,9 @@ def step_benchmark(method: str, device: str, precision: str, overrides: list[str
     result = StepResult(method, cfg.model.backbone, batch, size, precision, str(dev))
     for i in range(warmup, warmup + steps):
         batch_rows = next(batches)
-        _sync(dev)
-        t0 = time.perf_counter()
+        t0 = clock(dev)
         rig.trainer.train_step(batch_rows, i)
-        _sync(dev)
-        result.step_s.append(time.perf_counter() - t0)
+        result.step_s.append(clock(dev) - t0)
     result.peak_memory_gib, result.memory_kind = _peak_memory(dev)
     result.parts = {k: v / steps for k, v in rig.trainer.timers.items()}
     batch_rows = next(batches)
@@ -176,21 +167,16 @@ def _moco_benchmark(cfg, dev: torch.device, prec, steps: int, warmup: int) -> St
     import numpy as np
 
     from raysseg.apps.synth import synth_images
-    from raysseg.core.backbones import build_backbone, standardize
-    from raysseg.core.device import configure, peak_flops, prepare_model
+    from raysseg.core.backbones import standardize
+    from raysseg.core.device import configure, peak_flops
     from raysseg.methods.base import TrainContext
-    from raysseg.methods.moco.core import MoCo
-    from raysseg.methods.moco.trainer import MoCoTrainer, crop_size
+    from raysseg.methods.moco.trainer import MoCoTrainer, build_moco, crop_size
     from raysseg.methods.shared import LocalSharedState
 
     pc = cfg.pretrain
     configure(dev)
     torch.manual_seed(cfg.train.seed)
-    resnet = not cfg.model.backbone.startswith("vit")
-    backbone = build_backbone(cfg.model.backbone, frozen=False, fpn_dim=cfg.model.fpn_dim if resnet else None)
-    moco = MoCo(backbone, pc.proj_dim, pc.queue, pc.momentum, pc.temperature, seed=cfg.train.seed).to(dev)
-    prepare_model(moco, dev, cfg.model.backbone, compile_model=False)
-    moco.train()
+    moco = build_moco(cfg, dev)
     moco.sync_key_encoder()
     ctx = TrainContext(rank=0, world=1, device=dev, shared=LocalSharedState(), total_steps=steps + warmup + 1,
                        precision=prec)
@@ -204,11 +190,9 @@ def _moco_benchmark(cfg, dev: torch.device, prec, steps: int, warmup: int) -> St
     _reset_memory(dev)
     result = StepResult("moco", cfg.model.backbone, pc.batch_size, size, prec.name, str(dev))
     for i in range(warmup, warmup + steps):
-        _sync(dev)
-        t0 = time.perf_counter()
+        t0 = clock(dev)
         trainer.step(batch, weight, i)
-        _sync(dev)
-        result.step_s.append(time.perf_counter() - t0)
+        result.step_s.append(clock(dev) - t0)
     result.peak_memory_gib, result.memory_kind = _peak_memory(dev)
     result.step_gflop = _count_flops(lambda: trainer.step(batch, weight, warmup + steps)) / 1e9
     x = standardize(torch.from_numpy(batch[:, :size, :size]).to(dev).permute(0, 3, 1, 2).float().div(255))
@@ -218,23 +202,15 @@ def _moco_benchmark(cfg, dev: torch.device, prec, steps: int, warmup: int) -> St
     return result
 
 
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU used"
-    return f"{os.cpu_count()} CPUs ({cpu}), {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
+def machine() -> str:
+    from raysseg.apps.bench import machine as described
+
+    return f"{described()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def table(title: str, results: list[StepResult]) -> str:
-    dev = torch.device(results[0].device)
     peaks = sorted({f"{r.precision}: {r.peak_flops / 1e12:.1f} TFLOP/s ({r.peak_source})" for r in results})
-    lines = [f"### {title}", "", f"Machine: {machine(dev)}", "", "Peak FLOP/s used for the percentages: "
+    lines = [f"### {title}", "", f"Machine: {machine()}", "", "Peak FLOP/s used for the percentages: "
              + "; ".join(peaks), "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r.row()) + " |" for r in results]
     return "\n".join(lines) + "\n"

@@ -290,19 +290,12 @@ def _save_pretrain(env: WorkerEnv, cfg, trainer, progress: dict, metrics: dict) 
 
 def pretrain_worker(cfg, env: WorkerEnv, n_images: int) -> None:
     """One worker's MoCo v2 pretraining: DDP on the query encoder, checkpoints (``moco.pt``) every epoch."""
-    from raysseg.core.backbones import build_backbone
-    from raysseg.methods.moco.core import MoCo
-    from raysseg.methods.moco.trainer import MoCoTrainer, cosine_lr, fill_batch
+    from raysseg.methods.moco.trainer import MoCoTrainer, build_moco, cosine_lr, fill_batch
 
     _setup_worker(env, cfg.train.seed)
     pc = cfg.pretrain
     rank, world, logger = env.rank, env.world, env.logger if env.rank == 0 else None
-    resnet = not cfg.model.backbone.startswith("vit")
-    backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights or None, frozen=False,
-                              fpn_dim=cfg.model.fpn_dim if resnet else None, read_bytes=storage.read_bytes)
-    moco = MoCo(backbone, pc.proj_dim, pc.queue, pc.momentum, pc.temperature, seed=cfg.train.seed).to(env.device)
-    prepare_model(moco, env.device, cfg.model.backbone, compile_model=False)
-    moco.train()
+    moco = build_moco(cfg, env.device, read_bytes=storage.read_bytes)
     steps_per_epoch = (n_images // world) // pc.batch_size
     ctx = TrainContext(rank=rank, world=world, device=env.device, shared=env.shared,
                        total_steps=steps_per_epoch * pc.epochs, wrap_model=env.wrap_model,

@@ -164,6 +164,12 @@ def run_in_threads(fn: Callable, jobs: list) -> Iterator:
             yield future.result()
 
 
+def _damaged_shard(folder: str, sizes: dict[str, int]) -> str | None:
+    """The first shard of ``folder`` that is missing or whose size is not the manifest's, or None."""
+    on_disk = {f.uri.rstrip("/").rsplit("/", 1)[-1]: f.size for f in storage.list_file_stats(folder, (".npy",))}
+    return next((name for name, size in sizes.items() if on_disk.get(name) != size), None)
+
+
 def open_cache(split_uri: str, image_size: int, folder: str, key: str, log: Callable = _say) -> PreparedSplit | None:
     """The complete cache in ``folder`` with this ``key``, or None (missing, half-written or damaged)."""
     manifest_uri = storage.join(folder, MANIFEST)
@@ -177,10 +183,9 @@ def open_cache(split_uri: str, image_size: int, folder: str, key: str, log: Call
         return None
     if manifest.get("version") != FORMAT_VERSION or manifest.get("key") != key:
         return None
-    on_disk = {f.uri.rstrip("/").rsplit("/", 1)[-1]: f.size for f in storage.list_file_stats(folder, (".npy",))}
-    damaged = [s["name"] for s in shards if on_disk.get(s["name"]) != s["bytes"]]
+    damaged = _damaged_shard(folder, {s["name"]: s["bytes"] for s in shards})
     if damaged:
-        log(f"[data cache] {storage.join(folder, damaged[0])} is missing or has the wrong size; building the cache "
+        log(f"[data cache] {storage.join(folder, damaged)} is missing or has the wrong size; building the cache "
             "again")
         return None
     return PreparedSplit(split_uri, image_size, folder, rows)
@@ -316,8 +321,7 @@ def prepare_segments(prepared: PreparedSplit, segments: dict, log: Callable = _s
             done = {int(k): v for k, v in json.loads(storage.read_bytes(manifest_uri))["bytes"].items()}
         except (ValueError, KeyError, TypeError):
             done = {}
-        on_disk = {f.uri.rstrip("/").rsplit("/", 1)[-1]: f.size for f in storage.list_file_stats(folder, (".npy",))}
-        if any(on_disk.get(_shard_name(i)) != done.get(i) for i in shards):
+        if set(done) != set(shards) or _damaged_shard(folder, {_shard_name(i): done[i] for i in shards}):
             done = {}
     if not done:
         jobs = [SegmentsJob(i, names[i], storage.join(prepared.folder, _shard_name(i)),

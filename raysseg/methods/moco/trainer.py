@@ -14,6 +14,22 @@ from raysseg.methods.moco.core import moco_logits, two_crops
 SGD_MOMENTUM = 0.9
 
 
+def build_moco(cfg, device, read_bytes=None):
+    """``cfg``'s MoCo v2 model on ``device`` in training mode: the backbone (``model.weights`` when set,
+    read with ``read_bytes``; an FPN on ResNets), projector, key encoder and queue."""
+    from raysseg.core.backbones import build_backbone
+    from raysseg.core.device import prepare_model
+    from raysseg.methods.moco.core import MoCo
+
+    pc = cfg.pretrain
+    resnet = not cfg.model.backbone.startswith("vit")
+    backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights or None, frozen=False,
+                              fpn_dim=cfg.model.fpn_dim if resnet else None, read_bytes=read_bytes)
+    moco = MoCo(backbone, pc.proj_dim, pc.queue, pc.momentum, pc.temperature, seed=cfg.train.seed).to(device)
+    prepare_model(moco, device, cfg.model.backbone, compile_model=False)
+    return moco.train()
+
+
 def crop_size(cfg) -> int:
     return cfg.pretrain.crop_size or cfg.data.image_size
 
