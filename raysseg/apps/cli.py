@@ -141,6 +141,18 @@ def cmd_storage_serve(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.what == "quality":
+        from raysseg.apps.quality import DEFAULT_CONFIGS, bench_quality
+
+        configs = [c for c in (args.configs or ",".join(DEFAULT_CONFIGS)).split(",") if c]
+        seeds = list(range(args.seeds))
+        text = bench_quality(configs, seeds, args.protocol, args.dir or f"outputs/quality-{args.protocol}",
+                             tuple(args.set or ()), dev=args.dev)
+        print(text)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(text + "\n")
+        return
     if args.what in ("gpu", "demand") or (args.what == "step" and args.local):  # torch only: no Ray, MLflow or faiss
         from raysseg.apps import bench_steps
 
@@ -246,7 +258,7 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_storage_serve)
 
     sp = sub.add_parser("bench", help="benchmarks that print a table")
-    sp.add_argument("what", choices=["data", "eval", "step", "gpu", "demand", "cluster", "select"],
+    sp.add_argument("what", choices=["data", "eval", "step", "gpu", "demand", "cluster", "select", "quality"],
                     help="gpu: every method's step at the papers' settings, fp32 and bf16 (torch only); "
                          "demand: images/s a GPU would consume, from FLOPs counted on the CPU")
     sp.add_argument("--reports", default="outputs/*/*/report.json",
@@ -257,7 +269,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--precision", default="fp32", choices=PRECISIONS, help="step --local: train.precision")
     sp.add_argument("--paper", action="store_true", help="step --local: the papers' settings (batch, size, backbone)")
     sp.add_argument("--steps", type=int, default=8, help="step --local, gpu: timed steps (after 2 warm-up steps)")
-    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="step --local: a setting on top of the preset")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="step --local: a setting on top of the preset; quality: a setting for every run")
     sp.add_argument("--sizes", default="1000000,5000000", help="cluster: comma-separated feature counts N")
     sp.add_argument("--dim", type=int, default=128, help="cluster: feature dimension")
     sp.add_argument("--k", type=int, default=27, help="cluster: number of clusters")
@@ -267,6 +279,15 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--sklearn-max-iter", type=int, default=20, help="cluster: MiniBatchKMeans epochs at most")
     sp.add_argument("--backbones", default="resnet18_fpn,vit_small_patch16",
                     help="cluster: backbones for the feature-extraction rate ('' to skip)")
+    sp.add_argument("--configs", help="quality: comma-separated configs (default: the five CamVid methods); each "
+                                      "runs beside k-means on its backbone")
+    sp.add_argument("--seeds", type=int, default=3, help="quality: seeds 0..N-1 per config")
+    sp.add_argument("--protocol", default="dev", choices=["dev", "val"],
+                    help="quality: dev = train on CamVid train less a dev part, score on the dev part (tune here); "
+                         "val = train on all of train, score on val (report once)")
+    sp.add_argument("--dev", type=int, default=67, help="quality: images held out of CamVid train as the dev part")
+    sp.add_argument("--dir", help="quality: runs, logs and results.json (default outputs/quality-<protocol>); "
+                                  "the same command resumes")
     sp.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     sp.set_defaults(fn=cmd_bench)
     return p

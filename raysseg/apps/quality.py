@@ -1,0 +1,235 @@
+"""``raysseg bench quality``: each method and its k-means baseline on the same backbone, over seeds.
+
+A seed (``train.seed``) changes the backbone's random initialisation, the crops, the sampling and the
+k-means initialisation. Each (config, seed) is one ``raysseg run`` in a subprocess (train on Ray Train,
+then evaluate), its output in a log file. The baseline is ``kmeans`` with the method's backbone,
+resolution and sampling settings at the same seed, so method and baseline start from the same weights
+and the difference is paired by seed.
+
+Protocols:
+- ``dev``: train on a train part of the training split and score on the dev part (tuning happens here);
+- ``val``: train on the whole training split and score on val (reported once, at the end).
+
+Results go to ``<out>/results.json`` after every run, so the benchmark resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from raysseg.settings import ConfigError
+
+VARIANTS = ("clusters", "clusters_crf", "probe", "retrieval")
+BASELINE_KEYS = ("data.image_size", "data.crop_scale_min", "model.backbone", "model.weights", "model.fpn_dim",
+                 "kmeans.n_clusters", "kmeans.pixels_per_image", "kmeans.iterations", "kmeans.redo")
+DEFAULT_CONFIGS = ("picie_camvid", "pgg_camvid", "segsort_camvid", "concepts_camvid", "hp_camvid")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training + evaluation: a config with its overrides at one seed."""
+
+    label: str       # the table's row: the method, or "k-means (<backbone>, <size> px)"
+    config: str
+    overrides: tuple[str, ...]
+    seed: int
+    baseline: str = ""  # the row this one is compared with, seed by seed ('' for a baseline)
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.config, list(self.overrides), self.seed])  # the baseline is not part of it
+
+
+# --------------------------------------------------------------------------- the dev split
+
+
+def split_dataset(src: str, out: str, dev: int, seed: int = 0) -> tuple[str, str]:
+    """Copy a labelled split into ``out/train`` and ``out/dev`` (``dev`` images, a seeded random choice).
+
+    Returns the two split URIs. An existing, complete copy with the same choice is reused."""
+    import numpy as np
+
+    from raysseg.io import storage
+    from raysseg.io.images import list_split
+
+    files = list_split(src, with_labels=True)
+    n = len(files.images)
+    if not 0 < dev < n:
+        raise ConfigError(f"--dev {dev}: the dev part needs between 1 and {n - 1} of the {n} images in {src}")
+    chosen = set(np.random.default_rng(seed).permutation(n)[:dev].tolist())
+    train_uri, dev_uri = storage.join(out, "train"), storage.join(out, "dev")
+    marker = storage.join(out, "split.json")
+    plan = {"source": src, "dev": dev, "seed": seed, "images": n}
+    if storage.exists(marker) and json.loads(storage.read_bytes(marker)) == plan:
+        return train_uri, dev_uri
+    images_root = storage.join(src, "images")
+    labels_root = storage.join(src, "labels")
+    for i, (image, label) in enumerate(zip(files.images, files.labels)):
+        part = dev_uri if i in chosen else train_uri
+        for uri, root, kind in ((image, images_root, "images"), (label, labels_root, "labels")):
+            relative = uri[len(root):].lstrip("/\\")
+            storage.write_bytes_atomic(storage.join(part, kind, relative), storage.read_bytes(uri))
+    storage.write_bytes_atomic(marker, json.dumps(plan).encode())  # last: a half-copied split is redone
+    return train_uri, dev_uri
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+def baseline_overrides(config: str, overrides: tuple[str, ...]) -> tuple[str, ...]:
+    """``kmeans`` settings that put the baseline on the method's backbone, resolution and sampling."""
+    from raysseg.config import load_config
+
+    cfg = load_config(config, list(overrides))
+    values = {}
+    for key in BASELINE_KEYS:
+        section, name = key.split(".")
+        values[key] = getattr(getattr(cfg, section), name)
+    return tuple(f"{k}={v}" for k, v in values.items()) + ("model.frozen=true",)
+
+
+def plan_runs(configs: list[str], seeds: list[int], common: tuple[str, ...]) -> list[Run]:
+    """Every method run and every baseline run (a baseline shared by methods on one backbone runs once)."""
+    from raysseg.config import load_config
+
+    runs: list[Run] = []
+    seen: set[str] = set()
+    for config in configs:
+        cfg = load_config(config, list(common))
+        baseline = f"k-means ({cfg.model.backbone}, {cfg.data.image_size} px)"
+        for seed in seeds:
+            for run in (Run(baseline, "kmeans_camvid", common + baseline_overrides(config, common), seed),
+                        Run(cfg.method, config, common, seed, baseline)):
+                if run.key not in seen:
+                    seen.add(run.key)
+                    runs.append(run)
+    return runs
+
+
+def _run_once(run: Run, out: Path, log: Path) -> dict:
+    """``raysseg run`` in a subprocess; the evaluation report and the wall time."""
+    eval_dir = out / "eval" / f"{run.config}-{abs(hash(run.key)) % 10**8:08d}-s{run.seed}"
+    argv = [sys.executable, "-m", "raysseg.apps.cli", "run", "--config", run.config, "--out", str(eval_dir)]
+    for o in (*run.overrides, f"train.seed={run.seed}", f"train.storage={out / 'runs'}",
+              f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}"):
+        argv += ["--set", o]
+    t0 = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(argv)}\n")
+        f.flush()
+        code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise RuntimeError(f"{run.label} seed {run.seed} failed (exit {code}); see {log}")
+    report = json.loads((eval_dir / "report.json").read_text())
+    return {"label": run.label, "config": run.config, "overrides": list(run.overrides), "seed": run.seed,
+            "seconds": round(time.time() - t0, 1), "report": str(eval_dir / "report.json"),
+            "scores": {v: {m: report["scores"][v][m] for m in ("accuracy", "miou")}
+                       for v in VARIANTS if v in report["scores"]}}
+
+
+def run_all(runs: list[Run], out: Path) -> dict:
+    """Run what ``results.json`` does not hold yet; write it after every run."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    todo = [r for r in runs if r.key not in results]
+    print(f"[quality] {len(runs)} runs, {len(runs) - len(todo)} already done; logs in {out / 'runs.log'}", flush=True)
+    t0 = time.time()
+    for i, run in enumerate(todo):
+        results[run.key] = _run_once(run, out, out / "runs.log")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, path)
+        per_run = (time.time() - t0) / (i + 1)
+        left = per_run * (len(todo) - i - 1)
+        s = results[run.key]["scores"]["clusters"]
+        print(f"[quality] {i + 1}/{len(todo)} {run.label} seed {run.seed}: clusters {100 * s['miou']:.1f} mIoU "
+              f"in {results[run.key]['seconds']:.0f} s; about {left / 60:.0f} min left", flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m = 100 * statistics.fmean(values)
+    s = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def summarise(runs: list[Run], results: dict) -> dict:
+    """Per row: every score over seeds, and the paired differences to the row's baseline (same seeds)."""
+    by_row: dict[str, dict[int, dict]] = {}
+    baseline_of: dict[str, str] = {}
+    for run in runs:
+        if run.key in results:
+            by_row.setdefault(run.label, {})[run.seed] = results[run.key]["scores"]
+            if run.baseline:
+                baseline_of[run.label] = run.baseline
+    summary = {}
+    for label, seeds in by_row.items():
+        entry = {"seeds": sorted(seeds), "scores": {}, "vs_baseline": {}, "baseline": baseline_of.get(label, "")}
+        for v in VARIANTS:
+            for m in ("accuracy", "miou"):
+                entry["scores"][f"{v}_{m}"] = [s[v][m] for s in seeds.values() if v in s]
+        base = by_row.get(entry["baseline"], {})
+        for v in VARIANTS:
+            for m in ("accuracy", "miou"):
+                entry["vs_baseline"][f"{v}_{m}"] = [seeds[s][v][m] - base[s][v][m] for s in seeds
+                                                    if s in base and v in seeds[s] and v in base[s]]
+        summary[label] = entry
+    return summary
+
+
+def table(summary: dict, title: str) -> str:
+    """Markdown: mIoU and accuracy (mean ± std over seeds), and the paired difference to the baseline."""
+    head = ["method", "seeds", "clusters mIoU", "Δ vs k-means", "+ CRF mIoU", "Δ", "probe mIoU", "Δ",
+            "retrieval mIoU", "Δ", "clusters acc", "Δ"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, e in summary.items():
+        cells = [label, str(len(e["seeds"]))]
+        for v in ("clusters_miou", "clusters_crf_miou", "probe_miou", "retrieval_miou", "clusters_accuracy"):
+            cells.append(_mean_std(e["scores"].get(v, [])))
+            diffs = e["vs_baseline"].get(v)
+            cells.append(_signed(diffs) if diffs else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _signed(values: list[float]) -> str:
+    m = 100 * statistics.fmean(values)
+    s = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{m:+.1f} ± {s:.1f}"
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def bench_quality(configs: list[str], seeds: list[int], protocol: str, out: str, common: tuple[str, ...] = (),
+                  camvid: str = "", dev: int = 67) -> str:
+    """Run (or resume) the protocol and return its markdown table; the summary goes to ``<out>/summary.json``."""
+    out_dir = Path(out)
+    camvid = camvid or os.environ.get("RAYSSEG_CAMVID", "../shared/data/camvid")
+    if protocol == "dev":
+        train_uri, dev_uri = split_dataset(os.path.join(camvid, "train"), str(out_dir / "camvid_split"), dev)
+        common = (f"data.train={train_uri}", f"data.val={dev_uri}", *common)
+        scored_on = f"the dev part ({dev} images) of CamVid train, trained on the rest"
+    elif protocol == "val":
+        common = (f"data.train={os.path.join(camvid, 'train')}", f"data.val={os.path.join(camvid, 'val')}", *common)
+        scored_on = "CamVid val, trained on the whole train split"
+    else:
+        raise ConfigError(f"--protocol {protocol}: use dev (tuning) or val (the report, once)")
+    runs = plan_runs(configs, seeds, tuple(common))
+    results = run_all(runs, out_dir)
+    summary = summarise(runs, results)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    extra = f"; settings: {', '.join(c for c in common if not c.startswith('data.'))}" if len(common) > 2 else ""
+    return table(summary, f"Quality over seeds {seeds} on {scored_on}{extra} (mean ± std, Δ paired by seed)")

@@ -1,0 +1,71 @@
+"""The multi-seed quality protocol: the dev split, the paired summary, and resumable runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raysseg.apps.quality import Run, baseline_overrides, plan_runs, run_all, split_dataset, summarise, table
+from raysseg.settings import ConfigError
+
+
+def test_the_dev_split_is_a_seeded_partition_with_labels_and_is_reused(tmp_path, synth_data):
+    train, dev = split_dataset(str(synth_data / "train"), str(tmp_path / "split"), dev=3, seed=0)
+    names = {part: sorted(p.name for p in (tmp_path / "split" / part / "images").iterdir()) for part in ("train", "dev")}
+    source = sorted(p.name for p in (synth_data / "train" / "images").iterdir())
+    assert len(names["dev"]) == 3 and len(names["train"]) == 5
+    assert sorted(names["dev"] + names["train"]) == source  # a partition: nothing lost, nothing twice
+    for part in ("train", "dev"):
+        labels = sorted(p.stem for p in (tmp_path / "split" / part / "labels").iterdir())
+        assert labels == sorted(n.rsplit(".", 1)[0] for n in names[part])
+    stamp = (tmp_path / "split" / "split.json").stat().st_mtime_ns
+    assert split_dataset(str(synth_data / "train"), str(tmp_path / "split"), dev=3, seed=0) == (train, dev)
+    assert (tmp_path / "split" / "split.json").stat().st_mtime_ns == stamp  # reused, not copied again
+    other = tmp_path / "other"
+    split_dataset(str(synth_data / "train"), str(other), dev=3, seed=1)
+    assert sorted(p.name for p in (other / "dev" / "images").iterdir()) != names["dev"]
+    with pytest.raises(ConfigError, match="between 1 and 7"):
+        split_dataset(str(synth_data / "train"), str(tmp_path / "bad"), dev=8)
+
+
+def test_each_method_is_paired_with_kmeans_on_its_own_backbone():
+    runs = plan_runs(["picie_camvid", "pgg_camvid", "hp_camvid"], [0, 1], ())
+    baselines = [r for r in runs if not r.baseline]
+    assert len(baselines) == 4  # one R18 and one ViT baseline per seed, shared by PiCIE and PGG
+    assert {r.baseline for r in runs if r.baseline} == {b.label for b in baselines}
+    vit = dict(o.split("=", 1) for o in baseline_overrides("hp_camvid", ()))
+    assert vit["model.backbone"] == "vit_small_patch16" and vit["data.image_size"] == "176"
+    r18 = dict(o.split("=", 1) for o in baseline_overrides("picie_camvid", ("data.image_size=96",)))
+    assert r18["model.backbone"] == "resnet18_fpn" and r18["data.image_size"] == "96"
+
+
+def _scores(miou: float) -> dict:
+    return {v: {"accuracy": 0.5, "miou": miou} for v in ("clusters", "clusters_crf", "probe", "retrieval")}
+
+
+def test_the_summary_gives_mean_std_and_the_difference_paired_by_seed():
+    base = [Run("k-means", "kmeans_camvid", ("x=1",), s) for s in range(3)]
+    method = [Run("picie", "picie_camvid", (), s, "k-means") for s in range(3)]
+    results = {}
+    for run, miou in zip(base + method, (0.10, 0.20, 0.30, 0.13, 0.22, 0.36)):
+        results[run.key] = {"scores": _scores(miou)}
+    summary = summarise(base + method, results)
+    assert summary["picie"]["scores"]["clusters_miou"] == pytest.approx([0.13, 0.22, 0.36])
+    assert summary["picie"]["vs_baseline"]["clusters_miou"] == pytest.approx([0.03, 0.02, 0.06])
+    text = table(summary, "t")
+    # mean 23.7, sample std 11.6; differences +3.7 ± 2.1 (by hand: 3, 2, 6)
+    assert "| picie | 3 | 23.7 ± 11.6 | +3.7 ± 2.1 |" in text
+    assert "| k-means | 3 | 20.0 ± 10.0 |  |" in text
+
+
+@pytest.mark.slow
+def test_runs_are_recorded_and_not_run_again(tmp_path, synth_data):
+    data = (f"data.train={synth_data / 'train'}", f"data.val={synth_data / 'val'}", "eval.probe=false",
+            "eval.retrieval=false", "eval.crf=false")
+    runs = [Run("k-means", "kmeans_synth", data, 0)]
+    results = run_all(runs, tmp_path)
+    first = results[runs[0].key]
+    assert 0 < first["scores"]["clusters"]["miou"] <= 1
+    assert json.loads((tmp_path / "results.json").read_text())[runs[0].key]["seconds"] == first["seconds"]
+    again = run_all(runs, tmp_path)
+    assert again[runs[0].key]["seconds"] == first["seconds"]  # read back, not trained again
