@@ -153,7 +153,8 @@ class _ConfigMethods:
 
 # Settings added after runs existed that change what a run computes: hashed into the run name only
 # when set away from these defaults.
-ADDED_SETTINGS = {"train.precision": "fp32"}
+ADDED_SETTINGS = {"train.precision": "fp32", "concepts.restart_after": 0, "pgg.output_stride": 8,
+                  "segsort.min_cells": 1}
 
 
 def _section(name: str, cls: type) -> tuple[str, type, Any]:

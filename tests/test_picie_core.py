@@ -321,3 +321,28 @@ def test_pgg_head_cae_term_is_the_upsampled_cae():
     expected = head.proj8(F.avg_pool2d(f4, 2)) + F.interpolate(ctx, size=(8, 12), mode="bilinear",
                                                                align_corners=False)
     torch.testing.assert_close(head(f4, rgb), expected)
+
+
+def test_pgg_head_at_stride_4_keeps_picie_resolution_and_the_cae_ratio():
+    """output_stride 4: the embedding stays on the FPN's 1/4 grid, CAE runs at 1/8 (2x coarser, as 1/16 to 1/8)."""
+    torch.manual_seed(0)
+    f4, rgb = torch.randn(1, 8, 16, 24), torch.rand(1, 3, 64, 96)
+    head = PGGHead(8, cae=True, affinity="raw", n_global=10, guidance=True, modified_cam=False, output_stride=4)
+    ctx = head.cae(F.avg_pool2d(f4, 2), F.avg_pool2d(rgb, 8))
+    assert ctx.shape == (1, 8, 8, 12)
+    expected = head.proj8(f4) + F.interpolate(ctx, size=(16, 24), mode="bilinear", align_corners=False)
+    emb = head(f4, rgb)
+    torch.testing.assert_close(emb, expected)
+    assert head.global_logits(emb, PYRAMID_BOXES).shape == (1, 6, 10)
+    with pytest.raises(ValueError, match="output_stride"):
+        PGGHead(8, cae=False, affinity="raw", n_global=10, guidance=False, modified_cam=False, output_stride=16)
+
+
+def test_pgg_output_stride_setting_reaches_the_model_and_leaves_run_names_alone():
+    from raysseg.config import load_config
+    from raysseg.methods.registry import output_stride
+
+    default = load_config("pgg_camvid", [])
+    fine = load_config("pgg_camvid", ["pgg.output_stride=4"])
+    assert output_stride(default) == 8 and output_stride(fine) == 4
+    assert default.run_name() == load_config("pgg_camvid", ["pgg.output_stride=8"]).run_name() != fine.run_name()

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from raysseg.methods.segsort import core
-from raysseg.core.segments import batch_segment_ids, flat_pixels, oversegment, pixel_sort, segment_prototypes
+from raysseg.core.segments import (batch_segment_ids, flat_pixels, merge_small_segments, oversegment, pixel_sort,
+                                   segment_prototypes)
 
 
 def _unit(*rows):
@@ -180,10 +181,54 @@ def test_update_dictionary_is_an_ema_with_dead_concept_restarts():
     assert new["ema_counts"][:2].tolist() == [2.0, 0.5]  # 0.5 * 2 + 0.5 * 2; 0.5 * 1
     assert np.allclose(new["ema_sums"][0], [1, 1]) and np.allclose(new["concepts"][0], [2 ** -0.5, 2 ** -0.5])
     assert np.allclose(new["concepts"][1], [0, 1])
-    # concept 2's count fell below DEAD_COUNT: restarted at the only candidate, with one assignment's weight
+    # concept 2's count fell below DEAD_COUNT: restarted at the only candidate with ema count 1.0 (the original rule)
     assert np.allclose(new["concepts"][2], [0.6, 0.8]) and new["ema_counts"][2] == 1.0
     assert new["cooccurrence"].tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 0]]
+    assert new["idle_steps"].tolist() == [0, 1, 0]  # concept 1 unassigned this step; 2 just restarted
     assert all(np.array_equal(state[k], before[k]) for k in state)  # pure
+
+
+def _one_step_stats(k: int, assigned: dict[int, list[float]], candidate: list[float]) -> dict[str, np.ndarray]:
+    """concept_statistics of one worker: one prototype per entry of ``assigned`` plus ``candidate``
+    as the restart candidate (not assigned)."""
+    stats = core.concept_statistics(np.array(list(assigned.values()), np.float32).reshape(-1, 2),
+                                    np.array(list(assigned), np.int64), np.zeros(len(assigned), np.int64), k)
+    stats["candidates"] = np.array([candidate], np.float32)
+    return stats
+
+
+def test_restart_after_idle_steps_with_one_assignments_weight():
+    # 3 concepts, decay 0.5, restart after R = 1 idle update: concept 0 is used every step, concept 1 once
+    # then never, concept 2 never.
+    state = core.init_dictionary(3, 2, seed=0)
+    step = functools.partial(core.update_dictionary, decay=0.5, restart_after=1)
+    s1 = step(state, [_one_step_stats(3, {0: [1, 0], 1: [0, 1]}, [0.6, 0.8])], rng=np.random.default_rng(0))
+    # concept 2 was never assigned: restarted at once, at the candidate, with one assignment's weight 1 - decay
+    assert np.allclose(s1["concepts"][2], [0.6, 0.8]) and s1["ema_counts"][2] == 0.5
+    assert np.allclose(s1["ema_sums"][2], [0.3, 0.4])
+    assert s1["ema_counts"][:2].tolist() == [0.5, 0.5] and s1["idle_steps"].tolist() == [0, 0, 0]
+    s2 = step(s1, [_one_step_stats(3, {0: [1, 0]}, [0.8, -0.6])], rng=np.random.default_rng(0))
+    # one idle update is allowed (R = 1): concepts 1 and 2 keep their directions
+    assert s2["idle_steps"].tolist() == [0, 1, 1]
+    assert np.allclose(s2["concepts"][1], [0, 1]) and np.allclose(s2["concepts"][2], [0.6, 0.8])
+    s3 = step(s2, [_one_step_stats(3, {0: [1, 0], 2: [0, 1]}, [-1, 0])], rng=np.random.default_rng(0))
+    # concept 1's second idle update: restarted at [-1, 0] although its ema count (0.125) is far above DEAD_COUNT;
+    # concept 2 was assigned again: its restart weight 0.5 -> 0.25, plus 0.5 * [0, 1]
+    assert np.allclose(s3["concepts"][1], [-1, 0]) and s3["ema_counts"][1] == 0.5 and s3["idle_steps"][1] == 0
+    assert np.allclose(s3["ema_sums"][2], [0.6 * 0.125, 0.8 * 0.125 + 0.5])
+    # the original rule would have kept concept 1 (0.125 >= DEAD_COUNT)
+    legacy = core.update_dictionary(s2, [_one_step_stats(3, {0: [1, 0], 2: [0, 1]}, [-1, 0])], 0.5,
+                                    np.random.default_rng(0))
+    assert np.allclose(legacy["concepts"][1], [0, 1])
+
+
+def test_update_dictionary_reads_a_state_without_idle_steps():
+    """A checkpoint from before idle_steps existed restores and updates."""
+    state = core.init_dictionary(2, 2, seed=0)
+    del state["idle_steps"]
+    new = core.update_dictionary(state, [_one_step_stats(2, {0: [1, 0]}, [0, 1])], 0.9, np.random.default_rng(0),
+                                 restart_after=3)
+    assert new["idle_steps"].tolist() == [0, 0] and np.allclose(new["concepts"][1], [0, 1])
 
 
 # ------------------------------------------------------------------ the bank on a real Ray
@@ -221,3 +266,43 @@ def test_bank_ring_table_and_dictionary_are_identical_for_every_rank(ray_local):
     assert table[:, 0].tolist() == [40, 40, 41, 50, 51]  # the ring survived the checkpoint
     ray.kill(bank)
     ray.kill(other)
+
+
+# ------------------------------------------------------------------ merging small segments (segsort.min_cells)
+
+
+def test_merge_small_segments_hand_cases():
+    ids = torch.tensor([[[0, 0, 1, 1],
+                         [0, 0, 1, 1],
+                         [2, 3, 3, 3]]])
+    # min 2: only segment 2 (1 cell) is small; it borders 0 and 3 by one edge each: the larger (0, 4 cells) wins
+    assert merge_small_segments(ids, 2).tolist() == [[[0, 0, 1, 1], [0, 0, 1, 1], [0, 2, 2, 2]]]
+    # min 4: 2 joins 0 as before; 3 (3 cells) borders 1 by two edges, 0 and 2 by one: it joins 1
+    assert merge_small_segments(ids, 4).tolist() == [[[0, 0, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]]]
+    assert torch.equal(merge_small_segments(ids, 1), ids)  # 1 = off
+
+
+def test_merge_small_segments_joins_chains_and_never_crosses_images():
+    # image 0: three 1-cell segments in a row; 1 ties between 0 and 2 (same border, same size): lower id 0.
+    # The picks 0->1, 1->0, 2->1 form one component; with min 5 it stays small but has no neighbour left.
+    # Image 1 is one 3-cell segment with no neighbour: kept as it is.
+    ids = torch.tensor([[[0, 1, 2]], [[3, 3, 3]]])
+    merged = merge_small_segments(ids, 5)
+    assert merged.tolist() == [[[0, 0, 0]], [[1, 1, 1]]]
+    _, image = batch_segment_ids(merged)
+    assert image.tolist() == [0, 1]
+
+
+def test_merge_small_segments_leaves_no_small_segment_on_real_pseudo_segments():
+    rng = np.random.default_rng(0)
+    image = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    pseudo = torch.from_numpy(oversegment(image, scale=10, min_size=2))[None].long()
+    cells = F.interpolate(pseudo[:, None].float(), size=(16, 16), mode="nearest")[:, 0].long()
+    ids, _ = batch_segment_ids(cells)
+    merged = merge_small_segments(ids, 6)
+    counts = torch.bincount(merged.reshape(-1))
+    assert counts.min() >= 6 and counts.sum() == 256
+    assert torch.equal(torch.unique(merged), torch.arange(len(counts)))  # consecutive
+    # every merged segment is a union of old ones
+    for old in torch.unique(ids):
+        assert len(torch.unique(merged[ids == old])) == 1

@@ -98,6 +98,57 @@ def batch_segment_ids(*maps: Tensor) -> tuple[Tensor, Tensor]:
     return ids.reshape(maps[0].shape), image
 
 
+def merge_small_segments(ids: Tensor, min_cells: int) -> Tensor:
+    """Merge every segment smaller than ``min_cells`` locations into a 4-adjacent one, until none is left
+    (or a small segment has no neighbour: a whole image).
+
+    ids (B, h, w) int64 numbered across the batch in [0, S), no segment spanning two images (as
+    :func:`batch_segment_ids` gives). Each round, every small segment picks the neighbour it shares the
+    longest border with (ties: the larger neighbour, then the lower id). A pick is carried out when its
+    target is not small, or when two small segments pick each other; other picks wait for the next round
+    (their target may have grown), so chains of small segments do not snowball into one large segment
+    (if no pick qualifies, all are carried out). Returns ids (B, h, w) int64 renumbered consecutively in
+    the order of the smallest old id of each merged segment (the image order is kept)."""
+    if min_cells <= 1 or ids.numel() == 0:
+        return ids
+    b, h, w = ids.shape
+    flat = ids.reshape(-1)
+    total = flat.numel()
+    while True:
+        n = int(flat.max()) + 1
+        counts = torch.bincount(flat, minlength=n)
+        small = counts < min_cells
+        grid = flat.view(b, h, w)
+        a = torch.cat([grid[:, :, :-1].reshape(-1), grid[:, :-1, :].reshape(-1)])
+        c = torch.cat([grid[:, :, 1:].reshape(-1), grid[:, 1:, :].reshape(-1)])
+        cut = a != c
+        src, dst = torch.cat([a[cut], c[cut]]), torch.cat([c[cut], a[cut]])  # both directions
+        pick = small[src]
+        if not bool(pick.any()):
+            return flat.view(b, h, w)
+        pairs, border = torch.unique(src[pick] * n + dst[pick], return_counts=True)
+        s, d = pairs // n, pairs % n
+        score = (border * (total + 1) + counts[d]) * n + (n - 1 - d)  # border, then size, then lower id
+        best = torch.full((n,), -1, dtype=torch.int64, device=flat.device).scatter_reduce_(0, s, score, reduce="amax")
+        small_ids = torch.nonzero(best >= 0).reshape(-1)
+        target = n - 1 - best[small_ids] % n
+        pick_of = torch.full((n,), -1, dtype=torch.int64, device=flat.device).index_put_((small_ids,), target)
+        now = ~small[target] | (pick_of[target] == small_ids)
+        if bool(now.any()):
+            small_ids, target = small_ids[now], target[now]
+        label = torch.arange(n, device=flat.device)
+        while True:  # connected components of the picks: propagate the smallest id along them
+            low = torch.minimum(label[small_ids], label[target])
+            new = label.clone()
+            new.scatter_reduce_(0, small_ids, low, reduce="amin")
+            new.scatter_reduce_(0, target, low, reduce="amin")
+            new = new[new]
+            if torch.equal(new, label):
+                break
+            label = new
+        _, flat = torch.unique(label[flat], return_inverse=True)
+
+
 def segment_prototypes(emb: Tensor, ids: Tensor, n_segments: int) -> tuple[Tensor, Tensor]:
     """Normalised mean embedding of each segment.
 

@@ -89,7 +89,7 @@ class MethodSpec:
     trainer: str | None = None
     head: Callable | None = None
     buffers: Callable | None = None
-    output_stride: int | None = None  # pixels per code cell when the head changes the backbone's
+    output_stride: int | Callable | None = None  # pixels per code cell (or cfg -> it) when the head changes the backbone's
     datasets: Callable = lambda cfg, plan: {}
     plan: Callable | None = None
     check_config: Callable = lambda cfg: None

@@ -41,7 +41,9 @@ def output_stride(cfg) -> int:
     """Pixels per code cell for ``cfg``, without building the model."""
     from raysseg.core.geometry import feature_stride
 
-    return spec(cfg.method).output_stride or feature_stride(cfg.model.backbone)
+    stride = spec(cfg.method).output_stride
+    stride = stride(cfg) if callable(stride) else stride
+    return stride or feature_stride(cfg.model.backbone)
 
 
 def build_segmenter(cfg, load_backbone_weights: bool = True, read_bytes=None):

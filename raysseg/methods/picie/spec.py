@@ -15,9 +15,11 @@ class PGGConfig:
     keep_fraction: float = setting(0.4, lo=0.01, hi=1.0, help="active selection: views closest to their centre kept")
     cam: str = setting("modified", choices=("classic", "modified"), help="classic: GAP-Linear; modified: GAP-Linear-ReLU-Linear")
     weight: float = setting(1.0, lo=0.0, help="weight of the image-level loss")
-    cae: bool = setting(True, help="context-aware embedding at 1/16 resolution")
+    cae: bool = setting(True, help="context-aware embedding at twice the output stride (1/16 by default)")
     cae_affinity: str = setting("both", choices=("both", "feature", "raw"),
                                 help="CAE affinity: cosine x colour/position kernels, cosine only, or kernels only")
+    output_stride: int = setting(8, choices=(4, 8), help="pixels per embedding cell: 8 (the paper; CAE at 1/16) or 4 "
+                                 "(PiCIE's resolution; CAE at 1/8), for small images")
 
 
 def _pgg_head(cfg, backbone_dim: int):
@@ -25,7 +27,7 @@ def _pgg_head(cfg, backbone_dim: int):
 
     p = cfg.pgg
     head = PGGHead(backbone_dim, cae=p.cae, affinity=p.cae_affinity, n_global=p.global_clusters,
-                   guidance=p.guidance != "none", modified_cam=p.cam == "modified")
+                   guidance=p.guidance != "none", modified_cam=p.cam == "modified", output_stride=p.output_stride)
     head.code_dim = backbone_dim
     return head
 
@@ -54,4 +56,5 @@ _COMMON = dict(
 PICIE = MethodSpec(name="picie", summary="PiCIE: clustering with photometric invariance and geometric equivariance",
                    **_COMMON)
 PGG = MethodSpec(name="pgg", summary="PiCIE + pyramid global guidance + context-aware embedding",
-                 sections=(("pgg", PGGConfig),), head=_pgg_head, output_stride=8, **_COMMON)
+                 sections=(("pgg", PGGConfig),), head=_pgg_head,
+                 output_stride=lambda cfg: cfg.pgg.output_stride, **_COMMON)

@@ -154,12 +154,12 @@ def cooccurrence_loss(emb: Tensor, pixel_concept: Tensor, protos: Tensor, proto_
 
 
 def init_dictionary(k: int, dim: int, seed: int) -> dict[str, np.ndarray]:
-    """A fresh dictionary state: random unit concepts, zero EMA statistics and co-occurrence."""
+    """A fresh dictionary state: random unit concepts, zero EMA statistics, co-occurrence and idle steps."""
     rng = np.random.default_rng(seed)
     c = rng.standard_normal((k, dim)).astype(np.float32)
     return {"concepts": c / np.linalg.norm(c, axis=1, keepdims=True),
             "ema_counts": np.zeros(k, np.float32), "ema_sums": np.zeros((k, dim), np.float32),
-            "cooccurrence": np.zeros((k, k), np.float32)}
+            "cooccurrence": np.zeros((k, k), np.float32), "idle_steps": np.zeros(k, np.float32)}
 
 
 def concept_statistics(protos: np.ndarray, index: np.ndarray, image: np.ndarray, k: int) -> dict[str, np.ndarray]:
@@ -179,21 +179,34 @@ def concept_statistics(protos: np.ndarray, index: np.ndarray, image: np.ndarray,
 
 
 def update_dictionary(state: dict[str, np.ndarray], stats: list[dict[str, np.ndarray]], decay: float,
-                      rng: np.random.Generator) -> dict[str, np.ndarray]:
+                      rng: np.random.Generator, restart_after: int = 0) -> dict[str, np.ndarray]:
     """One EMA step of the dictionary from every worker's :func:`concept_statistics` (in rank order).
 
     ema_counts <- decay * ema_counts + (1 - decay) * counts (same for ema_sums and the
-    co-occurrence counts); each concept is its normalised ema_sums. A concept whose ema count is
-    below ``DEAD_COUNT`` (never used, or unused for ~460 steps at decay 0.99) restarts at a random
-    current prototype with the weight of one assignment. Pure: returns a new state."""
+    co-occurrence counts); each concept is its normalised ema_sums; idle_steps counts the updates
+    since a concept's last assignment. Dead concepts restart at a random current prototype:
+
+    - ``restart_after`` = R > 0: dead = no assignment in the last R + 1 updates, or never assigned;
+      a restart has the weight of one assignment (ema count 1 - decay, ema sums (1 - decay) * prototype),
+      so its first real assignments move it.
+    - R = 0, the original rule: dead = ema count below ``DEAD_COUNT``; a restart has ema count 1.0
+      (the weight of 1 / (1 - decay) assignments, 100 at decay 0.99), so a restarted concept stays at
+      its prototype and counts as alive for ~460 idle steps at decay 0.99, longer than a 3-epoch
+      CamVid run (138 steps): no restart fires after the first step.
+
+    Pure: returns a new state."""
     counts = sum(s["counts"] for s in stats)
     sums = sum(s["sums"] for s in stats)
     pairs = sum(s["pairs"] for s in stats)
     ema_counts = decay * state["ema_counts"] + (1 - decay) * counts
     ema_sums = decay * state["ema_sums"] + (1 - decay) * sums
     cooccurrence = decay * state["cooccurrence"] + (1 - decay) * pairs
+    idle = np.where(counts > 0, 0.0, state.get("idle_steps", np.zeros_like(counts)) + 1)  # old checkpoints lack it
     concepts = state["concepts"].copy()
-    live = ema_counts >= DEAD_COUNT
+    if restart_after > 0:
+        weight, live = 1 - decay, (idle <= restart_after) & (ema_counts > 0)
+    else:
+        weight, live = 1.0, ema_counts >= DEAD_COUNT
     norms = np.linalg.norm(ema_sums[live], axis=1, keepdims=True)
     concepts[live] = ema_sums[live] / np.maximum(norms, 1e-12)
     dead = np.flatnonzero(~live)
@@ -201,7 +214,9 @@ def update_dictionary(state: dict[str, np.ndarray], stats: list[dict[str, np.nda
     if len(dead) and len(candidates):
         pick = rng.choice(len(candidates), len(dead), replace=len(candidates) < len(dead))
         concepts[dead] = candidates[pick]
-        ema_sums[dead] = candidates[pick]
-        ema_counts[dead] = 1.0
+        ema_sums[dead] = weight * candidates[pick]
+        ema_counts[dead] = weight
+        idle[dead] = 0
     return {"concepts": concepts.astype(np.float32), "ema_counts": ema_counts.astype(np.float32),
-            "ema_sums": ema_sums.astype(np.float32), "cooccurrence": cooccurrence.astype(np.float32)}
+            "ema_sums": ema_sums.astype(np.float32), "cooccurrence": cooccurrence.astype(np.float32),
+            "idle_steps": idle.astype(np.float32)}

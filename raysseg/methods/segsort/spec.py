@@ -12,6 +12,9 @@ class SegSortConfig:
     embed_dim: int = setting(32, lo=2, hi=4096, help="pixel embedding size (unit sphere)")
     kappa: float = setting(10.0, lo=1e-3, hi=1000.0, help="vMF concentration: similarity exp(kappa * cos)")
     memory_batches: int = setting(2, lo=0, hi=1000, help="prototypes of the last B global batches, held by the concept bank")
+    min_cells: int = setting(1, lo=1, hi=4096, help="SegSort training segments (pixel sorting x pseudo "
+                             "segments) smaller than this many embedding cells merge into a neighbour (1: off; "
+                             "visual concepts ignores it)")
 
 
 @dataclass
@@ -23,6 +26,10 @@ class ConceptsConfig:
     lambda_v: float = setting(2.0, lo=0.0, help="weight of the global-concept (VQ) loss")
     lambda_c: float = setting(1.0, lo=0.0, help="weight of the co-occurrence loss")
     warmup: int = setting(0, lo=0, help="steps training only the local-concept term (the dictionary still learns)")
+    restart_after: int = setting(0, lo=0, help="a concept with no assignment in this many + 1 global steps "
+                                 "restarts at a current prototype with one assignment's weight (0: the original "
+                                 "rule, ema count below 0.01 with restarts weighted as 1 / (1 - decay) assignments: "
+                                 "~460 idle steps at decay 0.99)")
 
 
 def _head(cfg, backbone_dim: int):

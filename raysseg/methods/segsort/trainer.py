@@ -30,7 +30,7 @@ from torch import nn
 from raysseg.core.augment import crop_resize, photometric_augment, random_boxes
 from raysseg.core.device import Uploader, as_input, clock
 from raysseg.core.distributed import optimizer_step
-from raysseg.core.segments import batch_segment_ids, flat_pixels, pixel_sort, segment_prototypes
+from raysseg.core.segments import batch_segment_ids, flat_pixels, merge_small_segments, pixel_sort, segment_prototypes
 from raysseg.methods.base import TrainContext, load_optimizer_state, optimizer_state
 from raysseg.methods.segsort import core
 
@@ -129,7 +129,8 @@ class SegmentTrainer:
             ids, image = batch_segment_ids(maps)
             image = image % b
         else:  # segments = pixel-sorting clusters within pseudo segments; label = own segment
-            ids, image = batch_segment_ids(pixel_sort(emb, cfg.segments.grid, cfg.segments.iterations), maps)
+            ids, _ = batch_segment_ids(pixel_sort(emb, cfg.segments.grid, cfg.segments.iterations), maps)
+            ids, image = batch_segment_ids(merge_small_segments(ids, ss.min_cells))
         t3 = clock(self.device)
         ids = ids.reshape(-1)
         n_seg = int(ids.max()) + 1
@@ -180,7 +181,8 @@ class SegmentTrainer:
                 concept_stats = core.concept_statistics(rows, np.zeros(0, np.int64), np.zeros(0, np.int64),
                                                         self.cfg.concepts.n_concepts)
             self.shared.reduce(version + 1, self.rank, concept_stats,
-                               functools.partial(core.update_dictionary, decay=self.cfg.concepts.decay))
+                               functools.partial(core.update_dictionary, decay=self.cfg.concepts.decay,
+                                                 restart_after=self.cfg.concepts.restart_after))
         stats["loss_total"] = loss.item()
         stats["bank_version"] = float(self.versions["memory"])
         self.timers["bank"] += t1 - t0
