@@ -69,3 +69,11 @@ def test_runs_are_recorded_and_not_run_again(tmp_path, synth_data):
     assert json.loads((tmp_path / "results.json").read_text())[runs[0].key]["seconds"] == first["seconds"]
     again = run_all(runs, tmp_path)
     assert again[runs[0].key]["seconds"] == first["seconds"]  # read back, not trained again
+
+
+def test_a_variant_is_its_own_row_on_the_same_baseline():
+    runs = plan_runs(["segsort_camvid", "segsort_camvid+segsort.min_cells=8"], [0], ())
+    assert [r.label for r in runs] == ["k-means (resnet18_fpn, 128 px)", "segsort", "segsort (segsort.min_cells=8)"]
+    assert runs[2].overrides == ("segsort.min_cells=8",) and runs[2].baseline == runs[0].label
+    with pytest.raises(ConfigError, match=r"\+key=value"):
+        plan_runs(["segsort_camvid+min_cells"], [0], ())

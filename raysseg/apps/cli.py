@@ -279,8 +279,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--sklearn-max-iter", type=int, default=20, help="cluster: MiniBatchKMeans epochs at most")
     sp.add_argument("--backbones", default="resnet18_fpn,vit_small_patch16",
                     help="cluster: backbones for the feature-extraction rate ('' to skip)")
-    sp.add_argument("--configs", help="quality: comma-separated configs (default: the five CamVid methods); each "
-                                      "runs beside k-means on its backbone")
+    sp.add_argument("--configs", help="quality: comma-separated configs (default: the five CamVid methods), each "
+                                      "run beside k-means on its backbone; a variant adds settings: "
+                                      "segsort_camvid+segsort.min_cells=8")
     sp.add_argument("--seeds", type=int, default=3, help="quality: seeds 0..N-1 per config")
     sp.add_argument("--protocol", default="dev", choices=["dev", "val"],
                     help="quality: dev = train on CamVid train less a dev part, score on the dev part (tune here); "

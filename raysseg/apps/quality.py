@@ -94,18 +94,32 @@ def baseline_overrides(config: str, overrides: tuple[str, ...]) -> tuple[str, ..
     return tuple(f"{k}={v}" for k, v in values.items()) + ("model.frozen=true",)
 
 
+def parse_config_spec(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``name`` or ``name+key=value+key=value`` (a variant): the config and its own overrides."""
+    name, *overrides = spec.split("+")
+    bad = [o for o in overrides if "=" not in o]
+    if not name or bad:
+        raise ConfigError(f"--configs {spec!r}: write a config name, optionally followed by +key=value settings "
+                          f"(e.g. segsort_camvid+segsort.min_cells=8)")
+    return name, tuple(overrides)
+
+
 def plan_runs(configs: list[str], seeds: list[int], common: tuple[str, ...]) -> list[Run]:
-    """Every method run and every baseline run (a baseline shared by methods on one backbone runs once)."""
+    """Every method run and every baseline run (a baseline shared by methods on one backbone runs once).
+
+    ``configs`` are :func:`parse_config_spec` specs; a variant's row is labelled with its settings."""
     from raysseg.config import load_config
 
     runs: list[Run] = []
     seen: set[str] = set()
-    for config in configs:
-        cfg = load_config(config, list(common))
+    for config_spec in configs:
+        config, own = parse_config_spec(config_spec)
+        cfg = load_config(config, [*common, *own])
+        label = f"{cfg.method} ({', '.join(own)})" if own else cfg.method
         baseline = f"k-means ({cfg.model.backbone}, {cfg.data.image_size} px)"
         for seed in seeds:
-            for run in (Run(baseline, "kmeans_camvid", common + baseline_overrides(config, common), seed),
-                        Run(cfg.method, config, common, seed, baseline)):
+            for run in (Run(baseline, "kmeans_camvid", common + baseline_overrides(config, common + own), seed),
+                        Run(label, config, common + own, seed, baseline)):
                 if run.key not in seen:
                     seen.add(run.key)
                     runs.append(run)
