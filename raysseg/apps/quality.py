@@ -14,6 +14,7 @@ Results go to ``<out>/results.json`` after every run, so the benchmark resumes w
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -128,7 +129,7 @@ def plan_runs(configs: list[str], seeds: list[int], common: tuple[str, ...]) -> 
 
 def _run_once(run: Run, out: Path, log: Path) -> dict:
     """``raysseg run`` in a subprocess; the evaluation report and the wall time."""
-    eval_dir = out / "eval" / f"{run.config}-{abs(hash(run.key)) % 10**8:08d}-s{run.seed}"
+    eval_dir = out / "eval" / f"{run.config}-{hashlib.sha1(run.key.encode()).hexdigest()[:8]}-s{run.seed}"
     argv = [sys.executable, "-m", "raysseg.apps.cli", "run", "--config", run.config, "--out", str(eval_dir)]
     for o in (*run.overrides, f"train.seed={run.seed}", f"train.storage={out / 'runs'}",
               f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}"):
