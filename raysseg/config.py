@@ -153,8 +153,8 @@ class _ConfigMethods:
 
 # Settings added after runs existed that change what a run computes: hashed into the run name only
 # when set away from these defaults.
-ADDED_SETTINGS = {"train.precision": "fp32", "concepts.restart_after": 0, "pgg.output_stride": 8,
-                  "segsort.min_cells": 1}
+ADDED_SETTINGS = {"train.precision": "fp32", "hp.loss_form": "paper", "concepts.restart_after": 0,
+                  "pgg.output_stride": 8, "segsort.min_cells": 1}
 
 
 def _section(name: str, cls: type) -> tuple[str, type, Any]:
@@ -181,6 +181,17 @@ def available_configs() -> list[str]:
     return available("raysseg.configs")
 
 
+def yaml_error_line(kind: str, path: str, error: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: the file, line and column (1-based) and what the parser expected."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else path
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} started at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return f"{kind} file {where}: not valid YAML: {problem}; fix the syntax there"
+
+
 def read_named_yaml(name_or_path: str, package: str, kind: str) -> tuple[str, dict]:
     """(name, mapping) of a YAML path or of a built-in ``<package>/<name>.yaml``; errors name the ``kind``."""
     path = Path(name_or_path)
@@ -198,11 +209,11 @@ def read_named_yaml(name_or_path: str, package: str, kind: str) -> tuple[str, di
                 + (f"; did you mean {hint[0]!r}?" if hint else "")
                 + f" (built-in: {', '.join(known)}; or give a .yaml path)"
             )
-        text, name = res.read_text(), name_or_path
+        text, name, path = res.read_text(), name_or_path, res
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{kind} {name_or_path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(yaml_error_line(kind, str(path), e)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{kind} {name_or_path}: top level must be a mapping")
     return name, raw

@@ -222,10 +222,11 @@ def test_empty_local_folder_is_one_line(tmp_path):
     (tmp_path / "split" / "images" / "notes.txt").write_text("not an image")
     with pytest.raises(DatasetError) as err:
         data.list_split(str(tmp_path / "split"), with_labels=False)
-    _one_line(str(err.value), f"{tmp_path / 'split' / 'images'} holds no .png/.jpg/.jpeg images", "put the split's")
+    _one_line(str(err.value), f"{tmp_path / 'split' / 'images'} holds no PNG, JPEG, WebP, TIFF or BMP images",
+              "notes.txt", "put the split's")
     with pytest.raises(DatasetError) as err:  # make_dataset fails the same way, before any Ray work
         datasets.make_dataset(str(tmp_path / "split"), image_size=32, train=True, with_labels=False)
-    _one_line(str(err.value), "holds no .png")
+    _one_line(str(err.value), "holds no PNG")
     with pytest.raises(DatasetError) as err:
         data.list_split(str(tmp_path / "nowhere"), with_labels=True)
     _one_line(str(err.value), f"{tmp_path / 'nowhere'} has no images/ folder")
@@ -243,7 +244,7 @@ def test_empty_s3_prefix_missing_bucket_and_wrong_secret_are_one_line(s3_server,
     storage.write_bytes_atomic(f"s3://{bucket}/ds/train/images/README.txt", b"no images here")
     with pytest.raises(DatasetError) as err:
         data.list_split(f"s3://{bucket}/ds/train", with_labels=False)
-    _one_line(str(err.value), f"s3://{bucket}/ds/train/images holds no .png/.jpg/.jpeg images")
+    _one_line(str(err.value), f"s3://{bucket}/ds/train/images holds no PNG, JPEG, WebP, TIFF or BMP images", "README.txt")
     missing = "nobucket-" + uuid.uuid4().hex[:8]
     with pytest.raises(StorageError) as err:
         data.list_split(f"s3://{missing}/train", with_labels=False)

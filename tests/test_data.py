@@ -67,7 +67,7 @@ def test_list_split_errors(tmp_path, synth_data):
     with pytest.raises(DatasetError, match=f"{tmp_path / 'nothing'} has no images/"):
         data.list_split(str(tmp_path / "nothing"), with_labels=False)
     (tmp_path / "empty" / "images").mkdir(parents=True)
-    with pytest.raises(DatasetError, match="holds no .png"):
+    with pytest.raises(DatasetError, match="holds no PNG, JPEG"):
         data.list_split(str(tmp_path / "empty"), with_labels=False)
     split = tmp_path / "nolabels"
     shutil.copytree(synth_data / "val" / "images", split / "images")
@@ -76,7 +76,7 @@ def test_list_split_errors(tmp_path, synth_data):
         data.list_split(str(split), with_labels=True)
     (split / "labels").mkdir()
     shutil.copy(synth_data / "val" / "labels" / "val_0000.png", split / "labels")
-    with pytest.raises(DatasetError, match=r"3 of 4 images .* \(first: val_0001\)"):
+    with pytest.raises(DatasetError, match=r"3 of 4 images .* \(first: val_0001.png, val_0002.png, val_0003.png\)"):
         data.list_split(str(split), with_labels=True)
 
 

@@ -441,6 +441,60 @@ def bench_select(reports: str, n_images: int = 32) -> str:
                   rows)
 
 
+def bench_predict(limit: int = 0, config: str = "hp_camvid", gpu_tflops: float = 989.4, utilisation: float = 0.4) -> str:
+    """``raysseg predict`` on the CamVid training images (labels and overlays, as the old loop writes): the
+    single-process loop against the Ray Data job with 1 and 2 workers, side by side in one run (``limit``: the
+    first N images only); then what a GPU node would need: the FLOPs of one forward pass per image and the
+    decode rate of one core."""
+    import numpy as np
+    import torch
+
+    from raysseg.apps.bench_steps import _count_flops
+    from raysseg.apps.predict import predict
+    from raysseg.config import load_config
+    from raysseg.io.checkpoints import save_checkpoint
+    from raysseg.io.images import decode_image
+    from raysseg.methods.registry import build_segmenter
+    from raysseg.runtime.predict import model_input, predict_job
+
+    files = sorted((_camvid() / "train" / "images").iterdir())[:limit or None]
+    cfg = load_config(config, [])
+    seg = build_segmenter(cfg, load_backbone_weights=False).eval()  # random weights: the same cost as trained ones
+    seg.centroids.copy_(torch.nn.functional.normalize(torch.randn_like(seg.centroids), dim=1))
+    t0 = time.perf_counter()
+    decoded = [np.asarray(decode_image(p.read_bytes())) for p in files]
+    inputs = [model_input(x, cfg.data.image_size, seg.input_multiple) for x in decoded]
+    decode_rate = len(files) / (time.perf_counter() - t0)
+    gflop = _count_flops(lambda: seg.codes(torch.from_numpy(inputs[0].copy())[None])) / 1e9
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, images = f"{tmp}/model.pt", Path(tmp) / "images"
+        save_checkpoint(ckpt, seg)
+        images.mkdir()
+        for p in files:
+            (images / p.name).symlink_to(p)
+        t0 = time.perf_counter()
+        predict(ckpt, str(images), f"{tmp}/loop")
+        old = len(files) / (time.perf_counter() - t0)
+        rows.append(["single-process loop (before)", "-", len(files), f"{len(files) / old:.1f}", f"{old:.2f}", "1.0x"])
+        for workers in (1, 2):
+            t0 = time.perf_counter()
+            done = predict_job(ckpt, str(images), f"{tmp}/job{workers}", workers=workers, overlays=True)
+            wall = time.perf_counter() - t0  # Ray's start and the actors' model loading included
+            rate = done.predicted / wall
+            rows.append([f"Ray Data job, {workers} worker{'s' if workers > 1 else ''}", workers, done.predicted,
+                         f"{wall:.1f}", f"{rate:.2f}", f"{rate / old:.1f}x"])
+    size = "x".join(str(s) for s in inputs[0].shape[:2])
+    table = _table(f"raysseg predict: {len(files)} CamVid training images ({config}, "
+                   f"{cfg.model.backbone} at {size}, labels + overlays at 960x720)",
+                   ["run", "workers", "images", "seconds", "images/s", "vs loop"], rows)
+    gpu_rate = utilisation * gpu_tflops * 1e3 / gflop
+    return table + (f"\nOne forward pass: {gflop:.1f} GFLOP per image (torch.utils.flop_counter). Decode + resize: "
+                    f"{decode_rate:.0f} images/s per core (PIL, 960x720 PNG). A GPU at {100 * utilisation:.0f}% of "
+                    f"{gpu_tflops:.0f} TFLOP/s runs ~{gpu_rate:,.0f} images/s: about {gpu_rate / decode_rate:.0f} "
+                    f"decoding cores per GPU.\n")
+
+
 def main(args) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if args.what == "cluster":
@@ -449,7 +503,8 @@ def main(args) -> None:
                              assign_passes=args.assign_passes, sklearn_max_iter=args.sklearn_max_iter,
                              backbones=[b for b in args.backbones.split(",") if b])
     else:
-        table = {"data": bench_data, "eval": bench_eval, "select": lambda: bench_select(args.reports)}.get(args.what)
+        table = {"data": bench_data, "eval": bench_eval, "select": lambda: bench_select(args.reports),
+                 "predict": lambda: bench_predict(args.limit)}.get(args.what)
         text = table() if table else bench_step(args.method)
     print(text)
     if args.out:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from raysseg.settings import ConfigError
@@ -29,9 +30,9 @@ def cmd_train(args) -> None:
         return
     from raysseg.runtime.driver import train
 
-    result = train(cfg, restart=args.restart)
-    print(f"checkpoint: {result.checkpoint}")
-    print(f"MLflow run: {result.run_id} ({result.tracking_uri})")
+    result = train(cfg, restart=args.restart)  # ends with its summary
+    if result.already_finished:
+        print(f"checkpoint: {result.checkpoint}")
 
 
 def cmd_sweep(args) -> None:
@@ -75,10 +76,12 @@ def cmd_evaluate(args) -> None:
 
 def cmd_run(args) -> None:
     """Train, then evaluate the final checkpoint: the quick start."""
+    from raysseg.engine.inputs import check_evaluation
     from raysseg.runtime.evaluate import evaluate
     from raysseg.runtime.driver import train
 
     cfg = _config(args)
+    check_evaluation(cfg, cfg.data.val, cfg.eval.probe, cfg.eval.retrieval, retrieval_asked=False)  # before training
     result = train(cfg, restart=args.restart)
     evaluate(result.checkpoint, out=args.out)
     print(f"MLflow run {result.run_id} in {result.tracking_uri}; "
@@ -86,9 +89,10 @@ def cmd_run(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from raysseg.apps.predict import predict
+    from raysseg.runtime.predict import predict_job
 
-    predict(args.checkpoint, args.images, args.out)
+    predict_job(args.checkpoint, args.images, args.out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                batch_size=args.batch_size, overlays=args.overlays, overwrite=args.overwrite)
 
 
 def cmd_concepts(args) -> None:
@@ -114,6 +118,23 @@ def cmd_data_upload(args) -> None:
     upload(args.src, args.dst)
 
 
+def cmd_data_prepare(args) -> None:
+    from raysseg.io.datasets.layout import PrepareOptions
+    from raysseg.runtime.prepare import prepare
+
+    lists = {}
+    for item in args.image_list or ():
+        split, sep, uri = item.partition("=")
+        if not sep or not uri:
+            raise ConfigError(f"--image-list {item!r}: expected SPLIT=FILE, e.g. train=Coco164kFull_Stuff_Coarse_7.txt")
+        lists[split] = uri
+    if args.tile < 1:
+        raise ConfigError(f"--tile {args.tile}: the crop side must be a positive number of pixels (papers: 200)")
+    val_tiles = tuple(t.strip() for t in (args.val_tiles or "").split(",") if t.strip())
+    prepare(args.dataset, args.src, args.dst, PrepareOptions(image_lists=lists, tile=args.tile, val_tiles=val_tiles),
+            local=args.local)
+
+
 def cmd_storage_serve(args) -> None:
     import secrets
     import signal
@@ -128,7 +149,8 @@ def cmd_storage_serve(args) -> None:
     with SeaweedServer(args.dir, s3_port=args.port) as server:
         if args.bucket:
             server.create_bucket(args.bucket)
-        print("S3 server running; in another shell:")
+        bucket = f" with the bucket {args.bucket} (use s3://{args.bucket}/<prefix>)" if args.bucket else ""
+        print(f"S3 server running at {server.endpoint}{bucket}; in another shell:")
         print(f"  export AWS_ENDPOINT_URL={server.endpoint}")
         print(f"  export AWS_ACCESS_KEY_ID={os.environ['AWS_ACCESS_KEY_ID']}")
         print(f"  export AWS_SECRET_ACCESS_KEY={os.environ['AWS_SECRET_ACCESS_KEY']}")
@@ -170,6 +192,8 @@ def parser() -> argparse.ArgumentParser:
     from raysseg.methods.registry import METHODS, trained_methods
 
     p = argparse.ArgumentParser(prog="raysseg", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's, Tune's and MLflow's own logs on the terminal too (default: in outputs/logs/)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp):
@@ -195,9 +219,9 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_sweep)
 
     sp = sub.add_parser("pull-best", help="download the checkpoint of the best MLflow run")
-    sp.add_argument("--experiment", default="raysseg")
+    sp.add_argument("--experiment", default="raysseg", help="MLflow experiment to search (default: raysseg)")
     sp.add_argument("--metric", required=True, help="e.g. view_nmi (label-free) or eval/val/clusters_miou")
-    sp.add_argument("--mode", choices=["max", "min"], default="max")
+    sp.add_argument("--mode", choices=["max", "min"], default="max", help="max: higher --metric is better (default); min: lower")
     sp.add_argument("--out", required=True, help="folder for model.pt and run.json")
     sp.add_argument("--filter", help="extra MLflow filter, e.g. \"tags.mlflow.parentRunId = '<sweep run id>'\"")
     sp.add_argument("--register-as", metavar="NAME", help="also register it in the MLflow model registry")
@@ -205,23 +229,32 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_pull_best)
 
     sp = with_config(sub.add_parser("run", help="train then evaluate (the quick start)"))
-    sp.add_argument("--out", default="outputs/eval")
+    sp.add_argument("--out", default="outputs/eval",
+                    help="folder for the evaluation's report.json and pictures (default: outputs/eval)")
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("evaluate", help="score a checkpoint on a labelled split")
     sp.add_argument("--checkpoint", required=True, help="model.pt, its folder, s3://..., runs:/<id>/checkpoint or models:/<name>@<alias>")
     sp.add_argument("--split", help="folder or s3:// prefix with images/ and labels/ (default: the config's val)")
-    sp.add_argument("--no-crf", action="store_true")
-    sp.add_argument("--no-probe", action="store_true")
+    sp.add_argument("--no-crf", action="store_true", help="skip the dense-CRF refinement of the cluster maps")
+    sp.add_argument("--no-probe", action="store_true",
+                    help="skip the linear probe (it is trained on the training split's labels)")
     sp.add_argument("--no-retrieval", action="store_true",
                     help="skip k-means segments labelled by the k nearest training prototypes")
-    sp.add_argument("--out", default="outputs/eval")
+    sp.add_argument("--out", default="outputs/eval",
+                    help="folder for report.json, the confusion matrices and overlays (default: outputs/eval)")
     sp.set_defaults(fn=cmd_evaluate)
 
-    sp = sub.add_parser("predict", help="write label PNGs and overlays for a folder of images")
+    sp = sub.add_parser("predict", help="segment a folder or s3:// prefix of images (sub-folders too) into "
+                                         "label PNGs, predictions.parquet and a manifest; resumes when run again")
     sp.add_argument("--checkpoint", required=True, help="as for evaluate")
-    sp.add_argument("--images", required=True)
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--images", required=True, help="folder or s3:// prefix (SRC)")
+    sp.add_argument("--out", required=True, help="folder or s3:// prefix (DST)")
+    sp.add_argument("--workers", type=int, default=2, help="model replicas (Ray actors)")
+    sp.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each replica holds (0: CPU)")
+    sp.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    sp.add_argument("--overlays", action="store_true", help="also write colour overlays under DST/overlays/")
+    sp.add_argument("--overwrite", action="store_true", help="run the model again on images already done")
     sp.set_defaults(fn=cmd_predict)
 
     sp = sub.add_parser("concepts", help="browse a split by concepts: gallery, t-SNE, relation queries")
@@ -238,32 +271,47 @@ def parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     sp = data.add_parser("synth", help="generate the labelled procedural dataset")
-    sp.add_argument("out")
-    sp.add_argument("--train", type=int, default=48)
-    sp.add_argument("--val", type=int, default=16)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--force", action="store_true")
+    sp.add_argument("out", help="folder to write train/ and val/ (images/, labels/) and classes.txt into")
+    sp.add_argument("--train", type=int, default=48, help="training images (default: 48)")
+    sp.add_argument("--val", type=int, default=16, help="validation images (default: 16)")
+    sp.add_argument("--seed", type=int, default=0, help="random seed of the scenes (default: 0)")
+    sp.add_argument("--force", action="store_true", help="write it again even if OUT already holds a dataset")
     sp.set_defaults(fn=cmd_data_synth)
     sp = data.add_parser("upload", help="copy a dataset folder into s3://bucket/prefix")
-    sp.add_argument("src")
-    sp.add_argument("dst")
+    sp.add_argument("src", help="local dataset folder (e.g. data/synth)")
+    sp.add_argument("dst", help="s3://bucket/prefix to copy it to (the bucket must exist)")
     sp.set_defaults(fn=cmd_data_upload)
+    sp = data.add_parser("prepare", help="a raw distribution (cocostuff27, cityscapes27, potsdam3, voc2012) into "
+                                         "<DST>/<split>/images|labels + dataset_card.json; resumable")
+    sp.add_argument("dataset", choices=["cocostuff27", "cityscapes27", "potsdam3", "voc2012"],
+                    help="the distribution and its mapping (README: Reproducing the papers)")
+    sp.add_argument("src", help="the distribution as unpacked: folder or s3://bucket/prefix")
+    sp.add_argument("dst", help="output root: folder or s3://bucket/prefix")
+    sp.add_argument("--image-list", action="append", metavar="SPLIT=FILE",
+                    help="cocostuff27: keep only the images listed (curated subsets); repeatable")
+    sp.add_argument("--tile", type=int, default=200, help="potsdam3: crop side in pixels (IIC/STEGO: 200)")
+    sp.add_argument("--val-tiles", default="", help="potsdam3: comma-separated tile ids for val "
+                                                    "(default: the 14 ISPRS benchmark test tiles)")
+    sp.add_argument("--local", action="store_true", help="threads in this process instead of a Ray Data job")
+    sp.set_defaults(fn=cmd_data_prepare)
 
     storage = sub.add_parser("storage", help="the embedded S3 server").add_subparsers(dest="storage_command",
                                                                                      required=True)
     sp = storage.add_parser("serve", help="run SeaweedFS S3 on 127.0.0.1 and print the variables to set")
-    sp.add_argument("--dir", default="data/s3")
-    sp.add_argument("--port", type=int, default=8333)
-    sp.add_argument("--bucket", default="raysseg")
+    sp.add_argument("--dir", default="data/s3", help="folder for the server's data and weed.log (default: data/s3)")
+    sp.add_argument("--port", type=int, default=8333, help="S3 port on 127.0.0.1 (default: 8333)")
+    sp.add_argument("--bucket", default="raysseg", help="bucket to create at start ('' for none; default: raysseg)")
     sp.set_defaults(fn=cmd_storage_serve)
 
     sp = sub.add_parser("bench", help="benchmarks that print a table")
-    sp.add_argument("what", choices=["data", "eval", "step", "gpu", "demand", "cluster", "select", "quality"],
+    sp.add_argument("what", choices=["data", "eval", "step", "gpu", "demand", "cluster", "select", "quality",
+                                     "predict"],
                     help="gpu: every method's step at the papers' settings, fp32 and bf16 (torch only); "
                          "demand: images/s a GPU would consume, from FLOPs counted on the CPU")
     sp.add_argument("--reports", default="outputs/*/*/report.json",
                     help="select: glob of `raysseg evaluate` reports whose checkpoints get a view_nmi")
-    sp.add_argument("--method", default="hp", choices=[*trained_methods(), "moco"])
+    sp.add_argument("--method", default="hp", choices=[*trained_methods(), "moco"],
+                    help="data, eval, step: the method to benchmark (default: hp)")
     sp.add_argument("--local", action="store_true", help="step: in this process on synthetic scenes (no Ray)")
     sp.add_argument("--device", default="cpu", help="step --local, gpu: cpu or cuda")
     sp.add_argument("--precision", default="fp32", choices=PRECISIONS, help="step --local: train.precision")
@@ -289,6 +337,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--dev", type=int, default=67, help="quality: images held out of CamVid train as the dev part")
     sp.add_argument("--dir", help="quality: runs, logs and results.json (default outputs/quality-<protocol>); "
                                   "the same command resumes")
+    sp.add_argument("--limit", type=int, default=0, help="predict: the first N CamVid training images (0: all 367)")
     sp.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     sp.set_defaults(fn=cmd_bench)
     return p
@@ -298,7 +347,8 @@ def parser() -> argparse.ArgumentParser:
 # (a GPU machine with torch only) cannot raise its errors, so it is skipped.
 USER_ERRORS = (("raysseg.core.backbones", "BackboneError"), ("raysseg.apps.browse", "BrowseError"),
                ("raysseg.io.images", "DatasetError"), ("raysseg.io.storage", "StorageError"),
-               ("raysseg.io.tracking", "TrackingError"), ("raysseg.runtime.driver", "RunFailed"))
+               ("raysseg.io.tracking", "TrackingError"), ("raysseg.runtime.driver", "RunFailed"),
+               ("raysseg.io.checkpoints", "CheckpointError"), ("raysseg.io.lease", "RunBusy"))
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -316,14 +366,35 @@ def _user_errors() -> tuple[type, ...]:
 def main(argv: list[str] | None = None) -> None:
     user_errors = _user_errors()
     args = parser().parse_args(argv)
+    _route_logs(args)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C: checkpoints kept
     try:
         args.fn(args)
     except ConfigError as e:
         sys.exit(_fail(f"config error: {e}"))
     except user_errors as e:
         sys.exit(_fail(f"error: {e}"))
-    except KeyboardInterrupt:
-        sys.exit(_fail("interrupted; run the same command again to resume"))
+    except KeyboardInterrupt as e:  # a run says which checkpoint it kept (RunStopped)
+        _fail(str(e) or "interrupted; run the same command again to resume")
+        sys.exit(130)
+
+
+RAY_COMMANDS = ("train", "run", "pretrain", "sweep", "evaluate", "concepts")
+
+
+def _route_logs(args) -> None:
+    """Library logs of commands that start Ray go to outputs/logs/ (raysseg.runtime.logs); -v keeps them here."""
+    if args.verbose:
+        os.environ["RAYSSEG_VERBOSE"] = "1"
+    if args.command not in RAY_COMMANDS:
+        return
+    try:
+        from raysseg.runtime import logs
+    except ImportError:  # a machine with torch only runs no Ray command
+        return
+    import time
+
+    logs.setup(f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def _fail(message: str) -> int:

@@ -50,13 +50,14 @@ def barrier() -> None:
 
 
 def optimizer_step(loss: torch.Tensor, optimizer, step: int, lr_key: str, lr: float, *, weight: float = 1.0,
-                   grad_clip: float = 0.0, scaler=None) -> None:
+                   grad_clip: float = 0.0, scaler=None, clip_params: list | None = None) -> None:
     """Backward of ``loss * weight``, optional gradient clipping, one optimizer step.
 
     First every worker checks its loss: if any is NaN or inf, all stop together before the
     weights change, with one line naming ``lr_key`` (the setting to lower). ``scaler`` (fp16's
     GradScaler) scales the loss before backward, unscales before clipping and skips the step
-    when a gradient overflowed (then lowers its scale)."""
+    when a gradient overflowed (then lowers its scale). ``clip_params``: the parameters clipped
+    (default every parameter of the optimizer)."""
     bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)  # NCCL needs it on the GPU
     dist = process_group()
     if dist is not None:
@@ -73,7 +74,7 @@ def optimizer_step(loss: torch.Tensor, optimizer, step: int, lr_key: str, lr: fl
         scaler.scale(loss * weight).backward()
         scaler.unscale_(optimizer)
     if grad_clip > 0:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = clip_params if clip_params is not None else [p for g in optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     if scaler is None:
         optimizer.step()

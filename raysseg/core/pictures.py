@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from raysseg.core.metrics import EvalInputError
@@ -63,42 +64,123 @@ def overlay(
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+MIN_CELL = 160  # overlay cells narrower than this are enlarged (nearest) by an integer factor, so text fits
+
+
+def _enlarge(cell: np.ndarray, factor: int) -> np.ndarray:
+    return cell if factor == 1 else cell.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def _legend_band(entries: list[tuple[np.ndarray, str]], width: int, font, swatch: int = 14, pad: int = 6) -> np.ndarray:
+    """White band of colour swatches with their names, flowing into as many lines as ``width`` needs."""
+    from PIL import ImageDraw
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    items = [(colour, text, swatch + 4 + int(measure.textlength(text, font=font)) + 14) for colour, text in entries]
+    lines, line, used = [], [], pad
+    for item in items:
+        if line and used + item[2] > width - pad:
+            lines.append(line)
+            line, used = [], pad
+        line.append(item)
+        used += item[2]
+    if line:
+        lines.append(line)
+    line_h = swatch + 6
+    band = Image.new("RGB", (width, pad + line_h * len(lines) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(band)
+    for i, line in enumerate(lines):
+        x, y = pad, pad + i * line_h
+        for colour, text, w in line:
+            draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(int(c) for c in colour), outline=(0, 0, 0))
+            draw.text((x + swatch + 4, y + swatch // 2), text, fill=(0, 0, 0), font=font, anchor="lm")
+            x += w
+    return np.asarray(band)
+
+
 def overlay_grid(
     images: list[np.ndarray],
     preds: list[np.ndarray],
     targets: list[np.ndarray] | None,
     ignore_index: int | None,
     gap: int = 2,
+    titles: list[str] | None = None,
+    legend: dict[int, str] | None = None,
 ) -> np.ndarray:
-    """One row per image: image | prediction overlay | colourised ground truth (if given).
+    """A picture a person can read: column titles on top, one row per image (image | prediction overlay |
+    colourised ground truth, if given), and a colour legend at the bottom.
 
-    Predictions should already be in class ids (see metrics.apply_mapping) so colours
-    match the ground truth. Cells of different sizes are padded; white gaps between.
-    Returns uint8 (rows * cell_h + gaps, cols * cell_w + gaps, 3).
+    Predictions should already be in class ids (see metrics.apply_mapping) so colours match the ground
+    truth. ``titles``: one per column (default: image, prediction / clusters, ground truth). ``legend``:
+    label id -> name for each colour (default: every id present, "cluster i" without targets, "class i"
+    with them). Cells narrower than MIN_CELL are enlarged by an integer factor (nearest); cells of
+    different sizes are padded; white gaps between.
+    Returns uint8 (title band + rows * (cell_h + gap) - gap + legend band, cols * (cell_w + gap) - gap, 3).
     """
+    from PIL import ImageDraw
+
     if not images or len(preds) != len(images) or (targets is not None and len(targets) != len(images)):
         raise EvalInputError(
             f"overlay_grid: need as many preds/targets as images (>0), got {len(images)} images, "
             f"{len(preds)} preds, {None if targets is None else len(targets)} targets"
         )
+    n_cols = 2 if targets is None else 3
+    titles = titles or ["image", "clusters" if targets is None else "prediction", "ground truth"][:n_cols]
+    if len(titles) != n_cols:
+        raise EvalInputError(f"overlay_grid: {len(titles)} titles for {n_cols} columns")
     rows = []
     for i, (image, pred) in enumerate(zip(images, preds)):
         cells = [np.asarray(image), overlay(image, pred, ignore_index=ignore_index)]
         if targets is not None:
             cells.append(colorize(targets[i], ignore_index))
         rows.append(cells)
+    raw_w = max(cell.shape[1] for row in rows for cell in row)
+    factor = max(1, min(4, -(-MIN_CELL // raw_w)))
+    rows = [[_enlarge(cell, factor) for cell in row] for row in rows]
     cell_h = max(cell.shape[0] for row in rows for cell in row)
     cell_w = max(cell.shape[1] for row in rows for cell in row)
-    n_cols = len(rows[0])
-    grid = np.full(
-        (len(rows) * (cell_h + gap) - gap, n_cols * (cell_w + gap) - gap, 3), 255, dtype=np.uint8
-    )
+    width = n_cols * (cell_w + gap) - gap
+    font = _font(13)
+    title_h = 22
+    grid = np.full((title_h + len(rows) * (cell_h + gap) - gap, width, 3), 255, dtype=np.uint8)
     for r, row in enumerate(rows):
         for c, cell in enumerate(row):
-            y, x = r * (cell_h + gap), c * (cell_w + gap)
+            y, x = title_h + r * (cell_h + gap), c * (cell_w + gap)
             grid[y : y + cell_h, x : x + cell_w] = 0
             grid[y : y + cell.shape[0], x : x + cell.shape[1]] = cell
-    return grid
+    picture = Image.fromarray(grid)
+    draw = ImageDraw.Draw(picture)
+    for c, title in enumerate(titles):
+        draw.text((c * (cell_w + gap) + cell_w // 2, title_h // 2), title, fill=(0, 0, 0), font=font, anchor="mm")
+    ids = sorted({int(v) for labels in [*preds, *(targets or [])] for v in np.unique(np.asarray(labels))
+                  if v >= 0 and v != ignore_index})
+    if legend is None:
+        legend = {i: f"{'cluster' if targets is None else 'class'} {i}" for i in ids}
+    shown = sorted(set(legend) & set(ids)) or sorted(legend)
+    if not shown:
+        return np.asarray(picture)
+    colours = palette(max(shown) + 1)
+    band = _legend_band([(colours[i], legend[i]) for i in shown], width, font)
+    return np.concatenate([np.asarray(picture), band])
+
+
+def matched_legend(class_names: list[str], mapping: list[int] | np.ndarray) -> dict[int, str]:
+    """Legend of an evaluation overlay: class id -> "name (clusters i, j)" for the clusters matched to it
+    (``mapping``: cluster id -> class id, -1 unmatched)."""
+    legend = {}
+    for c, name in enumerate(class_names):
+        clusters = [str(k) for k, m in enumerate(np.asarray(mapping).tolist()) if m == c]
+        legend[c] = f"{name} (cluster{'s' if len(clusters) > 1 else ''} {', '.join(clusters)})" if clusters else name
+    return legend
 
 
 def confusion_figure(
@@ -125,65 +207,89 @@ def confusion_figure(
     normalised = np.divide(by_class, totals, out=np.zeros_like(by_class), where=totals > 0)
 
     n_rows, n_cols = normalised.shape
-    fig = Figure(figsize=(2 + 0.45 * n_cols, 1.5 + 0.4 * n_rows), dpi=100)
+    cell = 0.55 if max(n_rows, n_cols) <= 30 else 0.3  # inches per cell: room for a two-digit percentage
+    fig = Figure(figsize=(3.2 + cell * n_cols, 2.4 + cell * n_rows), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    im = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n_cols), pred_names, rotation=90, fontsize=7)
-    ax.set_yticks(range(n_rows), class_names, fontsize=7)
-    ax.set_xlabel("prediction")
-    ax.set_ylabel("ground truth")
-    ax.set_title(title)
-    if n_rows * n_cols <= 900:
+    im = ax.imshow(normalised * 100, cmap="Blues", vmin=0, vmax=100)
+    label_size = 9 if max(n_rows, n_cols) <= 30 else 6
+    ax.set_xticks(range(n_cols), pred_names, rotation=60, ha="right", rotation_mode="anchor", fontsize=label_size)
+    ax.set_yticks(range(n_rows), class_names, fontsize=label_size)
+    ax.set_xlabel("prediction", fontsize=10)
+    ax.set_ylabel("ground truth", fontsize=10)
+    ax.set_title(f"{title}\n% of each ground-truth class's pixels", fontsize=10)
+    if n_rows * n_cols <= 900:  # percentages in the cells; empty cells (under 0.5 %) stay blank
         for r in range(n_rows):
             for c in range(n_cols):
-                value = normalised[r, c]
-                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=5,
-                        color="white" if value > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+                value = 100 * normalised[r, c]
+                if value >= 0.5:
+                    ax.text(c, r, f"{value:.0f}", ha="center", va="center", fontsize=label_size,
+                            color="white" if value > 50 else "black")
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("%", fontsize=9)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
 
 
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def sweep_figure(rows: list[dict], metric: str, mode: str, curves: dict[str, tuple[list, list]]) -> bytes:
-    """PNG of a sweep: the metric against each swept key (one panel per key, the best trial
-    ringed; trials stopped early hollow) and, when given, each trial's metric per report."""
+    """PNG of a sweep: the metric against each swept key (one panel per key, at most 3 panels a line; the
+    best trial ringed in red; trials stopped early hollow) and, when given, each trial's metric per report,
+    its line named by the trial's values."""
     keys = sorted({k for r in rows for k in r["overrides"]})
     scored = [r for r in rows if isinstance(r.get(metric), (int, float))]
     finished = [r for r in scored if r["status"] == "finished"]
     sign = 1 if mode == "max" else -1
     best = max(finished, key=lambda r: sign * r[metric]) if finished else None
-    panels = len(keys) + (1 if curves else 0)
-    fig = Figure(figsize=(3.2 * max(panels, 1), 3.0), dpi=100)
+    panels = max(len(keys) + (1 if curves else 0), 1)
+    n_cols = min(panels, 3)
+    n_lines = -(-panels // n_cols)
+    fig = Figure(figsize=(4.6 * n_cols + (2.2 if curves else 0), 3.8 * n_lines + 0.6), dpi=110)
     FigureCanvasAgg(fig)
     for i, key in enumerate(keys):
-        ax = fig.add_subplot(1, panels, i + 1)
+        ax = fig.add_subplot(n_lines, n_cols, i + 1)
         values = [r["overrides"].get(key) for r in scored]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         ticks = sorted({str(v) for v in values})
         xs = [v if numeric else ticks.index(str(v)) for v in values]
         for x, r in zip(xs, scored):
             done = r["status"] == "finished"
-            ax.scatter([x], [r[metric]], s=30, facecolors="tab:blue" if done else "none", edgecolors="tab:blue")
+            ax.scatter([x], [r[metric]], s=45, facecolors="tab:blue" if done else "none", edgecolors="tab:blue")
             if r is best:
-                ax.scatter([x], [r[metric]], s=160, facecolors="none", edgecolors="tab:red", linewidths=1.5)
+                ax.scatter([x], [r[metric]], s=220, facecolors="none", edgecolors="tab:red", linewidths=2)
         if not numeric:
-            ax.set_xticks(range(len(ticks)), ticks, rotation=45, fontsize=7)
+            ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right", fontsize=9)
         elif values and min(values) > 0 and max(values) / min(values) >= 20:
             ax.set_xscale("log")
-        ax.set_xlabel(key, fontsize=8)
-        ax.set_ylabel(metric, fontsize=8)
+        ax.tick_params(labelsize=9)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel(key, fontsize=10)
+        ax.set_ylabel(metric, fontsize=10)
+        ax.set_title(f"{metric} by {key}", fontsize=10)
     if curves:
-        ax = fig.add_subplot(1, panels, panels)
+        ax = fig.add_subplot(n_lines, n_cols, len(keys) + 1)
+        names = {r.get("trial"): ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in r["overrides"].items())
+                 for r in rows}
         for trial, (steps, values) in sorted(curves.items()):
-            ax.plot(steps, values, marker=".", linewidth=1, label=trial[-5:])
-        ax.set_xlabel("report (epochs, then final)", fontsize=8)
-        ax.set_ylabel(metric, fontsize=8)
+            ax.plot(steps, values, marker="o", markersize=3, linewidth=1.2, label=names.get(trial) or trial[-8:])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("report (epochs, then final)", fontsize=10)
+        ax.set_ylabel(metric, fontsize=10)
+        ax.set_title(f"{metric} per report", fontsize=10)
+        ax.tick_params(labelsize=9)
+        ax.grid(alpha=0.3)
         if len(curves) <= 12:
-            ax.legend(fontsize=6)
-    fig.suptitle(f"{len(rows)} trials; {metric} ({mode}); red ring = best, hollow = stopped early", fontsize=8)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    stopped = sum(r["status"] == "stopped early" for r in rows)
+    best_text = f"best {_short(best[metric])}" if best else "no finished trial"
+    fig.suptitle(f"{len(rows)} trials ({len(finished)} finished, {stopped} stopped early); {metric}, "
+                 f"{'higher' if mode == 'max' else 'lower'} is better; {best_text} (red ring); hollow = stopped early",
+                 fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -1,10 +1,27 @@
 """Checks of a run's inputs that need no Ray: done by every runner before it starts anything."""
 from __future__ import annotations
 
-from raysseg.io.images import DatasetError, list_split
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from raysseg.io import storage
+from raysseg.io.images import (
+    BadFileError, DatasetError, SplitFiles, _decoded, check_label_values, decode_label, list_split,
+)
 from raysseg.io.prepared import PreparedSplit, check_setting, prepare
 from raysseg.methods.registry import output_stride, spec
 from raysseg.settings import ConfigError
+
+
+_REPORTED: set[str] = set()  # splits whose left-out files this process has named already (a sweep checks many)
+
+
+def report_left_out(split_uri: str, split: SplitFiles) -> None:
+    """One warning line naming the files under ``images/`` that are not read, once per split and process."""
+    if split.left_out and split_uri not in _REPORTED:
+        _REPORTED.add(split_uri)
+        print(f"warning: {split_uri}: {split.left_out_line()}", flush=True)
 
 
 def check_inputs(cfg) -> int:
@@ -13,7 +30,9 @@ def check_inputs(cfg) -> int:
         check_setting(cfg.data.cache)
     except DatasetError as exc:
         raise ConfigError(str(exc)) from None
-    files = list_split(cfg.data.train, with_labels=False).images
+    split = list_split(cfg.data.train, with_labels=False)
+    report_left_out(cfg.data.train, split)
+    files = split.images
     n = min(len(files), cfg.data.limit) if cfg.data.limit else len(files)
     per_worker = n // cfg.train.num_workers
     if spec(cfg.method).trainer and per_worker < cfg.train.batch_size:
@@ -45,3 +64,70 @@ def run_plan(cfg, prepared: PreparedSplit | None = None) -> tuple[dict, dict[str
         common["prepared"] = prepared
     wanted = {"cluster": {"train": False}, **method.datasets(cfg, plan)}
     return plan, {name: {**common, **options} for name, options in wanted.items()}
+
+
+LABEL_SAMPLE = 200  # label files read before a run starts; the rest are checked as evaluation reads them
+LABEL_THREADS = 16
+
+
+def _label_values(pair: tuple[str, str], settings, n_classes: int, ignore_index: int) -> tuple[str, list[int]] | None:
+    """(label URI, its values outside the classes) when it holds any, else None; unreadable files are left to
+    the evaluation, which skips, counts and lists them."""
+    label_uri = pair[1]
+    try:
+        label = np.asarray(_decoded("label", label_uri, settings, decode_label))
+    except BadFileError:
+        return None
+    if check_label_values(label, n_classes, ignore_index) is None:
+        return None
+    values = np.unique(label)
+    return label_uri, [int(v) for v in values if (v < 0 or v >= n_classes) and v != ignore_index]
+
+
+def check_labels(split_uri: str, n_classes: int, ignore_index: int, sample: int = LABEL_SAMPLE) -> SplitFiles:
+    """Check a labelled split before anything starts; returns its listing.
+
+    Pairing (every image has a label at the same relative path) is checked for every file, from the listing.
+    Label values are checked on an evenly spaced sample of at most ``sample`` label files (all of them in
+    smaller splits), read by ``LABEL_THREADS`` threads; the rest are checked as the evaluation reads them,
+    where a bad file is skipped, counted and listed. A sampled label holding a value outside
+    ``0..n_classes-1`` other than ``ignore_index`` raises one DatasetError line with the count, the first
+    files and the fix."""
+    split = list_split(split_uri, with_labels=True)
+    pairs = list(zip(split.images, split.labels))
+    step = max(1, -(-len(pairs) // sample))
+    picked = pairs[::step][:sample]
+    settings = storage.s3_settings() if storage.is_s3(split_uri) else None
+    with ThreadPoolExecutor(max_workers=min(LABEL_THREADS, len(picked))) as pool:
+        bad = [b for b in pool.map(lambda p: _label_values(p, settings, n_classes, ignore_index), picked) if b]
+    if bad:
+        values = sorted({v for _, vs in bad for v in vs})
+        names = ", ".join(uri.rstrip("/").rsplit("/", 1)[-1] for uri, _ in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+        hint = f" (e.g. --set data.n_classes={max(values) + 1})" if max(values) < 1000 else ""
+        raise DatasetError(
+            f"{split_uri}: {len(bad)} of {len(picked)} label files checked hold values [{shown}] outside "
+            f"0..{n_classes - 1} (ignore_index {ignore_index}) (first: {names}): set data.n_classes{hint} "
+            "or data.ignore_index to match the labels, or fix those files"
+        )
+    return split
+
+
+def check_evaluation(cfg, split_uri: str, probe: bool, retrieval: bool, retrieval_asked: bool = True) -> bool:
+    """Check what an evaluation of ``split_uri`` reads, before anything starts (:func:`check_labels`); returns
+    whether retrieval stays on. The linear probe and retrieval read the training split's labels: when it has
+    none that fit, retrieval on only by default (``retrieval_asked`` False, no probe) is left out with a
+    warning, anything else is one DatasetError line that names ``--no-probe --no-retrieval``."""
+    report_left_out(split_uri, check_labels(split_uri, cfg.data.n_classes, cfg.data.ignore_index))
+    if not (probe or retrieval):
+        return retrieval
+    try:
+        check_labels(cfg.data.train, cfg.data.n_classes, cfg.data.ignore_index)
+    except (DatasetError, storage.StorageError) as exc:
+        if retrieval and not probe and not retrieval_asked:
+            print(f"warning: retrieval left out: it needs the training split's labels ({exc})", flush=True)
+            return False
+        uses = " and ".join(u for u, on in (("linear probe", probe), ("retrieval", retrieval)) if on)
+        raise DatasetError(f"the {uses} read the labelled training split {cfg.data.train}, which is not usable "
+                           f"({exc}); score {split_uri} without it with --no-probe --no-retrieval") from None
+    return retrieval

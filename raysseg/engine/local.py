@@ -19,7 +19,7 @@ import torch
 
 from raysseg.core.batches import rebatch
 from raysseg.engine.inputs import check_inputs, prepared_split, run_plan
-from raysseg.engine.loop import WorkerEnv, train_worker
+from raysseg.engine.loop import CHECKPOINT_FILE, RunStopped, WorkerEnv, train_worker
 from raysseg.io import storage, tracking
 from raysseg.io.images import list_split, read_plan
 from raysseg.methods.shared import LocalSharedState
@@ -66,7 +66,7 @@ class LocalCheckpoints:
         if not storage.exists(self.root):
             return []
         found = []
-        for uri in storage.list_files(self.root, suffixes=(name,)):
+        for uri in storage.list_files(self.root, suffixes=(name,), recursive=True):
             folder = uri.rstrip("/").rsplit("/", 2)[-2]
             if folder.startswith("local_") and folder[6:].isdigit():
                 found.append(int(folder[6:]))
@@ -99,8 +99,20 @@ def _device(cfg) -> torch.device:
 def train_local(cfg, tracking_uri: str = "", datasets: dict | None = None, device=None) -> LocalResult:
     """Train ``cfg`` (or resume it) in this process; log to MLflow only when ``tracking_uri`` is set.
 
-    ``datasets`` (name -> shard with ``iter_batches``) replaces the ones read from ``cfg.data.train``."""
+    Holds the run's lease (:mod:`raysseg.io.lease`) throughout. Ctrl-C (or SIGTERM, which the CLI turns
+    into one) marks the MLflow run KILLED and raises a one-line :class:`RunStopped` naming the checkpoint
+    the same command resumes from. ``datasets`` (name -> shard with ``iter_batches``) replaces the ones
+    read from ``cfg.data.train``."""
+    from raysseg.io.lease import RunLease
+
     n_images = check_inputs(cfg)
+    if tracking_uri:
+        tracking.check_reachable(tracking_uri)
+    with RunLease(cfg.train.storage, cfg.run_name()):
+        return _train_local(cfg, n_images, tracking_uri, datasets, device)
+
+
+def _train_local(cfg, n_images: int, tracking_uri: str, datasets: dict | None, device) -> LocalResult:
     plan, reads = run_plan(cfg, None if datasets is not None else prepared_split(cfg))
     if datasets is None:
         datasets = {}
@@ -122,9 +134,15 @@ def train_local(cfg, tracking_uri: str = "", datasets: dict | None = None, devic
     t0 = time.perf_counter()
     try:
         train_worker(cfg, env, n_images, plan)
+    except KeyboardInterrupt:
+        _finish(logger, "KILLED")
+        steps = checkpoints._steps(CHECKPOINT_FILE)
+        kept = (f"kept {checkpoints.root}/local_{steps[-1]:09d}/{CHECKPOINT_FILE} (step {steps[-1]})" if steps
+                else "no checkpoint was written yet")
+        killed = f"; MLflow run {logger.run_id} marked KILLED" if logger is not None else ""
+        raise RunStopped(f"run {run_name} stopped: {kept}{killed}; run the same command again to resume") from None
     except BaseException:
-        if logger is not None:
-            logger.finish("FAILED")
+        _finish(logger, "FAILED")
         raise
     if logger is not None:
         logger.set_tag(tracking.CHECKPOINT_TAG, checkpoints.latest)
@@ -132,6 +150,15 @@ def train_local(cfg, tracking_uri: str = "", datasets: dict | None = None, devic
     print(f"run {run_name} finished in process in {time.perf_counter() - t0:.1f}s: {checkpoints.latest}", flush=True)
     return LocalResult(run_name, checkpoints.latest, checkpoints.metrics, shared.trace())
 
+
+def _finish(logger, status: str) -> None:
+    """Mark the MLflow run ``status`` without hiding why the run ended behind an MLflow outage."""
+    if logger is None:
+        return
+    try:
+        logger.finish(status, seconds=5)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: could not mark MLflow run {logger.run_id} {status} ({e})", flush=True)
 
 
 def pretrain_local(cfg, datasets: dict | None = None, device=None) -> LocalResult:
@@ -149,5 +176,8 @@ def pretrain_local(cfg, datasets: dict | None = None, device=None) -> LocalResul
     checkpoints = LocalCheckpoints(f"{cfg.train.storage.rstrip('/')}/{run_name}", cfg.train.checkpoints_to_keep)
     env = WorkerEnv(rank=0, world=1, local_world=1, device=device or _device(cfg), get_shard=datasets.__getitem__,
                     restore=checkpoints.restore, report=checkpoints.report)
-    pretrain_worker(cfg, env, n_images)
+    from raysseg.io.lease import RunLease
+
+    with RunLease(cfg.train.storage, run_name):
+        pretrain_worker(cfg, env, n_images)
     return LocalResult(run_name, checkpoints.latest, checkpoints.metrics)

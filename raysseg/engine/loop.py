@@ -35,6 +35,10 @@ CHECKPOINT_FILE = "model.pt"
 PRETRAIN_FILE = "moco.pt"
 
 
+class RunStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a run; the message is one line saying which checkpoint was kept."""
+
+
 @dataclass
 class WorkerEnv:
     """What a runtime gives the worker loop."""
@@ -242,6 +246,7 @@ def train_worker(cfg, env: WorkerEnv, n_images: int, plan: dict) -> None:
                   finished=False)
 
         for epoch in range(progress["epoch"], cfg.train.epochs):
+            t_epoch = time.perf_counter()
             trainer.before_epoch(env.get_shard, epoch)
             stats, last_images, bad = run_epoch(
                 shard, trainer.train_step, cfg, env.rank, progress, logger, total_steps // cfg.train.epochs,
@@ -255,6 +260,7 @@ def train_worker(cfg, env: WorkerEnv, n_images: int, plan: dict) -> None:
             metrics = {**stats, "epoch": epoch + 1, "step": progress["step"], "skipped_files": len(skipped)}
             last_epoch = stats
             if env.rank == 0:
+                print(epoch_line(cfg, env.world, epoch, stats, time.perf_counter() - t_epoch), flush=True)
                 _log_metrics(logger, {f"epoch/{k}": v for k, v in metrics.items()}, progress["step"])
                 _log_skipped(logger, skipped)
                 if last_images is not None:
@@ -273,6 +279,18 @@ def train_worker(cfg, env: WorkerEnv, n_images: int, plan: dict) -> None:
             if seen is not None:
                 _log_overlays(cfg, seg, seen, logger, "final")
         _save(env, seg, trainer, progress, metrics, finished=True)
+    if logger is not None:
+        logger.close()  # what an MLflow outage kept back, sent now (or one line after RAYSSEG_MLFLOW_RETRY_SECONDS)
+
+
+def epoch_line(cfg, world: int, epoch: int, stats: dict, seconds: float) -> str:
+    """One line per epoch: losses, the label-free score, images/s and the time the remaining epochs take."""
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.startswith("loss_"))
+    score = f", view_nmi {stats['view_nmi']:.3f}" if "view_nmi" in stats else ""
+    rate = stats.get("iterations_per_s", 0.0) * cfg.train.batch_size * world
+    left = seconds * (cfg.train.epochs - epoch - 1)
+    return (f"epoch {epoch + 1}/{cfg.train.epochs}: {losses}{score}, {rate:.1f} images/s, "
+            f"{left:.0f} s left (then k-means)")
 
 
 # ---------------------------------------------------------------- MoCo v2 pretraining
@@ -359,3 +377,5 @@ def pretrain_worker(cfg, env: WorkerEnv, n_images: int) -> None:
             print(f"[pretrain] epoch {epoch + 1}/{pc.epochs}: loss {metrics['loss']:.4f}, "
                   f"top-1 {metrics['acc']:.3f}, {metrics['images_per_s']:.1f} images/s", flush=True)
         _save_pretrain(env, cfg, trainer, progress, metrics)
+    if logger is not None:
+        logger.close()

@@ -11,6 +11,10 @@ from raysseg.methods.registry import build_segmenter
 CHECKPOINT_FILE = "model.pt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint's weights do not fit the model its own config builds; the message is one line."""
+
+
 def save_checkpoint(path: str, segmenter, **extra) -> None:
     """Write ``{config, state, **extra}`` atomically (local path or s3:// URI)."""
     from raysseg.io.storage import write_bytes_atomic
@@ -43,9 +47,38 @@ def read_checkpoint(uri: str) -> dict:
     except FileNotFoundError:
         raise StorageError(f"checkpoint {uri} not found; pass the model.pt of a finished run") from None
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise StorageError(f"checkpoint {uri} is not a raysseg checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(ckpt, dict) and "config" in ckpt and "state" in ckpt:
+        check_fits(ckpt, uri)
+    return ckpt
+
+
+def check_fits(ckpt: dict, uri: str) -> None:
+    """Raise a one-line CheckpointError when ``ckpt["state"]`` does not fit the model ``ckpt["config"]`` builds
+    (e.g. the config names another backbone). The model is built on the meta device: no memory, no weights."""
+    cfg = config_from_dict(ckpt["config"])
+    with torch.device("meta"):
+        expected = build_segmenter(cfg, load_backbone_weights=False).state_dict()
+    state = ckpt["state"]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or reshaped):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} weights it does not have (e.g. {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        problems.append(f"{len(reshaped)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the checkpoint, "
+                        f"{tuple(expected[k].shape)} in the model)")
+    raise CheckpointError(
+        f"checkpoint {uri} does not fit its config (method {cfg.method}, model.backbone {cfg.model.backbone}): "
+        f"{'; '.join(problems)}: pass a checkpoint written with that config, or fix the config stored in it")
 
 
 def segmenter_from(ckpt: dict):

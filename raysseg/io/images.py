@@ -1,7 +1,8 @@
 """Image splits: layout, listing and decoding rows (the Ray Data pipeline is in :mod:`raysseg.runtime.datasets`).
 
-A split is a local folder or s3:// prefix holding ``images/`` (PNG/JPEG) and, optionally,
-``labels/`` (single-channel PNG, one class index per pixel, same stem as its image).
+A split is a local folder or s3:// prefix holding ``images/`` (PNG, JPEG, WebP, TIFF or BMP, sub-folders
+allowed; any other file there is left out, counted and listed) and, optionally, ``labels/`` (single-channel
+PNG, one class index per pixel, at its image's relative path with .png).
 Pipeline rows are dicts of numpy arrays: ``image`` uint8 (S,S,3), ``label`` int64 (S,S) when
 labels are requested, ``path`` str, ``valid`` bool and ``error`` str. Unreadable images or
 labels (empty, truncated, corrupt, a label of the wrong size or, when ``n_classes`` is given,
@@ -16,7 +17,7 @@ import hashlib
 import io
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,45 +58,109 @@ def upload(local_dir: str, s3_uri: str) -> int:
 
 @dataclass
 class SplitFiles:
-    """Image URIs of a split and, when requested, the label URIs paired with them by stem."""
+    """Image URIs of a split (under ``images/``, sub-folders included) and, when requested, the label URIs
+    paired with them by relative path; ``left_out``: (URI, reason) of every other file under ``images/``."""
 
     images: list[str]
     labels: list[str] | None
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+
+    def left_out_line(self) -> str:
+        """One line counting and naming the files of ``images/`` that are not read ('' when there are none)."""
+        if not self.left_out:
+            return ""
+        names = ", ".join(_name(uri) for uri, _ in self.left_out[:3]) + (", ..." if len(self.left_out) > 3 else "")
+        reasons = sorted({reason for _, reason in self.left_out})
+        return (f"{len(self.left_out)} file(s) under images/ left out ({'; '.join(reasons)}): {names}: "
+                f"convert them to {FORMATS} or move them out of images/")
 
 
-def _stem(uri: str) -> str:
-    return os.path.splitext(uri.rstrip("/").rsplit("/", 1)[-1])[0]
+FORMATS = "PNG, JPEG, WebP, TIFF or BMP"
+
+
+def _name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _relative(root_uri: str, uri: str) -> str:
+    """``uri`` relative to the folder ``root_uri``, with '/' separators."""
+    root = root_uri.rstrip("/").rstrip(os.sep)
+    return uri[len(root):].lstrip("/").lstrip(os.sep).replace(os.sep, "/")
+
+
+def _left_out_reason(rel: str) -> str | None:
+    """Why a file at ``rel`` (relative to images/) is not read as an image, or None when it is."""
+    if any(part.startswith(".") for part in rel.split("/")):
+        return "hidden file"
+    ext = os.path.splitext(rel)[1].lower()
+    if ext not in storage.IMAGE_SUFFIXES:
+        return f"{ext or 'no extension'} is not an image format raysseg reads"
+    return None
+
+
+def list_image_stats(split_uri: str) -> tuple[list[storage.FileStat], list[tuple[str, str]]]:
+    """(the images under ``<split>/images/`` in sorted relative-path order, sub-folders included, with
+    size and modification time; (URI, reason) of every other file there, which is left out)."""
+    images_uri = storage.join(split_uri, "images")
+    files = storage.list_file_stats(images_uri, suffixes=None, recursive=True)
+    images, left_out = [], []
+    for f in files:
+        reason = _left_out_reason(_relative(images_uri, f.uri))
+        if reason:
+            left_out.append((f.uri, reason))
+        else:
+            images.append(f)
+    return images, left_out
+
+
+def _pairing_key(root_uri: str, uri: str) -> str:
+    """What pairs an image with its label: the relative path without the extension ('city/a')."""
+    return os.path.splitext(_relative(root_uri, uri))[0]
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 def list_split(uri: str, with_labels: bool) -> SplitFiles:
-    """List ``images/`` (and, if ``with_labels``, ``labels/``) of a split; every image needs a label."""
+    """List ``images/`` (and, if ``with_labels``, ``labels/``) of a split; every image needs a label at the
+    same relative path with the extension .png (images/city/a.jpg -> labels/city/a.png)."""
     images_uri = storage.join(uri, "images")
     if not storage.exists(images_uri):
         storage.require_bucket(uri)  # name a missing bucket, not a missing folder
-        raise DatasetError(f"{uri} has no images/ folder: a split needs images/*.png|jpg (and labels/*.png for evaluation)")
-    images = storage.list_files(images_uri)
+        raise DatasetError(f"{uri} has no images/ folder: a split needs images/ ({FORMATS} files, sub-folders "
+                           "allowed) and, for evaluation, labels/*.png")
+    stats, left_out = list_image_stats(uri)
+    images = [f.uri for f in stats]
     if not images:
-        raise DatasetError(f"{images_uri} holds no .png/.jpg/.jpeg images: put the split's images there")
+        found = f" (only {len(left_out)} other file(s): {_first([_name(u) for u, _ in left_out])})" if left_out else ""
+        raise DatasetError(f"{images_uri} holds no {FORMATS} images{found}: put the split's images there")
     if not with_labels:
-        return SplitFiles(images, None)
+        return SplitFiles(images, None, left_out)
     labels_uri = storage.join(uri, "labels")
     if not storage.exists(labels_uri):
         raise DatasetError(f"{uri} has no labels/ folder but labels were requested: add labels/*.png or use a split with labels")
-    by_stem = {_stem(p): p for p in storage.list_files(labels_uri, suffixes=(".png",))}
-    missing = [p for p in images if _stem(p) not in by_stem]
+    by_key = {_pairing_key(labels_uri, p): p for p in storage.list_files(labels_uri, suffixes=(".png",), recursive=True)}
+    missing = [p for p in images if _pairing_key(images_uri, p) not in by_key]
     if missing:
+        wanted = {_pairing_key(images_uri, p) for p in images}
+        unmatched = [_relative(labels_uri, p) for k, p in by_key.items() if k not in wanted]
+        others = (f"; {len(unmatched)} label file(s) match no image (first: {_first(unmatched)})"
+                  if unmatched else "")
         raise DatasetError(
-            f"{len(missing)} of {len(images)} images in {images_uri} have no label PNG with the same stem in {labels_uri} "
-            f"(first: {_stem(missing[0])}): add the labels or remove those images"
+            f"{len(missing)} of {len(images)} images in {images_uri} have no label PNG at the same relative path in "
+            f"{labels_uri} (first: {_first([_relative(images_uri, p) for p in missing])}){others}: name each label like "
+            "its image with .png (images/x/a.jpg -> labels/x/a.png), add the missing labels or remove those images"
         )
-    return SplitFiles(images, [by_stem[_stem(p)] for p in images])
+    return SplitFiles(images, [by_key[_pairing_key(images_uri, p)] for p in images], left_out)
 
 
 # --------------------------------------------------------------------------- decoding + geometry
 
 
 def _open_image(data: bytes) -> Image.Image:
-    """PIL image of ``data``, fully loaded; unreadable bytes raise ValueError with a short reason."""
+    """PIL image of ``data``, fully loaded; unreadable bytes raise ValueError with a short reason.
+    TIFFs that PIL cannot read (float RGB, many channels) are read with tifffile."""
     from PIL import UnidentifiedImageError
 
     if not data:
@@ -103,6 +168,8 @@ def _open_image(data: bytes) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            return _tiff_image(data)
         raise ValueError(f"not a readable image: {len(data)} bytes of no known format, or a corrupt header") from None
     try:
         im.load()
@@ -113,16 +180,51 @@ def _open_image(data: bytes) -> Image.Image:
     return im
 
 
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """8-bit pixels of an integer or float array: 16-bit scaled by 1/257, floats in [0, 1] by 255."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    values = pixels.astype(np.float64)
+    if np.issubdtype(pixels.dtype, np.floating):
+        values = np.nan_to_num(values) * (255.0 if values.max(initial=0) <= 1.0 else 1.0)
+    else:  # 16-bit (or wider) integers: the 16-bit range onto 0..255
+        values = values / 257.0
+    return values.clip(0, 255).round().astype(np.uint8)
+
+
+def _tiff_image(data: bytes) -> Image.Image:
+    """The first page of a TIFF PIL cannot open, as an 8-bit L or RGB image (extra channels dropped)."""
+    try:
+        import tifffile
+
+        pixels = tifffile.imread(io.BytesIO(data), key=0)
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types for bad files
+        raise ValueError(f"unreadable TIFF ({' '.join(str(exc).split()) or type(exc).__name__})") from None
+    pixels = np.squeeze(pixels)
+    if pixels.ndim == 3 and pixels.shape[0] in (3, 4) and pixels.shape[-1] not in (3, 4):  # planar: C x H x W
+        pixels = np.moveaxis(pixels, 0, -1)
+    if pixels.ndim == 3:
+        pixels = pixels[..., :3] if pixels.shape[-1] >= 3 else pixels[..., 0]
+    if pixels.ndim != 2 and not (pixels.ndim == 3 and pixels.shape[-1] == 3):
+        raise ValueError(f"TIFF of shape {pixels.shape}: expected a grayscale or RGB image")
+    return Image.fromarray(_to_uint8(pixels))
+
+
 def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes to an 8-bit RGB PIL image (grayscale, RGBA, palette and 16-bit inputs).
+    """Decode image bytes to an 8-bit RGB PIL image: turned upright by its EXIF
+    orientation (cameras, phones); alpha dropped (the colour under it kept); 16-bit (PNG, TIFF) scaled to 8 bits;
+    float TIFFs in [0, 1] scaled by 255; grayscale, palette, CMYK and other modes converted to RGB.
 
     Empty, truncated or corrupt bytes raise ValueError with a short reason."""
-    with _open_image(data) as im:
-        if im.mode.startswith("I;16") or im.mode == "I":
-            gray = (np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8)
-            return Image.fromarray(gray).convert("RGB")
-        if im.mode == "F":
-            return Image.fromarray(np.asarray(im).clip(0, 255).astype(np.uint8)).convert("RGB")
+    from PIL import ImageOps
+
+    with _open_image(data) as opened:
+        try:
+            im = ImageOps.exif_transpose(opened)
+        except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels as stored
+            im = opened.copy()
+        if im.mode.startswith("I") or im.mode == "F":
+            return Image.fromarray(_to_uint8(np.asarray(im))).convert("RGB")
         return im.convert("RGB")
 
 
@@ -224,6 +326,7 @@ def _load_row(
             raise BadFileError(
                 f"label {label_path} is {label.size[0]}x{label.size[1]} but its image {path} is "
                 f"{image.size[0]}x{image.size[1]} (WxH): labels must have their image's size"
+                + (" as shown, i.e. turned by its EXIF orientation" if label.size == image.size[::-1] else "")
             )
         if label_range is not None:
             reason = check_label_values(np.asarray(label), *label_range)

@@ -44,10 +44,10 @@ from PIL import Image
 
 from raysseg.io import storage
 from raysseg.io.images import (
-    DatasetError, _decoded, crop_geometry, decode_image, list_split, row_error, select_rows,
+    DatasetError, _decoded, crop_geometry, decode_image, list_image_stats, list_split, row_error, select_rows,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: images turned upright by their EXIF orientation
 MARGIN = 1.25  # cached short side = ceil(image_size * MARGIN), at most the original's
 IMAGES_PER_SHARD = 256
 AUTO = "auto"
@@ -199,7 +199,7 @@ def prepare(split_uri: str, image_size: int, setting: str, run: Callable | None 
     ``run(fn, jobs)`` yields ``fn(job)`` of every job as they finish (default: a thread per core; the Ray
     driver passes Ray tasks). Prints a line when it opens the cache, and progress while it builds it."""
     list_split(split_uri, with_labels=False)  # a missing or empty split fails here with its one line
-    files = storage.list_file_stats(storage.join(split_uri, "images"))
+    files, _ = list_image_stats(split_uri)  # the images list_split reads, sub-folders included
     key = cache_key(files, image_size)
     folder = storage.join(cache_root(split_uri, setting), key)
     found = open_cache(split_uri, image_size, folder, key, log)

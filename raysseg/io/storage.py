@@ -35,7 +35,7 @@ RETRY_SECONDS = 60.0  # how long a read or write waits for an unreachable S3 end
 _UNREACHABLE = ("NETWORK_CONNECTION", "COULD NOT CONNECT", "CURLCODE", "TIMED OUT", "TIMEOUT", "CONNECTION REFUSED")
 _TRANSIENT = _UNREACHABLE + ("SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "HTTP 500", "HTTP 502",
                              "HTTP 503", "HTTP 504")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")  # what an images/ folder may hold
 
 
 class StorageError(RuntimeError):
@@ -301,16 +301,23 @@ def exists(uri: str) -> bool:
     return _retrying(uri, lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
-def list_files(prefix_uri: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[str]:
-    """Sorted URIs of the files directly under ``prefix_uri`` whose name ends with one of ``suffixes``
-    (case-insensitive). Raises StorageError if the folder/prefix does not exist."""
+def _listed(prefix_uri: str, suffixes: tuple[str, ...] | None, recursive: bool) -> list[tuple[str, pafs.FileInfo]]:
+    """(relative path with '/', info) of the files under ``prefix_uri`` ending with one of ``suffixes``
+    (case-insensitive; None: every file), sorted by relative path."""
     fs, path = resolve(prefix_uri)
-    wanted = tuple(s.lower() for s in suffixes)
-    infos = _retrying(prefix_uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=False)))
-    names = sorted(
-        i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.lower().endswith(wanted)
-    )
-    return [join(prefix_uri, n) for n in names]
+    wanted = None if suffixes is None else tuple(s.lower() for s in suffixes)
+    infos = _retrying(prefix_uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=recursive)))
+    base = path.rstrip("/") + "/"
+    found = [(i.path[len(base):].replace(os.sep, "/") if i.path.startswith(base) else i.base_name, i)
+             for i in infos if i.type == pafs.FileType.File]
+    return sorted(((rel, i) for rel, i in found if wanted is None or rel.lower().endswith(wanted)), key=lambda f: f[0])
+
+
+def list_files(prefix_uri: str, suffixes: tuple[str, ...] | None = IMAGE_SUFFIXES, recursive: bool = False) -> list[str]:
+    """Sorted URIs of the files directly under ``prefix_uri`` (``recursive``: in sub-folders too) whose name
+    ends with one of ``suffixes`` (case-insensitive; None: every file). Raises StorageError if the
+    folder/prefix does not exist."""
+    return [join(prefix_uri, *rel.split("/")) for rel, _ in _listed(prefix_uri, suffixes, recursive)]
 
 
 @dataclass(frozen=True)
@@ -322,14 +329,91 @@ class FileStat:
     mtime_ns: int
 
 
-def list_file_stats(prefix_uri: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[FileStat]:
+def list_file_stats(prefix_uri: str, suffixes: tuple[str, ...] | None = IMAGE_SUFFIXES,
+                    recursive: bool = False) -> list[FileStat]:
     """:func:`list_files` with each file's size and modification time, from the same single listing."""
-    fs, path = resolve(prefix_uri)
+    return [FileStat(join(prefix_uri, *rel.split("/")), int(i.size), int(i.mtime_ns or 0))
+            for rel, i in _listed(prefix_uri, suffixes, recursive)]
+
+
+def iter_files(prefix_uri: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
+               settings: S3Settings | None = None) -> Iterator[str]:
+    """Relative paths ('a/b.png') of the files at any depth under ``prefix_uri`` whose name ends with one of
+    ``suffixes`` (case-insensitive), in sorted key order, streamed: S3 one listing page (at most 1,000 keys)
+    at a time, a local folder one directory at a time, so no listing is ever held whole. Hidden names
+    (starting with '.', e.g. unfinished atomic writes) are left out. Raises StorageError if a local folder
+    does not exist or the bucket cannot be listed."""
     wanted = tuple(s.lower() for s in suffixes)
-    infos = _retrying(prefix_uri, lambda: fs.get_file_info(pafs.FileSelector(path, recursive=False)))
-    found = sorted((i for i in infos if i.type == pafs.FileType.File and i.base_name.lower().endswith(wanted)),
-                   key=lambda i: i.base_name)
-    return [FileStat(join(prefix_uri, i.base_name), int(i.size), int(i.mtime_ns or 0)) for i in found]
+
+    def keep(rel: str) -> bool:
+        return rel.lower().endswith(wanted) and not rel.rsplit("/", 1)[-1].startswith(".")
+
+    source = _iter_s3_keys(prefix_uri, settings or s3_settings()) if is_s3(prefix_uri) else _iter_local(prefix_uri)
+    return (rel for rel in source if keep(rel))
+
+
+def _iter_local(folder_uri: str) -> Iterator[str]:
+    _, root = resolve(folder_uri)
+    if not os.path.isdir(root):
+        raise StorageError(f"{folder_uri} is not a folder: check the path")
+
+    def walk(folder: str, rel: str) -> Iterator[str]:
+        with _errors(folder_uri):
+            entries = sorted(os.scandir(folder), key=lambda e: e.name + ("/" if e.is_dir() else ""))
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=True):
+                if not entry.name.startswith("."):
+                    yield from walk(entry.path, f"{rel}{entry.name}/")
+            elif entry.is_file():
+                yield rel + entry.name
+
+    return walk(root, "")
+
+
+def _iter_s3_keys(prefix_uri: str, settings: S3Settings) -> Iterator[str]:
+    """Keys under an s3:// prefix relative to it, one ListObjectsV2 page at a time."""
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+
+    bucket, _, key = _s3_path(prefix_uri).partition("/")
+    prefix = key + "/" if key else ""
+    client = boto3.client(
+        "s3", endpoint_url=settings.endpoint_url, region_name=settings.region, aws_access_key_id=settings.access_key,
+        aws_secret_access_key=settings.secret_key,
+        config=botocore.config.Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=REQUEST_TIMEOUT_S,
+                                      retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"}))
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    try:
+        for page in pages:
+            for item in page.get("Contents", ()):
+                if not item["Key"].endswith("/"):
+                    yield item["Key"][len(prefix):]
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            raise _no_bucket(prefix_uri, settings) from None
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise StorageError(f"S3 endpoint {settings.endpoint_name} refused to list {prefix_uri}: check "
+                               f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the permissions on '{bucket}')") from None
+        raise StorageError(f"S3 error at {settings.endpoint_name} listing {prefix_uri}: {_one_line(str(exc))}") from None
+    except botocore.exceptions.BotoCoreError as exc:  # endpoint unreachable, timeouts
+        raise StorageError(f"cannot list {prefix_uri} at {settings.endpoint_name} ({_one_line(str(exc))}): start "
+                           f"`raysseg storage serve` or set AWS_ENDPOINT_URL to a running server") from None
+
+
+def read_if_exists(uri: str, settings: S3Settings | None = None) -> bytes | None:
+    """The whole file at ``uri``, or None when there is none (``settings``: see :func:`resolve`)."""
+    fs, path = resolve(uri, settings)
+
+    def read() -> bytes | None:
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    return _retrying(uri, read, settings)
 
 
 def read_range(uri: str, offset: int, length: int, settings: S3Settings | None = None) -> bytes:

@@ -3,6 +3,13 @@
 No address means a local SQLite store (``mlruns.db``) with artifacts in ``mlartifacts/``
 in the working directory; ``MLFLOW_TRACKING_URI`` or ``mlflow.tracking_uri`` points
 at a server instead. Only the driver creates runs; rank 0 logs into them by id.
+
+- :func:`check_reachable` answers within seconds, before Ray starts, when a server does not.
+- A new SQLite store is created under a file lock, so commands started at once do not race
+  on its schema.
+- :class:`RunLogger` keeps what a server that stopped answering could not take and sends it
+  when the server is back (training goes on); a metric step already logged for a key is never
+  logged again (a resumed run that redoes steps).
 """
 from __future__ import annotations
 
@@ -38,13 +45,75 @@ def tracking_uri(configured: str = "") -> str:
     return uri or f"sqlite:///{Path.cwd() / 'mlruns.db'}"
 
 
+REACH_SECONDS = 5.0  # how long check_reachable waits for a server's answer
+RETRY_SECONDS = 60.0  # how long RunLogger.close waits for a server that stopped answering (RAYSSEG_MLFLOW_RETRY_SECONDS)
+RETRY_EVERY_S = 10.0  # while a server does not answer, RunLogger's first wait before trying again (doubling to 2 min)
+_prepared_stores: set[str] = set()
+
+
+class TrackingError(RuntimeError):
+    """An MLflow lookup found nothing usable; the message is one line and says what to do."""
+
+
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _unreachable_reason(uri: str, seconds: float) -> str:
+    """Why the server at ``uri`` did not answer within ``seconds``, or "" when it answered (any HTTP status)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=seconds):
+            return ""
+    except urllib.error.HTTPError:
+        return ""  # it answered (e.g. 401 behind a proxy): reachable
+    except (OSError, ValueError) as e:
+        return str(getattr(e, "reason", "") or e) or type(e).__name__
+
+
+def check_reachable(uri: str, seconds: float = REACH_SECONDS) -> None:
+    """Raise a one-line TrackingError when the MLflow server at ``uri`` does not answer within ``seconds``.
+
+    Called before Ray starts: MLflow's own client would retry for minutes before failing."""
+    if not _is_server(uri):
+        return
+    reason = _unreachable_reason(uri, seconds)
+    if reason:
+        raise TrackingError(f"MLflow server {uri} did not answer within {seconds:.0f} s ({reason}): start it, or "
+                            f"fix mlflow.tracking_uri / MLFLOW_TRACKING_URI (unset both for the local store mlruns.db)")
+
+
+def _prepare_store(uri: str) -> None:
+    """Create (or migrate) a SQLite store under a file lock: commands started at once would race on its schema."""
+    if not uri.startswith("sqlite:///") or uri in _prepared_stores:
+        return
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates tables and the default one
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _prepared_stores.add(uri)
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    _prepare_store(uri)
     return MlflowClient(tracking_uri=uri)
 
 
 def experiment_id(uri: str, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -52,7 +121,13 @@ def experiment_id(uri: str, name: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # another command created it at the same moment
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def find_run(uri: str, experiment: str, run_name: str):
@@ -86,39 +161,44 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, params: dict,
 
 
 class RunLogger:
-    """Logs into one existing run; safe to construct inside Ray workers."""
+    """Logs into one existing run; safe to construct inside Ray workers.
+
+    Every call is queued and sent at once. When a server stops answering, the queue is kept (one
+    warning line) and sent on a later call once it answers again, so training goes on;
+    :meth:`close` waits up to ``RAYSSEG_MLFLOW_RETRY_SECONDS`` for what is still queued. A metric
+    step at or below the highest step already logged for that key is dropped, so a resumed run
+    that redoes a few steps never logs them twice."""
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
         self.client = _client(uri)
+        self.pending: list[tuple] = []  # (kind, *arguments) in call order
+        self.logged_steps: dict[str, int] | None = None  # key -> highest step in MLflow (read on first use)
+        self.down_since = 0.0  # when the server stopped answering (0: it answers)
+        self.next_try, self.wait_s = 0.0, RETRY_EVERY_S
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self._send("params", items[i : i + 100])
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
+        items = [(k, float(v), now, int(step)) for k, v in metrics.items() if np.isfinite(v)]
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            self._send("metrics", items)
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, redact(str(value)))
+        self._send("tag", key, redact(str(value)))
 
     def log_bytes(self, data: bytes, artifact_path: str) -> None:
         """Log ``data`` as the artifact file ``artifact_path`` (e.g. ``eval/confusion.png``)."""
         folder, name = os.path.split(artifact_path)
         if name.endswith((".txt", ".json", ".csv", ".yaml", ".log")):
             data = redact(data.decode("utf-8", errors="replace")).encode()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_bytes(data)
-            self.client.log_artifact(self.run_id, str(path), folder or None)
+        self._send("artifact", folder or None, name, data)
 
     def log_image(self, image: np.ndarray, artifact_path: str) -> None:
         from PIL import Image
@@ -128,17 +208,109 @@ class RunLogger:
         self.log_bytes(buf.getvalue(), artifact_path)
 
     def log_file(self, local_path: str, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, local_path, folder)
+        self._send("artifact", folder, Path(local_path).name, Path(local_path).read_bytes())
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+    def finish(self, status: str = "FINISHED", seconds: float | None = None) -> None:
+        """Send what is queued (see :meth:`close`), then mark the run ``status``."""
+        self._send("status", status)
+        self.close(seconds)
 
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status
 
+    def close(self, seconds: float | None = None) -> None:
+        """Send what is queued, waiting up to ``seconds`` (default ``RAYSSEG_MLFLOW_RETRY_SECONDS``) for a
+        server that does not answer; then a one-line TrackingError."""
+        if seconds is None:
+            seconds = float(os.environ.get("RAYSSEG_MLFLOW_RETRY_SECONDS", RETRY_SECONDS))
+        deadline = time.time() + seconds
+        while True:
+            self.next_try = 0.0
+            self._flush()
+            if not self.pending:
+                return
+            if time.time() >= deadline:
+                raise TrackingError(
+                    f"MLflow server {self.uri} has not answered for {time.time() - self.down_since:.0f} s; "
+                    f"{len(self.pending)} records of run {self.run_id} were not logged; the checkpoints are kept: "
+                    f"run the same command again once the server is back")
+            time.sleep(min(2.0, max(0.0, deadline - time.time())))
 
-class TrackingError(RuntimeError):
-    """An MLflow lookup found nothing usable; the message is one line and says what to do."""
+    def _send(self, *call) -> None:
+        self.pending.append(call)
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending or time.time() < self.next_try:
+            return
+        try:
+            with _quick_requests(_is_server(self.uri)):
+                while self.pending:
+                    self._apply(self.pending[0])
+                    self.pending.pop(0)
+        except Exception as e:  # noqa: BLE001 - only an outage is kept for later; anything else is raised
+            if not _is_server(self.uri) or not _unreachable_reason(self.uri, REACH_SECONDS):
+                raise
+            if not self.down_since:
+                self.down_since = time.time()
+                print(f"warning: MLflow server {self.uri} does not answer ({redact(str(e)).splitlines()[0][:160]}); "
+                      f"training goes on and its {len(self.pending)} records are sent when it is back", flush=True)
+            self.next_try = time.time() + self.wait_s  # a server that times out must not stall training often
+            self.wait_s = min(2 * self.wait_s, 120.0)
+            return
+        if self.down_since:
+            print(f"MLflow server {self.uri} answers again after {time.time() - self.down_since:.0f} s; "
+                  f"the records kept meanwhile are logged", flush=True)
+            self.down_since, self.wait_s = 0.0, RETRY_EVERY_S
+
+    def _apply(self, call: tuple) -> None:
+        from mlflow.entities import Metric
+
+        kind, *args = call
+        if kind == "params":
+            self.client.log_batch(self.run_id, params=args[0])
+        elif kind == "metrics":
+            if self.logged_steps is None:
+                self.logged_steps = self._read_logged_steps()
+            fresh = [Metric(k, v, t, step) for k, v, t, step in args[0] if step > self.logged_steps.get(k, -1)]
+            if fresh:
+                self.client.log_batch(self.run_id, metrics=fresh)
+            for m in fresh:
+                self.logged_steps[m.key] = max(m.step, self.logged_steps.get(m.key, -1))
+        elif kind == "tag":
+            self.client.set_tag(self.run_id, *args)
+        elif kind == "status":
+            self.client.set_terminated(self.run_id, args[0])
+        else:
+            folder, name, data = args
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / name).write_bytes(data)
+                self.client.log_artifact(self.run_id, str(Path(tmp) / name), folder)
+
+    def _read_logged_steps(self) -> dict[str, int]:
+        keys = self.client.get_run(self.run_id).data.metrics
+        return {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1) for k in keys}
+
+
+class _quick_requests:
+    """MLflow's HTTP client without its minutes of retries: RunLogger retries itself, later."""
+
+    SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+    def __init__(self, active: bool):
+        self.active, self.saved = active, {}
+
+    def __enter__(self):
+        if self.active:
+            self.saved = {k: os.environ.get(k) for k in self.SETTINGS}
+            os.environ.update(self.SETTINGS)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def pull_best(experiment: str, metric: str, out: str, mode: str = "max", filter_string: str = "",

@@ -20,6 +20,7 @@ import ray
 
 from raysseg.config import Config
 from raysseg.engine.inputs import check_inputs, prepared_split, run_plan
+from raysseg.engine.loop import RunStopped
 from raysseg.io.checkpoints import CHECKPOINT_FILE, read_checkpoint
 from raysseg.methods.registry import spec
 
@@ -41,19 +42,33 @@ def init_ray(busy_workers: int = 0) -> None:
     """
     import ray.data
 
+    from raysseg.runtime import logs
+
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines instead
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=logs.verbose())
     else:
         # Ray's processes inherit this environment (credentials included): nothing secret goes into a
         # runtime env, which Ray shows in its dashboard and writes to its logs.
         os.environ.setdefault("FAISS_OPT_LEVEL", "generic")
         ray.init(address="local", num_cpus=(os.cpu_count() or 2) + busy_workers, include_dashboard=False,
-                 log_to_driver=True)
+                 log_to_driver=logs.verbose())
+    logs.quiet_libraries()
+    sigterm_stops()  # ray.init replaced it with a handler that aborts the process
+
+
+def sigterm_stops():
+    """Make SIGTERM raise KeyboardInterrupt, as Ctrl-C does (main thread only); returns the handler it replaced."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 @dataclass
@@ -86,20 +101,38 @@ def train(cfg: Config, restart: bool = False, parent_run_id: str | None = None, 
           datasets: dict | None = None) -> TrainResult:
     """Train (or resume) the run ``cfg.run_name()`` and return where its results are.
 
+    The run's lease (:mod:`raysseg.io.lease`) is held throughout: a second command for the same run
+    refuses. Ctrl-C or SIGTERM stops it with one line (:class:`RunStopped`) naming the newest complete
+    checkpoint, which the same command resumes from; the MLflow run is marked KILLED.
+
     A sweep passes its MLflow run as ``parent_run_id`` (the new run is its child) and a
     callback that forwards the workers' reports to Ray Tune. ``datasets`` (name -> Ray Dataset
     of decoded rows) replaces those read from ``data.train``, e.g. to train on rows of your own."""
+    from raysseg.io import tracking
+    from raysseg.io.lease import RunLease
+
+    n_images = check_inputs(cfg)
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    tracking.check_reachable(uri)
+    with RunLease(cfg.train.storage, cfg.run_name()), stop_signals():
+        return _train(cfg, n_images, uri, restart, parent_run_id, callbacks, datasets)
+
+
+def _train(cfg: Config, n_images: int, uri: str, restart: bool, parent_run_id: str | None, callbacks: tuple,
+           datasets: dict | None) -> TrainResult:
+    import time
+
     from ray.train import DataConfig
 
     from raysseg.io import tracking
     from raysseg.io.storage import remove_tree
+    from raysseg.runtime import logs
     from raysseg.runtime.bank import ConceptBank
     from raysseg.runtime.datasets import make_dataset, run_tasks
     from raysseg.runtime.worker import train_loop
 
-    n_images = check_inputs(cfg)
+    t0 = time.time()
     run_name = cfg.run_name()
-    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     if restart:
         remove_tree(f"{cfg.train.storage.rstrip('/')}/{run_name}")
         previous = tracking.find_run(uri, cfg.mlflow.experiment, run_name)
@@ -120,10 +153,13 @@ def train(cfg: Config, restart: bool = False, parent_run_id: str | None = None, 
     run_id, resumed = tracking.start_or_resume_run(
         uri, cfg.mlflow.experiment, run_name, cfg.flat(),
         tags={tracking.PARENT_TAG: parent_run_id} if parent_run_id else None)
-    print(f"{'resuming' if resumed else 'starting'} run {run_name} (MLflow run {run_id} at {uri})")
-
     world = cfg.train.num_workers
+    epochs = f", {cfg.train.epochs} epochs" if spec(cfg.method).trainer else ""
+    print(f"{'resuming' if resumed else 'starting'} run {run_name}: {cfg.method} on {cfg.data.train} "
+          f"({n_images} images), {world} workers{epochs}; MLflow run {run_id} at {uri}", flush=True)
+
     init_ray(world)
+    print(logs.where_logs_go(), flush=True)
     loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images}
     prepared = None if datasets else prepared_split(cfg, run=run_tasks)  # data.cache: built once, by Ray tasks
     loop_cfg["plan"], reads = run_plan(cfg, prepared)
@@ -134,13 +170,18 @@ def train(cfg: Config, restart: bool = False, parent_run_id: str | None = None, 
         loop_cfg["bank"] = bank
 
     def new_trainer():
+        loop_cfg["checkpoints"] = complete_checkpoints(cfg, run_name)  # newest first: the worker resumes from one
         return make_trainer(cfg, train_loop, loop_cfg, datasets, run_name, callbacks=callbacks,
                             dataset_config=DataConfig(datasets_to_split="all"))
 
     logger = tracking.RunLogger(uri, run_id)
     try:
-        result = fit(new_trainer, logger, run_name, cfg.train.max_restarts)
+        with logs.ConsolePrinter() as console:
+            loop_cfg["console"] = console.actor
+            result = fit(new_trainer, logger, run_name, cfg.train.max_restarts)
         trace = ray.get(bank.get_trace.remote()) if bank is not None else []
+    except KeyboardInterrupt:
+        raise stopped(cfg, run_name, logger) from None
     finally:
         if bank is not None:  # its state lives on in the checkpoints
             ray.kill(bank)
@@ -153,7 +194,112 @@ def train(cfg: Config, restart: bool = False, parent_run_id: str | None = None, 
         logger.log_bytes(json.dumps(trace).encode(), "bank_trace.json")
     logger.set_tag(tracking.CHECKPOINT_TAG, ckpt_uri)
     logger.finish("FINISHED")
-    return TrainResult(run_id, run_name, ckpt_uri, uri, dict(result.metrics or {}), trace)
+    prune_checkpoints(cfg, run_name)
+    result = TrainResult(run_id, run_name, ckpt_uri, uri, dict(result.metrics or {}), trace)
+    print_summary(result, time.time() - t0)
+    return result
+
+
+SUMMARY_METRICS = ("loss_total", "view_nmi", "cluster_mean_cosine", "iterations_per_s", "skipped_files", "epoch",
+                   "step")
+
+
+def print_summary(result: TrainResult, seconds: float) -> None:
+    """The run's final lines: a table of its label-free metrics, the checkpoint and the MLflow run."""
+    print(f"run {result.run_name} finished in {seconds:.0f} s", flush=True)
+    for key in SUMMARY_METRICS:
+        value = result.metrics.get(key)
+        if isinstance(value, (int, float)) and (value or key not in ("epoch", "step")):  # k-means has no epochs
+            print(f"  {key:<22}{value:>12.4g}", flush=True)
+    print(f"checkpoint: {result.checkpoint}", flush=True)
+    print(f"MLflow run: {result.run_id}; browse with: mlflow ui --backend-store-uri {result.tracking_uri}", flush=True)
+
+
+class stop_signals:
+    """SIGTERM stops like Ctrl-C (a KeyboardInterrupt) while in the block; only in the main thread."""
+
+    def __enter__(self):
+        self.saved = sigterm_stops()
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.saved is not None:
+            signal.signal(signal.SIGTERM, self.saved)
+
+
+def run_folder(cfg: Config, run_name: str) -> str:
+    """The run's checkpoint folder as a URI the storage layer reads (absolute for a local folder)."""
+    if cfg.train.storage.startswith("s3://"):
+        return f"{cfg.train.storage.rstrip('/')}/{run_name}"
+    return str(Path(cfg.train.storage).resolve() / run_name)
+
+
+def complete_checkpoints(cfg: Config, run_name: str, name: str = CHECKPOINT_FILE) -> list[str]:
+    """The run's ``checkpoint_*`` folders holding ``name``, newest first (Ray names them by time).
+
+    Ray Train resumes from the last checkpoint it registered; a stop between a checkpoint's upload and
+    its registration leaves a newer one that only this listing finds."""
+    from raysseg.io import storage
+
+    root = run_folder(cfg, run_name)
+    if not storage.exists(root):
+        return []
+    folders = {uri.rsplit("/", 2)[-2] for uri in storage.list_files(root, suffixes=(name,), recursive=True)
+               if uri.rsplit("/", 1)[-1] == name}
+    return [f"{root}/{f}" for f in sorted((f for f in folders if f.startswith("checkpoint_")), reverse=True)]
+
+
+def newest_loadable(folders: list[str], name: str = CHECKPOINT_FILE) -> tuple[str, dict] | None:
+    """(folder, progress) of the newest checkpoint in ``folders`` that loads, or None."""
+    import io
+
+    import torch
+
+    from raysseg.io import storage
+
+    for folder in folders:
+        try:
+            state = torch.load(io.BytesIO(storage.read_bytes(f"{folder}/{name}")), map_location="cpu",
+                               weights_only=False)
+            return folder, state.get("progress", {})
+        except Exception:  # noqa: BLE001 - cut short by the stop: the one before it is the newest complete
+            continue
+    return None
+
+
+def prune_checkpoints(cfg: Config, run_name: str, name: str = CHECKPOINT_FILE) -> None:
+    """Keep the newest ``train.checkpoints_to_keep`` checkpoint folders; remove older ones and any left
+    without a checkpoint file (a stop between their upload and Ray's registration leaves such orphans)."""
+    from raysseg.io import storage
+
+    root = run_folder(cfg, run_name)
+    if not storage.exists(root):
+        return
+    keep = set(complete_checkpoints(cfg, run_name, name)[: cfg.train.checkpoints_to_keep])
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(root)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        folder = f"{root}/{info.base_name}"
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") and folder not in keep:
+            storage.remove_tree(folder)
+
+
+def stopped(cfg: Config, run_name: str, logger, name: str = CHECKPOINT_FILE) -> RunStopped:
+    """After Ctrl-C / SIGTERM: mark the MLflow run KILLED and say which checkpoint the same command resumes from."""
+    try:
+        logger.finish("KILLED", seconds=5)
+    except Exception as e:  # noqa: BLE001 - the stop line matters more than the MLflow status
+        print(f"warning: could not mark MLflow run {logger.run_id} KILLED ({e})", flush=True)
+    found = newest_loadable(complete_checkpoints(cfg, run_name, name), name)
+    if found is None:
+        kept = "no checkpoint was written yet"
+    else:
+        folder, progress = found
+        kept = f"kept {folder}/{name} (epoch {progress.get('epoch', 0)}, step {progress.get('step', 0)})"
+    return RunStopped(f"run {run_name} stopped: {kept}; MLflow run {logger.run_id} marked KILLED; "
+                      f"run the same command again to resume")
 
 
 def make_trainer(cfg: Config, loop, loop_cfg: dict, datasets: dict, run_name: str, callbacks: tuple = (),
@@ -177,7 +323,8 @@ def make_trainer(cfg: Config, loop, loop_cfg: dict, datasets: dict, run_name: st
 # Anything else (bad data, a NaN loss, a storage outage past its retries) would fail the same way again.
 LOST_PROCESS = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "WorkerCrashedError",
                 "NodeDiedError", "OwnerDiedError", "BankLost", "worker process has died")
-DETERMINISTIC = ("NonFiniteLoss", "ConfigError", "StorageError", "BackboneWeightsError", "DataError", "DatasetError")
+DETERMINISTIC = ("NonFiniteLoss", "ConfigError", "StorageError", "BackboneWeightsError", "DataError", "DatasetError",
+                 "TrackingError")
 
 
 def restartable(e: BaseException) -> bool:
@@ -199,7 +346,7 @@ def fit(new_trainer, logger, run_name: str, max_restarts: int = 0):
     restarts = 0
     while True:
         try:
-            result = new_trainer().fit()
+            result = fit_off_main_thread(new_trainer())
             break
         except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; show its one line
             if restartable(e) and restarts < max_restarts:
@@ -208,12 +355,45 @@ def fit(new_trainer, logger, run_name: str, max_restarts: int = 0):
                       f"checkpoint ({restarts} of train.max_restarts = {max_restarts})", flush=True)
                 logger.log_metrics({"restarts": restarts}, step=restarts)
                 continue
-            logger.finish("FAILED")
+            _finish_failed(logger)
             raise RunFailed(_root_message(e)) from None
     if result.checkpoint is None:
-        logger.finish("FAILED")
+        _finish_failed(logger)
         raise RunFailed(f"run {run_name} reported no checkpoint")
     return result
+
+
+def fit_off_main_thread(trainer):
+    """``trainer.fit()`` on a thread, so that Ctrl-C and SIGTERM reach this (main) thread as a KeyboardInterrupt.
+
+    On the main thread Ray Train installs its own SIGINT handler, which aborts the run and returns (or exits)
+    without a word; here the driver stops the run itself (see :func:`stopped`): when it exits, Ray ends the
+    run's workers."""
+    import threading
+
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="trainer-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _finish_failed(logger) -> None:
+    """Mark the run FAILED without hiding the failure's own line behind an MLflow outage."""
+    try:
+        logger.finish("FAILED", seconds=5)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: could not mark MLflow run {logger.run_id} FAILED ({e})", flush=True)
 
 
 def _root_message(e: BaseException) -> str:

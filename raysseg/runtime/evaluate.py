@@ -234,9 +234,10 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     from raysseg.io.images import DatasetError, list_split
     from raysseg.core.metrics import (EvalInputError, direct_scores, fit_linear_probe, hungarian_scores,
                                  matched_confusion)
+    from raysseg.engine.inputs import check_evaluation
     from raysseg.io.checkpoints import read_checkpoint
     from raysseg.runtime.driver import init_ray
-    from raysseg.core.pictures import confusion_figure, overlay_grid
+    from raysseg.core.pictures import confusion_figure, matched_legend, overlay_grid
 
     ckpt = read_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt["config"])
@@ -245,13 +246,8 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     probe = cfg.eval.probe if probe is None else probe
     asked_retrieval = retrieval  # True: the caller asked for it, so a training split without labels is an error
     retrieval = cfg.eval.retrieval if retrieval is None else retrieval
-    list_split(split, with_labels=True)  # a clear error before Ray starts
-    if retrieval and not probe and asked_retrieval is None:
-        try:  # on by default: a training split without labels leaves retrieval out instead of failing
-            list_split(cfg.data.train, with_labels=True)
-        except DatasetError as e:
-            print(f"warning: retrieval left out: it needs the training split's labels ({e})", flush=True)
-            retrieval = False
+    # pairing, sampled label values and the training split's labels: one clear line before Ray starts
+    retrieval = check_evaluation(cfg, split, probe, retrieval, retrieval_asked=asked_retrieval is not None)
     init_ray(cfg.eval.workers)
     t0 = time.time()
     ref = [ray.put(ckpt)]
@@ -299,7 +295,7 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
                 first = f"; first: {train_skipped[0][1]}" if train_skipped else ""
                 raise DatasetError(
                     f"{cfg.data.train}: no labelled training pixel for the linear probe ({len(train_skipped)} files "
-                    f"skipped{first}): fix the training split's labels or evaluate with the probe off"
+                    f"skipped{first}): fix the training split's labels or evaluate without them: --no-probe --no-retrieval"
                 )
             print(f"[evaluate] fitting the probe on {len(y)} pixels", flush=True)
             model = fit_linear_probe(torch.from_numpy(x), torch.from_numpy(y).long(), cfg.data.n_classes,
@@ -377,7 +373,9 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
         from raysseg.core.metrics import apply_mapping
 
         preds = [apply_mapping(p[3]["clusters"], mapping, cfg.data.ignore_index) for p in pictures]
-        grid = overlay_grid([p[1] for p in pictures], preds, [p[2] for p in pictures], cfg.data.ignore_index)
+        grid = overlay_grid([p[1] for p in pictures], preds, [p[2] for p in pictures], cfg.data.ignore_index,
+                            titles=["image", "clusters, matched to classes", "ground truth"],
+                            legend=matched_legend(names, mapping))
         from raysseg.core.pictures import save_png
 
         save_png(grid, out_dir / "overlays_clusters.png")
@@ -394,6 +392,7 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
             logger.log_bytes(confusion_png, f"eval/{tag}/confusion_clusters.png")
             if grid is not None:
                 logger.log_image(grid, f"eval/{tag}/overlays_clusters.png")
+            logger.close(seconds=10)  # sent, or an error line below
             print(f"logged to MLflow run {run_id} at {uri}")
         except Exception as e:  # noqa: BLE001 - the report is written; a tracking problem must not lose it
             print(f"warning: could not log to MLflow run {run_id} at {uri}: {e}")

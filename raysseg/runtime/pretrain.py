@@ -122,17 +122,29 @@ def _use_line(uri: str) -> None:
 
 
 def pretrain(cfg: Config, restart: bool = False) -> PretrainResult:
-    """Pretrain (or resume) the run ``pretrain_run_name(cfg)``; returns where its backbone is."""
-    from raysseg.io import storage
+    """Pretrain (or resume) the run ``pretrain_run_name(cfg)``; returns where its backbone is. Holds the
+    run's lease; Ctrl-C or SIGTERM stops it with one line naming the checkpoint kept (as ``train`` does)."""
     from raysseg.io import tracking
-    from raysseg.engine.inputs import prepared_split
-    from raysseg.runtime.datasets import make_dataset, run_tasks
-    from raysseg.runtime.driver import fit, init_ray, make_trainer
-    from raysseg.runtime.worker import pretrain_loop
+    from raysseg.io.lease import RunLease
+    from raysseg.runtime.driver import stop_signals
 
     n_images = check_pretrain_inputs(cfg)
     run_name = pretrain_run_name(cfg)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    tracking.check_reachable(uri)
+    with RunLease(cfg.train.storage, run_name), stop_signals():
+        return _pretrain(cfg, n_images, run_name, uri, restart)
+
+
+def _pretrain(cfg: Config, n_images: int, run_name: str, uri: str, restart: bool) -> PretrainResult:
+    from raysseg.io import storage
+    from raysseg.io import tracking
+    from raysseg.engine.inputs import prepared_split
+    from raysseg.runtime import logs
+    from raysseg.runtime.datasets import make_dataset, run_tasks
+    from raysseg.runtime.driver import complete_checkpoints, fit, init_ray, make_trainer, prune_checkpoints, stopped
+    from raysseg.runtime.worker import pretrain_loop
+
     out_uri = backbone_uri(cfg, run_name)
     previous = tracking.find_run(uri, cfg.mlflow.experiment, run_name)
     if restart:
@@ -162,8 +174,18 @@ def pretrain(cfg: Config, restart: bool = False) -> PretrainResult:
         dataset = dataset.materialize()  # decode once, not every epoch
     loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images}
     logger = tracking.RunLogger(uri, run_id)
-    result = fit(lambda: make_trainer(cfg, pretrain_loop, loop_cfg, {"train": dataset}, run_name), logger, run_name,
-                 cfg.train.max_restarts)
+    print(logs.where_logs_go(), flush=True)
+
+    def new_trainer():
+        loop_cfg["checkpoints"] = complete_checkpoints(cfg, run_name, STATE_FILE)  # newest first
+        return make_trainer(cfg, pretrain_loop, loop_cfg, {"train": dataset}, run_name)
+
+    try:
+        with logs.ConsolePrinter() as console:
+            loop_cfg["console"] = console.actor
+            result = fit(new_trainer, logger, run_name, cfg.train.max_restarts)
+    except KeyboardInterrupt:
+        raise stopped(cfg, run_name, logger, STATE_FILE) from None
     with result.checkpoint.as_directory() as local:
         state = torch.load(Path(local) / STATE_FILE, map_location="cpu", weights_only=False)
     buf = io.BytesIO()
@@ -179,6 +201,7 @@ def pretrain(cfg: Config, restart: bool = False) -> PretrainResult:
         raise
     logger.set_tag(BACKBONE_TAG, out_uri)
     logger.finish("FINISHED")
+    prune_checkpoints(cfg, run_name, STATE_FILE)
     print(f"pretraining run {run_name} finished: backbone {out_uri}", flush=True)
     _use_line(out_uri)
     return PretrainResult(run_id, run_name, out_uri, uri, dict(result.metrics or {}))

@@ -50,7 +50,10 @@ def segment_split(ckpt: dict, split: str, limit: int | None = None,
     from raysseg.runtime.driver import init_ray
 
     cfg = config_from_dict(ckpt["config"])
-    files = list_split(split, with_labels=False).images  # a clear error before Ray starts
+    listing = list_split(split, with_labels=False)  # a clear error before Ray starts
+    if listing.left_out:
+        log(f"warning: {split}: {listing.left_out_line()}")
+    files = listing.images
     total = len(files) if limit is None else min(limit, len(files))
     workers = cfg.eval.workers
     init_ray(workers)

@@ -243,9 +243,8 @@ def sweep(config: str, space: str, overrides: tuple = (), restart: bool = False,
     from ray import tune
 
     from raysseg.io import tracking
+    from raysseg.io.lease import RunLease
     from raysseg.config import load_config
-    from raysseg.io.storage import remove_tree
-    from raysseg.runtime.driver import _storage, init_ray
 
     cfg = load_config(config, list(overrides))
     spec = load_sweep(space)
@@ -254,6 +253,19 @@ def sweep(config: str, space: str, overrides: tuple = (), restart: bool = False,
     check_space(spec, cfg)  # before Ray starts
     name = name or sweep_name(cfg, spec)
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    tracking.check_reachable(uri)
+    with RunLease(cfg.train.storage, name):  # each trial holds its own run's lease too
+        return _sweep(cfg, spec, name, uri, restart)
+
+
+def _sweep(cfg: Config, spec: SweepSpec, name: str, uri: str, restart: bool) -> SweepResult:
+    from ray import tune
+
+    from raysseg.io import tracking
+    from raysseg.io.storage import remove_tree
+    from raysseg.runtime import logs
+    from raysseg.runtime.driver import _storage, init_ray
+
     cfg.mlflow.tracking_uri = uri  # the trials run in other folders: the local store's path is fixed here
     storage_path, fs = _storage(cfg)
     storage_path = f"{storage_path.rstrip('/')}/sweeps"
@@ -276,6 +288,7 @@ def sweep(config: str, space: str, overrides: tuple = (), restart: bool = False,
     print(f"{'resuming' if resumed else 'starting'} sweep {name} (MLflow run {parent_id} at {uri})")
 
     init_ray(cfg.train.num_workers * spec.max_concurrent)
+    print(logs.where_logs_go(), flush=True)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, config=cfg.to_dict(), spec=dataclasses.asdict(spec), sweep=name,
                              parent_run_id=parent_id),
@@ -325,8 +338,32 @@ def _new_tuner(spec: SweepSpec, cfg: Config, trainable, name: str, storage_path:
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search, scheduler=scheduler,
                                     num_samples=spec.samples),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+                                  failure_config=tune.FailureConfig(max_failures=1), verbose=0,
+                                  callbacks=[trial_lines(spec.metric)]),
     )
+
+
+def trial_lines(metric: str):
+    """A Tune callback (on the sweep's driver) printing one line per trial report and per trial end,
+    instead of Tune's status tables."""
+    from ray.tune import Callback
+
+    from raysseg.engine.loop import FINAL_FLAG
+
+    class TrialLines(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(metric)
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            what = "final" if result.get(FINAL_FLAG) else f"epoch {result.get('epoch', '?')}"
+            print(f"trial {trial.trial_id} {what}: {metric} {shown}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            print(f"trial {trial.trial_id} finished ({trial_overrides(trial.config)})", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"trial {trial.trial_id} failed: {str(trial.error_msg or '').splitlines()[-1:]}", flush=True)
+
+    return TrialLines()
 
 
 def _rows(grid, spec: SweepSpec) -> list[dict]:

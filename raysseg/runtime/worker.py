@@ -1,7 +1,11 @@
 """The Ray Train worker functions: a :class:`raysseg.engine.loop.WorkerEnv` made of Ray Train's
-context (rank, device, dataset shards, checkpoints, ``prepare_model``) and the run's concept bank."""
+context (rank, device, dataset shards, checkpoints, ``prepare_model``) and the run's concept bank.
+
+Rank 0's printed lines go to the driver's console (:mod:`raysseg.runtime.logs`), which prints them once."""
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from pathlib import Path
 
@@ -12,14 +16,32 @@ import torch
 from raysseg.config import config_from_dict
 from raysseg.engine.loop import WorkerEnv, pretrain_worker, train_worker
 from raysseg.runtime.bank import RaySharedState
+from raysseg.runtime.logs import ConsoleWriter
 
 
-def _restore(name: str):
+def _ray_checkpoint(name: str):
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
         return torch.load(Path(d) / name, map_location="cpu", weights_only=False), checkpoint.path
+
+
+def _restorer(folders: list[str]):
+    """Restore from the newest of ``folders`` (newest first, listed by the driver) that loads, else from the
+    checkpoint Ray Train hands over: a stop can leave a newer complete checkpoint that Ray never registered."""
+    from raysseg.io import storage
+
+    def restore(name: str):
+        for folder in folders:
+            try:
+                data = storage.read_bytes(f"{folder}/{name}")
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False), folder
+            except Exception:  # noqa: BLE001 - cut short by a stop: try the one before it
+                continue
+        return _ray_checkpoint(name)
+
+    return restore
 
 
 def _report(metrics: dict, payload: dict | None, name: str) -> None:
@@ -39,7 +61,8 @@ def worker_env(loop_cfg: dict) -> WorkerEnv:
     bank = loop_cfg.get("bank")
     return WorkerEnv(
         rank=rank, world=ctx.get_world_size(), local_world=ctx.get_local_world_size(),
-        device=ray.train.torch.get_device(), get_shard=ray.train.get_dataset_shard, restore=_restore,
+        device=ray.train.torch.get_device(), get_shard=ray.train.get_dataset_shard,
+        restore=_restorer(loop_cfg.get("checkpoints", [])),
         report=_report, shared=RaySharedState(bank) if bank is not None else None,
         wrap_model=ray.train.torch.prepare_model,
         logger=tracking.RunLogger(loop_cfg["tracking_uri"], loop_cfg["run_id"]) if rank == 0 else None,
@@ -47,12 +70,23 @@ def worker_env(loop_cfg: dict) -> WorkerEnv:
     )
 
 
+def _console(env: WorkerEnv, loop_cfg: dict):
+    """Rank 0's stdout goes to the driver's console; other ranks' stays in Ray's log files."""
+    console = loop_cfg.get("console")
+    if env.rank != 0 or console is None:
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(ConsoleWriter(console))
+
+
 def train_loop(loop_cfg: dict) -> None:
     """Ray Train's worker function of :func:`raysseg.runtime.driver.train`."""
-    train_worker(config_from_dict(loop_cfg["config"]), worker_env(loop_cfg), loop_cfg["n_images"],
-                 loop_cfg.get("plan", {}))
+    env = worker_env(loop_cfg)
+    with _console(env, loop_cfg):
+        train_worker(config_from_dict(loop_cfg["config"]), env, loop_cfg["n_images"], loop_cfg.get("plan", {}))
 
 
 def pretrain_loop(loop_cfg: dict) -> None:
     """Ray Train's worker function of :func:`raysseg.runtime.pretrain.pretrain`."""
-    pretrain_worker(config_from_dict(loop_cfg["config"]), worker_env(loop_cfg), loop_cfg["n_images"])
+    env = worker_env(loop_cfg)
+    with _console(env, loop_cfg):
+        pretrain_worker(config_from_dict(loop_cfg["config"]), env, loop_cfg["n_images"])

@@ -122,6 +122,7 @@ def browse(checkpoint: str, split: str | None = None, limit: int | None = None, 
             logger.log_bytes(json.dumps(summary, indent=1).encode(), f"{folder}/concepts.json")
             if results:
                 logger.log_bytes(json.dumps(query_out, indent=1).encode(), f"{folder}/queries.json")
+            logger.close(seconds=10)  # sent, or the warning below
             logged = folder
             _log(f"logged to MLflow run {run_id} at {uri} under {folder}/")
         except Exception as e:  # noqa: BLE001 - the files are written; a tracking problem must not lose them

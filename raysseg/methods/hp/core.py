@@ -43,6 +43,26 @@ Memory (N patches, M pool size, chunk rows at a time):
 - local term: attention weights are B x n x n float with n = h*w (per image, not per
   batch).
 So peak memory grows with N^2 bytes (the bool masks) plus ~6 * 4 * chunk * N bytes.
+
+Loss forms (``hp.loss_form``). ``paper`` (the default) is everything above. ``released``
+follows the authors' released code, which produced the paper's numbers, in six documented
+points (each a branch below, named "released (k)"):
+  (1) total = mean over images b of (GHP_b + LHP_b) / 2, plus alpha R outside the mean;
+  (2) each image's term is sum_ij w_ij (-log p_ij) / sum_ij w_ij over its kept anchors
+      (normalised by the positive weights within the image, not by sum |P_i| over the batch);
+  (3) an anchor is kept only when it has a task-agnostic positive;
+  (4) the denominator is P_ag(i) plus one random [n, N] negative mask (Bernoulli(rho),
+      n = h*w) shared by every image of the batch; our reading: the shared mask loses the
+      anchor's positives of either set and itself, so positives found only in the
+      task-specific set are in the numerator but never in the denominator;
+  (5) selection (both positive sets) uses the Dropout2d'd backbone features and the EMA codes
+      of those features (one dropout sample, the one the heads see). The released code also
+      selects under fp16 autocast; that part is not copied (selection stays exact fp32);
+  (6) lambda = (t - w) / (T - w) (:func:`lambda_released`); Q_sp is renewed every N
+      iterations counted within each epoch, skipping iteration 0
+      (:func:`released_sp_version`); the projection head is optimised without weight decay
+      or gradient clipping (the trainer's parameter groups).
+With the same tensors, (1) alone doubles alpha's relative weight.
 """
 
 from __future__ import annotations
@@ -59,6 +79,7 @@ from torch.utils.checkpoint import checkpoint
 from raysseg.core.precision import at_least_fp32, exact_fp32
 
 BASE_TEMPERATURE = 0.07  # the released code multiplies the loss by tau / 0.07
+LOSS_FORMS = ("paper", "released")  # hp.loss_form: the paper's text, or the authors' released code
 
 
 class HPInputError(ValueError):
@@ -256,6 +277,88 @@ def ghp_supcon_loss(z: Tensor, pos_ag: Tensor, pos_sp: Tensor | None, lam: float
     return _supcon("ghp_supcon_loss", z, parts, coefs, neg_mask, tau, chunk, anchors)
 
 
+# ----------------------------------------------------------------------------- released form
+
+
+@torch.no_grad()
+def shared_negatives(n: int, total: int, rho: float, generator: torch.Generator | None,
+                     device: torch.device | str = "cpu") -> Tensor:
+    """Released form (4): one bool [n, N] mask, each entry True with probability rho, that every
+    image's n anchors use against the N patches of the batch."""
+    if not 0.0 <= rho <= 1.0:
+        _fail("shared_negatives", f"rho must be a fraction in [0, 1], got {rho} (2% is rho=0.02)")
+    if generator is not None and generator.device.type != torch.device(device).type:
+        _fail("shared_negatives", f"generator is on {generator.device} but device is {device}; "
+                                  "create torch.Generator(device=...) on the same device")
+    return torch.rand((n, total), generator=generator, device=device) < rho
+
+
+def _released_image_sum(anchors: Tensor, z: Tensor, pos_ag: Tensor, pos_sp: Tensor | None, lam: float,
+                        neg: Tensor, tau: float) -> Tensor:
+    """sum over kept rows of sum_j w_ij (logsumexp_{n in P_ag u neg} l_in - l_ij), rows = one image's anchors.
+
+    anchors [r, D] (every row has a task-agnostic positive), z [N, D], pos_ag/pos_sp/neg bool [r, N]."""
+    w = pos_ag.to(torch.float32)
+    if pos_sp is not None:
+        w = w + lam * pos_sp.to(torch.float32)
+    denom = pos_ag | neg  # released (4): P_ag plus the shared negatives, never the task-specific-only positives
+    logits = at_least_fp32(anchors @ z.T) / tau
+    lse = logits.masked_fill(~denom, float("-inf")).logsumexp(dim=1, keepdim=True)
+    return (w * (lse - logits)).sum()
+
+
+def released_supcon_per_image(z: Tensor, pos_ag: Tensor, pos_sp: Tensor | None, lam: float, neg_shared: Tensor,
+                              tau: float, anchors: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The released code's contrastive term, one value per image.
+
+    z [N, D] L2-normalised, patch order (b, y, x), N = B*n; pos_ag, pos_sp bool [N, N] (pos_sp None
+    or lam = 0: task-agnostic only); neg_shared bool [n, N] (:func:`shared_negatives`); anchors [N, D]
+    (default z). For image b with anchors i in its n patches:
+      kept_i = any_j pos_ag_ij                                            released (3)
+      w_ij = pos_ag_ij + lam pos_sp_ij,  D_i = P_ag(i) u (neg_shared_i minus positives and i)   (4)
+      L_b = (tau/0.07) sum_{kept i, j} w_ij (-log p_ij) / sum_{kept i, j} w_ij              (2)
+    where -log p_ij = logsumexp_{k in D_i} l_ik - l_ij, l = a.z/tau (a task-specific-only j is
+    in the numerator, not in D_i). An image with no kept anchor gives 0 (with the graph).
+    Returns (L [B], kept bool [N]).
+    """
+    _check_2d("released_supcon_per_image", "z", z)
+    total = z.shape[0]
+    a = z if anchors is None else anchors
+    if a.shape != z.shape:
+        _fail("released_supcon_per_image", f"anchors shape {tuple(a.shape)} must equal z shape {tuple(z.shape)}")
+    n = neg_shared.shape[0]
+    if neg_shared.dim() != 2 or neg_shared.shape[1] != total or total % n:
+        _fail("released_supcon_per_image", f"neg_shared must be [n, N] with N = {total} a multiple of n, "
+                                           f"got {tuple(neg_shared.shape)}")
+    masks = [("pos_ag", pos_ag)] + ([("pos_sp", pos_sp)] if pos_sp is not None else [])
+    for name, m in masks:
+        if m.shape != (total, total) or m.dtype != torch.bool:
+            _fail("released_supcon_per_image", f"{name} must be bool [N, N] = [{total}, {total}], "
+                                               f"got {m.dtype} {tuple(m.shape)}")
+    if tau <= 0:
+        _fail("released_supcon_per_image", f"tau must be > 0, got {tau}")
+    use_sp = pos_sp is not None and lam > 0
+    kept = pos_ag.any(dim=1)  # released (3)
+    use_ckpt = torch.is_grad_enabled() and (z.requires_grad or a.requires_grad)
+    cols = torch.arange(total, device=z.device)
+    losses = []
+    for start in range(0, total, n):
+        rows = torch.arange(start, start + n, device=z.device)[kept[start:start + n]]
+        if len(rows) == 0:
+            losses.append(z.sum() * 0 + a.sum() * 0)
+            continue
+        ag, sp = pos_ag[rows], pos_sp[rows] if use_sp else None
+        with torch.no_grad():
+            positive = ag | sp if sp is not None else ag
+            neg = neg_shared[rows - start] & ~positive & (cols[None, :] != rows[:, None])  # (4)
+            weight = ag.sum() + (lam * sp.sum() if sp is not None else 0.0)
+        args = (a[rows], z, ag, sp, lam, neg, tau)
+        part = (checkpoint(_released_image_sum, *args, use_reentrant=False) if use_ckpt
+                else _released_image_sum(*args))
+        losses.append(part / weight * (tau / BASE_TEMPERATURE))  # released (2)
+    return torch.stack(losses), kept
+
+
 # ----------------------------------------------------------------------------- local term
 
 
@@ -317,6 +420,27 @@ def consistency_loss(z: Tensor, z_aug: Tensor) -> Tensor:
         _fail("consistency_loss", f"z and z_aug must both be [B, D, h, w], got {tuple(z.shape)} "
                                   f"and {tuple(z_aug.shape)}")
     return torch.linalg.vector_norm(z - z_aug, dim=1).mean()
+
+
+def lambda_released(step: int, warmup: int, total: int) -> float:
+    """Released form (6): lambda at 0-based iteration ``step`` is (t - w) / (T - w), clipped to [0, 1]
+    (0 before the warm-up ends; it never quite reaches 1 on the last iteration)."""
+    if step < 0 or warmup < 0 or total < 1:
+        _fail("lambda_released", f"need step >= 0, warmup >= 0, total >= 1; got step={step}, "
+                                 f"warmup={warmup}, total={total}")
+    if step <= warmup or total <= warmup:
+        return 0.0
+    return min(1.0, (step - warmup) / (total - warmup))
+
+
+def released_sp_version(step: int, steps_per_epoch: int, every: int) -> int:
+    """Released form (6): version of Q_sp in use at global 0-based ``step`` when it is renewed at the
+    epoch-local iterations i with i % every == 0 and i != 0 (version 1: the pool built at the start)."""
+    if step < 0 or steps_per_epoch < 1 or every < 1:
+        _fail("released_sp_version", f"need step >= 0, steps_per_epoch >= 1, every >= 1; got {step}, "
+                                     f"{steps_per_epoch}, {every}")
+    epoch, local = divmod(step, steps_per_epoch)
+    return 1 + epoch * ((steps_per_epoch - 1) // every) + local // every
 
 
 def lambda_at(step: int, warmup: int, total: int) -> float:
@@ -405,7 +529,7 @@ class HPModel(nn.Module):
     def loss(self, feats: Tensor, feats_aug: Tensor, attn_logits: Tensor | None, q_ag: Tensor,
              q_sp: Tensor | None, lam: float, *, tau: float, rho: float, alpha: float, sigma: float,
              chunk: int, generator: torch.Generator | None,
-             mixed_contrast: bool = True) -> tuple[Tensor, dict[str, float]]:
+             mixed_contrast: bool = True, loss_form: str = "paper") -> tuple[Tensor, dict[str, float]]:
         """Total = (Phi_ag + Psi_ag) + lam (Phi_sp + Psi_sp) + alpha R for one local batch.
 
         feats, feats_aug [B, C, h, w] backbone outputs of the image and its photometric
@@ -415,10 +539,16 @@ class HPModel(nn.Module):
         Returns (loss, stats) with float stats: loss parts, lam, mean positives and
         negatives per anchor, fraction of anchors kept, and wall-clock seconds of the
         selection (masks + negatives) and of the heads + contrastive forward.
+        loss_form "released": :meth:`released_loss` (module docstring, points 1-5).
         """
         if feats.dim() != 4 or feats_aug.shape != feats.shape:
             _fail("HPModel.loss", f"feats and feats_aug must both be [B, C, h, w], got "
                                   f"{tuple(feats.shape)} and {tuple(feats_aug.shape)}")
+        if loss_form == "released":
+            return self.released_loss(feats, feats_aug, attn_logits, q_ag, q_sp, lam, tau=tau, rho=rho, alpha=alpha,
+                                      sigma=sigma, chunk=chunk, generator=generator, mixed_contrast=mixed_contrast)
+        if loss_form != "paper":
+            _fail("HPModel.loss", f"loss_form must be one of {', '.join(LOSS_FORMS)}, got {loss_form!r}")
         b, _, h, w = feats.shape
         device = feats.device
 
@@ -467,6 +597,67 @@ class HPModel(nn.Module):
             "pos_per_anchor": float(counts.sum()) / n,
             "neg_per_anchor": float(neg.sum()) / n,
             "kept_frac": float((counts > 0).sum()) / n,
+            "time_selection_s": t1 - t0,
+            "time_loss_s": t2 - t1,
+        }
+        return total, stats
+
+    def released_loss(self, feats: Tensor, feats_aug: Tensor, attn_logits: Tensor | None, q_ag: Tensor,
+                      q_sp: Tensor | None, lam: float, *, tau: float, rho: float, alpha: float, sigma: float,
+                      chunk: int, generator: torch.Generator | None,
+                      mixed_contrast: bool = True) -> tuple[Tensor, dict[str, float]]:
+        """Total = mean_b (GHP_b + LHP_b) / 2 + alpha R, the released code's form (module docstring).
+
+        Same inputs, stats and shapes as :meth:`loss`; GHP_b, LHP_b from
+        :func:`released_supcon_per_image`. Without attention LHP_b = 0 and the sum is still halved.
+        """
+        b, _, h, w = feats.shape
+        device = feats.device
+        dropped = self.dropout(feats)  # released (5): one Dropout2d sample for selection, EMA codes and heads
+
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad(), exact_fp32():  # fp32 selection: the released code's fp16 here is not copied
+            f = F.normalize(_flat(dropped).float(), dim=1)
+            pos_ag = hidden_positive_mask(f, F.normalize(q_ag.float(), dim=1), chunk)
+            pos_sp = None
+            if q_sp is not None and lam > 0:
+                s_ema = F.normalize(_flat(self.ema_codes(dropped.float())).float(), dim=1)
+                pos_sp = hidden_positive_mask(s_ema, F.normalize(q_sp.float(), dim=1), chunk)
+            neg = shared_negatives(h * w, b * h * w, rho, generator, device)  # released (4)
+        _sync(device)
+        t1 = time.perf_counter()
+
+        s = self.seg(dropped)
+        z = self.proj(s)
+        ghp, kept = released_supcon_per_image(_flat(z), pos_ag, pos_sp, lam, neg, tau)
+        lhp = torch.zeros_like(ghp)
+        if attn_logits is not None:
+            with exact_fp32():
+                weights = local_attention_weights(attn_logits, h, w, sigma)
+            z_mix = _flat(self.proj(mix_codes(s, weights)))
+            if mixed_contrast:
+                lhp = released_supcon_per_image(z_mix, pos_ag, pos_sp, lam, neg, tau)[0]
+            else:
+                lhp = released_supcon_per_image(_flat(z), pos_ag, pos_sp, lam, neg, tau, anchors=z_mix)[0]
+        _sync(device)
+        t2 = time.perf_counter()
+
+        z_aug = self.proj(self.seg(self.dropout(feats_aug)))
+        reg = consistency_loss(z, z_aug)
+        contrast = ((ghp + lhp) / 2).mean()  # released (1)
+        total = contrast + alpha * reg
+        positives = pos_ag if pos_sp is None else pos_ag | pos_sp
+        n = kept.numel()
+        stats = {
+            "loss_total": float(total.detach()),
+            "loss_ghp": float(ghp.detach().mean()),
+            "loss_lhp": float(lhp.detach().mean()),
+            "loss_consistency": float(reg.detach()),
+            "lam": float(lam),
+            "pos_per_anchor": float(positives.sum()) / n,
+            "neg_per_anchor": float(neg.sum()) * b / n,
+            "kept_frac": float(kept.sum()) / n,
             "time_selection_s": t1 - t0,
             "time_loss_s": t2 - t1,
         }

@@ -21,6 +21,11 @@ class HPConfig:
     sigma: float = setting(28.0, lo=0.0, help="attention scale in local hidden positives")
     local: bool = setting(True, help="local hidden positives (gradient propagation)")
     chunk: int = setting(2048, lo=16, help="anchor rows per block in selection and loss")
+    loss_form: str = setting("paper", choices=("paper", "released"),
+                             help="paper: the paper's text; released: how the authors' released code combines the "
+                                  "terms (per-image halved loss, weights normalised per image, shared negatives, "
+                                  "dropout before selection, (t-w)/(T-w) ramp, per-epoch Q_sp renewal, projection "
+                                  "head without weight decay or clipping); see methods/hp/core.py")
 
 
 def _head(cfg, backbone_dim: int):

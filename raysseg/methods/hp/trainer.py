@@ -9,6 +9,12 @@ Shared state goes through the :class:`raysseg.methods.base.SharedState` of the c
   renewed every N iterations; worker r computes rows r, r + W, r + 2W, ... Since the
   EMA head is identical on every worker (DDP keeps the trained head in sync and the
   EMA update is deterministic), the table equals what one worker would compute.
+
+``hp.loss_form: released`` (point 6 of :mod:`raysseg.methods.hp.core`) changes three things
+here: lambda follows :func:`lambda_released`, Q_sp versions follow :func:`released_sp_version`
+(renewed every N iterations within each epoch, not at its iteration 0), and the projection
+head is a parameter group without weight decay (AdamW with weight decay 0 is Adam) that
+gradient clipping leaves out.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from raysseg.core.device import Uploader, clock
 from raysseg.core.distributed import optimizer_step
 from raysseg.core.precision import exact_fp32
 from raysseg.methods.base import TrainContext, load_optimizer_state, optimizer_state
-from raysseg.methods.hp.core import ema_update, lambda_at
+from raysseg.methods.hp.core import ema_update, lambda_at, lambda_released, released_sp_version
 
 
 class _HPLoss(nn.Module):
@@ -39,7 +45,19 @@ class _HPLoss(nn.Module):
     def forward(self, feats, feats_aug, attn, q_ag, q_sp, lam):
         hp = self.cfg.hp
         return self.head.loss(feats, feats_aug, attn, q_ag, q_sp, lam, tau=hp.tau, rho=hp.rho, alpha=hp.alpha,
-                              sigma=hp.sigma, chunk=hp.chunk, generator=self.generator)
+                              sigma=hp.sigma, chunk=hp.chunk, generator=self.generator, loss_form=hp.loss_form)
+
+
+def param_groups(head: nn.Module, weight_decay: float, loss_form: str) -> tuple[list[dict], list]:
+    """(optimizer parameter groups, parameters to clip) of the HP head. paper: one group, all clipped.
+    released (6): the projection head in its own group without weight decay, and not clipped."""
+    trainable = [p for p in head.parameters() if p.requires_grad]
+    if loss_form != "released":
+        return [{"params": trainable, "weight_decay": weight_decay}], trainable
+    proj = {id(p) for p in head.proj.parameters()}
+    rest = [p for p in trainable if id(p) not in proj]
+    return ([{"params": rest, "weight_decay": weight_decay},
+             {"params": [p for p in trainable if id(p) in proj], "weight_decay": 0.0}], rest)
 
 
 class HPTrainer:
@@ -49,8 +67,9 @@ class HPTrainer:
         self.total_steps, self.pool_plan = max(ctx.total_steps, 1), ctx.plan["pool"]
         self.generator = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + ctx.rank)
         self.loss_module = ctx.wrap_model(_HPLoss(seg.head, cfg, self.generator))
-        params = [p for p in seg.head.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        groups, self.clip_params = param_groups(seg.head, cfg.train.weight_decay, cfg.hp.loss_form)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
+        self.steps_per_epoch = max(self.total_steps // cfg.train.epochs, 1)
         self.q_ag: torch.Tensor | None = None
         self.q_sp: torch.Tensor | None = None
         self.sp_version = 0
@@ -106,8 +125,13 @@ class HPTrainer:
 
     @torch.no_grad()
     def _refresh_sp(self, step: int) -> None:
-        """Q_sp version step // N + 1: contribute this rank's rows if it is not published yet, then fetch."""
-        needed = step // self.cfg.hp.renew_every + 1
+        """Q_sp version step // N + 1 (released: :func:`released_sp_version`): contribute this rank's rows
+        if it is not published yet, then fetch."""
+        hp = self.cfg.hp
+        if hp.loss_form == "released":
+            needed = released_sp_version(step, self.steps_per_epoch, hp.renew_every)
+        else:
+            needed = step // hp.renew_every + 1
         if self.sp_version >= needed:
             return
         t0 = time.perf_counter()
@@ -141,12 +165,12 @@ class HPTrainer:
         t1 = clock(self.device)
         self._refresh_sp(step)
         t2 = clock(self.device)
-        lam = lambda_at(step, hp.warmup, self.total_steps)
+        lam = (lambda_released if hp.loss_form == "released" else lambda_at)(step, hp.warmup, self.total_steps)
         with self.precision.autocast():
             loss, stats = self.loss_module(out.features, aug, out.attn_logits, self.q_ag, self.q_sp, lam)
         t3 = clock(self.device)
         optimizer_step(loss, self.optimizer, step, "train.lr", self.cfg.train.lr, weight=weight,
-                       grad_clip=self.cfg.train.grad_clip, scaler=self.scaler)
+                       grad_clip=self.cfg.train.grad_clip, scaler=self.scaler, clip_params=self.clip_params)
         ema_update(seg.head.ema_seg, seg.head.seg, hp.ema)
         t4 = clock(self.device)
         self.timers["backbone"] += t1 - t0

@@ -1,0 +1,219 @@
+"""What `raysseg data prepare` does to one file, whatever the dataset: the task, its outputs, resumption
+markers and the dataset card. The dataset-specific parts (finding the source files and mapping the
+labels) are the modules beside this one; the parallel job is :mod:`raysseg.runtime.prepare`.
+
+Output layout under DST (the project's split layout, README "Data"):
+  <split>/images/<key>.<ext>   the image (the source bytes when they are already JPEG/PNG, else PNG)
+  <split>/labels/<key>.png     uint8 class indices 0..n-1, ``IGNORE`` elsewhere
+  .prepare/<split>/<task>.json written last for each source task: its outputs and pixel counts (resume)
+  dataset_card.json, classes.txt  written at the end of every run
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from raysseg.io import storage
+from raysseg.io.images import DatasetError, decode_image, decode_label
+
+IGNORE = 255
+MARKERS = ".prepare"
+CARD = "dataset_card.json"
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Per-dataset choices (the CLI's options); each dataset reads only its own."""
+
+    image_lists: dict[str, str] = field(default_factory=dict)  # cocostuff27: split -> image-list file URI
+    tile: int = 200  # potsdam3: side of the square crops cut from each 6000 x 6000 tile
+    val_tiles: tuple[str, ...] = ()  # potsdam3: tile ids ("2_13") for val; () = the dataset's default
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work: source files (role -> URI) that give the outputs ``key``/``key_<r>_<c>`` of a split."""
+
+    split: str
+    key: str
+    files: dict[str, str]
+
+    def marker(self, dst: str) -> str:
+        return storage.join(dst, MARKERS, self.split, f"{self.key}.json")
+
+
+@dataclass
+class Output:
+    """An image (encoded bytes and its suffix) and its mapped label (uint8 [H, W])."""
+
+    key: str
+    image: bytes
+    suffix: str
+    label: np.ndarray
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A raw distribution and its mapping. ``find(src, options)`` lists the tasks (raising one
+    DatasetError line naming the layout it expected); ``convert(task, options, read)`` returns the
+    outputs of one task (``read(uri) -> bytes``), raising ValueError for a bad file."""
+
+    name: str
+    classes: tuple[str, ...]
+    expected: str  # the source layout, for error messages
+    mapping: str  # what is mapped to what, in words (goes into the card)
+    reference: str  # where the mapping comes from
+    find: Callable[[str, PrepareOptions], list[Task]]
+    convert: Callable[[Task, PrepareOptions, Callable[[str], bytes]], list[Output]]
+    lut: Callable[[], dict] = lambda: {}  # the mapping as a table, for the card
+
+
+def layout_error(dataset: "Dataset | str", src: str, missing: str, expected: str) -> DatasetError:
+    name = dataset if isinstance(dataset, str) else dataset.name
+    return DatasetError(f"{name}: {src} is not the expected source layout ({missing}); expected {expected}")
+
+
+def list_or_empty(uri: str, suffixes: tuple[str, ...] | None, recursive: bool = False) -> list[str]:
+    """Files under ``uri`` (none when the folder does not exist)."""
+    if not storage.exists(uri):
+        return []
+    return storage.list_files(uri, suffixes, recursive=recursive)
+
+
+def stem(uri: str) -> str:
+    name = uri.rstrip("/").rsplit("/", 1)[-1].rsplit("\\", 1)[-1]
+    return name.rsplit(".", 1)[0]
+
+
+# --------------------------------------------------------------------------- decoding and encoding
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of image bytes, fully decoded (a truncated file raises ValueError)."""
+    return decode_image(data).size
+
+
+def label_array(data: bytes) -> np.ndarray:
+    """Single-channel label values as they are stored (palette PNGs: their indices)."""
+    return np.asarray(decode_label(data))
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def check_same_size(task: Task, image_wh: tuple[int, int], label: np.ndarray) -> None:
+    if (label.shape[1], label.shape[0]) != tuple(image_wh):
+        raise ValueError(f"label {task.files['label']} is {label.shape[1]}x{label.shape[0]} but its image is "
+                         f"{image_wh[0]}x{image_wh[1]}; re-extract the pair from the distribution")
+
+
+# --------------------------------------------------------------------------- one task
+
+
+def run_task(dataset: Dataset, task: Task, options: PrepareOptions, dst: str) -> dict:
+    """Convert one task and write its outputs, then its marker (atomic writes; the marker last, so a
+    task killed midway is redone). Returns the marker's content, or {"error": one line} for a bad file."""
+    try:
+        outputs = dataset.convert(task, options, read_source)
+    except ValueError as exc:
+        return {"split": task.split, "key": task.key, "error": " ".join(str(exc).split())}
+    counts = np.zeros(len(dataset.classes) + 1, np.int64)  # the last one: ignored pixels
+    for out in outputs:
+        split = storage.join(dst, task.split)
+        storage.write_bytes_atomic(storage.join(split, "images", *f"{out.key}{out.suffix}".split("/")), out.image)
+        storage.write_bytes_atomic(storage.join(split, "labels", *f"{out.key}.png".split("/")),
+                                   encode_png(out.label.astype(np.uint8)))
+        counts += pixel_counts(out.label, len(dataset.classes))
+    done = {"split": task.split, "key": task.key, "outputs": [o.key for o in outputs], "counts": counts.tolist()}
+    storage.write_bytes_atomic(task.marker(dst), json.dumps(done).encode())
+    return done
+
+
+def read_source(uri: str) -> bytes:
+    """The bytes of a source file; a missing one raises ValueError (skipped and listed), an unreachable
+    store still raises StorageError (the job stops)."""
+    try:
+        return storage.read_bytes(uri)
+    except storage.StorageError:
+        if not storage.exists(uri):
+            raise ValueError(f"{uri} does not exist: its pair (or an image list) names it; restore it from the "
+                             "distribution or leave the file out") from None
+        raise
+
+
+def pixel_counts(label: np.ndarray, n_classes: int) -> np.ndarray:
+    """[n_classes + 1] pixels per class, the last entry counting ``IGNORE`` pixels."""
+    flat = label.reshape(-1).astype(np.int64)
+    counts = np.bincount(np.where(flat == IGNORE, n_classes, flat), minlength=n_classes + 1)
+    if len(counts) > n_classes + 1:
+        raise ValueError(f"label values above {n_classes - 1} other than {IGNORE}: a mapping bug")
+    return counts
+
+
+def remove_partial_writes(dst: str) -> int:
+    """Delete the temporary files of atomic writes cut short by a kill (local DST only: S3 objects
+    appear whole or not at all). Returns how many."""
+    if storage.is_s3(dst) or not os.path.isdir(dst):
+        return 0
+    removed = 0
+    for folder, _, names in os.walk(dst):
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+    return removed
+
+
+def is_done(task: Task, dst: str) -> dict | None:
+    """The marker of a finished task, or None."""
+    uri = task.marker(dst)
+    if not storage.exists(uri):
+        return None
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except ValueError:  # a marker is written atomically; an unreadable one means redo the task
+        return None
+
+
+# --------------------------------------------------------------------------- the card
+
+
+def card(dataset: Dataset, src: str, options: PrepareOptions, results: list[dict]) -> dict:
+    """The dataset card: classes, the mapping, images and pixels per class per split, skipped files."""
+    splits: dict[str, dict] = {}
+    for r in results:
+        if "error" in r:
+            continue
+        s = splits.setdefault(r["split"], {"images": 0, "counts": np.zeros(len(dataset.classes) + 1, np.int64)})
+        s["images"] += len(r["outputs"])
+        s["counts"] += np.asarray(r["counts"], np.int64)
+    return {
+        "dataset": dataset.name,
+        "source": src,
+        "classes": list(dataset.classes),
+        "ignore_index": IGNORE,
+        "mapping": dataset.mapping,
+        "mapping_table": dataset.lut(),
+        "reference": dataset.reference,
+        "options": {k: v for k, v in asdict(options).items()},
+        "splits": {name: {"images": s["images"],
+                          "pixels_per_class": dict(zip(dataset.classes, s["counts"][:-1].tolist())),
+                          "ignored_pixels": int(s["counts"][-1])}
+                   for name, s in sorted(splits.items())},
+        "image_count": sum(s["images"] for s in splits.values()),
+        "skipped": [{"split": r["split"], "task": r["key"], "reason": r["error"]} for r in results if "error" in r],
+    }
+
+
+def write_card(dst: str, content: dict) -> None:
+    storage.write_bytes_atomic(storage.join(dst, CARD), json.dumps(content, indent=1).encode())
+    storage.write_bytes_atomic(storage.join(dst, "classes.txt"), ("\n".join(content["classes"]) + "\n").encode())

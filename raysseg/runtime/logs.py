@@ -1,0 +1,163 @@
+"""The terminal is the tool's: Ray's, Tune's and MLflow's logs go to a file, the tool's lines to the terminal.
+
+- :func:`setup` (before Ray starts) sends the driver's library loggers, Python warnings and
+  whatever Ray's C++ core writes to the process's stderr into ``outputs/logs/<name>.log``;
+  Ray's worker processes keep their logs in Ray's session folder (``ray_logs_dir``), and
+  ``ray.init(log_to_driver=False)`` keeps them off the terminal.
+- Rank 0's printed lines (progress, resume, k-means) come to the driver through a
+  :class:`Console` actor and are printed once, by the driver.
+- ``raysseg -v`` (``RAYSSEG_VERBOSE=1``) shows all of it on the terminal, as Ray prints it.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+LOG_FOLDER = "outputs/logs"
+LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "mlflow", "alembic", "py.warnings",
+                   "filelock", "urllib3")
+_state: dict = {}
+
+
+def verbose() -> bool:
+    return os.environ.get("RAYSSEG_VERBOSE", "") not in ("", "0")
+
+
+def log_file() -> str:
+    """Where this command's library logs go ("" before :func:`setup` or with ``-v``)."""
+    return _state.get("file", "")
+
+
+def setup(name: str) -> str:
+    """Route library logs of this process to ``outputs/logs/<name>.log`` (once per process; nothing with ``-v``).
+
+    Python-level ``sys.stderr`` keeps the terminal; file descriptor 2, which Ray's C++ core writes
+    to, goes to the file. Returns the file."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Train/Tune status tables on the driver
+    if verbose() or _state:
+        return log_file()
+    path = Path(LOG_FOLDER) / f"{name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a", buffering=1)
+    _state["file"], _state["handle"] = str(path.resolve()), handle
+    handle.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
+    if sys.stderr is sys.__stderr__ and _has_fd(sys.stderr):
+        terminal = os.dup(2)
+        os.dup2(handle.fileno(), 2)
+        sys.stderr = io.TextIOWrapper(os.fdopen(terminal, "wb", buffering=0), write_through=True)
+    logging.captureWarnings(True)
+    import mlflow  # noqa: F401 - it installs its own log handlers on import: replaced here
+
+    quiet_libraries()
+    return _state["file"]
+
+
+def _has_fd(stream) -> bool:
+    try:
+        stream.fileno()
+        return True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def quiet_libraries() -> None:
+    """Point the library loggers at the log file (again after ``ray.init``, which installs its own handlers)."""
+    handle = _state.get("handle")
+    if handle is None:
+        return
+    handler = logging.StreamHandler(handle)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+
+
+def ray_logs_dir() -> str:
+    """Ray's session log folder (every worker's output), or "" when unknown."""
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()  # noqa: SLF001 - no public accessor
+    except AttributeError:
+        return ""
+
+
+def where_logs_go() -> str:
+    if verbose():
+        return "logs: on this terminal (-v)"
+    ray_dir = ray_logs_dir()
+    return f"logs: {log_file() or 'this terminal'}" + (f", Ray's workers: {ray_dir}" if ray_dir else "")
+
+
+@ray.remote(num_cpus=0)
+class Console:
+    """Lines from workers, printed by the driver (:class:`ConsolePrinter`)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+
+    def drain(self) -> list[str]:
+        out, self.lines = self.lines, []
+        return out
+
+
+class ConsoleWriter(io.TextIOBase):
+    """A stream for ``contextlib.redirect_stdout`` in a worker: each whole line goes to the Console actor."""
+
+    def __init__(self, console):
+        self.console, self.partial = console, ""
+
+    def write(self, text: str) -> int:
+        self.partial += text
+        *lines, self.partial = self.partial.split("\n")
+        for line in lines:
+            if line.strip():
+                self.console.say.remote(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+class ConsolePrinter:
+    """On the driver: a Console actor and a thread printing its lines. ``with ConsolePrinter() as console:``
+    hands ``console.actor`` to the workers."""
+
+    def __init__(self, every_s: float = 0.5):
+        self.actor = Console.remote()
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="console", daemon=True)
+
+    def _print_new(self) -> None:
+        for line in ray.get(self.actor.drain.remote()):
+            print(line, flush=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self._print_new()
+            except Exception:  # noqa: BLE001 - the console is gone (Ray shutting down): nothing more to print
+                return
+
+    def __enter__(self) -> "ConsolePrinter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self._print_new()
+        except Exception:  # noqa: BLE001
+            pass
+        ray.kill(self.actor)
