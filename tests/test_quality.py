@@ -77,3 +77,9 @@ def test_a_variant_is_its_own_row_on_the_same_baseline():
     assert runs[2].overrides == ("segsort.min_cells=8",) and runs[2].baseline == runs[0].label
     with pytest.raises(ConfigError, match=r"\+key=value"):
         plan_runs(["segsort_camvid+min_cells"], [0], ())
+
+
+def test_one_seed_shows_no_spread():
+    runs = [Run("k-means", "kmeans_camvid", (), 0), Run("hp", "hp_camvid", (), 0, "k-means")]
+    results = {runs[0].key: {"scores": _scores(0.10)}, runs[1].key: {"scores": _scores(0.125)}}
+    assert "| hp | 1 | 12.5 | +2.5 |" in table(summarise(runs, results), "t")

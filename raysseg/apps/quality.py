@@ -176,8 +176,7 @@ def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
     m = 100 * statistics.fmean(values)
-    s = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.1f} ± {s:.1f}"
+    return f"{m:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{m:.1f}"
 
 
 def summarise(runs: list[Run], results: dict) -> dict:
@@ -221,8 +220,7 @@ def table(summary: dict, title: str) -> str:
 
 def _signed(values: list[float]) -> str:
     m = 100 * statistics.fmean(values)
-    s = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:+.1f} ± {s:.1f}"
+    return f"{m:+.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{m:+.1f}"
 
 
 # --------------------------------------------------------------------------- the command
