@@ -526,6 +526,18 @@ class HPModel(nn.Module):
         """Codes s' of the momentum head (no grad, no dropout). [B, C, h, w] -> [B, K, h, w]."""
         return self.ema_seg(feats)
 
+    def hidden_positives(self, feats: Tensor, q_ag: Tensor, q_sp: Tensor | None, lam: float,
+                         chunk: int) -> tuple[Tensor, Tensor | None]:
+        """Task-agnostic positives from the backbone features (B, C, h, w) against Q_ag (M, C), and
+        task-specific ones from the EMA codes against Q_sp (M, K) when Q_sp exists and lambda > 0
+        (else None): (N, N) bool masks, N = B*h*w. Call inside ``no_grad`` and ``exact_fp32``."""
+        f = F.normalize(_flat(feats).float(), dim=1)
+        pos_ag = hidden_positive_mask(f, F.normalize(q_ag.float(), dim=1), chunk)
+        if q_sp is None or lam <= 0:
+            return pos_ag, None
+        s_ema = F.normalize(_flat(self.ema_codes(feats.float())).float(), dim=1)
+        return pos_ag, hidden_positive_mask(s_ema, F.normalize(q_sp.float(), dim=1), chunk)
+
     def loss(self, feats: Tensor, feats_aug: Tensor, attn_logits: Tensor | None, q_ag: Tensor,
              q_sp: Tensor | None, lam: float, *, tau: float, rho: float, alpha: float, sigma: float,
              chunk: int, generator: torch.Generator | None,
@@ -555,17 +567,8 @@ class HPModel(nn.Module):
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad(), exact_fp32():  # selection decides: fp32 whatever the run's precision
-            f = F.normalize(_flat(feats).float(), dim=1)
-            pos_ag = hidden_positive_mask(f, F.normalize(q_ag.float(), dim=1), chunk)
-            pos_sp = None
-            if q_sp is not None and lam > 0:
-                s_ema = F.normalize(_flat(self.ema_codes(feats.float())).float(), dim=1)
-                pos_sp = hidden_positive_mask(s_ema, F.normalize(q_sp.float(), dim=1), chunk)
-                pos_any = pos_ag | pos_sp
-            else:
-                pos_any = pos_ag
-            neg = sample_negatives(pos_any, rho, generator, chunk)
-            del pos_any
+            pos_ag, pos_sp = self.hidden_positives(feats, q_ag, q_sp, lam, chunk)
+            neg = sample_negatives(pos_ag if pos_sp is None else pos_ag | pos_sp, rho, generator, chunk)
         _sync(device)
         t1 = time.perf_counter()
 
@@ -618,12 +621,7 @@ class HPModel(nn.Module):
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad(), exact_fp32():  # fp32 selection: the released code's fp16 here is not copied
-            f = F.normalize(_flat(dropped).float(), dim=1)
-            pos_ag = hidden_positive_mask(f, F.normalize(q_ag.float(), dim=1), chunk)
-            pos_sp = None
-            if q_sp is not None and lam > 0:
-                s_ema = F.normalize(_flat(self.ema_codes(dropped.float())).float(), dim=1)
-                pos_sp = hidden_positive_mask(s_ema, F.normalize(q_sp.float(), dim=1), chunk)
+            pos_ag, pos_sp = self.hidden_positives(dropped, q_ag, q_sp, lam, chunk)
             neg = shared_negatives(h * w, b * h * w, rho, generator, device)  # released (4)
         _sync(device)
         t1 = time.perf_counter()
