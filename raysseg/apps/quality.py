@@ -231,15 +231,16 @@ def bench_quality(configs: list[str], seeds: list[int], protocol: str, out: str,
     """Run (or resume) the protocol and return its markdown table; the summary goes to ``<out>/summary.json``."""
     out_dir = Path(out)
     camvid = camvid or os.environ.get("RAYSSEG_CAMVID", "../shared/data/camvid")
+    if protocol not in ("dev", "val"):
+        raise ConfigError(f"--protocol {protocol}: use dev (tuning) or val (the report, once)")
+    plan_runs(configs, seeds, tuple(common))  # every config and setting checked before anything is copied or run
     if protocol == "dev":
         train_uri, dev_uri = split_dataset(os.path.join(camvid, "train"), str(out_dir / "camvid_split"), dev)
         common = (f"data.train={train_uri}", f"data.val={dev_uri}", *common)
         scored_on = f"the dev part ({dev} images) of CamVid train, trained on the rest"
-    elif protocol == "val":
+    else:
         common = (f"data.train={os.path.join(camvid, 'train')}", f"data.val={os.path.join(camvid, 'val')}", *common)
         scored_on = "CamVid val, trained on the whole train split"
-    else:
-        raise ConfigError(f"--protocol {protocol}: use dev (tuning) or val (the report, once)")
     runs = plan_runs(configs, seeds, tuple(common))
     results = run_all(runs, out_dir)
     summary = summarise(runs, results)
