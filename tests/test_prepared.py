@@ -48,18 +48,24 @@ def test_cached_rows_are_those_of_a_direct_decode(size, synth_data, tmp_path):
     split = str(_split(synth_data, tmp_path))
     prepared = prepare(split, size, str(tmp_path / "cache"), log=_quiet)
     resized = np.ceil(size * MARGIN) < 48  # 48 = the images' short side
-    for options in ({"train": False}, {"train": True, "seed": 3, "crop_scale": (0.3, 1.0)},
-                    {"train": False, "limit": 5, "segments": {"method": "slic", "n_segments": 8}}):
-        direct, cached = _both(split, prepared, **options)
-        assert list(cached["path"]) == list(direct["path"]) and cached["valid"].all() and direct["valid"].all()
-        assert cached["image"].shape == direct["image"].shape == (options.get("limit", 8), size, size, 3)
-        diff = np.abs(cached["image"].astype(int) - direct["image"].astype(int))
+    # Crops are seeded from (seed, file path), and the path holds pytest's temporary folder, so one seed's
+    # crops differ from run to run (mean moves of 2.2 to 4.1 over 40 folders). Eight seeds average that out.
+    train_seeds = [{"train": True, "seed": seed, "crop_scale": (0.3, 1.0)} for seed in range(3, 11)]
+    cases = {"centre": [{"train": False}], "crops": train_seeds,
+             "segments": [{"train": False, "limit": 5, "segments": {"method": "slic", "n_segments": 8}}]}
+    for case, option_list in cases.items():
+        diffs = []
+        for options in option_list:
+            direct, cached = _both(split, prepared, **options)
+            assert list(cached["path"]) == list(direct["path"]) and cached["valid"].all() and direct["valid"].all()
+            assert cached["image"].shape == direct["image"].shape == (options.get("limit", 8), size, size, 3)
+            diffs.append(np.abs(cached["image"].astype(int) - direct["image"].astype(int)))
+            if "segments" in options:
+                assert cached["segments"].shape == (5, size, size) and cached["segments"].max() > 0
         if resized:
-            assert 0 < diff.mean() <= MEAN_ABS_TOLERANCE, options
+            assert 0 < np.mean([d.mean() for d in diffs]) <= MEAN_ABS_TOLERANCE, case
         else:
-            assert diff.max() == 0, options
-        if "segments" in options:
-            assert cached["segments"].shape == (5, size, size) and cached["segments"].max() > 0
+            assert max(d.max() for d in diffs) == 0, case
     trained = _rows(*read_plan(split, image_size=size, train=True, with_labels=False, seed=3, prepared=prepared))
     fresh = _rows(*read_plan(split, image_size=size, train=True, with_labels=False, seed=4, prepared=prepared))
     assert not np.array_equal(trained["image"], fresh["image"])  # another seed, other crops
