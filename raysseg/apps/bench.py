@@ -441,12 +441,16 @@ def bench_select(reports: str, n_images: int = 32) -> str:
                   rows)
 
 
-def bench_predict(limit: int = 0, config: str = "hp_camvid", gpu_tflops: float = 989.4, utilisation: float = 0.4) -> str:
-    """``raysseg predict`` on the CamVid training images (labels and overlays, as the old loop writes): the
-    single-process loop against the Ray Data job with 1 and 2 workers, side by side in one run (``limit``: the
-    first N images only); then what a GPU node would need: the FLOPs of one forward pass per image and the
-    decode rate of one core."""
+def bench_predict(limit: int = 0, configs: tuple[str, ...] = ("hp_camvid", "picie_camvid"), gpu_tflops: float = 989.4,
+                  utilisation: float = 0.4) -> str:
+    """``raysseg predict`` on the CamVid training images (labels and overlays, as the old loop writes): for each
+    config, the single-process loop against the Ray Data job with 1 and 2 workers, side by side in one run
+    (``limit``: the first N images only). The job's rate is given whole (each job starts its own local Ray and
+    loads its replicas, as ``raysseg predict`` does) and marginal: the extra images over the extra seconds
+    against a run on the first half of the images (the same start-up), the rate a large collection runs at.
+    Then what a GPU node would need: the FLOPs of one forward pass per image and the decode rate of one core."""
     import numpy as np
+    import ray
     import torch
 
     from raysseg.apps.bench_steps import _count_flops
@@ -458,41 +462,56 @@ def bench_predict(limit: int = 0, config: str = "hp_camvid", gpu_tflops: float =
     from raysseg.runtime.predict import model_input, predict_job
 
     files = sorted((_camvid() / "train" / "images").iterdir())[:limit or None]
-    cfg = load_config(config, [])
-    seg = build_segmenter(cfg, load_backbone_weights=False).eval()  # random weights: the same cost as trained ones
-    seg.centroids.copy_(torch.nn.functional.normalize(torch.randn_like(seg.centroids), dim=1))
     t0 = time.perf_counter()
     decoded = [np.asarray(decode_image(p.read_bytes())) for p in files]
-    inputs = [model_input(x, cfg.data.image_size, seg.input_multiple) for x in decoded]
     decode_rate = len(files) / (time.perf_counter() - t0)
-    gflop = _count_flops(lambda: seg.codes(torch.from_numpy(inputs[0].copy())[None])) / 1e9
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt, images = f"{tmp}/model.pt", Path(tmp) / "images"
-        save_checkpoint(ckpt, seg)
-        images.mkdir()
-        for p in files:
-            (images / p.name).symlink_to(p)
-        t0 = time.perf_counter()
-        predict(ckpt, str(images), f"{tmp}/loop")
-        old = len(files) / (time.perf_counter() - t0)
-        rows.append(["single-process loop (before)", "-", len(files), f"{len(files) / old:.1f}", f"{old:.2f}", "1.0x"])
-        for workers in (1, 2):
+    rows, flops = [], []
+    for config in configs:
+        cfg = load_config(config, [])
+        seg = build_segmenter(cfg, load_backbone_weights=False).eval()  # random weights: the cost of trained ones
+        seg.centroids.copy_(torch.nn.functional.normalize(torch.randn_like(seg.centroids), dim=1))
+        first = model_input(decoded[0], cfg.data.image_size, seg.input_multiple)
+        gflop = _count_flops(lambda: seg.codes(torch.from_numpy(first.copy())[None])) / 1e9
+        model = f"{config} ({cfg.model.backbone} at {'x'.join(str(s) for s in first.shape[:2])})"
+        flops.append(f"{model}: {gflop:.1f} GFLOP")
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt, images = f"{tmp}/model.pt", Path(tmp) / "images"
+            save_checkpoint(ckpt, seg)
+            images.mkdir()
+            half = images.parent / "first_half"
+            half.mkdir()
+            for i, p in enumerate(files):
+                (images / p.name).symlink_to(p)
+                if i < len(files) // 2:
+                    (half / p.name).symlink_to(p)
             t0 = time.perf_counter()
-            done = predict_job(ckpt, str(images), f"{tmp}/job{workers}", workers=workers, overlays=True)
-            wall = time.perf_counter() - t0  # Ray's start and the actors' model loading included
-            rate = done.predicted / wall
-            rows.append([f"Ray Data job, {workers} worker{'s' if workers > 1 else ''}", workers, done.predicted,
-                         f"{wall:.1f}", f"{rate:.2f}", f"{rate / old:.1f}x"])
-    size = "x".join(str(s) for s in inputs[0].shape[:2])
-    table = _table(f"raysseg predict: {len(files)} CamVid training images ({config}, "
-                   f"{cfg.model.backbone} at {size}, labels + overlays at 960x720)",
-                   ["run", "workers", "images", "seconds", "images/s", "vs loop"], rows)
+            predict(ckpt, str(images), f"{tmp}/loop")
+            old = len(files) / (time.perf_counter() - t0)
+            rows.append([model, "single-process loop (before)", len(files), f"{len(files) / old:.1f}", "-",
+                         f"{old:.2f}", "1.0x", "-", "-"])
+            for workers in (1, 2):
+                # each job starts its own local Ray and loads its replicas, as `raysseg predict` does
+                t0 = time.perf_counter()
+                done = predict_job(ckpt, str(images), f"{tmp}/job{workers}", workers=workers, overlays=True)
+                ray.shutdown()
+                wall = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                first = predict_job(ckpt, str(half), f"{tmp}/half{workers}", workers=workers, overlays=True)
+                ray.shutdown()
+                half_wall = time.perf_counter() - t0
+                rate, marginal = done.predicted / wall, (done.predicted - first.predicted) / (wall - half_wall)
+                rows.append([model, f"Ray Data job, {workers} worker{'s' if workers > 1 else ''}", done.predicted,
+                             f"{wall:.1f}", f"{half_wall:.1f}", f"{rate:.2f}", f"{rate / old:.1f}x",
+                             f"{marginal:.2f}", f"{marginal / old:.1f}x"])
+    h, w = decoded[0].shape[:2]
+    table = _table(f"raysseg predict: {len(files)} CamVid training images, labels + overlays at {w}x{h}",
+                   ["model", "run", "images", "seconds", "seconds for half", "images/s", "vs loop",
+                    "marginal images/s", "marginal vs loop"], rows)
     gpu_rate = utilisation * gpu_tflops * 1e3 / gflop
-    return table + (f"\nOne forward pass: {gflop:.1f} GFLOP per image (torch.utils.flop_counter). Decode + resize: "
-                    f"{decode_rate:.0f} images/s per core (PIL, 960x720 PNG). A GPU at {100 * utilisation:.0f}% of "
-                    f"{gpu_tflops:.0f} TFLOP/s runs ~{gpu_rate:,.0f} images/s: about {gpu_rate / decode_rate:.0f} "
-                    f"decoding cores per GPU.\n")
+    return table + (f"\nOne forward pass per image (torch.utils.flop_counter): {'; '.join(flops)}. Decode: "
+                    f"{decode_rate:.0f} images/s per core (PIL, {w}x{h}). A GPU at {100 * utilisation:.0f}% of "
+                    f"{gpu_tflops:.0f} TFLOP/s runs ~{gpu_rate:,.0f} images/s of the last model: about "
+                    f"{gpu_rate / decode_rate:.0f} decoding cores per GPU.\n")
 
 
 def main(args) -> None:

@@ -74,9 +74,16 @@ def label_maps(seg, inputs: np.ndarray, sizes: list[tuple[int, int]]) -> list[np
 
     logits = seg.cluster_logits(seg.codes(torch.from_numpy(np.array(inputs))))  # a writable copy
     dtype = label_dtype(seg.cfg.n_clusters)
-    with exact_fp32():
-        return [F.interpolate(logits[b:b + 1], size=tuple(size), mode="bilinear", align_corners=False)
-                .argmax(1)[0].cpu().numpy().astype(dtype) for b, size in enumerate(sizes)]
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for b, size in enumerate(sizes):
+        by_size.setdefault(tuple(size), []).append(b)
+    maps: list[np.ndarray] = [np.empty(0)] * len(sizes)
+    with exact_fp32():  # one upsampling per output size (each image's result is the same as alone)
+        for size, rows in by_size.items():
+            labels = F.interpolate(logits[rows], size=size, mode="bilinear", align_corners=False).argmax(1)
+            for b, label in zip(rows, labels.to(torch.uint8 if dtype == np.uint8 else torch.int32).cpu().numpy()):
+                maps[b] = label.astype(dtype, copy=False)
+    return maps
 
 
 def label_map(seg, image: np.ndarray) -> np.ndarray:
