@@ -450,7 +450,6 @@ def bench_predict(limit: int = 0, configs: tuple[str, ...] = ("hp_camvid", "pici
     against a run on the first half of the images (the same start-up), the rate a large collection runs at.
     Then what a GPU node would need: the FLOPs of one forward pass per image and the decode rate of one core."""
     import numpy as np
-    import ray
     import torch
 
     from raysseg.apps.bench_steps import _count_flops
@@ -490,19 +489,19 @@ def bench_predict(limit: int = 0, configs: tuple[str, ...] = ("hp_camvid", "pici
             rows.append([model, "single-process loop (before)", len(files), f"{len(files) / old:.1f}", "-",
                          f"{old:.2f}", "1.0x", "-", "-"])
             for workers in (1, 2):
-                # each job starts its own local Ray and loads its replicas, as `raysseg predict` does
+                # each job starts (and stops) its own local Ray and loads its replicas, as `raysseg predict` does
                 t0 = time.perf_counter()
                 done = predict_job(ckpt, str(images), f"{tmp}/job{workers}", workers=workers, overlays=True)
-                ray.shutdown()
                 wall = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 first = predict_job(ckpt, str(half), f"{tmp}/half{workers}", workers=workers, overlays=True)
-                ray.shutdown()
                 half_wall = time.perf_counter() - t0
-                rate, marginal = done.predicted / wall, (done.predicted - first.predicted) / (wall - half_wall)
+                rate = done.predicted / wall
+                # too few images (or too much noise) for the difference to mean anything: no marginal rate
+                marginal = (done.predicted - first.predicted) / (wall - half_wall) if wall > half_wall + 1 else None
                 rows.append([model, f"Ray Data job, {workers} worker{'s' if workers > 1 else ''}", done.predicted,
                              f"{wall:.1f}", f"{half_wall:.1f}", f"{rate:.2f}", f"{rate / old:.1f}x",
-                             f"{marginal:.2f}", f"{marginal / old:.1f}x"])
+                             f"{marginal:.2f}" if marginal else "-", f"{marginal / old:.1f}x" if marginal else "-"])
     h, w = decoded[0].shape[:2]
     table = _table(f"raysseg predict: {len(files)} CamVid training images, labels + overlays at {w}x{h}",
                    ["model", "run", "images", "seconds", "seconds for half", "images/s", "vs loop",

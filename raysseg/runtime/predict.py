@@ -504,6 +504,7 @@ def predict_job(checkpoint: str, images: str, out: str, *, workers: int = 2, gpu
     progress = _ProgressLine(_Total(src, settings))
     table = _PredictionsFile(out, paths.n_clusters)
     t0 = time.time()
+    own_ray = not ray.is_initialized()  # a local Ray this job starts is stopped when it ends
     try:
         with _stderr_to(log):
             init_ray(workers)
@@ -530,6 +531,10 @@ def predict_job(checkpoint: str, images: str, out: str, *, workers: int = 2, gpu
         if cause is not None:
             raise cause from None
         raise
+    finally:
+        if own_ray:
+            with _stderr_to(log):
+                ray.shutdown()
     summary.seconds = time.time() - t0
     progress.show(summary, final=True)
     manifest.update(status="finished", finished=_now(), seconds=round(summary.seconds, 1),
