@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from raysseg.apps.quality import Run, baseline_overrides, plan_runs, run_all, split_dataset, summarise, table
+from raysseg.apps.quality import (Run, baseline_overrides, goal_met, plan_runs, run_all, split_dataset, summarise,
+                                  table)
 from raysseg.settings import ConfigError
 
 
@@ -56,6 +57,15 @@ def test_the_summary_gives_mean_std_and_the_difference_paired_by_seed():
     # mean 23.7, sample std 11.6; differences +3.7 ± 2.1 (by hand: 3, 2, 6)
     assert "| picie | 3 | 23.7 ± 11.6 | +3.7 ± 2.1 |" in text
     assert "| k-means | 3 | 20.0 ± 10.0 |  |" in text
+    assert text.splitlines()[-1].endswith("| yes |")  # +3.7 >= 2 and > 2.1
+    assert text.splitlines()[-2].endswith("|  |")  # the baseline has no goal
+
+
+def test_the_goal_column_needs_two_points_and_more_than_the_std():
+    assert goal_met([0.03, 0.02, 0.06]) == "yes"
+    assert goal_met([0.01, 0.015, 0.02]) == "**no**"  # +1.5: above its std, below 2 points
+    assert goal_met([-0.02, 0.01, 0.10]) == "**no**"  # +3.0 ± 6.2: a spread as large as the gain
+    assert goal_met([0.05]) == "one seed: no std" and goal_met([]) == ""
 
 
 @pytest.mark.slow

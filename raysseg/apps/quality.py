@@ -27,6 +27,7 @@ from pathlib import Path
 from raysseg.settings import ConfigError
 
 VARIANTS = ("clusters", "clusters_crf", "probe", "retrieval")
+GOAL_MIOU = 2.0  # points of clusters mIoU a method should gain over k-means on its own backbone (issue 19)
 BASELINE_KEYS = ("data.image_size", "data.crop_scale_min", "model.backbone", "model.weights", "model.fpn_dim",
                  "kmeans.n_clusters", "kmeans.pixels_per_image", "kmeans.iterations", "kmeans.redo")
 DEFAULT_CONFIGS = ("picie_camvid", "pgg_camvid", "segsort_camvid", "concepts_camvid", "hp_camvid")
@@ -206,7 +207,7 @@ def summarise(runs: list[Run], results: dict) -> dict:
 def table(summary: dict, title: str) -> str:
     """Markdown: mIoU and accuracy (mean ± std over seeds), and the paired difference to the baseline."""
     head = ["method", "seeds", "clusters mIoU", "Δ vs k-means", "+ CRF mIoU", "Δ", "probe mIoU", "Δ",
-            "retrieval mIoU", "Δ", "clusters acc", "Δ"]
+            "retrieval mIoU", "Δ", "clusters acc", "Δ", f"clusters Δ ≥ +{GOAL_MIOU:g} and > std"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, e in summary.items():
         cells = [label, str(len(e["seeds"]))]
@@ -214,8 +215,20 @@ def table(summary: dict, title: str) -> str:
             cells.append(_mean_std(e["scores"].get(v, [])))
             diffs = e["vs_baseline"].get(v)
             cells.append(_signed(diffs) if diffs else "")
+        cells.append(goal_met(e["vs_baseline"].get("clusters_miou", [])))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def goal_met(diffs: list[float]) -> str:
+    """Issue 19's goal for a method: the mean paired gain in clusters mIoU is at least GOAL_MIOU points and
+    larger than its std over seeds ("" for a baseline row, which has no differences)."""
+    if not diffs:
+        return ""
+    if len(diffs) < 2:
+        return "one seed: no std"
+    mean, std = 100 * statistics.fmean(diffs), 100 * statistics.stdev(diffs)
+    return "yes" if mean >= GOAL_MIOU and mean > std else "**no**"
 
 
 def _signed(values: list[float]) -> str:
