@@ -105,6 +105,7 @@ def test_fp16_scales_the_loss_and_checkpoints_the_scaler():
     assert rig.trainer.scaler.get_scale() == state["scaler"]["scale"]
 
 
+@pytest.mark.slow
 def test_torch_compile_trains_and_keeps_checkpoint_keys():
     name, preset = CPU_SETTINGS["segsort"]
     compiled = build_rig(_config(name, [*preset, "train.compile=true"]), memory_rows(synth_images(4, 64, seed=0)),
