@@ -157,14 +157,15 @@ def test_s3_missing_key_and_unreachable_endpoint(s3_server, monkeypatch):
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
         monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
-        monkeypatch.setenv("RAYSSEG_S3_RETRY_SECONDS", "3")
+        # 6 s: room for 2+ attempts even when one attempt (pyarrow retries inside it) takes a few seconds
+        monkeypatch.setenv("RAYSSEG_S3_RETRY_SECONDS", "6")
         t0 = time.monotonic()
         with pytest.raises(StorageError) as err:
             storage.read_bytes(f"s3://{bucket}/x.png")
         waited = time.monotonic() - t0
     assert dead in str(err.value) and "raysseg storage serve" in str(err.value) and "AWS_ENDPOINT_URL" in str(err.value)
     assert "checkpoints written so far are kept" in str(err.value) and "\n" not in str(err.value)
-    assert 1.0 < waited < 10, waited  # retried with backoff, then gave up within the bound
+    assert 1.0 < waited < 20, waited  # retried with backoff, then gave up within the bound
     attempts = int(str(err.value).split(" attempts")[0].rsplit(" ", 1)[1])
     assert attempts >= 2
 
