@@ -469,9 +469,9 @@ def bench_predict(limit: int = 0, configs: tuple[str, ...] = ("hp_camvid", "pici
         cfg = load_config(config, [])
         seg = build_segmenter(cfg, load_backbone_weights=False).eval()  # random weights: the cost of trained ones
         seg.centroids.copy_(torch.nn.functional.normalize(torch.randn_like(seg.centroids), dim=1))
-        first = model_input(decoded[0], cfg.data.image_size, seg.input_multiple)
-        gflop = _count_flops(lambda: seg.codes(torch.from_numpy(first.copy())[None])) / 1e9
-        model = f"{config} ({cfg.model.backbone} at {'x'.join(str(s) for s in first.shape[:2])})"
+        sample = model_input(decoded[0], cfg.data.image_size, seg.input_multiple)
+        gflop = _count_flops(lambda: seg.codes(torch.from_numpy(sample.copy())[None])) / 1e9
+        model = f"{config} ({cfg.model.backbone} at {'x'.join(str(s) for s in sample.shape[:2])})"
         flops.append(f"{model}: {gflop:.1f} GFLOP")
         with tempfile.TemporaryDirectory() as tmp:
             ckpt, images = f"{tmp}/model.pt", Path(tmp) / "images"
@@ -494,11 +494,11 @@ def bench_predict(limit: int = 0, configs: tuple[str, ...] = ("hp_camvid", "pici
                 done = predict_job(ckpt, str(images), f"{tmp}/job{workers}", workers=workers, overlays=True)
                 wall = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                first = predict_job(ckpt, str(half), f"{tmp}/half{workers}", workers=workers, overlays=True)
+                half_done = predict_job(ckpt, str(half), f"{tmp}/half{workers}", workers=workers, overlays=True)
                 half_wall = time.perf_counter() - t0
                 rate = done.predicted / wall
                 # too few images (or too much noise) for the difference to mean anything: no marginal rate
-                marginal = (done.predicted - first.predicted) / (wall - half_wall) if wall > half_wall + 1 else None
+                marginal = (done.predicted - half_done.predicted) / (wall - half_wall) if wall > half_wall + 1 else None
                 rows.append([model, f"Ray Data job, {workers} worker{'s' if workers > 1 else ''}", done.predicted,
                              f"{wall:.1f}", f"{half_wall:.1f}", f"{rate:.2f}", f"{rate / old:.1f}x",
                              f"{marginal:.2f}" if marginal else "-", f"{marginal / old:.1f}x" if marginal else "-"])
