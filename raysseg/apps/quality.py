@@ -244,6 +244,8 @@ def bench_quality(configs: list[str], seeds: list[int], protocol: str, out: str,
     """Run (or resume) the protocol and return its markdown table; the summary goes to ``<out>/summary.json``."""
     out_dir = Path(out)
     camvid = camvid or os.environ.get("RAYSSEG_CAMVID", "../shared/data/camvid")
+    if "://" not in camvid:  # results are keyed by their settings: the same folder, however it is spelt, resumes
+        camvid = os.path.abspath(camvid)
     if protocol not in ("dev", "val"):
         raise ConfigError(f"--protocol {protocol}: use dev (tuning) or val (the report, once)")
     plan_runs(configs, seeds, tuple(common))  # every config and setting checked before anything is copied or run
