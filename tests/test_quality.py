@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from raysseg.apps.quality import (Run, baseline_overrides, goal_met, plan_runs, run_all, split_dataset, summarise,
-                                  table)
+from raysseg.apps.quality import (Run, baseline_overrides, goal_met, per_class_table, plan_runs, run_all,
+                                  split_dataset, summarise, table)
+from raysseg.core.metrics import EvalInputError
+from raysseg.core.pictures import per_class_figure
 from raysseg.settings import ConfigError
 
 
@@ -76,6 +78,7 @@ def test_runs_are_recorded_and_not_run_again(tmp_path, synth_data):
     results = run_all(runs, tmp_path)
     first = results[runs[0].key]
     assert 0 < first["scores"]["clusters"]["miou"] <= 1
+    assert len(first["per_class_iou"]) == len(first["class_names"]) > 1
     assert json.loads((tmp_path / "results.json").read_text())[runs[0].key]["seconds"] == first["seconds"]
     again = run_all(runs, tmp_path)
     assert again[runs[0].key]["seconds"] == first["seconds"]  # read back, not trained again
@@ -93,3 +96,31 @@ def test_one_seed_shows_no_spread():
     runs = [Run("k-means", "kmeans_camvid", (), 0), Run("hp", "hp_camvid", (), 0, "k-means")]
     results = {runs[0].key: {"scores": _scores(0.10)}, runs[1].key: {"scores": _scores(0.125)}}
     assert "| hp | 1 | 12.5 | +2.5 |" in table(summarise(runs, results), "t")
+
+
+def test_per_class_iou_is_averaged_over_seeds_and_set_beside_the_baseline(tmp_path):
+    base = [Run("k-means", "kmeans_camvid", (), s) for s in range(2)]
+    method = [Run("pgg", "pgg_camvid", (), s, "k-means") for s in range(2)]
+    names = ["sky", "road"]
+    results = {}
+    for run, ious in zip(base + method, ([0.4, 0.2], [0.6, 0.2], [0.3, 0.5], [0.5, 0.7])):
+        results[run.key] = {"scores": _scores(0.3), "class_names": names, "per_class_iou": ious}
+    # a run recorded before per-class scores were kept: read from its report
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"class_names": names, "scores": {"clusters": {"per_class_iou": [0.5, 0.7]}}}))
+    results[method[1].key] = {"scores": _scores(0.3), "report": str(report)}
+    summary = summarise(base + method, results)
+    assert summary["k-means"]["per_class_iou"]["mean"] == pytest.approx([0.5, 0.2])
+    assert summary["pgg"]["per_class_iou"]["mean"] == pytest.approx([0.4, 0.6])
+    assert summary["pgg"]["per_class_iou"]["std"] == pytest.approx([0.1414, 0.1414], abs=1e-4)  # sqrt(0.02)
+    text = per_class_table(summary)
+    assert "| clusters IoU, mean over seeds | sky | road |" in text
+    assert "| k-means | 50.0 | 20.0 |" in text
+    assert "| pgg | 40.0 (-10.0) | 60.0 (+40.0) |" in text
+    png = per_class_figure({k: (e["per_class_iou"]["mean"], e["per_class_iou"]["std"]) for k, e in summary.items()},
+                           names, "t")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(EvalInputError, match="'pgg' has 1 means"):
+        per_class_figure({"pgg": ([0.1], [0.0])}, names, "t")
+    del results[method[1].key]["report"]  # a row with a seed lacking per-class scores gets no per-class cells
+    assert "per_class_iou" not in summarise(base + method, results)["pgg"]

@@ -10,7 +10,9 @@ Protocols:
 - ``dev``: train on a train part of the training split and score on the dev part (tuning happens here);
 - ``val``: train on the whole training split and score on val (reported once, at the end).
 
-Results go to ``<out>/results.json`` after every run, so the benchmark resumes where it stopped.
+Results go to ``<out>/results.json`` after every run, so the benchmark resumes where it stopped. The
+summary (``summary.json``) and the table add each row's clusters IoU per class, also drawn as
+``per_class.png``: which classes a method gains or loses against its baseline.
 """
 from __future__ import annotations
 
@@ -146,7 +148,20 @@ def _run_once(run: Run, out: Path, log: Path) -> dict:
     return {"label": run.label, "config": run.config, "overrides": list(run.overrides), "seed": run.seed,
             "seconds": round(time.time() - t0, 1), "report": str(eval_dir / "report.json"),
             "scores": {v: {m: report["scores"][v][m] for m in ("accuracy", "miou")}
-                       for v in VARIANTS if v in report["scores"]}}
+                       for v in VARIANTS if v in report["scores"]},
+            "class_names": report["class_names"], "per_class_iou": report["scores"]["clusters"]["per_class_iou"]}
+
+
+def per_class_iou(result: dict) -> tuple[list[str], list[float]] | None:
+    """A run's clusters IoU per class, with the class names; runs recorded before these were kept are read
+    from their report (None when it is gone)."""
+    if "per_class_iou" in result:
+        return result["class_names"], result["per_class_iou"]
+    report = Path(result.get("report", ""))
+    if not report.is_file():
+        return None
+    data = json.loads(report.read_text())
+    return data["class_names"], data["scores"]["clusters"]["per_class_iou"]
 
 
 def run_all(runs: list[Run], out: Path) -> dict:
@@ -181,12 +196,17 @@ def _mean_std(values: list[float]) -> str:
 
 
 def summarise(runs: list[Run], results: dict) -> dict:
-    """Per row: every score over seeds, and the paired differences to the row's baseline (same seeds)."""
+    """Per row: every score over seeds, the paired differences to the row's baseline (same seeds), and the
+    clusters IoU per class (mean and std over seeds) when every seed of the row has it."""
     by_row: dict[str, dict[int, dict]] = {}
+    per_class: dict[str, list[tuple[list[str], list[float]]]] = {}
     baseline_of: dict[str, str] = {}
     for run in runs:
         if run.key in results:
             by_row.setdefault(run.label, {})[run.seed] = results[run.key]["scores"]
+            found = per_class_iou(results[run.key])
+            if found:
+                per_class.setdefault(run.label, []).append(found)
             if run.baseline:
                 baseline_of[run.label] = run.baseline
     summary = {}
@@ -200,6 +220,12 @@ def summarise(runs: list[Run], results: dict) -> dict:
             for m in ("accuracy", "miou"):
                 entry["vs_baseline"][f"{v}_{m}"] = [seeds[s][v][m] - base[s][v][m] for s in seeds
                                                     if s in base and v in seeds[s] and v in base[s]]
+        classes = per_class.get(label, [])
+        if classes and len(classes) == len(seeds) and all(names == classes[0][0] for names, _ in classes):
+            values = [ious for _, ious in classes]
+            entry["class_names"] = classes[0][0]
+            entry["per_class_iou"] = {"mean": [statistics.fmean(v) for v in zip(*values)],
+                                      "std": [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*values)]}
         summary[label] = entry
     return summary
 
@@ -217,6 +243,22 @@ def table(summary: dict, title: str) -> str:
             cells.append(_signed(diffs) if diffs else "")
         cells.append(goal_met(e["vs_baseline"].get("clusters_miou", [])))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_class_table(summary: dict) -> str:
+    """Markdown: clusters IoU per class (mean over seeds), a method's cells with its difference to the
+    baseline's mean in brackets; "" when no row has per-class scores."""
+    rows = {label: e for label, e in summary.items() if "per_class_iou" in e}
+    if not rows:
+        return ""
+    names = next(iter(rows.values()))["class_names"]
+    lines = ["| clusters IoU, mean over seeds | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for label, e in rows.items():
+        base = rows.get(e["baseline"], {}).get("per_class_iou", {}).get("mean")
+        cells = [f"{100 * m:.1f}" + (f" ({100 * (m - b):+.1f})" if base else "")
+                 for m, b in zip(e["per_class_iou"]["mean"], base or e["per_class_iou"]["mean"])]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -261,4 +303,15 @@ def bench_quality(configs: list[str], seeds: list[int], protocol: str, out: str,
     summary = summarise(runs, results)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     extra = f"; settings: {', '.join(c for c in common if not c.startswith('data.'))}" if len(common) > 2 else ""
-    return table(summary, f"Quality over seeds {seeds} on {scored_on}{extra} (mean ± std, Δ paired by seed)")
+    text = table(summary, f"Quality over seeds {seeds} on {scored_on}{extra} (mean ± std, Δ paired by seed)")
+    classes = per_class_table(summary)
+    if classes:
+        from raysseg.core.pictures import per_class_figure
+
+        rows = {label: (e["per_class_iou"]["mean"], e["per_class_iou"]["std"])
+                for label, e in summary.items() if "per_class_iou" in e}
+        names = next(e["class_names"] for e in summary.values() if "per_class_iou" in e)
+        (out_dir / "per_class.png").write_bytes(per_class_figure(
+            rows, names, f"Clusters IoU per class on {scored_on}, mean ± std over seeds {seeds}"))
+        text += f"\n\n{classes}\n\n(per class as a picture: {out_dir / 'per_class.png'})"
+    return text

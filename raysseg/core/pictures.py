@@ -296,6 +296,35 @@ def sweep_figure(rows: list[dict], metric: str, mode: str, curves: dict[str, tup
     return buffer.getvalue()
 
 
+def per_class_figure(rows: dict[str, tuple[list[float], list[float]]], class_names: list[str], title: str) -> bytes:
+    """PNG of grouped horizontal bars: for each class, one bar per row (a method or a baseline) of its IoU in
+    [0, 1] (mean, with the std as an error bar). rows: label -> (means, stds), each of len(class_names)."""
+    for label, (means, stds) in rows.items():
+        if len(means) != len(class_names) or len(stds) != len(class_names):
+            raise EvalInputError(f"per_class_figure: row {label!r} has {len(means)} means and {len(stds)} stds "
+                                 f"for {len(class_names)} classes")
+    n_rows, n_classes = len(rows), len(class_names)
+    height = 0.8 / max(n_rows, 1)
+    fig = Figure(figsize=(8.5, 1.2 + 0.09 * n_rows * n_classes + 0.25 * n_classes), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, (label, (means, stds)) in enumerate(rows.items()):
+        ys = np.arange(n_classes) - 0.4 + height * (i + 0.5)
+        ax.barh(ys, 100 * np.asarray(means), height=height, xerr=100 * np.asarray(stds), label=label,
+                color=f"C{i % 10}", error_kw={"elinewidth": 0.8, "capsize": 2})
+    ax.set_yticks(range(n_classes), class_names, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("IoU (%)", fontsize=10)
+    ax.set_xlim(0, 100)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 def save_png(array: np.ndarray, path: str | Path) -> None:
     """Write a uint8 (H, W) or (H, W, 3) array as PNG, creating parent folders."""
     array = np.asarray(array)
