@@ -40,6 +40,9 @@ def test_each_method_is_paired_with_kmeans_on_its_own_backbone():
     assert vit["model.backbone"] == "vit_small_patch16" and vit["data.image_size"] == "176"
     r18 = dict(o.split("=", 1) for o in baseline_overrides("picie_camvid", ("data.image_size=96",)))
     assert r18["model.backbone"] == "resnet18_fpn" and r18["data.image_size"] == "96"
+    moco = plan_runs(["pgg_camvid"], [0], ("model.weights=s3://b/runs/pgg_camvid-pretrain-54c00089/backbone.pt",))
+    assert moco[0].label == "k-means (resnet18_fpn, 128 px, from pgg_camvid-pretrain-54c00089)"
+    assert "model.weights=s3://b/runs/pgg_camvid-pretrain-54c00089/backbone.pt" in moco[0].overrides
 
 
 def _scores(miou: float) -> dict:

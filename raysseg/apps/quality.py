@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from raysseg.settings import ConfigError
 
@@ -39,7 +39,7 @@ DEFAULT_CONFIGS = ("picie_camvid", "pgg_camvid", "segsort_camvid", "concepts_cam
 class Run:
     """One training + evaluation: a config with its overrides at one seed."""
 
-    label: str       # the table's row: the method, or "k-means (<backbone>, <size> px)"
+    label: str       # the table's row: the method, or "k-means (<backbone>, <size> px[, from <weights' run>])"
     config: str
     overrides: tuple[str, ...]
     seed: int
@@ -120,7 +120,8 @@ def plan_runs(configs: list[str], seeds: list[int], common: tuple[str, ...]) -> 
         config, own = parse_config_spec(config_spec)
         cfg = load_config(config, [*common, *own])
         label = f"{cfg.method} ({', '.join(own)})" if own else cfg.method
-        baseline = f"k-means ({cfg.model.backbone}, {cfg.data.image_size} px)"
+        start = f", from {PurePosixPath(cfg.model.weights).parent.name or cfg.model.weights}" if cfg.model.weights else ""
+        baseline = f"k-means ({cfg.model.backbone}, {cfg.data.image_size} px{start})"  # start: the pretraining run
         for seed in seeds:
             for run in (Run(baseline, "kmeans_camvid", common + baseline_overrides(config, common + own), seed),
                         Run(label, config, common + own, seed, baseline)):
