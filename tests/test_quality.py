@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from raysseg.apps.quality import (Run, baseline_overrides, goal_met, per_class_table, plan_runs, run_all,
-                                  split_dataset, summarise, table)
+from raysseg.apps.quality import (Run, baseline_overrides, goal_met, per_class_table, plan_runs, run_all, run_name,
+                                  runs_to_do, split_dataset, summarise, table)
 from raysseg.core.metrics import EvalInputError
 from raysseg.core.pictures import per_class_figure
 from raysseg.settings import ConfigError
@@ -127,3 +127,20 @@ def test_per_class_iou_is_averaged_over_seeds_and_set_beside_the_baseline(tmp_pa
         per_class_figure({"pgg": ([0.1], [0.0])}, names, "t")
     del results[method[1].key]["report"]  # a row with a seed lacking per-class scores gets no per-class cells
     assert "per_class_iou" not in summarise(base + method, results)["pgg"]
+
+
+def test_a_result_recorded_under_other_defaults_is_run_again(tmp_path):
+    """Results are keyed by the overrides; a changed default changes the training run's name, not the key."""
+    runs = plan_runs(["picie_camvid", "concepts_camvid"], [0], ())
+    kmeans, picie, concepts = runs
+    old = tmp_path / "report.json"  # a result recorded before run names were kept: read from its checkpoint path
+    old.write_text(json.dumps({"checkpoint": str(tmp_path / "runs" / "concepts_camvid-a1d019ac" / "c_1" / "model.pt")}))
+    results = {kmeans.key: {"run_name": run_name(kmeans, tmp_path)},  # the same settings today
+               picie.key: {"scores": {}},                            # nothing to tell by: kept
+               concepts.key: {"report": str(old)}}                    # trained with another default
+    todo, stale = runs_to_do(runs, results, tmp_path)
+    assert todo == stale == [concepts]
+    assert run_name(concepts, tmp_path).startswith("concepts_camvid-") and run_name(concepts, tmp_path) != \
+        "concepts_camvid-a1d019ac"
+    del results[picie.key]
+    assert runs_to_do(runs, results, tmp_path)[0] == [picie, concepts]

@@ -131,12 +131,35 @@ def plan_runs(configs: list[str], seeds: list[int], common: tuple[str, ...]) -> 
     return runs
 
 
+def _settings(run: Run, out: Path) -> list[str]:
+    """Every ``--set`` of the run's ``raysseg run``."""
+    return [*run.overrides, f"train.seed={run.seed}", f"train.storage={out / 'runs'}",
+            f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}"]
+
+
+def run_name(run: Run, out: Path) -> str:
+    """The training run's name, a hash of every setting the run computes with, defaults included."""
+    from raysseg.config import load_config
+
+    return load_config(run.config, _settings(run, out)).run_name()
+
+
+def recorded_run_name(result: dict) -> str:
+    """The training run a recorded result came from ('' when unknown): recorded since this was kept, read
+    from the report's checkpoint path (``<storage>/<run name>/checkpoint_*/model.pt``) before."""
+    if "run_name" in result:
+        return result["run_name"]
+    report = Path(result.get("report", ""))
+    if not report.is_file():
+        return ""
+    return Path(json.loads(report.read_text())["checkpoint"]).parents[1].name
+
+
 def _run_once(run: Run, out: Path, log: Path) -> dict:
     """``raysseg run`` in a subprocess; the evaluation report and the wall time."""
     eval_dir = out / "eval" / f"{run.config}-{hashlib.sha1(run.key.encode()).hexdigest()[:8]}-s{run.seed}"
     argv = [sys.executable, "-m", "raysseg.apps.cli", "run", "--config", run.config, "--out", str(eval_dir)]
-    for o in (*run.overrides, f"train.seed={run.seed}", f"train.storage={out / 'runs'}",
-              f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}"):
+    for o in _settings(run, out):
         argv += ["--set", o]
     t0 = time.time()
     with open(log, "a") as f:
@@ -147,7 +170,7 @@ def _run_once(run: Run, out: Path, log: Path) -> dict:
         raise RuntimeError(f"{run.label} seed {run.seed} failed (exit {code}); see {log}")
     report = json.loads((eval_dir / "report.json").read_text())
     return {"label": run.label, "config": run.config, "overrides": list(run.overrides), "seed": run.seed,
-            "seconds": round(time.time() - t0, 1), "report": str(eval_dir / "report.json"),
+            "run_name": run_name(run, out), "seconds": round(time.time() - t0, 1), "report": str(eval_dir / "report.json"),
             "scores": {v: {m: report["scores"][v][m] for m in ("accuracy", "miou")}
                        for v in VARIANTS if v in report["scores"]},
             "class_names": report["class_names"], "per_class_iou": report["scores"]["clusters"]["per_class_iou"]}
@@ -165,13 +188,23 @@ def per_class_iou(result: dict) -> tuple[list[str], list[float]] | None:
     return data["class_names"], data["scores"]["clusters"]["per_class_iou"]
 
 
+def runs_to_do(runs: list[Run], results: dict, out: Path) -> tuple[list[Run], list[Run]]:
+    """The runs to run: those ``results`` lacks, then the stale ones (also returned alone), whose recorded
+    training run has another name than the run's settings give today (a default changed since)."""
+    stale = [r for r in runs if r.key in results and recorded_run_name(results[r.key]) not in ("", run_name(r, out))]
+    return [r for r in runs if r.key not in results] + stale, stale
+
+
 def run_all(runs: list[Run], out: Path) -> dict:
-    """Run what ``results.json`` does not hold yet; write it after every run."""
+    """Run what ``results.json`` does not hold yet, or holds from other settings (a default changed since:
+    the run's name differs); write it after every run."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    todo = [r for r in runs if r.key not in results]
-    print(f"[quality] {len(runs)} runs, {len(runs) - len(todo)} already done; logs in {out / 'runs.log'}", flush=True)
+    todo, stale = runs_to_do(runs, results, out)
+    print(f"[quality] {len(runs)} runs, {len(runs) - len(todo)} already done"
+          + (f", {len(stale)} to run again (recorded with other defaults)" if stale else "")
+          + f"; logs in {out / 'runs.log'}", flush=True)
     t0 = time.time()
     for i, run in enumerate(todo):
         results[run.key] = _run_once(run, out, out / "runs.log")
