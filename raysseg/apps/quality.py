@@ -120,8 +120,9 @@ def plan_runs(configs: list[str], seeds: list[int], common: tuple[str, ...]) -> 
         config, own = parse_config_spec(config_spec)
         cfg = load_config(config, [*common, *own])
         label = f"{cfg.method} ({', '.join(own)})" if own else cfg.method
-        start = f", from {PurePosixPath(cfg.model.weights).parent.name or cfg.model.weights}" if cfg.model.weights else ""
-        baseline = f"k-means ({cfg.model.backbone}, {cfg.data.image_size} px{start})"  # start: the pretraining run
+        weights = cfg.model.weights
+        start = f", from {PurePosixPath(weights).parent.name or weights}" if weights else ""  # the pretraining run
+        baseline = f"k-means ({cfg.model.backbone}, {cfg.data.image_size} px{start})"
         for seed in seeds:
             for run in (Run(baseline, "kmeans_camvid", common + baseline_overrides(config, common + own), seed),
                         Run(label, config, common + own, seed, baseline)):
@@ -144,15 +145,20 @@ def run_name(run: Run, out: Path) -> str:
     return load_config(run.config, _settings(run, out)).run_name()
 
 
+def _report_of(result: dict) -> dict | None:
+    """The evaluation report a recorded result points at (None when it is gone): what results recorded
+    before a field was kept are read from."""
+    report = Path(result.get("report", ""))
+    return json.loads(report.read_text()) if report.is_file() else None
+
+
 def recorded_run_name(result: dict) -> str:
     """The training run a recorded result came from ('' when unknown): recorded since this was kept, read
     from the report's checkpoint path (``<storage>/<run name>/checkpoint_*/model.pt``) before."""
     if "run_name" in result:
         return result["run_name"]
-    report = Path(result.get("report", ""))
-    if not report.is_file():
-        return ""
-    return Path(json.loads(report.read_text())["checkpoint"]).parents[1].name
+    report = _report_of(result)
+    return Path(report["checkpoint"]).parents[1].name if report else ""
 
 
 def _run_once(run: Run, out: Path, log: Path) -> dict:
@@ -181,11 +187,8 @@ def per_class_iou(result: dict) -> tuple[list[str], list[float]] | None:
     from their report (None when it is gone)."""
     if "per_class_iou" in result:
         return result["class_names"], result["per_class_iou"]
-    report = Path(result.get("report", ""))
-    if not report.is_file():
-        return None
-    data = json.loads(report.read_text())
-    return data["class_names"], data["scores"]["clusters"]["per_class_iou"]
+    report = _report_of(result)
+    return (report["class_names"], report["scores"]["clusters"]["per_class_iou"]) if report else None
 
 
 def runs_to_do(runs: list[Run], results: dict, out: Path) -> tuple[list[Run], list[Run]]:
@@ -342,10 +345,10 @@ def bench_quality(configs: list[str], seeds: list[int], protocol: str, out: str,
     if classes:
         from raysseg.core.pictures import per_class_figure
 
-        rows = {label: (e["per_class_iou"]["mean"], e["per_class_iou"]["std"])
-                for label, e in summary.items() if "per_class_iou" in e}
-        names = next(e["class_names"] for e in summary.values() if "per_class_iou" in e)
+        rows = {label: e for label, e in summary.items() if "per_class_iou" in e}
         (out_dir / "per_class.png").write_bytes(per_class_figure(
-            rows, names, f"Clusters IoU per class on {scored_on}, mean ± std over seeds {seeds}"))
+            {label: (e["per_class_iou"]["mean"], e["per_class_iou"]["std"]) for label, e in rows.items()},
+            next(iter(rows.values()))["class_names"],
+            f"Clusters IoU per class on {scored_on}, mean ± std over seeds {seeds}"))
         text += f"\n\n{classes}\n\n(per class as a picture: {out_dir / 'per_class.png'})"
     return text
