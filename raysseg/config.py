@@ -40,6 +40,8 @@ class DataConfig:
                              "to a short side of 1.25 x image_size (never enlarged), then read every epoch and run "
                              "instead of the files. '' = off, 'auto' = <data.train>/.raysseg-cache, or a folder or "
                              "s3://bucket/prefix; built again when the split's files or data.image_size change")
+    cpus: int = _f(1, lo=1, hi=4096, help="CPUs a run keeps beside its Train workers for Ray Data's decoding and the "
+                                          "k-means tasks; Ray Data is capped to them (runtime/resources.py)")
 
 
 @dataclass
@@ -142,7 +144,7 @@ class _ConfigMethods:
         if self.train.run_name:
             return self.train.run_name
         operational = ("eval.", "mlflow.", "pretrain.", "train.log_every", "train.checkpoint", "train.max_restarts",
-                       "train.compile", "data.cache")
+                       "train.compile", "data.cache", "data.cpus")
         settings = {k: v for k, v in self.flat().items() if not k.startswith(operational)}
         for key, default in ADDED_SETTINGS.items():  # named only away from their default: older runs keep their names
             if settings.get(key) == default:
@@ -317,12 +319,13 @@ def _check_consistency(cfg: Config) -> None:
     spec(cfg.method).check_config(cfg)
 
 
-def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a built-in config by name (``hp_camvid``) or a YAML path, then apply overrides."""
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), resolve_paths: bool = True) -> Config:
+    """Load a built-in config by name (``hp_camvid``) or a YAML path, then apply overrides.
+    ``resolve_paths=False`` keeps local paths as written (``raysseg.apps.submit`` decides what they become)."""
     _, raw = _read_yaml(name_or_path)
     for assignment in overrides:
         _apply_override(raw, assignment)
-    return _validated(raw)
+    return _validated(raw, resolve_paths)
 
 
 def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
@@ -333,27 +336,60 @@ def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
     return _validated(raw)
 
 
-def _validated(raw: dict) -> Config:
+def _validated(raw: dict, resolve_paths: bool = True) -> Config:
     cfg = _build(Config, raw, "")
     _check_consistency(cfg)
-    _resolve_paths(cfg)
+    if resolve_paths:
+        _resolve_paths(cfg)
     return cfg
+
+
+# Settings that name a file or folder. Local ones are made absolute when a config is loaded, and
+# jobs/submit.sh makes them absolute or refuses them before a job reaches a cluster (raysseg.apps.submit).
+PATH_KEYS = ("data.train", "data.val", "data.cache", "train.storage", "model.weights")
+RAY_UPLOAD_PREFIX = "_ray_pkg_"  # Ray unpacks a job's --working-dir into .../_ray_pkg_<hash>/
+
+
+def is_local_path(value: str) -> bool:
+    """Whether a path setting names a file or folder on this machine (not s3://, runs:/, models:/)."""
+    return bool(value) and "://" not in value and not value.startswith(("runs:/", "models:/"))
+
+
+def local_paths(cfg: Config) -> dict[str, str]:
+    """``{key: value}`` of the :data:`PATH_KEYS` that are local paths (data.cache: not '' or 'auto')."""
+    out = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if is_local_path(value) and not (key == "data.cache" and value == "auto"):
+            out[key] = value
+    return out
+
+
+def in_ray_upload(cwd: Path | None = None) -> bool:
+    """Whether ``cwd`` (default: the working directory) is inside the folder Ray unpacked a job's upload into."""
+    return any(part.startswith(RAY_UPLOAD_PREFIX) for part in (cwd or Path.cwd()).parts)
 
 
 def _resolve_paths(cfg: Config) -> None:
     """Local paths become absolute: Ray workers and sweep trials run in other folders.
-    A local ``model.weights`` must exist."""
-    for section, key in (("data", "train"), ("data", "val"), ("train", "storage")):
-        value = getattr(getattr(cfg, section), key)
-        if value and "://" not in value:
-            setattr(getattr(cfg, section), key, str(Path(value).expanduser().absolute()))
-    weights = cfg.model.weights
-    if not weights or "://" in weights or weights.startswith("runs:/"):
-        return
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"model.weights: {weights} does not exist; give a backbone checkpoint file or an s3:// URI")
-    cfg.model.weights = str(path.resolve())
+    A local ``model.weights`` must exist. Inside a Ray job's uploaded working directory a relative
+    path is an error: it would name a temporary folder that lacks .gitignored files like data/."""
+    for key, value in local_paths(cfg).items():
+        path = Path(value).expanduser()
+        if not path.is_absolute() and in_ray_upload():
+            raise ConfigError(
+                f"{key}={value} is relative, and this job's working directory {Path.cwd()} is Ray's temporary "
+                "upload of the repository (without .gitignored files like data/): submit with jobs/submit.sh, "
+                "which makes local paths absolute for a cluster on this machine, or use s3://... or an absolute "
+                "path the nodes share")
+        section, name = key.split(".")
+        if key == "model.weights":
+            if not path.is_file():
+                raise ConfigError(f"model.weights: {value} does not exist; give a backbone checkpoint file or an "
+                                  "s3:// URI")
+            path = path.resolve()
+        setattr(getattr(cfg, section), name, str(path.absolute()))
 
 
 def config_from_dict(raw: dict) -> Config:

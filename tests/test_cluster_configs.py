@@ -274,8 +274,8 @@ def test_rayjob_runtime_env(doc):
     spec = doc["spec"]
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert re.match(r"^[a-z0-9]+://.+\.zip$", runtime_env["working_dir"]), runtime_env["working_dir"]
-    # Ray runs pip in an empty scratch directory: "." is not the working directory.
-    assert runtime_env["pip"] == [WORKING_DIR_VAR]
+    # Ray runs pip in an empty scratch directory: "." is not the working directory; the lock's pins constrain it.
+    assert runtime_env["pip"] == [f"-c {WORKING_DIR_VAR}/requirements.lock", WORKING_DIR_VAR]
     # KubeRay's submitter passes the runtime env through `bash -c` inside double quotes; the
     # variable set to its own name keeps the placeholder from being expanded to "".
     submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]

@@ -1,8 +1,9 @@
 """The way to a cluster, for real: `ray start --head` on 127.0.0.1, `jobs/train.sh` through
 `ray job submit`, an `mlflow server` (SQLite backend, artifacts on the SeaweedFS S3 server),
-then `raysseg pull-best` from that server."""
+then `raysseg pull-best` from that server; the job's exit code, its paths and its pip environment."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -243,3 +244,94 @@ def test_sweep_job_with_asha_one_parent_run_one_child_per_trial_and_best_registe
     assert registered["run_id"] == kept.info.run_id
     for key, value in pulled["state"].items():
         assert (registered["state"][key] == value).all(), key
+
+
+def job_output(done: subprocess.CompletedProcess) -> str:
+    return done.stdout[-6000:] + done.stderr[-3000:]
+
+
+@pytest.mark.slow  # 3.8 minutes on 2 busy cores (plus 2.5 for the head and mlflow server): three small jobs
+def test_jobs_scripts_return_the_jobs_own_exit_code(tmp_path, s3_server, mlflow_server, ray_head):
+    """`ray job submit` says 1 for any failed job; jobs/*.sh say what the job said (2: bad input)."""
+    env = job_env(s3_server, ray_head, mlflow_server)
+    sweep = subprocess.run(["bash", str(ROOT / "jobs/sweep.sh"), "kmeans_synth", "no_such_sweep"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert sweep.returncode == 2, job_output(sweep)
+    assert "config error: unknown sweep 'no_such_sweep'" in sweep.stdout, job_output(sweep)
+    evaluate = subprocess.run(["bash", str(ROOT / "jobs/evaluate.sh"), "gone/model.pt"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+    assert evaluate.returncode == 2, job_output(evaluate)
+    assert f"{tmp_path}/gone/model.pt" in evaluate.stdout  # the relative path, made absolute at submission
+    version = subprocess.run(["bash", str(ROOT / "jobs/submit.sh"), "--version"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert version.returncode == 0 and re.search(r"^raysseg \S+$", version.stdout, re.M), job_output(version)
+
+
+@pytest.mark.slow  # 2.7 minutes on 2 busy cores: one k-means job on the head
+def test_a_job_on_a_head_of_this_machine_reads_and_writes_the_submitting_folder(
+        tmp_path, s3_server, synth_data, ray_head, monkeypatch):
+    """Relative paths and the default MLflow store mean the submitting folder, not Ray's upload folder
+    (which lacks the .gitignored data/), and the run's name is the one a local command gets there."""
+    from mlflow.tracking import MlflowClient
+
+    from raysseg.config import load_config
+
+    shutil.copytree(synth_data, tmp_path / "data" / "synth")
+    env = job_env(s3_server, ray_head, "")
+    env.pop("MLFLOW_TRACKING_URI")  # the job logs to mlruns.db in the submitting folder
+    overrides = ["data.image_size=64", "kmeans.pixels_per_image=16", "mlflow.experiment=paths"]
+    job = subprocess.run(["bash", str(ROOT / "jobs/train.sh"), "kmeans_synth", *sum((["--set", o] for o in overrides),
+                                                                                     [])],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job_output(job)
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    [run] = client.search_runs([client.get_experiment_by_name("paths").experiment_id])
+    assert run.data.params["data.train"] == f"{tmp_path}/data/synth/train"
+    assert run.data.tags["raysseg.checkpoint"].startswith(f"{tmp_path}/runs/{run.info.run_name}/")
+    assert (tmp_path / "runs" / run.info.run_name).is_dir()
+    monkeypatch.chdir(tmp_path)
+    assert run.info.run_name == load_config("kmeans_synth", overrides).run_name()
+
+
+def working_tree_copy(dst: Path) -> Path:
+    """The repository as `ray job submit --working-dir` uploads it: the files git tracks or would track."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dst / name)
+    return dst
+
+
+@pytest.mark.slow  # 3.4-6.2 minutes on 2 busy cores: two environments built, each a 6.4 GB virtualenv copy
+def test_a_version_bump_in_pyproject_builds_a_new_environment_that_the_next_job_sees(tmp_path, s3_server, ray_head):
+    """The job installs requirements.lock and the uploaded package; Ray reuses the environment while neither
+    changes and builds a new one after a version bump. Prints the submission times (the setup cost)."""
+    repo = working_tree_copy(tmp_path / "repo")
+    env = job_env(s3_server, ray_head, "")
+    env.pop("RAYSSEG_PREINSTALLED")
+    pip_envs = lambda: {p.name for p in ray_head[1].glob("session_2*/runtime_resources/pip/*")}  # noqa: E731
+
+    def submit(**extra) -> tuple[set[str], float]:
+        start = time.time()
+        done = subprocess.run(["bash", str(repo / "jobs/submit.sh"), "--version"], cwd=tmp_path, env={**env, **extra},
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, job_output(done)
+        return set(re.findall(r"^raysseg (\S+)$", done.stdout, re.M)), time.time() - start
+
+    pyproject = repo / "pyproject.toml"
+    version = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M).group(1)
+    seen, preinstalled = submit(RAYSSEG_PREINSTALLED="1")
+    assert not pip_envs()
+    seen, first = submit()
+    assert seen == {version} and len(pip_envs()) == 1
+    built = pip_envs()
+    seen, again = submit()
+    assert seen == {version} and pip_envs() == built  # the same spec: the cached environment
+    pyproject.write_text(pyproject.read_text().replace(f'version = "{version}"', f'version = "{version}.post1"', 1))
+    seen, bumped = submit()
+    assert seen == {f"{version}.post1"} and pip_envs() - built  # a new environment (Ray may evict the old one)
+    print(f"\nsubmission to the end of `raysseg --version`: preinstalled {preinstalled:.0f} s, first {first:.0f} s, "
+          f"repeated {again:.0f} s, after the version bump {bumped:.0f} s")

@@ -52,3 +52,50 @@ def test_moco_pretraining_three_steps_in_process(synth_data, tmp_path):
     state = torch.load(result.checkpoint, weights_only=False)
     assert state["progress"] == {"epoch": 3, "step": 9} and np.isfinite(result.metrics["loss"])
     assert int(state["moco"]["queue_ptr"]) == (9 * 2) % 8  # every real key entered the queue
+
+
+class StopAtEpoch:
+    """A shard that stops the run (as Ctrl-C does) when it is first read in epoch ``stop`` (0-based)."""
+
+    def __init__(self, shard, stop: int):
+        self.shard, self.stop = shard, stop
+
+    @property
+    def epoch(self):
+        return self.shard.epoch
+
+    @epoch.setter
+    def epoch(self, value):
+        self.shard.epoch = value
+
+    def iter_batches(self, *args, **kwargs):
+        if self.shard.epoch == self.stop:
+            raise KeyboardInterrupt
+        return self.shard.iter_batches(*args, **kwargs)
+
+
+# hp (crops seeded per epoch) and picie (order shuffled per epoch) in the default run; the others are slow
+@pytest.mark.parametrize("method", [m if m in ("hp", "picie") else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in trained_methods()])
+def test_a_run_stopped_after_an_epoch_and_resumed_ends_where_an_uninterrupted_run_ends(method, synth_data, tmp_path):
+    """Every random choice of an epoch (crops, order, dropout) comes from (seed, epoch) or from the checkpoint:
+    a run stopped after epoch 1 and resumed has the uninterrupted run's weights and scores."""
+    from raysseg.engine.inputs import run_plan
+    from raysseg.engine.local import local_shards, train_local
+    from raysseg.engine.loop import RunStopped
+    from raysseg.io.checkpoints import read_checkpoint
+
+    fresh = train_local(small_config(method, synth_data, tmp_path, "train.epochs=2", "train.run_name=fresh"))
+    cfg = small_config(method, synth_data, tmp_path, "train.epochs=2", "train.run_name=resumed")
+    shards = local_shards(cfg, run_plan(cfg)[1])
+    shards["train"] = StopAtEpoch(shards["train"], stop=1)
+    with pytest.raises(RunStopped):
+        train_local(cfg, datasets=shards)
+    resumed = train_local(cfg)
+    a, b = read_checkpoint(fresh.checkpoint), read_checkpoint(resumed.checkpoint)
+    assert a["progress"]["step"] == b["progress"]["step"] == 6
+    assert [entry["attempt"] for entry in b["progress"]["lineage"]] == [1, 2, 2]  # it really was resumed
+    differ = [key for key, value in a["state"].items() if not torch.equal(value, b["state"][key])]
+    assert differ == []
+    for key in ("loss_total", "view_nmi", "cluster_mean_cosine"):
+        assert fresh.metrics[key] == resumed.metrics[key], key

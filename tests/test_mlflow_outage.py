@@ -85,9 +85,8 @@ def test_an_mlflow_outage_mid_run_does_not_stop_training(synth_data, tmp_path, c
     from mlflow.tracking import MlflowClient
 
     from raysseg.engine.inputs import run_plan
-    from raysseg.engine.local import LocalShard, train_local
+    from raysseg.engine.local import local_shards, train_local
     from raysseg.io import tracking
-    from raysseg.io.images import read_plan
 
     monkeypatch.setenv("RAYSSEG_MLFLOW_RETRY_SECONDS", "180")  # close() waits for the restarted server
     server = MlflowServer(tmp_path)
@@ -95,10 +94,7 @@ def test_an_mlflow_outage_mid_run_does_not_stop_training(synth_data, tmp_path, c
     try:
         cfg = small_config("hp", synth_data, tmp_path, "train.epochs=3", f"mlflow.tracking_uri={server.uri}")
         _, reads = run_plan(cfg, None)
-        datasets = {}
-        for name, options in reads.items():
-            shuffle = options.pop("shuffle", False)
-            datasets[name] = LocalShard(*read_plan(cfg.data.train, **options), shuffle=shuffle, seed=0)
+        datasets = local_shards(cfg, reads)
         datasets["train"] = outage = OutageDuringTraining(datasets["train"], server, down_at=4, up_at=7)
         result = train_local(cfg, tracking_uri=server.uri, datasets=datasets)
         outage.restart.join()

@@ -54,7 +54,8 @@ def cmd_pull_best(args) -> None:
     print(f"best run {info['run_id']} ({info['run_name']}): {args.metric} = {info['value']:.6g}")
     print(f"checkpoint: {info['checkpoint']}")
     if "registered" in info:
-        print(f"registered: {info['registered']}")
+        print(f"registered: {info['registered']} (an MLflow Model: mlflow.pyfunc.load_model(URI).predict(image) "
+              f"gives label maps)")
 
 
 def cmd_pretrain(args) -> None:
@@ -71,7 +72,7 @@ def cmd_evaluate(args) -> None:
 
     evaluate(args.checkpoint, split=args.split, crf=False if args.no_crf else None,
              probe=False if args.no_probe else None, retrieval=False if args.no_retrieval else None,
-             out=args.out)
+             out=args.out, probe_train=args.probe_train)
 
 
 def cmd_run(args) -> None:
@@ -187,11 +188,21 @@ def cmd_bench(args) -> None:
     bench.main(args)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("raysseg")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     from raysseg.core.precision import PRECISIONS
     from raysseg.methods.registry import METHODS, trained_methods
 
     p = argparse.ArgumentParser(prog="raysseg", description=__doc__)
+    p.add_argument("--version", action="version", version=f"raysseg {_version()}")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show Ray's, Tune's and MLflow's own logs on the terminal too (default: in outputs/logs/)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -218,13 +229,14 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: the sweep file's)")
     sp.set_defaults(fn=cmd_sweep)
 
-    sp = sub.add_parser("pull-best", help="download the checkpoint of the best MLflow run")
+    sp = sub.add_parser("pull-best", help="download the checkpoint of the best MLflow run (at a tie: the smallest run id)")
     sp.add_argument("--experiment", default="raysseg", help="MLflow experiment to search (default: raysseg)")
     sp.add_argument("--metric", required=True, help="e.g. view_nmi (label-free) or eval/val/clusters_miou")
     sp.add_argument("--mode", choices=["max", "min"], default="max", help="max: higher --metric is better (default); min: lower")
     sp.add_argument("--out", required=True, help="folder for model.pt and run.json")
     sp.add_argument("--filter", help="extra MLflow filter, e.g. \"tags.mlflow.parentRunId = '<sweep run id>'\"")
-    sp.add_argument("--register-as", metavar="NAME", help="also register it in the MLflow model registry")
+    sp.add_argument("--register-as", metavar="NAME", help="also register its MLflow Model (pyfunc: image -> label map) "
+                    "in the model registry; a run registered before keeps its version")
     sp.add_argument("--alias", default="best", help="registry alias for --register-as")
     sp.set_defaults(fn=cmd_pull_best)
 
@@ -241,6 +253,10 @@ def parser() -> argparse.ArgumentParser:
                     help="skip the linear probe (it is trained on the training split's labels)")
     sp.add_argument("--no-retrieval", action="store_true",
                     help="skip k-means segments labelled by the k nearest training prototypes")
+    sp.add_argument("--probe-train", metavar="SPLIT",
+                    help="labelled split (folder or s3:// prefix with images/ and labels/) that the linear probe "
+                         "and retrieval train on (default: the checkpoint's data.train, which may exist only on "
+                         "the machine that trained it)")
     sp.add_argument("--out", default="outputs/eval",
                     help="folder for report.json, the confusion matrices and overlays (default: outputs/eval)")
     sp.set_defaults(fn=cmd_evaluate)

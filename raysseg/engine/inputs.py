@@ -113,21 +113,25 @@ def check_labels(split_uri: str, n_classes: int, ignore_index: int, sample: int 
     return split
 
 
-def check_evaluation(cfg, split_uri: str, probe: bool, retrieval: bool, retrieval_asked: bool = True) -> bool:
+def check_evaluation(cfg, split_uri: str, probe: bool, retrieval: bool, retrieval_asked: bool = True,
+                     probe_train: str = "") -> bool:
     """Check what an evaluation of ``split_uri`` reads, before anything starts (:func:`check_labels`); returns
-    whether retrieval stays on. The linear probe and retrieval read the training split's labels: when it has
-    none that fit, retrieval on only by default (``retrieval_asked`` False, no probe) is left out with a
-    warning, anything else is one DatasetError line that names ``--no-probe --no-retrieval``."""
+    whether retrieval stays on. The linear probe and retrieval read the labels of ``probe_train`` (default: the
+    config's training split): when it has none that fit, retrieval on only by default (``retrieval_asked``
+    False, no probe) is left out with a warning, anything else is one DatasetError line that names
+    ``--probe-train SPLIT`` and ``--no-probe --no-retrieval``."""
     report_left_out(split_uri, check_labels(split_uri, cfg.data.n_classes, cfg.data.ignore_index))
     if not (probe or retrieval):
         return retrieval
+    train = probe_train or cfg.data.train
     try:
-        check_labels(cfg.data.train, cfg.data.n_classes, cfg.data.ignore_index)
+        check_labels(train, cfg.data.n_classes, cfg.data.ignore_index)
     except (DatasetError, storage.StorageError) as exc:
         if retrieval and not probe and not retrieval_asked:
             print(f"warning: retrieval left out: it needs the training split's labels ({exc})", flush=True)
             return False
         uses = " and ".join(u for u, on in (("linear probe", probe), ("retrieval", retrieval)) if on)
-        raise DatasetError(f"the {uses} read the labelled training split {cfg.data.train}, which is not usable "
-                           f"({exc}); score {split_uri} without it with --no-probe --no-retrieval") from None
+        raise DatasetError(f"the {uses} read the labelled training split {train}, which is not usable ({exc}); "
+                           f"name one that is with `raysseg evaluate --probe-train SPLIT`, or score {split_uri} "
+                           "without it with --no-probe --no-retrieval") from None
     return retrieval

@@ -21,7 +21,7 @@ from raysseg.core.batches import rebatch
 from raysseg.engine.inputs import check_inputs, prepared_split, run_plan
 from raysseg.engine.loop import CHECKPOINT_FILE, RunStopped, WorkerEnv, train_worker
 from raysseg.io import storage, tracking
-from raysseg.io.images import list_split, read_plan
+from raysseg.io.images import EPOCH_SEED, list_split, read_plan
 from raysseg.methods.shared import LocalSharedState
 
 DECODE_ROWS = 16  # rows decoded at a time, as Ray Data's map_batches does
@@ -30,20 +30,42 @@ DECODE_ROWS = 16  # rows decoded at a time, as Ray Data's map_batches does
 class LocalShard:
     """Rows read and decoded in this process, with the ``iter_batches`` of a Ray Data shard.
 
-    ``shuffle``: a new order each pass, from a generator seeded once (reproducible runs)."""
+    ``shuffle``: a new order each epoch, drawn from (seed, epoch); ``epoch_seeded``: the crops of each epoch
+    drawn from (seed, epoch) (the EPOCH_SEED option). ``epoch`` is set by the worker loop as each epoch starts,
+    so a resumed run reads what an uninterrupted one read."""
 
-    def __init__(self, items: list[dict], decode, shuffle: bool = False, seed: int = 0):
-        self.items, self.decode, self.shuffle = items, decode, shuffle
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, items: list[dict], decode, shuffle: bool = False, seed: int = 0, epoch_seeded: bool = False):
+        self.items, self.decode, self.shuffle, self.seed, self.epoch_seeded = items, decode, shuffle, seed, epoch_seeded
+        self.epoch = 0
 
     def _decoded(self):
-        order = self.rng.permutation(len(self.items)) if self.shuffle else np.arange(len(self.items))
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.items)) if self.shuffle else np.arange(len(self.items))
+        seeds = {"seed": (self.seed, self.epoch)} if self.epoch_seeded else {}
         for start in range(0, len(order), DECODE_ROWS):
             chunk = [self.items[i] for i in order[start:start + DECODE_ROWS]]
-            yield self.decode({k: np.array([item[k] for item in chunk], dtype=object) for k in chunk[0]})
+            yield self.decode({k: np.array([item[k] for item in chunk], dtype=object) for k in chunk[0]}, **seeds)
 
     def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False, **_):
         return rebatch(self._decoded(), batch_size, drop_last)
+
+
+def local_shards(cfg, reads: dict[str, dict]) -> dict[str, LocalShard]:
+    """In-process readers of a run's datasets (the reads of :func:`raysseg.engine.inputs.run_plan`)."""
+    shards = {}
+    for name, options in reads.items():
+        options = dict(options)
+        shuffle = options.pop("shuffle", False)
+        epoch_seeded = options.get("seed") == EPOCH_SEED
+        if epoch_seeded:
+            options["seed"] = None  # LocalShard passes (seed, epoch)
+        shards[name] = LocalShard(*read_plan(cfg.data.train, **options), shuffle=shuffle, seed=cfg.train.seed,
+                                  epoch_seeded=epoch_seeded)
+    return shards
+
+
+def _epoch_setter(datasets: dict):
+    return lambda epoch: [setattr(d, "epoch", epoch) for d in datasets.values() if hasattr(d, "epoch")]
 
 
 @dataclass
@@ -115,10 +137,7 @@ def train_local(cfg, tracking_uri: str = "", datasets: dict | None = None, devic
 def _train_local(cfg, n_images: int, tracking_uri: str, datasets: dict | None, device) -> LocalResult:
     plan, reads = run_plan(cfg, None if datasets is not None else prepared_split(cfg))
     if datasets is None:
-        datasets = {}
-        for name, options in reads.items():
-            shuffle = options.pop("shuffle", False)
-            datasets[name] = LocalShard(*read_plan(cfg.data.train, **options), shuffle=shuffle, seed=cfg.train.seed)
+        datasets = local_shards(cfg, reads)
     run_name = cfg.run_name()
     checkpoints = LocalCheckpoints(f"{cfg.train.storage.rstrip('/')}/{run_name}", cfg.train.checkpoints_to_keep)
     logger = None
@@ -130,7 +149,8 @@ def _train_local(cfg, n_images: int, tracking_uri: str, datasets: dict | None, d
     shared = LocalSharedState()
     env = WorkerEnv(rank=0, world=1, local_world=1, device=device or _device(cfg), get_shard=datasets.__getitem__,
                     restore=checkpoints.restore, report=checkpoints.report, shared=shared, logger=logger,
-                    run={"run_id": getattr(logger, "run_id", ""), "tracking_uri": tracking_uri})
+                    run={"run_id": getattr(logger, "run_id", ""), "tracking_uri": tracking_uri},
+                    start_epoch=_epoch_setter(datasets))
     t0 = time.perf_counter()
     try:
         train_worker(cfg, env, n_images, plan)
@@ -175,7 +195,7 @@ def pretrain_local(cfg, datasets: dict | None = None, device=None) -> LocalResul
     run_name = f"{cfg.run_name()}-pretrain"
     checkpoints = LocalCheckpoints(f"{cfg.train.storage.rstrip('/')}/{run_name}", cfg.train.checkpoints_to_keep)
     env = WorkerEnv(rank=0, world=1, local_world=1, device=device or _device(cfg), get_shard=datasets.__getitem__,
-                    restore=checkpoints.restore, report=checkpoints.report)
+                    restore=checkpoints.restore, report=checkpoints.report, start_epoch=_epoch_setter(datasets))
     from raysseg.io.lease import RunLease
 
     with RunLease(cfg.train.storage, run_name):

@@ -54,6 +54,13 @@ class WorkerEnv:
     wrap_model: Callable = lambda module: module
     logger: Any = None  # tracking.RunLogger on rank 0, or None
     run: dict | None = None  # run_id and tracking_uri, stored in every checkpoint
+    start_epoch: Callable[[int], None] = lambda epoch: None  # tells the data readers the epoch (their crops' seed)
+
+
+def seed_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Seed torch's global generator (dropout, ...) from (seed, rank, epoch): an epoch a resumed run trains
+    draws what it drew in an uninterrupted run. The methods' own generators are restored from the checkpoint."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0]))
 
 
 def _setup_worker(env: WorkerEnv, seed: int) -> None:
@@ -247,6 +254,9 @@ def train_worker(cfg, env: WorkerEnv, n_images: int, plan: dict) -> None:
 
         for epoch in range(progress["epoch"], cfg.train.epochs):
             t_epoch = time.perf_counter()
+            env.start_epoch(epoch)
+            seed_epoch(cfg.train.seed, env.rank, epoch)
+            barrier()  # every reader of this epoch sees its number
             trainer.before_epoch(env.get_shard, epoch)
             stats, last_images, bad = run_epoch(
                 shard, trainer.train_step, cfg, env.rank, progress, logger, total_steps // cfg.train.epochs,
@@ -340,6 +350,7 @@ def pretrain_worker(cfg, env: WorkerEnv, n_images: int) -> None:
         _save_pretrain(env, cfg, trainer, progress, {"epoch": progress["epoch"], "step": progress["step"]})
         return
     for epoch in range(progress["epoch"], pc.epochs):
+        env.start_epoch(epoch)
         bar = Progress(steps_per_epoch, f"pretrain epoch {epoch + 1}/{pc.epochs}", cfg.train.log_every) if rank == 0 else None
         sums = {"loss": 0.0, "pos_logit": 0.0, "neg_logit": 0.0, "acc": 0.0}
         n, bad_rows, t_epoch = 0, [], time.perf_counter()

@@ -26,7 +26,8 @@ def save_checkpoint(path: str, segmenter, **extra) -> None:
 
 def read_checkpoint(uri: str) -> dict:
     """Load a checkpoint dict from a file, a run directory, s3://, ``runs:/<id>/checkpoint``
-    or a registered model ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``)."""
+    or a registered model ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``): an MLflow Model
+    (:mod:`raysseg.io.registry`; its data is the checkpoint) or, registered before, a bare checkpoint folder."""
     from raysseg.io.storage import StorageError, read_bytes
 
     if uri.startswith(("runs:/", "models:/")):
@@ -40,6 +41,7 @@ def read_checkpoint(uri: str) -> dict:
         except mlflow.exceptions.MlflowException as e:
             raise StorageError(f"checkpoint {uri}: {e.message.splitlines()[0]} (MLflow at "
                                f"{mlflow.get_tracking_uri()}; set MLFLOW_TRACKING_URI)") from None
+    uri = model_data(uri)
     if not uri.endswith(".pt"):
         uri = uri.rstrip("/") + "/" + CHECKPOINT_FILE
     try:
@@ -53,6 +55,19 @@ def read_checkpoint(uri: str) -> dict:
     if isinstance(ckpt, dict) and "config" in ckpt and "state" in ckpt:
         check_fits(ckpt, uri)
     return ckpt
+
+
+def model_data(folder: str) -> str:
+    """The data path (the checkpoint) of the MLflow Model in the local ``folder``, else ``folder`` itself."""
+    from pathlib import Path
+
+    import yaml
+
+    mlmodel = Path(folder) / "MLmodel"
+    if not mlmodel.is_file():
+        return folder
+    data = yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {}).get("data")
+    return str(Path(folder) / data) if data else folder
 
 
 def check_fits(ckpt: dict, uri: str) -> None:

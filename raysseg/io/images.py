@@ -238,11 +238,15 @@ def decode_label(data: bytes) -> Image.Image:
         raise ValueError(f"label has mode {im.mode}: labels must be single-channel PNGs of class indices")
 
 
-def _row_rng(seed: int | None, path: str) -> np.random.Generator:
-    if seed is None:  # fresh crops every time the row is read (every epoch)
+EPOCH_SEED = "epoch"  # a dataset's seed option: new crops every epoch, drawn from (train.seed, epoch) by the runtime
+
+
+def _row_rng(seed: int | tuple | None, path: str) -> np.random.Generator:
+    """The crop generator of one row: from ``seed`` (an int, or a tuple such as (train seed, epoch)) and the path."""
+    if seed is None:  # fresh crops every time the row is read, from the OS (not reproducible)
         return np.random.default_rng()
     digest = int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little")
-    return np.random.default_rng([seed, digest])
+    return np.random.default_rng([*(seed if isinstance(seed, tuple) else (seed,)), digest])
 
 
 def random_resized_crop_box(
@@ -404,7 +408,8 @@ def read_plan(
     for fresh crops. train=False: resize the short side to image_size, then centre crop.
     Labels (only opened when ``with_labels``) follow the same geometry with NEAREST.
     ``limit`` keeps the first ``limit`` images in sorted order; ``files`` keeps only those image URIs.
-    ``seed=None`` draws fresh crops each time a row is read, i.e. every epoch.
+    ``seed=None`` draws fresh crops each time a row is read, from the OS. A method asks for new crops every epoch
+    that a rerun draws again with the seed option :data:`EPOCH_SEED`: the runtime then passes (seed, epoch).
     ``segments`` (keyword arguments of :func:`raysseg.core.segments.oversegment`) adds a ``segments`` column:
     the pseudo segments of each decoded image (int32 S x S), computed on the fly in the read.
     ``n_classes`` (with labels): a label file holding a value outside [0, n_classes) other than

@@ -10,6 +10,7 @@ and says what to do.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import random
@@ -35,6 +36,7 @@ RETRY_SECONDS = 60.0  # how long a read or write waits for an unreachable S3 end
 _UNREACHABLE = ("NETWORK_CONNECTION", "COULD NOT CONNECT", "CURLCODE", "TIMED OUT", "TIMEOUT", "CONNECTION REFUSED")
 _TRANSIENT = _UNREACHABLE + ("SLOW_DOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "HTTP 500", "HTTP 502",
                              "HTTP 503", "HTTP 504")
+RESUME_HINT = "checkpoints written so far are kept, run the same command again to resume"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")  # what an images/ folder may hold
 
 
@@ -88,8 +90,13 @@ def _split_endpoint(endpoint_url: str) -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _s3_filesystem(settings: S3Settings, allow_bucket_creation: bool = False, quick: bool = False) -> pafs.S3FileSystem:
-    """An S3FileSystem with bounded retries and timeouts (``quick``: one attempt, short timeouts)."""
+def _s3_filesystem(settings: S3Settings, allow_bucket_creation: bool = False, quick: bool = False,
+                   background_writes: bool = True) -> pafs.S3FileSystem:
+    """An S3FileSystem with bounded retries and timeouts (``quick``: one attempt, short timeouts).
+
+    ``background_writes=False`` uploads in the writing thread instead of pyarrow's IO thread pool: needed
+    where the writer itself runs on that pool (a Python filesystem under ``pyarrow.fs.copy_files``), which
+    would otherwise wait forever for pool threads that are all busy waiting."""
     kwargs: dict = dict(
         region=settings.region,
         access_key=settings.access_key,
@@ -98,6 +105,7 @@ def _s3_filesystem(settings: S3Settings, allow_bucket_creation: bool = False, qu
         request_timeout=5.0 if quick else REQUEST_TIMEOUT_S,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1 if quick else MAX_ATTEMPTS),
         allow_bucket_creation=allow_bucket_creation,
+        background_writes=background_writes,
     )
     if settings.endpoint_url:
         kwargs["endpoint_override"], kwargs["scheme"] = _split_endpoint(settings.endpoint_url)
@@ -164,6 +172,8 @@ def _translate(uri: str, exc: OSError, settings: S3Settings | None = None) -> St
             return StorageError(f"{uri} not found: check the path")
         if isinstance(exc, PermissionError):
             return StorageError(f"permission denied for {uri}: check the file permissions")
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return StorageError(f"no space left for {uri} ({exc.strerror}): free space on that disk or write elsewhere")
         return StorageError(f"storage error on {uri}: {text}")
     settings = settings or s3_settings()
     endpoint = settings.endpoint_name
@@ -219,10 +229,8 @@ def _retrying(uri: str, op: Callable[[], object], settings: S3Settings | None = 
                 else:  # it answers, with errors (e.g. 503 Slow Down, or a server out of disk)
                     problem = f"S3 endpoint {settings.endpoint_name} kept failing ({text[:200]})"
                     fix = "check the server's health and free space"
-                raise StorageError(
-                    f"{problem} for {uri} after {attempts} attempts over {settings.retry_s:.0f} s: {fix}; "
-                    f"checkpoints written so far are kept, run the same command again to resume"
-                ) from None
+                raise StorageError(f"{problem} for {uri} after {attempts} attempts over {settings.retry_s:.0f} s: "
+                                   f"{fix}; {RESUME_HINT}") from None
         now = time.monotonic()
         if now - _last_warning[0] > 10:  # one line per outage and process, not one per file
             _last_warning[0] = now
@@ -265,13 +273,31 @@ def write_bytes_atomic(uri: str, data: bytes, settings: S3Settings | None = None
     Local: temp file in the same folder, fsync, os.replace. S3: one upload (objects appear on completion).
     ``settings``: see :func:`resolve`.
     """
+    _write_atomic(uri, lambda f: f.write(data), settings)
+
+
+def write_file_atomic(uri: str, local_path: str, settings: S3Settings | None = None) -> None:
+    """Copy the local file ``local_path`` to ``uri`` as :func:`write_bytes_atomic` does, streamed in chunks."""
+    def copy(f) -> None:
+        with open(local_path, "rb") as src:
+            while chunk := src.read(CHUNK_BYTES):
+                f.write(chunk)
+
+    _write_atomic(uri, copy, settings)
+
+
+CHUNK_BYTES = 8 << 20
+
+
+def _write_atomic(uri: str, write: Callable[[object], None], settings: S3Settings | None = None) -> None:
+    """``write(f)`` into a new file at ``uri``, atomically (see :func:`write_bytes_atomic`)."""
     fs, path = resolve(uri, settings)
     if is_s3(uri):
-        def write() -> None:
+        def upload() -> None:
             with fs.open_output_stream(path) as f:
-                f.write(data)
+                write(f)
 
-        _retrying(uri, write, settings)
+        _retrying(uri, upload, settings)
         return
     folder = os.path.dirname(path)
     with _errors(uri):
@@ -279,7 +305,7 @@ def write_bytes_atomic(uri: str, data: bytes, settings: S3Settings | None = None
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -473,6 +499,9 @@ def remove_tree(uri: str) -> None:
         if is_s3(uri):
             if "/" not in path:
                 raise StorageError(f"refusing to delete the whole bucket {uri}: give a prefix inside it")
+            if fs.get_file_info(path).type == pafs.FileType.File:
+                fs.delete_file(path)
+                return
             fs.delete_dir_contents(path, missing_dir_ok=True)
             if fs.get_file_info(path).type == pafs.FileType.Directory:
                 fs.delete_dir(path)
@@ -480,6 +509,205 @@ def remove_tree(uri: str) -> None:
             shutil.rmtree(path)
         elif os.path.exists(path):
             os.unlink(path)
+
+
+# --------------------------------------------------------------------------- a filesystem for Ray
+
+
+def ray_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of ``uri`` for Ray Train and Tune (``RunConfig(storage_filesystem=...)``).
+
+    Every call Ray makes through it behaves as this module's own reads and writes: it waits out an
+    unreachable S3 endpoint for up to ``RAYSSEG_S3_RETRY_SECONDS``, fails with a one-line StorageError naming
+    the URI, and writes files atomically (locally a hidden temp name, then a rename; S3 objects appear whole).
+    Picklable: the S3 settings read here travel with it to Ray's processes."""
+    settings = s3_settings() if is_s3(uri) else None
+    return pafs.PyFileSystem(GuardedFiles(settings)), resolve(uri, settings)[1]
+
+
+def guarded(fs) -> "GuardedFiles | None":
+    """The handler of a filesystem made by :func:`ray_filesystem`, else None."""
+    handler = getattr(fs, "handler", None)
+    return handler if isinstance(handler, GuardedFiles) else None
+
+
+_PASS_THROUGH = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)  # Ray handles these
+
+
+class GuardedFiles(pafs.FileSystemHandler):
+    """The handler of :func:`ray_filesystem`: S3 (``settings``) or the local disk (None)."""
+
+    def __init__(self, settings: S3Settings | None):
+        self.settings = settings
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, GuardedFiles) and other.settings == self.settings
+
+    def __hash__(self) -> int:
+        return hash(self.settings)
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        # Ray copies files into this filesystem with pyarrow.fs.copy_files, on pyarrow's IO threads: uploads must
+        # not need those threads too (see _s3_filesystem)
+        return _s3_filesystem(self.settings, background_writes=False) if self.settings else pafs.LocalFileSystem()
+
+    def uri(self, path: str) -> str:
+        return S3_SCHEME + path.lstrip("/") if self.settings else path
+
+    def call(self, path: str, op: Callable[[], object]):
+        """``op()`` retried and translated like this module's own calls; a missing path stays Ray's own error."""
+        def kept_errors():
+            try:
+                return op(), None
+            except _PASS_THROUGH as exc:
+                return None, exc
+
+        try:
+            result, error = _retrying(self.uri(path), kept_errors, self.settings)
+        except StorageError as e:
+            raise StorageError(str(e) if RESUME_HINT in str(e) else f"{e}; {RESUME_HINT}") from None
+        if error is not None:
+            raise error
+        return result
+
+    def put_file(self, path: str, local_path: str) -> str:
+        """Copy a local file to ``path`` atomically (with retries); returns its URI."""
+        uri = self.uri(path)
+        try:
+            write_file_atomic(uri, local_path, self.settings)
+        except StorageError as e:
+            raise StorageError(str(e) if RESUME_HINT in str(e) else f"{e}; {RESUME_HINT}") from None
+        return uri
+
+    def get_type_name(self) -> str:
+        return "raysseg-s3" if self.settings else "raysseg-local"
+
+    def normalize_path(self, path: str) -> str:
+        return path
+
+    def get_file_info(self, paths):
+        return self.call(paths[0] if paths else "", lambda: self.fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector):
+        return self.call(selector.base_dir, lambda: self.fs.get_file_info(selector))
+
+    def create_dir(self, path, recursive):
+        self.call(path, lambda: self.fs.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path):
+        self.call(path, lambda: self.fs.delete_dir(path))
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        if not path.strip("/"):
+            raise StorageError("refusing to delete everything in the storage root: give a folder inside it")
+        self.call(path, lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self):
+        raise StorageError("refusing to delete everything in the storage root: give a folder inside it")
+
+    def delete_file(self, path):
+        self.call(path, lambda: self.fs.delete_file(path))
+
+    def move(self, src, dest):
+        self.call(src, lambda: self.fs.move(src, dest))
+
+    def copy_file(self, src, dest):
+        self.call(dest, lambda: self.fs.copy_file(src, dest))
+
+    def open_input_stream(self, path):
+        return self.open_input_file(path)
+
+    def open_input_file(self, path):
+        if not self.settings:
+            return self.call(path, lambda: self.fs.open_input_file(path))
+
+        def read() -> bytes:  # read whole, so that an outage mid-file is retried too
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+
+        import pyarrow as pa
+
+        return pa.BufferReader(self.call(path, read))
+
+    def open_output_stream(self, path, metadata=None):
+        import pyarrow as pa
+
+        return pa.PythonFile(_AtomicWriter(self, path), mode="w")
+
+    def open_append_stream(self, path, metadata=None):
+        raise StorageError(f"appending to {self.uri(path)} is not supported: write the whole file")
+
+
+class _AtomicWriter:
+    """A file object for :meth:`GuardedFiles.open_output_stream`. Locally it writes a hidden temp file in the
+    target's folder and renames it on close; for S3 it spools the bytes and uploads them on close (retried).
+
+    Errors of close reach the caller of ``with fs.open_output_stream(...)``; ``pyarrow.fs.copy_files`` does not
+    report them, so files that must arrive are written with :meth:`GuardedFiles.put_file` instead."""
+
+    def __init__(self, files: GuardedFiles, path: str):
+        self.files, self.path, self.closed, self.tmp = files, path, False, None
+        if files.settings:
+            self.f = tempfile.SpooledTemporaryFile(max_size=CHUNK_BYTES)
+            return
+        folder = os.path.dirname(path)
+
+        def open_temp():
+            os.makedirs(folder, exist_ok=True)
+            return tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+
+        fd, self.tmp = files.call(path, open_temp)
+        self.f = os.fdopen(fd, "wb")
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        pass
+
+    def write(self, data) -> int:
+        try:
+            return self.files.call(self.path, lambda: self.f.write(data))
+        except BaseException:
+            self._discard()
+            raise
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.tmp is None:
+                self.f.seek(0)
+                self.files.call(self.path, self._upload)
+            else:
+                def commit():
+                    self.f.flush()
+                    os.fsync(self.f.fileno())
+                    self.f.close()
+                    os.replace(self.tmp, self.path)
+
+                self.files.call(self.path, commit)
+        finally:
+            self._discard()
+
+    def _upload(self) -> None:
+        self.f.seek(0)
+        with self.files.fs.open_output_stream(self.path) as out:
+            while chunk := self.f.read(CHUNK_BYTES):
+                out.write(chunk)
+
+    def _discard(self) -> None:
+        self.closed = True  # after a failed write, close() commits nothing
+        with contextlib.suppress(OSError):
+            self.f.close()
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)  # gone already after the rename
 
 
 # --------------------------------------------------------------------------- SeaweedFS

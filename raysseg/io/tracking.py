@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+# MLflow 3 prints "View run ... at: <url>" to stdout whenever a run on a server ends: the terminal is the tool's.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 RUN_NAME_TAG = "raysseg.run_name"
 CHECKPOINT_TAG = "raysseg.checkpoint"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a sweep's trials under it
@@ -313,13 +316,22 @@ class _quick_requests:
                 os.environ[k] = v
 
 
+def pick_best(items: list, value, run_id, mode: str = "max"):
+    """The best of ``items`` (None when empty): the highest (``mode`` max) or lowest (min) ``value(item)``, and at
+    an exact tie the smallest MLflow run id ``run_id(item)``. The one rule of the sweep's ``raysseg.best_run_id``
+    and of :func:`pull_best`."""
+    sign = -1.0 if mode == "max" else 1.0
+    return min(items, key=lambda item: (sign * float(value(item)), run_id(item)), default=None)
+
+
 def pull_best(experiment: str, metric: str, out: str, mode: str = "max", filter_string: str = "",
               uri: str = "", register_as: str = "", alias: str = "best") -> dict:
-    """Download the checkpoint of the finished run with the best ``metric`` in ``experiment``.
+    """Download the checkpoint of the finished run with the best ``metric`` in ``experiment``
+    (:func:`pick_best`: at an exact tie, the smallest run id, as the sweep's ``raysseg.best_run_id``).
 
     Writes ``out/model.pt`` and ``out/run.json`` (run id, metric, params) and returns the
-    latter. ``register_as`` also registers that checkpoint in the MLflow model registry and
-    points ``alias`` at the new version: ``models:/<name>@<alias>`` then loads it."""
+    latter. ``register_as`` also registers that run's MLflow Model (:func:`register`) and points
+    ``alias`` at it: ``models:/<name>@<alias>`` then loads with ``mlflow.pyfunc.load_model``."""
     import json
     import shutil
 
@@ -331,8 +343,7 @@ def pull_best(experiment: str, metric: str, out: str, mode: str = "max", filter_
         raise TrackingError(f"no MLflow experiment {experiment!r} at {uri}; set --experiment or MLFLOW_TRACKING_URI")
     where = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
     try:
-        runs = mlflow.search_runs(experiment_names=[experiment], filter_string=where, output_format="list",
-                                  order_by=[f"metrics.`{metric}` {'DESC' if mode == 'max' else 'ASC'}"])
+        runs = mlflow.search_runs(experiment_names=[experiment], filter_string=where, output_format="list")
     except mlflow.exceptions.MlflowException as e:
         raise TrackingError(f"--filter {filter_string!r}: {e.message.splitlines()[0]}") from None
     candidates = [r for r in runs if metric in r.data.metrics and CHECKPOINT_TAG in r.data.tags
@@ -341,7 +352,7 @@ def pull_best(experiment: str, metric: str, out: str, mode: str = "max", filter_
         seen = sorted({k for r in runs for k in r.data.metrics})
         raise TrackingError(f"no finished run with a checkpoint in {experiment!r} has metric {metric!r}"
                             + (f"; metrics there: {', '.join(seen[:20])}" if seen else ""))
-    best = candidates[0]
+    best = pick_best(candidates, lambda r: r.data.metrics[metric], lambda r: r.info.run_id, mode)
     run_id = best.info.run_id
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,22 +365,44 @@ def pull_best(experiment: str, metric: str, out: str, mode: str = "max", filter_
             "checkpoint": str(out_dir / "model.pt"), "source": f"runs:/{run_id}/checkpoint",
             "params": dict(best.data.params)}
     if register_as:
-        info["registered"] = register(uri, run_id, register_as, alias, {metric: str(info["value"])})
+        info["registered"] = register(uri, run_id, register_as, alias, {metric: str(info["value"])},
+                                      checkpoint=info["checkpoint"])
     (out_dir / "run.json").write_text(json.dumps(info, indent=2))
     return info
 
 
-def register(uri: str, run_id: str, name: str, alias: str, tags: dict | None = None) -> str:
-    """Register a run's ``checkpoint/`` artifact folder as a new version of model ``name``
-    and point ``alias`` at it; returns ``models:/<name>@<alias>``."""
+def register(uri: str, run_id: str, name: str, alias: str, tags: dict | None = None, checkpoint: str = "") -> str:
+    """Register run ``run_id``'s MLflow Model (``model/``, :mod:`raysseg.io.registry`) as a version of model
+    ``name`` and point ``alias`` at it; returns ``models:/<name>@<alias>``.
+
+    The model is logged into the run once, from the local ``checkpoint`` file (default: the run's
+    ``checkpoint/model.pt``). A run already registered under ``name`` as an MLflow Model keeps its version:
+    only the alias (and ``tags``) are set again (a version registered before as a bare checkpoint folder
+    is left as it is; the run gets a loadable one)."""
+    import mlflow
     from mlflow.exceptions import MlflowException
+
+    from raysseg.io import registry
 
     client = _client(uri)
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description="raysseg checkpoints (model.pt)")
-    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/checkpoint"
-    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
+        client.create_registered_model(name, description="raysseg segmenters: MLflow pyfunc models, image -> label map")
+    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + registry.MODEL_ARTIFACT
+    versions = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+                if v.source == source]
+    if versions:
+        version = min(versions, key=lambda v: int(v.version))
+        for key, value in (tags or {}).items():
+            client.set_model_version_tag(name, version.version, key, value)
+    else:
+        if not registry.has_model(client, run_id):
+            with tempfile.TemporaryDirectory() as tmp:
+                if not checkpoint:
+                    checkpoint = mlflow.artifacts.download_artifacts(
+                        run_id=run_id, artifact_path="checkpoint/model.pt", dst_path=tmp, tracking_uri=uri)
+                registry.log_model(client, run_id, checkpoint)
+        version = client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
     client.set_registered_model_alias(name, alias, version.version)
     return f"models:/{name}@{alias}"

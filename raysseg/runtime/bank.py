@@ -27,8 +27,15 @@ class BankLost(RuntimeError):
 class ConceptBank:
     def __init__(self, world_size: int):
         self.store = TableStore(world_size)
+        self.current_epoch = 0  # set by rank 0 as each epoch starts; the epoch's crops are seeded by it
         self.changed = asyncio.Condition()
         self.lost = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.current_epoch = epoch
+
+    def epoch(self) -> int:
+        return self.current_epoch
 
     def _check(self) -> None:
         if self.lost:

@@ -2,13 +2,14 @@
 the prepared-data cache in :mod:`raysseg.io.prepared`), and Ray tasks that build that cache."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Iterator
 
 import ray
 import ray.data
 
-from raysseg.io.images import read_plan
+from raysseg.io.images import EPOCH_SEED, read_plan
 from raysseg.io.prepared import PreparedSplit
 
 # Rows per Ray Data block, i.e. per map task. Each task costs ~10-20 ms of Ray overhead; decoding a file
@@ -21,14 +22,23 @@ def make_dataset(
     split_uri: str, *, image_size: int, train: bool, with_labels: bool, crop_scale: tuple[float, float] = (0.5, 1.0),
     hflip: bool = True, seed: int | None = 0, limit: int | None = None, files: list[str] | None = None,
     shuffle: bool = False, segments: dict | None = None, n_classes: int | None = None, ignore_index: int = 255,
-    prepared: PreparedSplit | None = None,
+    prepared: PreparedSplit | None = None, epoch_clock=None, train_seed: int = 0,
 ) -> "ray.data.Dataset":
     """A Ray Dataset of decoded, cropped rows of a split: see :func:`raysseg.io.images.read_plan`
     (``prepared``: read from that cache instead of decoding the files).
-    ``shuffle`` visits the images in a fresh random order every epoch (the file list is shuffled, not pixels)."""
+    ``seed=EPOCH_SEED``: the crops of each epoch come from (``train_seed``, the epoch that ``epoch_clock``, the
+    run's concept bank, says), so a resumed run draws the same crops as an uninterrupted one.
+    ``shuffle`` visits the images in a fresh random order every epoch (the file list is shuffled, not pixels;
+    Ray Data draws that order, not reproducibly)."""
+    per_epoch = seed == EPOCH_SEED
     items, fn = read_plan(split_uri, image_size=image_size, train=train, with_labels=with_labels,
-                          crop_scale=crop_scale, hflip=hflip, seed=seed, limit=limit, files=files,
-                          segments=segments, n_classes=n_classes, ignore_index=ignore_index, prepared=prepared)
+                          crop_scale=crop_scale, hflip=hflip, seed=None if per_epoch else seed, limit=limit,
+                          files=files, segments=segments, n_classes=n_classes, ignore_index=ignore_index,
+                          prepared=prepared)
+    if per_epoch:
+        if epoch_clock is None:
+            raise ValueError("seed=EPOCH_SEED needs the run's epoch_clock")
+        fn = functools.partial(_epoch_seeded, read=fn, clock=epoch_clock, train_seed=train_seed)
     rows_per_block = ROWS_PER_BLOCK if prepared is None else CACHED_ROWS_PER_BLOCK
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
     # Ray Data's default reserves half the CPUs per operator: with one map operator on a small machine
@@ -37,6 +47,11 @@ def make_dataset(
     if shuffle:
         ds = ds.random_shuffle()
     return ds.map_batches(fn, batch_size=None, batch_format="numpy")
+
+
+def _epoch_seeded(batch: dict, *, read, clock, train_seed: int) -> dict:
+    """``read`` with the crops of the run's current epoch: one call to the bank per block of rows."""
+    return read(batch, seed=(train_seed, ray.get(clock.epoch.remote())))
 
 
 def run_tasks(fn: Callable, jobs: list) -> Iterator:

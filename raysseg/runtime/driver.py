@@ -83,13 +83,15 @@ class TrainResult:
 
 
 def _storage(cfg: Config):
-    """(storage_path, filesystem or None) for Ray Train's RunConfig."""
-    from raysseg.io.storage import resolve
+    """(storage_path, filesystem) for Ray Train's and Tune's RunConfig: the storage layer's filesystem
+    (:func:`raysseg.io.storage.ray_filesystem`), so that what Ray writes there (checkpoints, its snapshot and
+    marker files) rides out an S3 outage as our own writes do, is written atomically, and fails with one
+    line naming the path."""
+    from raysseg.io.storage import ray_filesystem
 
-    if cfg.train.storage.startswith("s3://"):
-        fs, path = resolve(cfg.train.storage)
-        return path, fs
-    return str(Path(cfg.train.storage).resolve()), None
+    uri = cfg.train.storage if cfg.train.storage.startswith("s3://") else str(Path(cfg.train.storage).resolve())
+    fs, path = ray_filesystem(uri)
+    return path, fs
 
 
 def checkpoint_dir_uri(cfg: Config, checkpoint_path: str) -> str:
@@ -121,8 +123,6 @@ def train(cfg: Config, restart: bool = False, parent_run_id: str | None = None, 
 def _train(cfg: Config, n_images: int, uri: str, restart: bool, parent_run_id: str | None, callbacks: tuple,
            datasets: dict | None) -> TrainResult:
     import time
-
-    from ray.train import DataConfig
 
     from raysseg.io import tracking
     from raysseg.io.storage import remove_tree
@@ -160,19 +160,21 @@ def _train(cfg: Config, n_images: int, uri: str, restart: bool, parent_run_id: s
 
     init_ray(world)
     print(logs.where_logs_go(), flush=True)
+    if not callbacks:  # a sweep's trial was planned by the sweep
+        plan_or_fail(cfg, run_id, uri)
     loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images}
     prepared = None if datasets else prepared_split(cfg, run=run_tasks)  # data.cache: built once, by Ray tasks
     loop_cfg["plan"], reads = run_plan(cfg, prepared)
-    datasets = datasets or {name: make_dataset(cfg.data.train, **options) for name, options in reads.items()}
     bank = None
     if spec(cfg.method).trainer:  # every trained method shares its state through one bank
         bank = ConceptBank.options(name=f"bank-{run_name}-{run_id[:8]}").remote(world)
         loop_cfg["bank"] = bank
+    datasets = datasets or {name: make_dataset(cfg.data.train, **options, epoch_clock=bank, train_seed=cfg.train.seed)
+                            for name, options in reads.items()}
 
     def new_trainer():
         loop_cfg["checkpoints"] = complete_checkpoints(cfg, run_name)  # newest first: the worker resumes from one
-        return make_trainer(cfg, train_loop, loop_cfg, datasets, run_name, callbacks=callbacks,
-                            dataset_config=DataConfig(datasets_to_split="all"))
+        return make_trainer(cfg, train_loop, loop_cfg, datasets, run_name, callbacks=callbacks)
 
     logger = tracking.RunLogger(uri, run_id)
     try:
@@ -213,6 +215,19 @@ def print_summary(result: TrainResult, seconds: float) -> None:
             print(f"  {key:<22}{value:>12.4g}", flush=True)
     print(f"checkpoint: {result.checkpoint}", flush=True)
     print(f"MLflow run: {result.run_id}; browse with: mlflow ui --backend-store-uri {result.tracking_uri}", flush=True)
+
+
+def plan_or_fail(cfg: Config, run_id: str, uri: str) -> None:
+    """Refuse, with one line and the MLflow run marked FAILED, a run the Ray cluster can never place."""
+    from raysseg.io import tracking
+    from raysseg.runtime.resources import plan, run_needs
+    from raysseg.settings import ConfigError
+
+    try:
+        plan(run_needs(cfg))
+    except ConfigError:
+        _finish_failed(tracking.RunLogger(uri, run_id))
+        raise
 
 
 class stop_signals:
@@ -305,13 +320,17 @@ def stopped(cfg: Config, run_name: str, logger, name: str = CHECKPOINT_FILE) -> 
 def make_trainer(cfg: Config, loop, loop_cfg: dict, datasets: dict, run_name: str, callbacks: tuple = (),
                  **kwargs):
     """A TorchTrainer whose (run name, storage) identify the run: the same pair again resumes it."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raysseg.runtime.resources import data_limits, worker_resources
+
     storage_path, storage_fs = _storage(cfg)
+    kwargs.setdefault("dataset_config", DataConfig(datasets_to_split="all", execution_options=data_limits(cfg)))
     return TorchTrainer(
         loop, train_loop_config=loop_cfg, datasets=datasets,
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
                              callbacks=list(callbacks)),
@@ -345,8 +364,10 @@ def fit(new_trainer, logger, run_name: str, max_restarts: int = 0):
     failure marks the MLflow run FAILED and becomes one line (RunFailed)."""
     restarts = 0
     while True:
+        trainer = None
         try:
-            result = fit_off_main_thread(new_trainer())
+            trainer = new_trainer()
+            result = fit_off_main_thread(trainer)
             break
         except Exception as e:  # noqa: BLE001 - Ray wraps the worker's error; show its one line
             if restartable(e) and restarts < max_restarts:
@@ -356,7 +377,7 @@ def fit(new_trainer, logger, run_name: str, max_restarts: int = 0):
                 logger.log_metrics({"restarts": restarts}, step=restarts)
                 continue
             _finish_failed(logger)
-            raise RunFailed(_root_message(e)) from None
+            raise RunFailed(_with_kept_folder(_root_message(e), trainer)) from None
     if result.checkpoint is None:
         _finish_failed(logger)
         raise RunFailed(f"run {run_name} reported no checkpoint")
@@ -364,11 +385,12 @@ def fit(new_trainer, logger, run_name: str, max_restarts: int = 0):
 
 
 def fit_off_main_thread(trainer):
-    """``trainer.fit()`` on a thread, so that Ctrl-C and SIGTERM reach this (main) thread as a KeyboardInterrupt.
+    """``trainer.fit()`` (a Ray Train trainer or a Tune Tuner) on a thread, so that Ctrl-C and SIGTERM reach
+    this (main) thread as a KeyboardInterrupt; meanwhile a line a minute says when the job waits for resources.
 
-    On the main thread Ray Train installs its own SIGINT handler, which aborts the run and returns (or exits)
-    without a word; here the driver stops the run itself (see :func:`stopped`): when it exits, Ray ends the
-    run's workers."""
+    On the main thread Ray Train and Tune install their own SIGINT handlers, which abort the run and return (or
+    exit) without a word; here the driver stops the run itself (see :func:`stopped`,
+    :func:`raysseg.runtime.sweep.sweep_stopped`): when it exits, Ray ends the run's workers."""
     import threading
 
     outcome: dict = {}
@@ -379,10 +401,14 @@ def fit_off_main_thread(trainer):
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             outcome["error"] = e
 
+    from raysseg.runtime.resources import WaitWatch
+
     thread = threading.Thread(target=run, name="trainer-fit", daemon=True)
     thread.start()
+    watch = WaitWatch()
     while thread.is_alive():
         thread.join(0.5)
+        watch.tick()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
@@ -394,6 +420,21 @@ def _finish_failed(logger) -> None:
         logger.finish("FAILED", seconds=5)
     except Exception as e:  # noqa: BLE001
         print(f"warning: could not mark MLflow run {logger.run_id} FAILED ({e})", flush=True)
+
+
+def _with_kept_folder(message: str, trainer) -> str:
+    """A storage failure that does not say which checkpoint is kept (Ray's own files: its snapshot, its marker;
+    the images) names the run's folder instead, whose newest complete checkpoint the same command resumes from.
+    (A failed checkpoint write names the kept checkpoint itself: raysseg.runtime.worker._report.)"""
+    from raysseg.io.storage import RESUME_HINT, guarded
+
+    run_config = getattr(trainer, "run_config", None)
+    if RESUME_HINT not in message or run_config is None:
+        return message
+    folder = f"{str(run_config.storage_path).rstrip('/')}/{run_config.name}"
+    files = guarded(run_config.storage_filesystem)
+    return message.replace(RESUME_HINT, f"the newest complete checkpoint in {files.uri(folder) if files else folder} "
+                                        f"is kept: run the same command again to resume from it")
 
 
 def _root_message(e: BaseException) -> str:

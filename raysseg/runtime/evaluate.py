@@ -221,12 +221,14 @@ def report_metrics(report: dict) -> dict[str, float]:
 
 
 def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None, probe: bool | None = None,
-             out: str | None = None, log_to_mlflow: bool = True, retrieval: bool | None = None) -> dict:
+             out: str | None = None, log_to_mlflow: bool = True, retrieval: bool | None = None,
+             probe_train: str | None = None) -> dict:
     """Score a checkpoint on ``split`` (default: the config's ``data.val``). Returns the report.
 
     ``crf``, ``probe`` and ``retrieval`` (k-means segments + kNN vote of training prototypes):
-    None = the checkpoint config's ``eval.*``. Probe and retrieval read the labels of the
-    training split (``data.train``); when retrieval is on only by default (``retrieval=None``,
+    None = the checkpoint config's ``eval.*``. Probe and retrieval read the labels of
+    ``probe_train`` (default: the training split the checkpoint recorded, ``data.train``, which may
+    exist only where it was trained); when retrieval is on only by default (``retrieval=None``,
     no probe) and that split lacks labels, retrieval is left out with a warning."""
     from raysseg.io import tracking
     from raysseg.config import config_from_dict
@@ -247,7 +249,9 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     asked_retrieval = retrieval  # True: the caller asked for it, so a training split without labels is an error
     retrieval = cfg.eval.retrieval if retrieval is None else retrieval
     # pairing, sampled label values and the training split's labels: one clear line before Ray starts
-    retrieval = check_evaluation(cfg, split, probe, retrieval, retrieval_asked=asked_retrieval is not None)
+    train_split = probe_train or cfg.data.train
+    retrieval = check_evaluation(cfg, split, probe, retrieval, retrieval_asked=asked_retrieval is not None,
+                                 probe_train=train_split)
     init_ray(cfg.eval.workers)
     t0 = time.time()
     ref = [ray.put(ckpt)]
@@ -256,8 +260,8 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     probe_state, index_ref, index_info, train_skipped = None, None, None, []
     if probe or retrieval:  # one pass over the training split serves both
         uses = " and ".join(u for u, on in (("linear probe", probe), ("retrieval index", retrieval)) if on)
-        print(f"[evaluate] {uses}: reading the labelled training split {cfg.data.train}", flush=True)
-        train_ds = make_dataset(cfg.data.train, image_size=cfg.data.image_size, train=False, with_labels=True,
+        print(f"[evaluate] {uses}: reading the labelled training split {train_split}", flush=True)
+        train_ds = make_dataset(train_split, image_size=cfg.data.image_size, train=False, with_labels=True,
                                 limit=cfg.data.limit or None, n_classes=cfg.data.n_classes,
                                 ignore_index=cfg.data.ignore_index)
         per_image = cfg.eval.probe_pixels_per_image if probe else 0
@@ -294,7 +298,7 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
             if len(y) == 0:
                 first = f"; first: {train_skipped[0][1]}" if train_skipped else ""
                 raise DatasetError(
-                    f"{cfg.data.train}: no labelled training pixel for the linear probe ({len(train_skipped)} files "
+                    f"{train_split}: no labelled training pixel for the linear probe ({len(train_skipped)} files "
                     f"skipped{first}): fix the training split's labels or evaluate without them: --no-probe --no-retrieval"
                 )
             print(f"[evaluate] fitting the probe on {len(y)} pixels", flush=True)
@@ -354,6 +358,7 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
         "checkpoint": checkpoint, "split": split, "method": cfg.method, "n_images": n_images,
         "skipped_files": len(skipped), "skipped": skipped, "class_names": names, "scores": scores,
         "confusion": {v: totals[v].tolist() for v in scores},  # rows: predicted id, columns: class
+        "probe_train": train_split if probe or retrieval else None,  # the labelled split they trained on
         "retrieval_index": index_info,  # {"prototypes", "images", "k"}, or None without retrieval
         "train_skipped": train_skipped,  # unreadable files of the training split (probe / retrieval)
         "seconds": round(time.time() - t0, 1),

@@ -192,7 +192,8 @@ def trial_overrides(params: dict) -> dict[str, Any]:
 
 
 def sweep_name(cfg: Config, spec: SweepSpec) -> str:
-    settings = {k: v for k, v in cfg.flat().items() if not k.startswith(("eval.", "mlflow.", "train.log_every"))}
+    settings = {k: v for k, v in cfg.flat().items()
+                if not k.startswith(("eval.", "mlflow.", "train.log_every", "data.cpus"))}  # data.cpus: where, not what
     digest = hashlib.sha1(json.dumps([settings, dataclasses.asdict(spec)], sort_keys=True, default=str).encode())
     return f"sweep-{cfg.name}-{spec.name}-{digest.hexdigest()[:8]}"
 
@@ -220,8 +221,9 @@ def _trial(params: dict, *, config: dict, spec: dict, sweep: str, parent_run_id:
             if metric in metrics[0] and FINAL_FLAG not in metrics[0]:  # the trial reports the final one itself
                 super().after_report(run_context, metrics, checkpoint)
 
-    cfg = with_overrides(config_from_dict(config), trial_overrides(params))
-    cfg.train.run_name = f"{sweep}-{ray.tune.get_context().get_trial_id()}"
+    overrides = trial_overrides(params)
+    cfg = with_overrides(config_from_dict(config), overrides)
+    cfg.train.run_name = trial_run_name(sweep, ray.tune.get_context().get_trial_id(), overrides, cfg)
     result = train(cfg, parent_run_id=parent_run_id, callbacks=(EpochReports(),))
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     if spec["metric"].startswith("eval/"):  # named by the user: the only case a trial reads labels
@@ -231,7 +233,36 @@ def _trial(params: dict, *, config: dict, spec: dict, sweep: str, parent_run_id:
             final.update(report_metrics(evaluate(result.checkpoint, out=out)))
     if metric not in final:
         raise ConfigError(f"trial {cfg.train.run_name} reported no {metric!r} (it reported {sorted(final)})")
-    ray.tune.report({**final, FINAL_FLAG: 1, "run_id": result.run_id, "checkpoint": result.checkpoint})
+    ray.tune.report({**final, FINAL_FLAG: 1, "run_id": result.run_id, "checkpoint": result.checkpoint},
+                    checkpoint=tune_checkpoint(result.checkpoint))
+
+
+def tune_checkpoint(model_uri: str):
+    """The final checkpoint's folder as a Tune checkpoint: Tune copies it into the trial's folder, where
+    ``ResultGrid.get_best_result().checkpoint`` and ``ExperimentAnalysis.best_checkpoint`` find it."""
+    import ray.tune
+
+    from raysseg.io.storage import resolve
+
+    fs, path = resolve(model_uri.rsplit("/", 1)[0])
+    return ray.tune.Checkpoint(path=path, filesystem=fs)
+
+
+def trial_run_name(sweep: str, trial_id: str, overrides: dict, cfg: Config) -> str:
+    """A trial's run name: the sweep's, the trial's place in the search order and a hash of its overrides.
+
+    A sweep whose Tune state was lost (stopped before Tune saved it) draws the same trials in the same order
+    (the search is seeded), so a new Tuner finds each trial's run again: finished ones report at once, the
+    others resume from their checkpoints. Trials of sweeps started before this rule keep their names."""
+    from raysseg.io import tracking
+
+    legacy = f"{sweep}-{trial_id}"
+    uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
+    if tracking.find_run(uri, cfg.mlflow.experiment, legacy) is not None:
+        return legacy
+    index = trial_id.rsplit("_", 1)[-1] if "_" in trial_id else trial_id  # BasicVariantGenerator: <prefix>_<n>
+    digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return f"{sweep}-{index}-{digest}"
 
 
 # ---------------------------------------------------------------- the driver
@@ -264,7 +295,8 @@ def _sweep(cfg: Config, spec: SweepSpec, name: str, uri: str, restart: bool) -> 
     from raysseg.io import tracking
     from raysseg.io.storage import remove_tree
     from raysseg.runtime import logs
-    from raysseg.runtime.driver import _storage, init_ray
+    from raysseg.runtime.driver import _storage, fit_off_main_thread, init_ray
+    from raysseg.runtime.resources import plan, run_needs
 
     cfg.mlflow.tracking_uri = uri  # the trials run in other folders: the local store's path is fixed here
     storage_path, fs = _storage(cfg)
@@ -287,14 +319,22 @@ def _sweep(cfg: Config, spec: SweepSpec, name: str, uri: str, restart: bool) -> 
                                                       tags={"raysseg.runtime.sweep": spec.name})
     print(f"{'resuming' if resumed else 'starting'} sweep {name} (MLflow run {parent_id} at {uri})")
 
-    init_ray(cfg.train.num_workers * spec.max_concurrent)
+    init_ray((cfg.train.num_workers + cfg.data.cpus) * spec.max_concurrent)  # a local Ray: room for every trial
     print(logs.where_logs_go(), flush=True)
+    logger = tracking.RunLogger(uri, parent_id)
+    try:
+        spec.max_concurrent = plan(run_needs(cfg, spec.needs_labels), spec.max_concurrent)
+    except ConfigError:
+        logger.finish("FAILED")
+        raise
     trainable = tune.with_resources(
         tune.with_parameters(_trial, config=cfg.to_dict(), spec=dataclasses.asdict(spec), sweep=name,
                              parent_run_id=parent_id),
-        {"cpu": 0.01},  # a trial's driver only waits (Tune refuses 0); its Train workers hold the resources
+        # A trial's driver only waits; its Train workers and data tasks hold the resources. No CPU at all: a
+        # 0.01-CPU trial would leave 0.99 of a node's CPU that no 1-CPU decoding task can use (Tune needs a
+        # non-zero bundle, hence one byte of memory).
+        {"cpu": 0, "memory": 1},
     )
-    logger = tracking.RunLogger(uri, parent_id)
     try:
         if tune.Tuner.can_restore(path, storage_filesystem=fs):
             print(f"resuming the trials saved in {path}")
@@ -302,7 +342,9 @@ def _sweep(cfg: Config, spec: SweepSpec, name: str, uri: str, restart: bool) -> 
                                        storage_filesystem=fs)
         else:
             tuner = _new_tuner(spec, cfg, trainable, name, storage_path, fs)
-        grid = tuner.fit()
+        grid = fit_off_main_thread(tuner)
+    except KeyboardInterrupt:
+        raise sweep_stopped(uri, cfg.mlflow.experiment, parent_id, name) from None
     except Exception:
         logger.finish("FAILED")
         raise
@@ -314,6 +356,26 @@ def _sweep(cfg: Config, spec: SweepSpec, name: str, uri: str, restart: bool) -> 
     result = SweepResult(name, parent_id, uri, rows, best)
     print(summary_table(result, spec))
     return result
+
+
+def sweep_stopped(uri: str, experiment: str, parent_id: str, name: str):
+    """After Ctrl-C / SIGTERM (``ray job stop``): the trials still running and the sweep's MLflow run become
+    KILLED, this job's placement groups are removed, and one line says how to resume. ``ray job stop`` kills
+    the driver RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM (Ray's default 3 s; jobs/runtime_env.py sets 30)."""
+    from raysseg.engine.loop import RunStopped
+    from raysseg.io import tracking
+    from raysseg.runtime.resources import remove_job_placement_groups
+
+    killed = 0
+    try:
+        killed = len(_mark_running_children(uri, experiment, parent_id, stopped_early=False))
+        tracking.RunLogger(uri, parent_id).finish("KILLED", seconds=5)
+    except Exception as e:  # noqa: BLE001 - the stop line matters more than the MLflow status
+        print(f"warning: could not mark the sweep's MLflow runs KILLED ({e})", flush=True)
+    removed = remove_job_placement_groups()
+    return RunStopped(f"sweep {name} stopped: {killed} running trial(s) and the sweep's MLflow run {parent_id} "
+                      f"marked KILLED, {removed} placement group(s) removed; finished trials and every trial's "
+                      f"checkpoints are kept: run the same command again to resume")
 
 
 def _new_tuner(spec: SweepSpec, cfg: Config, trainable, name: str, storage_path: str, fs):
@@ -387,19 +449,24 @@ def _rows(grid, spec: SweepSpec) -> list[dict]:
 
 
 def _pick_best(rows: list[dict], spec: SweepSpec) -> dict | None:
-    """The best finished trial (trials stopped early report a per-epoch value, not a final one)."""
+    """The best finished trial (trials stopped early report a per-epoch value, not a final one), by
+    :func:`raysseg.io.tracking.pick_best`: at an exact tie, the smallest MLflow run id, as ``pull-best``."""
     import math
+
+    from raysseg.io.tracking import pick_best
 
     done = [r for r in rows if r["status"] == "finished" and r[spec.metric] is not None
             and math.isfinite(r[spec.metric])]
-    if not done:
-        return None
-    sign = 1 if spec.mode == "max" else -1
-    return max(done, key=lambda r: sign * r[spec.metric])
+    return pick_best(done, lambda r: r[spec.metric], lambda r: r["run_id"], spec.mode)
 
 
 def _mark_stopped_trials(uri: str, experiment: str, parent_id: str) -> None:
     """Child runs still RUNNING after the sweep were stopped by the scheduler: mark them KILLED."""
+    _mark_running_children(uri, experiment, parent_id, stopped_early=True)
+
+
+def _mark_running_children(uri: str, experiment: str, parent_id: str, stopped_early: bool) -> list[str]:
+    """Mark the sweep's child runs that are still RUNNING as KILLED; returns their ids."""
     from raysseg.io import tracking
 
     client = tracking.RunLogger(uri, parent_id).client
@@ -407,8 +474,10 @@ def _mark_stopped_trials(uri: str, experiment: str, parent_id: str) -> None:
     runs = client.search_runs([exp.experiment_id],
                               filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'")
     for run in runs:
-        client.set_tag(run.info.run_id, "raysseg.stopped_early", "true")
+        if stopped_early:
+            client.set_tag(run.info.run_id, "raysseg.stopped_early", "true")
         client.set_terminated(run.info.run_id, "KILLED")
+    return [run.info.run_id for run in runs]
 
 
 def _log_summary(logger, spec: SweepSpec, rows: list[dict], best: dict | None, grid) -> None:

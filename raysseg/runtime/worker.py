@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 import tempfile
 from pathlib import Path
 
@@ -44,13 +45,49 @@ def _restorer(folders: list[str]):
     return restore
 
 
+_kept: dict = {}  # the newest checkpoint this worker wrote: {"uri", "epoch", "step"}
+
+
 def _report(metrics: dict, payload: dict | None, name: str) -> None:
+    """Report ``metrics``; with ``payload`` (rank 0) also the checkpoint file ``name`` holding it.
+
+    The file is written by the storage layer (atomic, riding out an S3 outage, one line naming the path on
+    failure) to the folder Ray Train picked. When that fails, the line also names the checkpoint kept."""
+    from raysseg.io import storage
+
     if payload is None:
         ray.train.report(metrics, checkpoint=None)
         return
+    ctx = ray.train.get_context().get_storage()
+    files = storage.guarded(ctx.storage_filesystem)
+
+    def upload(checkpoint, dir_name: str):
+        folder = f"{ctx.experiment_fs_path}/{dir_name}"
+        _kept["writing"] = files.put_file(f"{folder}/{name}", str(Path(checkpoint.path) / name))
+        return ray.train.Checkpoint(folder, filesystem=ctx.storage_filesystem)
+
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(payload, Path(tmp) / name)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        try:
+            with contextlib.redirect_stderr(sys.stdout):  # rank 0's stdout is the driver's console: outage warnings too
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_upload_fn=upload if files is not None else None)
+        except storage.StorageError as e:
+            raise storage.StorageError(f"{str(e).replace('; ' + storage.RESUME_HINT, '')}; "
+                                       f"{_kept_line(payload)}; run the same command again to resume") from None
+    progress = payload.get("progress", {})
+    _kept.update(uri=_kept.pop("writing", None), epoch=progress.get("epoch", 0), step=progress.get("step", 0))
+
+
+def _kept_line(payload: dict) -> str:
+    """Which checkpoint a failed write leaves as the newest: the last one written here, else the one this
+    attempt resumed from (the lineage's previous entry), else none."""
+    if _kept.get("uri"):
+        return f"kept {_kept['uri']} (epoch {_kept['epoch']}, step {_kept['step']})"
+    lineage = payload.get("progress", {}).get("lineage", [])
+    if len(lineage) > 1:
+        return f"kept the checkpoint this run resumed from (epoch {lineage[-2]['epoch']}, step {lineage[-2]['step']})"
+    return "no checkpoint was written yet"
 
 
 def worker_env(loop_cfg: dict) -> WorkerEnv:
@@ -65,6 +102,8 @@ def worker_env(loop_cfg: dict) -> WorkerEnv:
         restore=_restorer(loop_cfg.get("checkpoints", [])),
         report=_report, shared=RaySharedState(bank) if bank is not None else None,
         wrap_model=ray.train.torch.prepare_model,
+        start_epoch=(lambda epoch: ray.get(bank.set_epoch.remote(epoch))) if bank is not None and rank == 0
+        else (lambda epoch: None),
         logger=tracking.RunLogger(loop_cfg["tracking_uri"], loop_cfg["run_id"]) if rank == 0 else None,
         run={"run_id": loop_cfg["run_id"], "tracking_uri": loop_cfg["tracking_uri"]},
     )

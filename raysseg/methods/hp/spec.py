@@ -60,7 +60,8 @@ def _plan(cfg, files: list[str], grid: int) -> dict:
 
 
 def _datasets(cfg, plan: dict) -> dict:
-    return {"train": {"train": True, "crop_scale": (cfg.data.crop_scale_min, 1.0), "seed": None},
+    # "epoch": new crops every epoch, from (train.seed, epoch): a resumed run draws the same ones (io.images.EPOCH_SEED)
+    return {"train": {"train": True, "crop_scale": (cfg.data.crop_scale_min, 1.0), "seed": "epoch"},
             "pool": {"train": False, "files": sorted(plan["pool"])}}
 
 
