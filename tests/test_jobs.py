@@ -207,7 +207,7 @@ def test_sweep_job_with_asha_one_parent_run_one_child_per_trial_and_best_registe
     space.write_text(SWEEP)
     hp = [f"data.train={s3_synth}/train", f"data.val={s3_synth}/val", "data.image_size=64", "data.n_classes=5",
           "data.class_names=[]", "train.storage=s3://jobs/sweep-runs", "mlflow.experiment=sweeps",
-          "train.num_workers=1", "train.batch_size=2", "train.epochs=2", "hp.pool_size=6", "hp.renew_every=1",
+          "train.num_workers=1", "train.batch_size=2", "train.epochs=3", "hp.pool_size=6", "hp.renew_every=1",
           "hp.warmup=0", "hp.sigma=4.0", "kmeans.pixels_per_image=16"]
     job = subprocess.run(["bash", str(ROOT / "jobs/sweep.sh"), "hp_camvid", str(space), "--name", "alpha",
                           *sum((["--set", o] for o in hp), [])],
@@ -224,9 +224,11 @@ def test_sweep_job_with_asha_one_parent_run_one_child_per_trial_and_best_registe
     by_alpha = {float(r.data.params["hp.alpha"]): r for r in children}
     kept, stopped = by_alpha[0.0], by_alpha[100.0]
     assert kept.info.status == "FINISHED" and 0 <= kept.data.metrics["view_nmi"] <= 1
-    assert [m.step for m in client.get_metric_history(kept.info.run_id, "epoch/loss_total")] == [4, 8]
+    assert [m.step for m in client.get_metric_history(kept.info.run_id, "epoch/loss_total")] == [4, 8, 12]
     assert stopped.info.status == "KILLED" and stopped.data.tags["raysseg.stopped_early"] == "true"
-    assert len(client.get_metric_history(stopped.info.run_id, "epoch/loss_total")) == 1
+    # ASHA decides on the epoch-1 report; the trial learns it at its next report, so it may log epoch 2 first
+    # (Tune's controller also syncs its state to S3 between steps): stopped before its 3 epochs in any case
+    assert len(client.get_metric_history(stopped.info.run_id, "epoch/loss_total")) < 3
     assert "view_nmi" not in stopped.data.metrics  # never reached its final clustering
     assert parent.info.status == "FINISHED" and parent.data.tags["raysseg.best_run_id"] == kept.info.run_id
     assert parent.data.metrics["best/loss_total"] == pytest.approx(
