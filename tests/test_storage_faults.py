@@ -3,6 +3,7 @@ with the real parts: the session's SeaweedFS server (``s3_server``) stopped and 
 (``ray_local``), MLflow on SQLite, and a small tmpfs mounted as a full disk. RELIABILITY.md lists each case."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -15,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from raysseg.config import load_config
 from raysseg.io import storage
+from tests.test_faults import _in_background
 
 
 def _sets(tmp_path: Path, data: Path, run: str, *overrides: str) -> list[str]:
@@ -48,18 +50,18 @@ def _mlflow_status(tmp_path: Path, cfg) -> str:
     return run.info.status
 
 
-def _in_background(fn, *args):
-    box: dict = {}
-
-    def run():
-        try:
-            box["result"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            box["error"] = e
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``where`` (a real full disk); skips where mounting is not allowed (not root)."""
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): needs root")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def _wait(condition, what: str, run: tuple, timeout: float = 300) -> None:
@@ -88,15 +90,9 @@ def _loads(uri: str) -> dict:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 3 MiB tmpfs (a real full disk); skips where mounting is not allowed (not root)."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): needs root")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=False)
+    """A 3 MiB tmpfs."""
+    with tmpfs(tmp_path / "disk", "3m") as where:
+        yield where
 
 
 def test_rays_filesystem_writes_atomically_and_names_the_path_of_a_full_disk(small_disk, tmp_path):
@@ -231,13 +227,7 @@ def test_a_full_disk_under_train_storage_is_one_line_naming_the_file(tmp_path, r
     """train.storage on a 140 MiB tmpfs: epoch 1's checkpoint (~90 MB) fits, the final one does not. Exit 2 and
     one line naming the file it could not write, the kept checkpoint and that the same command resumes; every
     model.pt left on the disk loads and no temp file is left."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=140m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): needs root")
-    try:
+    with tmpfs(tmp_path / "disk", "140m") as disk:
         monkeypatch.chdir(tmp_path)
         sets = _sets(tmp_path, synth_data, "full", "train.epochs=1", f"train.storage={disk}/runs")
         cfg = load_config("hp_camvid", sets)
@@ -253,5 +243,3 @@ def test_a_full_disk_under_train_storage_is_one_line_naming_the_file(tmp_path, r
         assert _loads(kept)["progress"]["step"] == 4
         assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
         assert _mlflow_status(tmp_path, cfg) == "FAILED"
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
