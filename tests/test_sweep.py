@@ -116,10 +116,12 @@ def _runs(db: Path) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_a_sweep_whose_driver_is_killed_resumes_when_run_again(tmp_path, synth_data, ray_local, monkeypatch):
-    """Driver killed (SIGKILL, with its local Ray) once the first of two k-means trials has
-    finished; the same command again keeps that trial and its MLflow run, resumes the sweep's
-    parent run, and finishes the second trial under its original child run."""
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGINT"])
+def test_a_sweep_whose_driver_is_killed_resumes_when_run_again(stop, tmp_path, synth_data, ray_local, monkeypatch):
+    """Driver killed (SIGKILL, with its local Ray) or stopped (Ctrl-C: SIGINT to the driver) once the first of
+    two k-means trials has finished; the same command again keeps that trial and its MLflow run, resumes the
+    sweep's parent run, and finishes the second trial under its original child run. A stopped driver first
+    marks what was running KILLED and says how to resume."""
     from raysseg.runtime.sweep import sweep
 
     space = tmp_path / "pixels.yaml"
@@ -139,8 +141,16 @@ def test_a_sweep_whose_driver_is_killed_resumes_when_run_again(tmp_path, synth_d
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.time() < deadline, "the first trial did not finish in 10 minutes"
         time.sleep(1)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    if stop == "SIGKILL":
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    else:
+        os.kill(first.pid, signal.SIGINT)
+        assert first.wait(120) == 130
+        last = (tmp_path / "first.log").read_text().strip().splitlines()[-1]
+        assert last.startswith("sweep ") and " stopped: " in last and last.endswith("run the same command again "
+                                                                                     "to resume"), last
+        assert [status for _, _, status, _ in _runs(db) if status == "RUNNING"] == []
     before = _runs(db)
     [parent_id] = [run for run, _, _, parent in before if parent is None]
     [done] = [run for run, _, status, parent in before if parent and status == "FINISHED"]
