@@ -29,3 +29,12 @@ def test_run_prints_the_tools_own_lines_and_ends_in_the_summary(synth_data, tmp_
     assert lines[-1].startswith("MLflow run ") and "mlflow ui --backend-store-uri" in lines[-1]
     log = next(Path(tmp_path, "outputs", "logs").glob("run-*.log")).read_text()
     assert "Started a local Ray instance" in log or "ray" in log.lower()  # Ray's driver-side lines went there
+
+
+def test_a_jobs_library_logs_go_beside_rays_job_logs_not_into_the_temporary_upload(tmp_path):
+    from raysseg.runtime.logs import log_folder
+
+    session = tmp_path / "ray" / "session_2026-12-06_04-19-10_182082_28328"
+    upload = session / "runtime_resources" / "working_dir_files" / "_ray_pkg_14e908ceff489eb7"
+    assert log_folder(upload) == session / "logs" / "raysseg"
+    assert log_folder(tmp_path) == tmp_path / "outputs" / "logs"

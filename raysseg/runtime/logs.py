@@ -35,6 +35,16 @@ def log_file() -> str:
     return _state.get("file", "")
 
 
+def log_folder(cwd: Path | None = None) -> Path:
+    """``outputs/logs``; in a Ray job, whose working directory is Ray's temporary upload of the repository,
+    the Ray session's ``logs/raysseg/`` instead, beside the job's own ``job-driver-<id>.log``."""
+    cwd = cwd or Path.cwd()
+    parts = cwd.parts
+    if "runtime_resources" in parts and any(p.startswith("_ray_pkg_") for p in parts):
+        return Path(*parts[:parts.index("runtime_resources")]) / "logs" / "raysseg"
+    return cwd / LOG_FOLDER
+
+
 def setup(name: str) -> str:
     """Route library logs of this process to ``outputs/logs/<name>.log`` (once per process; nothing with ``-v``).
 
@@ -43,7 +53,7 @@ def setup(name: str) -> str:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Train/Tune status tables on the driver
     if verbose() or _state:
         return log_file()
-    path = Path(LOG_FOLDER) / f"{name}.log"
+    path = log_folder() / f"{name}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a", buffering=1)
     _state["file"], _state["handle"] = str(path.resolve()), handle
