@@ -160,7 +160,7 @@ def _train(cfg: Config, n_images: int, uri: str, restart: bool, parent_run_id: s
 
     init_ray(world)
     print(logs.where_logs_go(), flush=True)
-    if not callbacks:  # a sweep's trial was planned by the sweep
+    if parent_run_id is None:  # a sweep's trials were planned by the sweep
         plan_or_fail(cfg, run_id, uri)
     loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images}
     prepared = None if datasets else prepared_split(cfg, run=run_tasks)  # data.cache: built once, by Ray tasks

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 if TYPE_CHECKING:

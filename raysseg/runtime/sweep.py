@@ -271,8 +271,6 @@ def trial_run_name(sweep: str, trial_id: str, overrides: dict, cfg: Config) -> s
 def sweep(config: str, space: str, overrides: tuple = (), restart: bool = False, name: str = "",
           max_concurrent: int = 0) -> SweepResult:
     """Run (or resume) the sweep of ``space`` over ``config``; returns its trials and the best one."""
-    from ray import tune
-
     from raysseg.io import tracking
     from raysseg.io.lease import RunLease
     from raysseg.config import load_config
