@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -140,17 +141,62 @@ class _ConfigMethods:
         return out
 
     def run_name(self) -> str:
-        """The run's identity: the same settings give the same name, so a rerun resumes."""
+        """The run's identity: the same settings give the same name, so a rerun resumes.
+
+        The hash covers the generic sections and this run's own method's sections only, so a default of
+        one method never renames another's runs. A run started under the earlier name (every method's
+        section hashed) keeps it: when its folder exists under ``train.storage``, that name is used."""
         if self.train.run_name:
             return self.train.run_name
+        name = f"{self.name}-{_digest(self._named_settings(own_method_only=True))}"
+        legacy = self.legacy_run_name()
+        storage = self.train.storage if "://" in self.train.storage else str(Path(self.train.storage).resolve())
+        return legacy if legacy != name and _run_exists(storage, legacy) else name
+
+    def legacy_run_name(self) -> str:
+        """The name runs had before names hashed only their own method: every section known then."""
+        settings = {k: v for k, v in self._named_settings(own_method_only=False).items()
+                    if k.split(".")[0] in LEGACY_SECTIONS}
+        return f"{self.name}-{_digest(settings)}"
+
+    def _named_settings(self, own_method_only: bool) -> dict[str, Any]:
+        """The settings a run's name hashes: not the operational ones, nor added ones at their default."""
         operational = ("eval.", "mlflow.", "pretrain.", "train.log_every", "train.checkpoint", "train.max_restarts",
                        "train.compile", "data.cache", "data.cpus")
-        settings = {k: v for k, v in self.flat().items() if not k.startswith(operational)}
+        own = {name for name, _ in spec(self.method).sections}
+        method_sections = {name for name, _ in config_sections()}
+        settings = {}
+        for k, v in self.flat().items():
+            section = k.split(".")[0]
+            if k.startswith(operational) or (own_method_only and section in method_sections - own):
+                continue
+            settings[k] = v
         for key, default in ADDED_SETTINGS.items():  # named only away from their default: older runs keep their names
             if settings.get(key) == default:
                 settings.pop(key)
-        digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
-        return f"{self.name}-{digest}"
+        return settings
+
+
+def _digest(settings: dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+@functools.lru_cache(maxsize=64)
+def _run_exists(storage: str, run_name: str) -> bool:
+    """Whether ``storage`` (a URI or an absolute path) holds a folder for ``run_name`` (asked once per
+    process and name)."""
+    from raysseg.io.storage import StorageError, exists, join
+
+    try:
+        return exists(join(storage, run_name))
+    except StorageError:
+        return False
+
+
+# The sections every run name hashed before names hashed only their own method (commit be9ce12). A
+# section added later (a new method's) never enters a legacy name, so such runs keep resolving.
+LEGACY_SECTIONS = ("name", "method", "data", "model", "train", "kmeans", "hp", "pgg", "segsort", "concepts",
+                   "segments")
 
 
 # Settings added after runs existed that change what a run computes: hashed into the run name only

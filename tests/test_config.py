@@ -1,9 +1,12 @@
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from raysseg.config import ConfigError, available_configs, load_config
+from raysseg.config import ConfigError, _run_exists, available_configs, load_config
 
 
 def test_every_builtin_config_loads():
@@ -99,3 +102,31 @@ def test_local_weights_path_must_exist_and_becomes_absolute(tmp_path, monkeypatc
     assert load_config("segsort_camvid", ["model.weights=s3://bucket/backbone.pt"]).model.weights == "s3://bucket/backbone.pt"
     with pytest.raises(ConfigError, match="model.weights: w/missing.pt does not exist"):
         load_config("segsort_camvid", ["model.weights=w/missing.pt"])
+
+
+RUN_NAMES = json.loads((Path(__file__).parent / "fixtures" / "run_names.json").read_text())
+
+
+@pytest.mark.parametrize("case", RUN_NAMES["cases"], ids=lambda c: " ".join([c["config"], *c["overrides"]]))
+def test_runs_under_todays_names_keep_resuming(case):
+    overrides = [*case["overrides"], *RUN_NAMES["paths"]]  # the absolute paths the names were recorded with
+    cfg = load_config(case["config"], overrides)
+    assert cfg.legacy_run_name() == case["run_name"]
+    assert cfg.run_name() != case["run_name"]  # a new run gets the per-method name
+    folder = Path(cfg.train.storage) / case["run_name"]
+    folder.mkdir(parents=True)
+    _run_exists.cache_clear()  # asked once per process: this test makes the folder after asking
+    try:
+        assert load_config(case["config"], overrides).run_name() == case["run_name"]  # the old run keeps its name
+    finally:
+        shutil.rmtree(Path(cfg.train.storage).parent)
+
+
+def test_a_method_default_never_renames_another_methods_runs(tmp_path):
+    base = load_config("hp_camvid", [f"train.storage={tmp_path}"])
+    for other in ("concepts.restart_after=3", "pgg.global_clusters=7", "segsort.kappa=5.0"):
+        assert load_config("hp_camvid", [other, f"train.storage={tmp_path}"]).run_name() == base.run_name()
+    assert load_config("hp_camvid", ["hp.alpha=7.0", f"train.storage={tmp_path}"]).run_name() != base.run_name()
+    concepts = load_config("concepts_camvid", [f"train.storage={tmp_path}"])
+    assert load_config("concepts_camvid", ["concepts.restart_after=3", f"train.storage={tmp_path}"]).run_name() \
+        != concepts.run_name()
