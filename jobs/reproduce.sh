@@ -7,13 +7,13 @@
 #   pgg            PGG Table 1, COCO-Stuff-27, ResNet-50 + FPN: PiCIE* (MoCo v2 init) and PGG + CAE
 #   segsort-voc    unsupervised SegSort, PASCAL VOC 2012
 #   concepts-voc   visual concepts, PASCAL VOC 2012
-# The data comes from `raysseg data prepare` (the configs read s3://datasets/<dataset>/<split>); backbone
-# weights are yours: pass them and the storage with --set, e.g.
-#   RAY_ADDRESS=http://head:8265 jobs/reproduce.sh hp-table1 --set model.weights=s3://b/dino_deitsmall8_pretrain.pth \
-#     --set train.storage=s3://b/runs
-# Rows with different backbones need different weights (hp-table1: ViT-S/8, then ViT-S/16): submit them
-# one at a time with --row N. PGG's MoCo v2 initialisation: `raysseg pretrain --config pgg_cocostuff` first,
-# or an ImageNet MoCo v2 checkpoint.
+# The data comes from `raysseg data prepare` (the configs read s3://datasets/<dataset>/<split>); each row names
+# its backbone weights (`raysseg weights list`: fetched into each node's cache on first use; nodes without
+# network: `raysseg weights fetch NAME --to s3://b/weights`, then --set model.weights=s3://b/weights/<file>).
+# Pass the storage with --set, e.g.
+#   RAY_ADDRESS=http://head:8265 jobs/reproduce.sh hp-table1 --set train.storage=s3://b/runs
+# PGG table 1 (COCO only) starts from MoCo v2 trained on COCO: `raysseg pretrain --config pgg_cocostuff` first,
+# then --set model.weights=<its backbone.pt>; the configs name the ImageNet MoCo v2 (mocov2_r50_800ep).
 # Each row is `raysseg run` (train, then evaluate the final checkpoint on the val split: clusters with
 # Hungarian matching, linear probe, CRF). --dry-run prints one `raysseg run ...` line per row instead of submitting.
 set -euo pipefail
@@ -34,9 +34,9 @@ rows=()
 case "$table" in
   hp-table1)
     rows+=("--config hp_cocostuff_released")
-    rows+=("--config hp_cocostuff_released --set model.backbone=vit_small_patch16 --set model.code_dim=256 --set hp.sigma=14.0") ;;
+    rows+=("--config hp_cocostuff_released --set model.backbone=vit_small_patch16 --set model.weights=dino_vits16 --set model.code_dim=256 --set hp.sigma=14.0") ;;
   hp-table2) rows+=("--config hp_cityscapes_released") ;;
-  hp-table3) rows+=("--config hp_potsdam_released --set model.backbone=vit_base_patch8") ;;
+  hp-table3) rows+=("--config hp_potsdam_released --set model.backbone=vit_base_patch8 --set model.weights=dino_vitb8") ;;
   pgg)
     rows+=("--config picie_cocostuff")
     rows+=("--config pgg_cocostuff") ;;

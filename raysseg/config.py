@@ -21,10 +21,11 @@ import yaml
 
 from raysseg.core.geometry import BACKBONES, input_multiple
 from raysseg.core.precision import PRECISIONS
+from raysseg.io.weights import close_names as weights_close_names, lookup as weights_lookup
 from raysseg.methods.registry import METHODS, config_sections, spec
 from raysseg.settings import ConfigError, setting as _f
 
-__all__ = ["Config", "ConfigError", "load_config", "with_overrides", "config_from_dict"]
+__all__ = ["Config", "ConfigError", "load_config", "with_overrides", "with_data_settings", "config_from_dict"]
 
 
 @dataclass
@@ -43,13 +44,18 @@ class DataConfig:
                              "s3://bucket/prefix; built again when the split's files or data.image_size change")
     cpus: int = _f(1, lo=1, hi=4096, help="CPUs a run keeps beside its Train workers for Ray Data's decoding and the "
                                           "k-means tasks; Ray Data is capped to them (runtime/resources.py)")
+    max_pixels: int = _f(250_000_000, lo=1, help="predict and evaluate skip images of more pixels (read from their "
+                                                 "header, nothing decoded), with one line each")
 
 
 @dataclass
 class ModelConfig:
     backbone: str = _f("vit_small_patch16", choices=BACKBONES)
-    weights: str = _f("", help="backbone checkpoint: path or s3:// URI; empty = random init")
+    weights: str = _f("", help="backbone checkpoint: a name of `raysseg weights list` (e.g. dino_vits8: fetched "
+                               "into a checked cache), a path or an s3:// URI; empty = random init")
     frozen: bool = _f(True)
+    freeze_bn: bool = _f(False, help="a trainable backbone's BatchNorm layers keep their (pretrained) statistics "
+                                     "and affine parameters")
     code_dim: int = _f(256, lo=2, hi=4096, help="HP: segmentation code size")
     fpn_dim: int = _f(128, lo=2, hi=4096, help="ResNet-FPN output channels (PiCIE 128, PGG 256)")
 
@@ -61,6 +67,13 @@ class TrainConfig:
     lr: float = _f(5e-4, lo=0.0)
     weight_decay: float = _f(0.1, lo=0.0, hi=10.0)
     grad_clip: float = _f(10.0, lo=0.0)
+    optimizer: str = _f("adam", choices=("adam", "sgd"),
+                        help="PiCIE, PGG, SegSort, concepts: Adam, or SGD with momentum 0.9 (SegSort's released training)")
+    lr_schedule: str = _f("constant", choices=("constant", "poly"),
+                          help="PiCIE, PGG, SegSort, concepts: poly = lr x (1 - step/steps)^0.9 (SegSort's)")
+    trunk_lr_scale: float = _f(1.0, lo=0.0, hi=100.0,
+                               help="a trainable backbone's trunk (ResNet stages, ViT blocks) learns at train.lr x "
+                                    "this; 0 = trunk fixed (the FPN and head still train)")
     num_workers: int = _f(2, lo=1, hi=4096, help="Ray Train workers")
     use_gpu: bool = _f(False)
     precision: str = _f("fp32", choices=PRECISIONS,
@@ -112,6 +125,23 @@ class EvalConfig:
     workers: int = _f(2, lo=1, help="scoring actors")
     retrieval: bool = _f(True, help="k-means segments per image, labelled by the k nearest training prototypes")
     retrieval_k: int = _f(15, lo=1, help="nearest labelled training prototypes that vote")
+    image_size: int = _f(0, lo=0, hi=4096, help="evaluation input: each image's short side resized to this, the "
+                                                "centred square kept (STEGO's, HP's and PiCIE's released evaluation: "
+                                                "320); 0 = data.image_size")
+
+    def protocol(self, cfg, crf: bool, probe: bool, retrieval: bool) -> str:
+        """The evaluation protocol of ``cfg`` in one line (``raysseg evaluate`` prints it)."""
+        size = self.image_size or cfg.data.image_size
+        parts = [f"config {cfg.name}", f"{size} px (short side resized, centred square)",
+                 f"{cfg.n_clusters} clusters (k-means after training) Hungarian-matched to {cfg.data.n_classes} "
+                 "classes, unmatched clusters' pixels counted wrong",
+                 "dense CRF (10 iterations, STEGO's and HP's kernels) on each variant" if crf else "no CRF"]
+        if probe:
+            parts.append(f"linear probe fitted after training (Adam, {self.probe_epochs} epochs over "
+                         f"{self.probe_pixels_per_image} pixels per training image)")
+        if retrieval:
+            parts.append(f"retrieval ({self.retrieval_k} nearest training prototypes vote)")
+        return "; ".join(parts)
 
 
 @dataclass
@@ -162,7 +192,7 @@ class _ConfigMethods:
     def _named_settings(self, own_method_only: bool) -> dict[str, Any]:
         """The settings a run's name hashes: not the operational ones, nor added ones at their default."""
         operational = ("eval.", "mlflow.", "pretrain.", "train.log_every", "train.checkpoint", "train.max_restarts",
-                       "train.compile", "data.cache", "data.cpus")
+                       "train.compile", "data.cache", "data.cpus", "data.max_pixels")
         own = {name for name, _ in spec(self.method).sections}
         method_sections = {name for name, _ in config_sections()}
         settings = {}
@@ -202,7 +232,9 @@ LEGACY_SECTIONS = ("name", "method", "data", "model", "train", "kmeans", "hp", "
 # Settings added after runs existed that change what a run computes: hashed into the run name only
 # when set away from these defaults.
 ADDED_SETTINGS = {"train.precision": "fp32", "hp.loss_form": "paper", "concepts.restart_after": 0,
-                  "pgg.output_stride": 8, "segsort.min_cells": 1}
+                  "pgg.output_stride": 8, "segsort.min_cells": 1, "train.trunk_lr_scale": 1.0,
+                  "train.optimizer": "adam", "train.lr_schedule": "constant",
+                  "model.freeze_bn": False, "hp.selection": "fp32"}
 
 
 def _section(name: str, cls: type) -> tuple[str, type, Any]:
@@ -353,6 +385,10 @@ def _apply_override(raw: dict, assignment: str) -> None:
 
 
 def _check_consistency(cfg: Config) -> None:
+    named = weights_lookup(cfg.model.weights)
+    if named is not None and named.backbone != cfg.model.backbone:
+        raise ConfigError(f"model.weights: {named.name} fits backbone {named.backbone}, not {cfg.model.backbone}; "
+                          f"set model.backbone={named.backbone} or name other weights (`raysseg weights list`)")
     multiple = input_multiple(cfg.model.backbone)
     if cfg.data.image_size % multiple:
         raise ConfigError(
@@ -362,6 +398,15 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"data.class_names: {len(cfg.data.class_names)} names for data.n_classes = {cfg.data.n_classes}"
         )
+    t, m = cfg.train, cfg.model
+    trunk_keys = {"train.optimizer": t.optimizer != "adam", "train.lr_schedule": t.lr_schedule != "constant",
+                  "train.trunk_lr_scale": t.trunk_lr_scale != 1.0, "model.freeze_bn": m.freeze_bn}
+    for key in (k for k, changed in trunk_keys.items() if changed):
+        if not spec(cfg.method).trains_trunk:
+            raise ConfigError(f"{key}: {cfg.method} has its own optimiser settings and ignores it; leave it out")
+        if m.frozen and key in ("train.trunk_lr_scale", "model.freeze_bn"):
+            raise ConfigError(f"{key}: model.frozen is true, so the whole backbone is fixed already; "
+                              f"set model.frozen=false or leave {key} out")
     spec(cfg.method).check_config(cfg)
 
 
@@ -380,6 +425,27 @@ def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
     for key, value in values.items():
         _set_key(raw, key, value, key)
     return _validated(raw)
+
+
+def with_data_settings(raw: dict, assignments: list[str] | tuple[str, ...]) -> dict:
+    """A checkpoint's stored config ``raw`` with ``data.KEY=VALUE`` assignments (``evaluate --set``) over it, as
+    a new mapping. The model stays the checkpoint's: its clusters too (``kmeans.n_clusters`` is pinned where it
+    followed ``data.n_classes``), and a key outside ``data`` is refused with one line."""
+    raw = json.loads(json.dumps(raw))
+    n_clusters = config_from_dict(raw).n_clusters
+    for assignment in assignments:
+        if not assignment.strip().startswith("data."):
+            raise ConfigError(f"--set {assignment}: evaluate takes data settings only (data.KEY=VALUE, e.g. "
+                              "data.n_classes=12); the model's settings are the checkpoint's")
+        _apply_override(raw, assignment)
+    raw.setdefault("kmeans", {})["n_clusters"] = n_clusters
+    cfg = _build(Config, raw, "")
+    _check_consistency(cfg)
+    for name in ("train", "val"):  # a split given here is a path from here
+        value = getattr(cfg.data, name)
+        if is_local_path(value):
+            setattr(cfg.data, name, str(Path(value).expanduser().absolute()))
+    return cfg.to_dict()
 
 
 def _validated(raw: dict, resolve_paths: bool = True) -> Config:
@@ -407,7 +473,8 @@ def local_paths(cfg: Config) -> dict[str, str]:
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if is_local_path(value) and not (key == "data.cache" and value == "auto"):
+        if is_local_path(value) and not (key == "data.cache" and value == "auto") and not (
+                key == "model.weights" and weights_lookup(value) is not None):
             out[key] = value
     return out
 
@@ -432,7 +499,10 @@ def _resolve_paths(cfg: Config) -> None:
         section, name = key.split(".")
         if key == "model.weights":
             if not path.is_file():
-                raise ConfigError(f"model.weights: {value} does not exist; give a backbone checkpoint file or an "
+                close = weights_close_names(value)
+                hint = f"did you mean {', '.join(close)}? or give" if close else "give a weights name (`raysseg " \
+                    "weights list`),"
+                raise ConfigError(f"model.weights: {value} does not exist; {hint} a backbone checkpoint file or an "
                                   "s3:// URI")
             path = path.resolve()
         setattr(getattr(cfg, section), name, str(path.absolute()))

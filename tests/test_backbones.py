@@ -177,6 +177,19 @@ def test_moco_resnet_trunk_loads_and_fpn_stays_initialised(tmp_path):
     assert not torch.equal(loaded.trunk.conv1.weight, reference.trunk.conv1.weight)
 
 
+def test_swav_resnet_loads_without_its_heads(tmp_path):
+    """SwAV's release: the DDP ``module.`` prefix, a projection head and prototypes beside the trunk."""
+    torch.manual_seed(0)
+    trunk = torchvision.models.resnet18(weights=None)
+    state = {"module." + k: v for k, v in trunk.state_dict().items() if not k.startswith("fc.")}
+    state["module.projection_head.0.weight"] = torch.randn(2048, 512)
+    state["module.prototypes.weight"] = torch.randn(3000, 128)
+    path = tmp_path / "swav_r18.pth.tar"
+    torch.save(state, path)
+    loaded = _seeded("resnet18_fpn", 1, weights=str(path))
+    torch.testing.assert_close(loaded.trunk.layer4[1].conv2.weight, trunk.layer4[1].conv2.weight)
+
+
 def _single_line_error(path, name, match):
     with pytest.raises(BackboneWeightsError) as info:
         build_backbone(name, weights=str(path))
@@ -240,3 +253,117 @@ def test_dino_checkpoint_loads_from_s3(s3_server):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).features, source(x).features)
+
+
+# --------------------------------------------------------------------------- DINOv2 (patch 14, registers)
+
+DINOV2 = ("vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2")
+
+
+def test_every_vit_is_in_the_stride_table_and_in_timm():
+    import timm
+
+    from raysseg.core.backbones import RESNET_MODELS, VIT_MODELS
+    from raysseg.core.geometry import BACKBONES, VIT_PATCH, input_multiple
+
+    assert set(VIT_MODELS) == set(VIT_PATCH) and set(BACKBONES) == set(VIT_MODELS) | set(RESNET_MODELS)
+    for name, timm_name in VIT_MODELS.items():
+        assert timm.is_model(timm_name), timm_name
+        assert input_multiple(name) == VIT_PATCH[name] == int(timm_name.split("patch")[1][:2].rstrip("_"))
+
+
+def _as_dinov2_release(model) -> dict:
+    """The state dict in the names facebookresearch/dinov2 saves (the inverse of our mapping): a
+    ``mask_token``; with registers ``register_tokens`` and a position table with the class token's row."""
+    state = dict(model.vit.state_dict())
+    state["mask_token"] = torch.randn(1, 384)
+    if "reg_token" in state:
+        cls_position = torch.randn(1, 1, 384) * 0.02
+        state["register_tokens"] = state.pop("reg_token")
+        state["pos_embed"] = torch.cat([cls_position, state["pos_embed"]], dim=1)
+        state["cls_token"] = state["cls_token"] - cls_position
+    return state
+
+
+@pytest.mark.parametrize("name, prefix", [(DINOV2[0], 1), (DINOV2[1], 5)])
+def test_dinov2_at_any_size_with_attention_and_its_release_layout(tmp_path, name, prefix):
+    """Any multiple of 14 (the position table is resampled); the last block's attention as for DINO's ViTs
+    (per-head logits whose softmax is timm's; prefix tokens, CLS and registers, dropped; mean over heads);
+    a checkpoint in DINOv2's own names gives the same features."""
+    model = _seeded(name, 0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # the tokens timm initialises to zero must load too
+    assert (model.stride, model.dim, model.num_prefix_tokens) == (14, 384, prefix)
+    attn = model.vit.blocks[-1].attn
+    probs = []
+    hook = attn.attn_drop.register_forward_pre_hook(lambda m, args: probs.append(args[0]))
+    try:
+        for h, w in ((56, 84), (112, 70)):
+            with torch.no_grad():
+                tokens, head_logits = model.forward_tokens(torch.randn(2, 3, h, w), with_attention=True)
+            t = prefix + (h // 14) * (w // 14)
+            assert tokens.shape == (2, t, 384) and head_logits.shape == (2, 6, t, t)
+            torch.testing.assert_close(head_logits.softmax(-1), probs[-1], rtol=0, atol=1e-6)
+    finally:
+        hook.remove()
+    x = torch.randn(2, 3, 56, 84)
+    with torch.no_grad():
+        out, plain = model(x, with_attention=True), model(x)
+        tokens, head_logits = model.forward_tokens(x, with_attention=True)
+    assert out.features.shape == (2, 384, 4, 6) and out.attn_logits.shape == (2, 24, 24)
+    torch.testing.assert_close(out.attn_logits, head_logits[:, :, prefix:, prefix:].mean(1))
+    torch.testing.assert_close(out.features, plain.features)
+    torch.testing.assert_close(out.features, tokens[:, prefix:].reshape(2, 4, 6, 384).permute(0, 3, 1, 2))
+    with pytest.raises(BackboneError, match="divisible by 14"):
+        model(torch.randn(1, 3, 56, 64))
+
+    path = tmp_path / f"{name}.pth"
+    torch.save(_as_dinov2_release(model), path)
+    loaded = _seeded(name, 1, weights=str(path))
+    assert (loaded.vit.reg_token is None) == (prefix == 1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).features, out.features, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "hp", *(pytest.param(m, marks=pytest.mark.slow)
+                                                      for m in ("segsort", "concepts", "moco"))])
+def test_every_method_that_takes_a_vit_runs_on_dinov2(method):
+    """One training step (k-means: codes and cluster maps) at 56 px on the register variant. The methods
+    that train the ViT (segsort, concepts, MoCo: a backward through it) are in the slow set."""
+    import numpy as np
+
+    from raysseg.apps.bench_steps import CPU_SETTINGS, _config
+    from raysseg.apps.synth import synth_images
+
+    backbone = ["model.backbone=vit_small_patch14_reg4_dinov2", "data.image_size=56"]
+    if method == "kmeans":
+        from raysseg.methods.registry import build_segmenter
+
+        seg = build_segmenter(_config("kmeans_camvid", backbone))
+        codes = seg.codes(torch.from_numpy(synth_images(2, 56)))
+        assert codes.shape == (2, 384, 4, 4) and torch.isfinite(codes).all()
+        assert seg.cluster_map(torch.from_numpy(synth_images(1, 56))).shape == (1, 56, 56)
+        return
+    if method == "moco":
+        from raysseg.methods.base import TrainContext
+        from raysseg.methods.moco.trainer import MoCoTrainer, build_moco
+        from raysseg.methods.shared import LocalSharedState
+
+        cfg = _config("kmeans_camvid", ["pretrain.batch_size=4", "pretrain.queue=64", "pretrain.crop_size=56",
+                                        *backbone])
+        moco = build_moco(cfg, torch.device("cpu"))
+        moco.sync_key_encoder()
+        ctx = TrainContext(rank=0, world=1, device=torch.device("cpu"), shared=LocalSharedState(), total_steps=2)
+        batch = synth_images(cfg.pretrain.batch_size, 56)
+        stats = MoCoTrainer(cfg, moco, ctx).step(batch, np.ones(len(batch), np.float32), 0)
+    else:
+        from raysseg.engine.steps import build_rig, memory_rows
+
+        name, preset = CPU_SETTINGS[method]  # segsort and concepts train the ViT; hp keeps it frozen
+        cfg = _config(name, [*preset, *backbone])
+        rig = build_rig(cfg, memory_rows(synth_images(4, 56), 16), "cpu", total_steps=2)
+        stats = rig.trainer.train_step(next(rig.batches()), 0)
+    assert cfg.model.backbone == "vit_small_patch14_reg4_dinov2"
+    losses = {k: v for k, v in stats.items() if k.startswith("loss")}
+    assert losses and all(np.isfinite(v) for v in losses.values()), stats

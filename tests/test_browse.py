@@ -234,6 +234,7 @@ def test_browse_concepts_checkpoint(ray_local, synth_data, checkpoints, tmp_path
     assert {"gallery.png", "tsne.png", "concepts.json", "queries.json", "query_1.png"} <= logged
 
 
+@pytest.mark.slow  # ~11 s; the concepts checkpoint test covers the command
 def test_browse_kmeans_fallback(ray_local, checkpoints, tmp_path, capsys):
     from raysseg.apps.browse import browse
 

@@ -231,7 +231,7 @@ def test_ray_from_s3(ray_local, s3_server, synth_data, capsys):
     bucket = "ds-" + uuid.uuid4().hex[:8]
     s3_server.create_bucket(bucket)
     assert data.upload(str(synth_data), f"s3://{bucket}/synth") == 26
-    assert f"26/26 files to s3://{bucket}/synth" in capsys.readouterr().out
+    assert f"[upload to s3://{bucket}/synth] 26 files in" in capsys.readouterr().out
     assert data.read_classes(f"s3://{bucket}/synth") == list(synth.SYNTH_CLASSES)
     cols = _collect(datasets.make_dataset(f"s3://{bucket}/synth/train", image_size=40, train=True, with_labels=True, seed=1))
     assert len(cols["path"]) == 8 and all(cols["valid"])

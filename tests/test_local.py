@@ -16,6 +16,7 @@ SMALL = {
     "segsort": ["model.fpn_dim=16", "segsort.embed_dim=8", "segments.min_size=20"],
     "concepts": ["model.fpn_dim=16", "segsort.embed_dim=8", "segments.min_size=20", "concepts.n_concepts=16",
                  "concepts.warmup=1"],
+    "stego": ["stego.neighbours=3", "stego.points=4", "model.code_dim=16"],
 }
 
 
@@ -38,7 +39,7 @@ def test_three_steps_in_process(method, synth_data, tmp_path):
     assert ckpt["progress"]["step"] == 3 and ckpt["progress"]["clustered"] and ckpt["finished"]
     assert np.isfinite(result.metrics["loss_total"]) and result.metrics["final"] == 1
     assert seg.cluster_map(torch.zeros(1, 64, 64, 3, dtype=torch.uint8)).shape == (1, 64, 64)
-    assert result.trace  # the trainer read its shared tables
+    assert result.trace or method == "stego"  # the trainer read its shared tables (STEGO shares only gradients)
 
 
 def test_moco_pretraining_three_steps_in_process(synth_data, tmp_path):

@@ -1,5 +1,6 @@
-"""``raysseg predict``: the Ray Data job from s3:// to s3:// (sub-folders, a corrupt file), its resumption after
-a kill, its label maps against the single-image code, and (slow) a 100,000-object listing with bounded memory."""
+"""``raysseg predict``: the Ray Data job from s3:// to s3:// (sub-folders, a corrupt file, a text file, an image
+over the pixel bound), its resumption after a kill (the killed run's temporary file removed), its label maps against
+the single-image code, and (slow) a 100,000-object listing with bounded memory."""
 import io
 import json
 import lzma
@@ -92,7 +93,10 @@ def test_label_map_and_batched_label_maps_equal_the_single_image_code(tmp_path):
         assert_same_map(labels, seg, image)
 
 
-def test_s3_to_s3_with_sub_folders_and_a_corrupt_file(s3_server, ray_local, tmp_path):
+def test_s3_to_s3_with_sub_folders_and_a_corrupt_file(s3_server, ray_local, tmp_path, capsys):
+    import hashlib
+    import tempfile
+
     import pyarrow.parquet as pq
 
     from raysseg.io.checkpoints import load_segmenter
@@ -100,16 +104,32 @@ def test_s3_to_s3_with_sub_folders_and_a_corrupt_file(s3_server, ray_local, tmp_
     from raysseg.runtime.predict import predict_job
 
     s3_server.create_bucket("predict")
-    images = collection(tmp_path / "src", 9)
+    images = collection(tmp_path / "src", 9)  # at most 90 x 120 pixels each
     (tmp_path / "src" / "street" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     (tmp_path / "src" / "street" / "notes.txt").write_text("not an image: not listed")
+    Image.new("RGB", (200, 150)).save(tmp_path / "src" / "wide.png")  # 30,000 pixels: over the bound below
     copy_tree(str(tmp_path / "src"), "s3://predict/photos")
     ckpt = checkpoint(tmp_path)
+    # what a killed run into this DST left in the local temporary folder, and a file of another DST there
+    digest = hashlib.sha256(b"s3://predict/out/predictions.parquet").hexdigest()[:12]
+    stale = Path(tempfile.gettempdir()) / f".predictions.{digest}.k1ll3d.parquet.tmp"
+    other = Path(tempfile.gettempdir()) / ".predictions.0123456789ab.other.parquet.tmp"
+    stale.touch()
+    other.touch()
 
-    summary = predict_job(ckpt, "s3://predict/photos", "s3://predict/out", workers=2, batch_size=3, overlays=True)
+    summary = predict_job(ckpt, "s3://predict/photos", "s3://predict/out", workers=2, batch_size=3, overlays=True,
+                          max_pixels=20_000)
 
-    assert (summary.listed, summary.predicted, summary.reused) == (10, 9, 0)
-    assert [p for p, _ in summary.skipped] == ["street/broken.png"]
+    assert not stale.exists() and other.exists()
+    other.unlink()
+    assert (summary.listed, summary.predicted, summary.reused) == (11, 9, 0)
+    skipped = dict(summary.skipped)
+    assert sorted(skipped) == ["street/broken.png", "wide.png"]
+    assert "200x150 = 30,000 pixels, more than data.max_pixels (20,000)" in skipped["wide.png"]
+    printed = capsys.readouterr().out  # the text file is named as train and evaluate name it
+    assert ("warning: s3://predict/photos: 1 file(s) left out (.txt is not an image format raysseg reads): "
+            "street/notes.txt: convert them to PNG, JPEG, WebP, TIFF or BMP") in printed
+    assert "skipped wide.png: 200x150 = 30,000 pixels" in printed
     seg, _ = load_segmenter(ckpt)
     for rel, image in images.items():
         name = rel.rsplit(".", 1)[0] + ".png"
@@ -130,8 +150,10 @@ def test_s3_to_s3_with_sub_folders_and_a_corrupt_file(s3_server, ray_local, tmp_
     manifest = json.loads(read_bytes("s3://predict/out/manifest.json"))
     assert manifest["checkpoint"] == ckpt and manifest["status"] == "finished" and manifest["overlays"]
     assert len(manifest["config_hash"]) == 12 and manifest["started"] <= manifest["finished"]
-    assert manifest["counts"] == {"listed": 10, "predicted": 9, "already_done": 0, "skipped": 1}
-    assert manifest["skipped"][0]["path"] == "street/broken.png" and "corrupt" in manifest["skipped"][0]["reason"]
+    assert manifest["counts"] == {"listed": 11, "predicted": 9, "already_done": 0, "skipped": 2, "left_out": 1}
+    reasons = {entry["path"]: entry["reason"] for entry in manifest["skipped"]}
+    assert "corrupt" in reasons["street/broken.png"] and "data.max_pixels" in reasons["wide.png"]
+    assert manifest["left_out"] == [{"path": "street/notes.txt", "reason": ".txt is not an image format raysseg reads"}]
 
     # another checkpoint into the same DST: refused with one line, before Ray work
     with pytest.raises(StorageError, match="another checkpoint") as refused:
@@ -164,6 +186,8 @@ def test_a_killed_job_resumes_and_runs_the_model_only_on_the_unfinished_images(r
     finished = {p.relative_to(out / "labels"): p.stat().st_mtime_ns for p in out.glob("labels/**/*.png")}
     assert 0 < len(finished) < n, f"{len(finished)} of {n} images finished when killed: not midway"
     assert not (out / "predictions.parquet").exists()  # only a finished run writes it
+    [left] = out.glob(".predictions.*.parquet.tmp")  # the killed run's temporary predictions.parquet
+    (out / "mine.parquet.tmp").touch()  # not of that pattern: kept
     source = {Path(rel).with_suffix(".png"): rel for rel in images}
     for path in finished:  # every label PNG there is whole (written atomically)
         assert np.asarray(Image.open(out / "labels" / path)).shape == images[source[path]].shape[:2]
@@ -171,6 +195,7 @@ def test_a_killed_job_resumes_and_runs_the_model_only_on_the_unfinished_images(r
     summary = predict_job(ckpt, str(tmp_path / "src"), str(out), workers=1, batch_size=4)
 
     assert summary.predicted == n - len(finished) and summary.reused == len(finished) and not summary.skipped
+    assert not left.exists() and not list(out.glob(".predictions.*")) and (out / "mine.parquet.tmp").exists()
     assert all((out / "labels" / p).stat().st_mtime_ns == t for p, t in finished.items())  # not written again
     assert len(list(out.glob("labels/**/*.png"))) == n
     assert sorted(pq.read_table(out / "predictions.parquet")["path"].to_pylist()) == sorted(images)

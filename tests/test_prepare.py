@@ -179,6 +179,117 @@ def test_cityscapes_potsdam_and_voc_from_folders(tmp_path):
         np.testing.assert_array_equal(label(p), rows(VOC_21, 5))
 
 
+# --------------------------------------------------------------------------- protocols (--protocol)
+
+
+def test_cocostuff_protocols_read_iics_curated_lists(tmp_path):
+    """stego: the unversioned list for train, _7 for val (STEGO/HP); picie: _7 for both; a missing list is one line."""
+    src = coco_replica(tmp_path / "coco", n_train=5, n_val=2)
+    lists = {("train2017", "Coco164kFull_Stuff_Coarse.txt"): ["000000000009", "000000000010", "000000000011"],
+             ("train2017", "Coco164kFull_Stuff_Coarse_7.txt"): ["000000000010"],
+             ("val2017", "Coco164kFull_Stuff_Coarse_7.txt"): ["000000000140"]}
+    for (folder, name), ids in lists.items():
+        (src / "curated" / folder).mkdir(parents=True, exist_ok=True)
+        (src / "curated" / folder / name).write_text("\n".join(ids) + "\n")
+    for protocol, train in (("stego", ["000000000009", "000000000010", "000000000011"]), ("picie", ["000000000010"])):
+        dst = tmp_path / protocol
+        prepare("cocostuff27", str(src), str(dst), PrepareOptions(protocol=protocol), local=True, log=quiet)
+        assert sorted(p.stem for p in (dst / "train" / "labels").iterdir()) == train
+        assert [p.stem for p in (dst / "val" / "labels").iterdir()] == ["000000000140"]
+        card = json.loads((dst / "dataset_card.json").read_text())
+        assert card["protocol"]["name"] == protocol and card["options"]["protocol"] == protocol
+    (src / "curated" / "train2017" / "Coco164kFull_Stuff_Coarse.txt").unlink()
+    with pytest.raises(Exception) as e:
+        prepare("cocostuff27", str(src), str(tmp_path / "x"), PrepareOptions(protocol="stego"), local=True, log=quiet)
+    assert type(e.value).__name__ == "DatasetError" and "Coco164kFull_Stuff_Coarse.txt does not exist" in str(e.value)
+    with pytest.raises(Exception) as e:
+        prepare("cocostuff27", str(src), str(tmp_path / "x"), PrepareOptions(protocol="iic"), local=True, log=quiet)
+    assert str(e.value) == "cocostuff27: --protocol iic is not one of all, stego, picie"
+
+
+def test_voc_segsort_protocol_takes_vocs_own_labels_where_voc_has_them(tmp_path):
+    src = voc_replica(tmp_path / "raw")
+    aug = src / "VOCdevkit" / "VOC2012" / "SegmentationClassAug"
+    sbd = np.full((5, len(VOC_INDEX)), 7, np.uint8)  # SBD's label of a VOC train image differs from VOC's
+    save(aug / "2007_000032.png", sbd)
+    save(aug / "2008_000002.png", sbd)  # an SBD-only image
+    for protocol, voc_train_label in (("aug", sbd), ("segsort", rows(VOC_21, 5))):
+        dst = tmp_path / protocol
+        prepare("voc2012", str(src), str(dst), PrepareOptions(protocol=protocol), local=True, log=quiet)
+        labels = dst / "train_aug" / "labels"
+        np.testing.assert_array_equal(label(labels / "2007_000032.png"), voc_train_label)
+        np.testing.assert_array_equal(label(labels / "2008_000002.png"), sbd)
+        assert json.loads((dst / "dataset_card.json").read_text())["protocol"]["name"] == protocol
+
+
+def potsdam_tile(root: Path, tile: str, side: int, with_label: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A side x side tile whose pixel values differ within every 2 x 2 block, and its label (colour bands);
+    returns the image and the expected Potsdam-3 classes."""
+    x = (np.arange(side) * 3 % 256).astype(np.uint8)
+    y = (np.arange(side) * 2 % 256).astype(np.uint8)  # a 2 x 2 block sums to 4a + 10: rounds half up
+    image = np.stack([y[:, None] + x[None, :] + np.uint8(50 * k) for k in range(3)], -1)  # uint8: mod 256
+    save(root / "2_Ortho_RGB" / f"top_potsdam_{tile}_RGB.tif", image, format="TIFF")
+    index = ((np.arange(side)[:, None] // 3 + np.arange(side)[None, :] // 5) % 7).astype(np.uint8)
+    if with_label:
+        save(root / "5_Labels_all" / f"top_potsdam_{tile}_label.tif", np.asarray(POTSDAM_RGB[:7], np.uint8)[index],
+             format="TIFF")
+    return image, np.asarray(POTSDAM_3[:7], np.uint8)[index]
+
+
+def check_iic_crops(dst: Path, tile: str, image: np.ndarray, classes: np.ndarray, side: int) -> dict[str, str]:
+    """Every crop of ``tile`` is the 2 x 2-block mean (PIL's reduce(2), rounded half up) of its 2*side px window
+    and the top-left label pixel of each block (all ignored in unlabelled_train: its tiles here have no label
+    file); returns crop name -> the split it went to."""
+    where = {}
+    for split in ("train", "val", "unlabelled_train"):
+        for p in (dst / split / "images").glob(f"{tile}_*.png") if (dst / split).is_dir() else ():
+            r, c = (int(v) for v in p.stem.split("_")[-2:])
+            window = np.s_[2 * side * r:2 * side * (r + 1), 2 * side * c:2 * side * (c + 1)]
+            expected = np.asarray(Image.fromarray(image[window]).reduce(2))
+            np.testing.assert_array_equal(np.asarray(Image.open(p)), expected)
+            got = label(dst / split / "labels" / p.name)
+            np.testing.assert_array_equal(got, np.full_like(got, 255) if split == "unlabelled_train" else
+                                          classes[window][::2, ::2])
+            where[p.stem] = split
+    return where
+
+
+def test_potsdam_iic_protocol_on_small_tiles(tmp_path):
+    """Two 48 px tiles, --tile 4: 8 px windows -> 4 px crops, 6 x 6 a tile. 2_10 is labelled; 2_13 (an ISPRS test
+    tile, no label file) is unlabelled_train with every pixel ignored. val = int(0.1 x 72) = 7 crops of 2_10,
+    drawn by numpy.random.default_rng(0) over its 36 crops."""
+    src, dst = tmp_path / "potsdam", tmp_path / "p3"
+    image, classes = potsdam_tile(src, "2_10", 48)
+    other, _ = potsdam_tile(src, "2_13", 48, with_label=False)
+    prepare("potsdam3", str(src), str(dst), PrepareOptions(tile=4, protocol="iic"), local=True, log=quiet)
+    where = check_iic_crops(dst, "2_10", image, classes, 4)
+    drawn = sorted(int(i) for i in np.random.default_rng(0).choice(36, 7, replace=False))
+    assert sorted(k for k, s in where.items() if s == "val") == [f"2_10_{i // 6:02d}_{i % 6:02d}" for i in drawn]
+    assert len(where) == 36 and list(where.values()).count("train") == 29
+    assert set(check_iic_crops(dst, "2_13", other, classes, 4).values()) == {"unlabelled_train"}
+    card = json.loads((dst / "dataset_card.json").read_text())
+    assert card["protocol"]["name"] == "iic"
+    assert {k: v["images"] for k, v in card["splits"].items()} == {"train": 29, "unlabelled_train": 36, "val": 7}
+    with pytest.raises(Exception) as e:
+        prepare("potsdam3", str(src), str(tmp_path / "x"), PrepareOptions(tile=4, protocol="iic", val_tiles=("2_10",)),
+                local=True, log=quiet)
+    assert str(e.value).startswith("potsdam3: --val-tiles is for --protocol tiles")
+
+
+@pytest.mark.slow
+def test_potsdam_iic_protocol_on_a_6000_px_tile_from_the_cli(tmp_path):
+    """`data prepare potsdam3 --protocol iic` on a 6000 x 6000 tile: 15 x 15 crops of 200 px, each the x0.5
+    downsampling of its 400 px window; int(0.1 x 225) = 22 of them in val."""
+    src, dst = tmp_path / "potsdam", tmp_path / "p3"
+    image, classes = potsdam_tile(src, "2_10", 6000)
+    proc = subprocess.run([sys.executable, "-m", "raysseg.apps.cli", "data", "prepare", "potsdam3", str(src), str(dst),
+                           "--protocol", "iic", "--local"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    where = check_iic_crops(dst, "2_10", image, classes, 200)
+    assert len(where) == 225 and list(where.values()).count("val") == 22
+    assert all(Image.open(p).size == (200, 200) for p in (dst / "val" / "images").iterdir())
+
+
 # --------------------------------------------------------------------------- from s3:// with Ray
 
 
@@ -274,7 +385,8 @@ def test_prepared_cocostuff_trains_hp_for_two_steps_per_epoch(tmp_path, loss_for
     prepare("cocostuff27", str(src), str(dst), PrepareOptions(), local=True, log=quiet)
     cfg = load_config("hp_cocostuff_released" if loss_form == "released" else "hp_cocostuff", [
         f"data.train={dst}/train", f"data.val={dst}/val", "data.image_size=32", "data.crop_scale_min=0.5",
-        "model.backbone=vit_small_patch16", "model.code_dim=16", "train.batch_size=2", "train.epochs=2",
+        "model.backbone=vit_small_patch16", "model.weights=", "model.code_dim=16", "train.batch_size=2",
+        "train.epochs=2",
         "train.num_workers=1", "train.use_gpu=false", "train.log_every=1", "hp.pool_size=3", "hp.renew_every=1",
         "hp.warmup=0", "hp.sigma=2.0", "kmeans.pixels_per_image=4", "kmeans.n_clusters=4",
         f"train.storage={tmp_path}/runs",

@@ -127,6 +127,7 @@ def test_inputs_are_checked_before_ray(tmp_path, synth_data):
     assert pretrain_run_name(load_config("kmeans_synth", [f"data.train={synth_data}/train", "pretrain.lr=0.1"])) != name
 
 
+@pytest.mark.slow  # ~40 s; the step is checked in process above, the Ray path is the one training uses
 def test_two_workers_pretrain_a_resnet_and_its_backbone_loads(tmp_path, ray_local, synth_data, capsys):
     from raysseg.apps import cli
     from raysseg.runtime.pretrain import pretrain

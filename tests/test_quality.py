@@ -71,6 +71,8 @@ def test_the_goal_column_needs_two_points_and_more_than_the_std():
     assert goal_met([0.01, 0.015, 0.02]) == "**no**"  # +1.5: above its std, below 2 points
     assert goal_met([-0.02, 0.01, 0.10]) == "**no**"  # +3.0 ± 6.2: a spread as large as the gain
     assert goal_met([0.05]) == "one seed: no std" and goal_met([]) == ""
+    assert goal_met([0.03, 0.02, 0.06], [0.0, 0.01, -0.005]) == "yes"  # probe +0.2 on average: not below
+    assert goal_met([0.03, 0.02, 0.06], [-0.01, -0.02, 0.005]) == "**no** (probe below)"
 
 
 @pytest.mark.slow

@@ -94,6 +94,7 @@ def kmeans_checkpoint(tmp_path_factory, ray_local, synth_data):
     return train(cfg).checkpoint, tmp
 
 
+@pytest.mark.slow  # a quality check (~50 s); the vote and segment labels are checked by hand cases above
 def test_evaluate_reports_retrieval_well_above_chance(kmeans_checkpoint, capsys):
     from raysseg.runtime.evaluate import _table, evaluate
 

@@ -54,7 +54,7 @@ def test_sigterm_in_process_keeps_the_newest_checkpoint_and_resumes_without_repe
     lines = stop_when(proc, "[hp epoch 2/3] 2/3")  # step 5: after the step-4 checkpoint, with step 5 logged
     assert proc.returncode == 130, "\n".join(lines[-15:])
     kept = f"{cfg.train.storage}/{cfg.run_name()}/local_000000004/model.pt"
-    assert lines[-1].startswith(f"run {cfg.run_name()} stopped: kept {kept} (step 4)"), lines
+    assert lines[-1].startswith(f"run {cfg.run_name()} stopped: kept {kept} (epoch 2/3, step 4)"), lines  # as progress
     assert "marked KILLED" in lines[-1] and "run the same command again to resume" in lines[-1]
     uri = cfg.mlflow.tracking_uri
     found = tracking.find_run(uri, cfg.mlflow.experiment, cfg.run_name())
@@ -80,13 +80,13 @@ def test_sigterm_on_ray_keeps_the_newest_complete_checkpoint_and_resumes_from_it
     lines = stop_when(proc, "epoch 2/3:")
     assert proc.returncode == 130, "\n".join(lines[-15:])
     assert lines[-1].startswith(f"run {cfg.run_name()} stopped: kept "), lines
-    assert "(epoch 2, step 6)" in lines[-1] or "(epoch 1, step 3)" in lines[-1], lines
+    assert "(end of epoch 2/3, step 6)" in lines[-1] or "(end of epoch 1/3, step 3)" in lines[-1], lines
     found = tracking.find_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.run_name())
     assert found.info.status == "KILLED"
 
     again = subprocess.run(run, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stdout + again.stderr
-    kept_step = 6 if "(epoch 2, step 6)" in lines[-1] else 3
+    kept_step = 6 if "(end of epoch 2/3, step 6)" in lines[-1] else 3
     assert f"step {kept_step}" in again.stdout.split("resumed from", 1)[1].splitlines()[0]
     steps = assert_steps_strictly_increase(cfg.mlflow.tracking_uri, found.info.run_id)
     assert steps["epoch/loss_total"] == [3, 6, 9]

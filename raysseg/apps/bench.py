@@ -7,28 +7,13 @@ temporary directory and prints a markdown table; ``--out`` also writes it to a f
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
+from raysseg.core.machine import count_flops, describe as machine
+
 CAMVID = Path(os.environ.get("RAYSSEG_CAMVID", "../shared/data/camvid"))
-
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPUs ({cpu}), {mem:.0f} GiB, {gpu}"
 
 
 def _table(title: str, header: list[str], rows: list[list]) -> str:
@@ -452,7 +437,6 @@ def bench_predict(limit: int = 0, configs: tuple[str, ...] = ("hp_camvid", "pici
     import numpy as np
     import torch
 
-    from raysseg.apps.bench_steps import _count_flops
     from raysseg.apps.predict import predict
     from raysseg.config import load_config
     from raysseg.io.checkpoints import save_checkpoint
@@ -470,7 +454,7 @@ def bench_predict(limit: int = 0, configs: tuple[str, ...] = ("hp_camvid", "pici
         seg = build_segmenter(cfg, load_backbone_weights=False).eval()  # random weights: the cost of trained ones
         seg.centroids.copy_(torch.nn.functional.normalize(torch.randn_like(seg.centroids), dim=1))
         sample = model_input(decoded[0], cfg.data.image_size, seg.input_multiple)
-        gflop = _count_flops(lambda: seg.codes(torch.from_numpy(sample.copy())[None])) / 1e9
+        gflop = count_flops(lambda: seg.codes(torch.from_numpy(sample.copy())[None])) / 1e9
         model = f"{config} ({cfg.model.backbone} at {'x'.join(str(s) for s in sample.shape[:2])})"
         flops.append(f"{model}: {gflop:.1f} GFLOP")
         with tempfile.TemporaryDirectory() as tmp:

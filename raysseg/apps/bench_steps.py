@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raysseg.core.device import clock
+from raysseg.core.machine import count_flops, describe
 
 # The papers' settings per GPU (one worker = one GPU): the configs users run, at their batch and size.
 PAPER_SETTINGS = {
@@ -23,6 +24,7 @@ PAPER_SETTINGS = {
     "pgg": ("pgg_cocostuff", []),  # R50-FPN 256-d, pyramid guidance, CAE, batch 16 at 320
     "segsort": ("segsort_voc", ["train.batch_size=8"]),  # R50-FPN, 32-d embeddings; the paper's 8 images per step
     "concepts": ("concepts_voc", ["train.batch_size=8"]),
+    "stego": ("stego_cocostuff", []),  # ViT-S/8, batch 16 at 224, each image with its KNN partner
     "moco": ("pgg_cocostuff", ["pretrain.crop_size=224"]),  # MoCo v2 on the R50-FPN trunk: batch 32 per GPU, 2 crops at 224
 }
 # The CPU mode: the same code paths at sizes a laptop (and the default tests) can run.
@@ -37,6 +39,7 @@ CPU_SETTINGS = {
     "concepts": ("concepts_camvid", ["train.batch_size=2", "data.image_size=64", "model.backbone=resnet18_fpn",
                                      "model.fpn_dim=16", "segsort.embed_dim=8", "segments.min_size=20",
                                      "concepts.n_concepts=16"]),
+    "stego": ("stego_camvid", ["train.batch_size=2", "data.image_size=64", "model.code_dim=16", "stego.points=4"]),
     "moco": ("pgg_camvid", ["model.backbone=resnet18_fpn", "model.fpn_dim=16", "pretrain.batch_size=4",
                             "pretrain.queue=64", "pretrain.crop_size=64"]),
 }
@@ -93,20 +96,11 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"
 
 
-def _count_flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
 def _time_backbone(backbone, x: torch.Tensor, precision, device: torch.device, repeats: int) -> tuple[float, float]:
     """(median seconds of one no-grad forward of the batch, its FLOPs)."""
     with torch.no_grad(), precision.autocast():
         backbone(x)  # warm-up (cuDNN autotuning, lazy inits)
-        flops = _count_flops(lambda: backbone(x))
+        flops = count_flops(lambda: backbone(x))
         times = []
         for _ in range(repeats):
             t0 = clock(device)
@@ -118,7 +112,9 @@ def _time_backbone(backbone, x: torch.Tensor, precision, device: torch.device, r
 def _config(name: str, overrides: list[str]):
     from raysseg.config import load_config
 
-    return load_config(name, ["data.limit=0", "train.num_workers=1", "train.use_gpu=false", *overrides])
+    # random weights (model.weights=): a step costs the same with the paper configs' pretrained ones
+    return load_config(name, ["data.limit=0", "train.num_workers=1", "train.use_gpu=false", "model.weights=",
+                              *overrides])
 
 
 def step_benchmark(method: str, device: str, precision: str, overrides: list[str], steps: int = 8, warmup: int = 2,
@@ -154,7 +150,7 @@ def step_benchmark(method: str, device: str, precision: str, overrides: list[str
     result.peak_memory_gib, result.memory_kind = _peak_memory(dev)
     result.parts = {k: v / steps for k, v in rig.trainer.timers.items()}
     batch_rows = next(batches)
-    result.step_gflop = _count_flops(lambda: rig.trainer.train_step(batch_rows, warmup + steps)) / 1e9
+    result.step_gflop = count_flops(lambda: rig.trainer.train_step(batch_rows, warmup + steps)) / 1e9
     x = standardize(torch.from_numpy(batch_rows["image"]).to(dev).permute(0, 3, 1, 2).float().div(255))
     fwd_s, fwd_flops = _time_backbone(rig.seg.backbone, x, prec, dev, repeats=max(3, steps // 2))
     result.backbone_fwd_s, result.backbone_gflop_per_image = fwd_s, fwd_flops / 1e9 / batch
@@ -194,7 +190,7 @@ def _moco_benchmark(cfg, dev: torch.device, prec, steps: int, warmup: int) -> St
         trainer.step(batch, weight, i)
         result.step_s.append(clock(dev) - t0)
     result.peak_memory_gib, result.memory_kind = _peak_memory(dev)
-    result.step_gflop = _count_flops(lambda: trainer.step(batch, weight, warmup + steps)) / 1e9
+    result.step_gflop = count_flops(lambda: trainer.step(batch, weight, warmup + steps)) / 1e9
     x = standardize(torch.from_numpy(batch[:, :size, :size]).to(dev).permute(0, 3, 1, 2).float().div(255))
     fwd_s, fwd_flops = _time_backbone(moco.backbone, x, prec, dev, repeats=max(3, steps // 2))
     result.backbone_fwd_s, result.backbone_gflop_per_image = fwd_s, fwd_flops / 1e9 / pc.batch_size
@@ -203,9 +199,7 @@ def _moco_benchmark(cfg, dev: torch.device, prec, steps: int, warmup: int) -> St
 
 
 def machine() -> str:
-    from raysseg.apps.bench import machine as described
-
-    return f"{described()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return f"{describe()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def table(title: str, results: list[StepResult]) -> str:

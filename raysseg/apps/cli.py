@@ -72,7 +72,7 @@ def cmd_evaluate(args) -> None:
 
     evaluate(args.checkpoint, split=args.split, crf=False if args.no_crf else None,
              probe=False if args.no_probe else None, retrieval=False if args.no_retrieval else None,
-             out=args.out, probe_train=args.probe_train)
+             out=args.out, probe_train=args.probe_train, data_settings=tuple(args.set or ()))
 
 
 def cmd_run(args) -> None:
@@ -93,7 +93,8 @@ def cmd_predict(args) -> None:
     from raysseg.runtime.predict import predict_job
 
     predict_job(args.checkpoint, args.images, args.out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                batch_size=args.batch_size, overlays=args.overlays, overwrite=args.overwrite)
+                batch_size=args.batch_size, overlays=args.overlays, overwrite=args.overwrite,
+                max_pixels=args.max_pixels)
 
 
 def cmd_concepts(args) -> None:
@@ -132,8 +133,8 @@ def cmd_data_prepare(args) -> None:
     if args.tile < 1:
         raise ConfigError(f"--tile {args.tile}: the crop side must be a positive number of pixels (papers: 200)")
     val_tiles = tuple(t.strip() for t in (args.val_tiles or "").split(",") if t.strip())
-    prepare(args.dataset, args.src, args.dst, PrepareOptions(image_lists=lists, tile=args.tile, val_tiles=val_tiles),
-            local=args.local)
+    prepare(args.dataset, args.src, args.dst, PrepareOptions(image_lists=lists, tile=args.tile, val_tiles=val_tiles,
+                                                             protocol=args.protocol), local=args.local)
 
 
 def cmd_storage_serve(args) -> None:
@@ -259,6 +260,9 @@ def parser() -> argparse.ArgumentParser:
                          "the machine that trained it)")
     sp.add_argument("--out", default="outputs/eval",
                     help="folder for report.json, the confusion matrices and overlays (default: outputs/eval)")
+    sp.add_argument("--set", action="append", metavar="data.KEY=VALUE",
+                    help="a data setting over the checkpoint's, e.g. --set data.n_classes=12 (the model's settings "
+                         "are the checkpoint's)")
     sp.set_defaults(fn=cmd_evaluate)
 
     sp = sub.add_parser("predict", help="segment a folder or s3:// prefix of images (sub-folders too) into "
@@ -271,6 +275,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     sp.add_argument("--overlays", action="store_true", help="also write colour overlays under DST/overlays/")
     sp.add_argument("--overwrite", action="store_true", help="run the model again on images already done")
+    sp.add_argument("--max-pixels", type=int, help="skip images of more pixels, with one line each (default: the "
+                                                  "checkpoint's data.max_pixels, 250,000,000)")
     sp.set_defaults(fn=cmd_predict)
 
     sp = sub.add_parser("concepts", help="browse a split by concepts: gallery, t-SNE, relation queries")
@@ -308,6 +314,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--tile", type=int, default=200, help="potsdam3: crop side in pixels (IIC/STEGO: 200)")
     sp.add_argument("--val-tiles", default="", help="potsdam3: comma-separated tile ids for val "
                                                     "(default: the 14 ISPRS benchmark test tiles)")
+    sp.add_argument("--protocol", default="", help="the image lists and splits a paper used (default: the first): "
+                    "cocostuff27 all|stego|picie, cityscapes27 fine, potsdam3 tiles|iic, voc2012 aug|segsort "
+                    "(README: Reproducing the papers)")
     sp.add_argument("--local", action="store_true", help="threads in this process instead of a Ray Data job")
     sp.set_defaults(fn=cmd_data_prepare)
 
@@ -318,6 +327,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=8333, help="S3 port on 127.0.0.1 (default: 8333)")
     sp.add_argument("--bucket", default="raysseg", help="bucket to create at start ('' for none; default: raysseg)")
     sp.set_defaults(fn=cmd_storage_serve)
+
+    from raysseg.apps.weights import add_commands as add_weights_commands
+
+    add_weights_commands(sub)
 
     sp = sub.add_parser("bench", help="benchmarks that print a table")
     sp.add_argument("what", choices=["data", "eval", "step", "gpu", "demand", "cluster", "select", "quality",
@@ -364,7 +377,8 @@ def parser() -> argparse.ArgumentParser:
 USER_ERRORS = (("raysseg.core.backbones", "BackboneError"), ("raysseg.apps.browse", "BrowseError"),
                ("raysseg.io.images", "DatasetError"), ("raysseg.io.storage", "StorageError"),
                ("raysseg.io.tracking", "TrackingError"), ("raysseg.runtime.driver", "RunFailed"),
-               ("raysseg.io.checkpoints", "CheckpointError"), ("raysseg.io.lease", "RunBusy"))
+               ("raysseg.io.checkpoints", "CheckpointError"), ("raysseg.io.lease", "RunBusy"),
+               ("raysseg.io.weights", "WeightsError"))
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -389,20 +403,23 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         sys.exit(_fail(f"config error: {e}"))
     except user_errors as e:
-        sys.exit(_fail(f"error: {e}"))
+        sys.exit(_fail(f"error: {_what_is_kept(args, str(e))}"))
     except KeyboardInterrupt as e:  # a run says which checkpoint it kept (RunStopped)
         _fail(str(e) or "interrupted; run the same command again to resume")
         sys.exit(130)
 
 
-RAY_COMMANDS = ("train", "run", "pretrain", "sweep", "evaluate", "concepts")
+# Commands that start Ray or MLflow (bench: most of its tables; data: prepare).
+LOGGED_COMMANDS = ("train", "run", "pretrain", "sweep", "evaluate", "concepts", "predict", "bench", "pull-best",
+                   "data prepare")
 
 
 def _route_logs(args) -> None:
-    """Library logs of commands that start Ray go to outputs/logs/ (raysseg.runtime.logs); -v keeps them here."""
+    """Library logs of commands that start Ray or MLflow go to outputs/logs/ (raysseg.runtime.logs); -v keeps
+    them here."""
     if args.verbose:
         os.environ["RAYSSEG_VERBOSE"] = "1"
-    if args.command not in RAY_COMMANDS:
+    if not {args.command, f"{args.command} {getattr(args, 'data_command', '')}"} & set(LOGGED_COMMANDS):
         return
     try:
         from raysseg.runtime import logs
@@ -411,6 +428,27 @@ def _route_logs(args) -> None:
     import time
 
     logs.setup(f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+# What a command without checkpoints keeps when storage fails for good, in place of the storage layer's
+# "checkpoints written so far are kept, run the same command again to resume" (train, run, pretrain, sweep).
+KEPT_AFTER_A_FAILURE = {
+    "evaluate": "evaluate keeps nothing (its report is written at the end): run the same command again",
+    "predict": "the label maps written so far are kept: run the same command again to predict the other images",
+    "data prepare": "the files prepared so far are kept: run the same command again to prepare the rest",
+}
+
+
+def _what_is_kept(args, message: str) -> str:
+    if args.command in ("train", "run", "pretrain", "sweep"):
+        return message
+    try:
+        from raysseg.io.storage import RESUME_HINT
+    except ImportError:  # no storage layer, no such message
+        return message
+    command = f"{args.command} {getattr(args, 'data_command', '')}".strip()
+    return message.replace(RESUME_HINT, KEPT_AFTER_A_FAILURE.get(command, "nothing is kept: run the same command "
+                                                                          "again"))
 
 
 def _fail(message: str) -> int:

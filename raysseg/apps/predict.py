@@ -1,22 +1,20 @@
 """The single-process prediction loop: one image at a time, label PNGs and colour overlays at each
 image's own size. ``raysseg predict`` runs the distributed job (:mod:`raysseg.runtime.predict`); this loop
-stays as its reference (``raysseg bench predict`` and the equality test), with the same label map
-(:func:`raysseg.runtime.predict.label_map`)."""
+stays as its reference (``raysseg bench predict`` and the equality test), with the same decoding
+(:func:`raysseg.io.decode_large.decode_for_model`) and label maps (:func:`raysseg.runtime.predict.image_label_maps`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 
 def predict(checkpoint: str, images: str, out: str) -> dict:
     """Segment every image directly under ``images`` (folder or s3:// prefix) into ``out``/{labels,overlays}."""
-    from raysseg.core.pictures import overlay
     from raysseg.io.checkpoints import load_segmenter
-    from raysseg.io.images import decode_image
+    from raysseg.io.decode_large import decode_for_model
     from raysseg.io.storage import IMAGE_SUFFIXES, StorageError, list_files, read_bytes
-    from raysseg.runtime.predict import label_map
+    from raysseg.runtime.predict import image_label_maps, overlay_png
 
     seg, _ = load_segmenter(checkpoint)
     files = list_files(images)
@@ -28,14 +26,15 @@ def predict(checkpoint: str, images: str, out: str) -> dict:
     done, skipped = 0, []
     for i, uri in enumerate(files):
         try:
-            image = np.asarray(decode_image(read_bytes(uri)))
+            decoded = decode_for_model(read_bytes(uri), seg.cfg.data.image_size, seg.input_multiple,
+                                       seg.cfg.data.max_pixels, full=True)
         except (ValueError, StorageError) as e:
             skipped.append((uri, str(e)))
             continue
-        labels = label_map(seg, image)
+        [(labels, _)] = image_label_maps(seg, decoded.input[None], [decoded.size])
         stem = Path(uri).stem
         Image.fromarray(labels).save(out_dir / "labels" / f"{stem}.png")
-        Image.fromarray(overlay(image, labels)).save(out_dir / "overlays" / f"{stem}.png")
+        (out_dir / "overlays" / f"{stem}.png").write_bytes(overlay_png(decoded.full, labels))
         done += 1
         print(f"[predict] {i + 1}/{len(files)} {stem}", flush=True)
     for uri, error in skipped:

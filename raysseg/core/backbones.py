@@ -1,10 +1,14 @@
-"""Feature backbones: DINO ViTs (timm) and ResNet + FPN (torchvision), plus weight loading.
+"""Feature backbones: DINO and DINOv2 ViTs (timm) and ResNet + FPN (torchvision), plus weight loading.
 
 Every backbone maps ImageNet-normalised images [B, 3, H, W] to a feature map
 [B, C, H / stride, W / stride]. ViTs can also return the pre-softmax attention logits
 of their last block between patch tokens (used by HP's local hidden positives).
-Nothing here downloads weights: models are built randomly initialised (seed with
-``torch.manual_seed``) and checkpoints are loaded only from a path or s3:// URI.
+ViTs take any input size that is a multiple of their patch: timm's ``dynamic_img_size``
+resamples the position table (bicubic, antialiased, by output size; DINO's and DINOv2's
+own code resample by scale factor with a 0.1 offset: equal at the training grid, close
+elsewhere). Nothing here downloads weights: models are built randomly initialised (seed with
+``torch.manual_seed``) and checkpoints are loaded from a path or whatever ``read_bytes``
+reads (s3:// URIs; names of :mod:`raysseg.io.weights`).
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from torch import Tensor, nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# backbone name -> timm structure name
+# backbone name -> timm structure name (DINO: timm's ViTs at 224; DINOv2: timm's own names, at 518)
 VIT_MODELS = {
     "vit_small_patch16": "vit_small_patch16_224",
     "vit_small_patch8": "vit_small_patch8_224",
+    "vit_base_patch16": "vit_base_patch16_224",
     "vit_base_patch8": "vit_base_patch8_224",
+    **{name: name for name in ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2",
+                               "vit_small_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2")},
 }
 # backbone name -> (torchvision constructor name, channels of layer1..layer4)
 RESNET_MODELS = {
@@ -96,7 +103,7 @@ class Backbone(nn.Module):
     def __init__(self, name: str, dim: int, stride: int):
         super().__init__()
         self.name, self.dim, self.stride = name, dim, stride
-        self.frozen = False
+        self.frozen = self.trunk_frozen = self.batchnorm_frozen = False
 
     def freeze(self) -> Backbone:
         """Disable gradients for every parameter and pin eval mode."""
@@ -105,8 +112,34 @@ class Backbone(nn.Module):
         return self.eval()
 
     def train(self, mode: bool = True) -> Backbone:
-        # A frozen backbone stays in eval mode (BatchNorm statistics, dropout) whatever the caller does.
-        return super().train(mode and not self.frozen)
+        # A frozen backbone stays in eval mode (BatchNorm statistics, dropout) whatever the caller does;
+        # so do a frozen trunk and BatchNorm layers pinned by freeze_batchnorm.
+        super().train(mode and not self.frozen)
+        pinned = [self.trunk_module()] if self.trunk_frozen else []
+        if self.batchnorm_frozen:
+            pinned += [m for m in self.trunk_module().modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for module in pinned:
+            for sub in module.modules():
+                sub.training = False  # not .eval(): the trunk may be this module itself
+        return self
+
+    def trunk_module(self) -> nn.Module:
+        """The pretrainable part (ResNet stages, ViT blocks); a ResNet-FPN's FPN is not part of it."""
+        return self
+
+    def freeze_trunk(self) -> Backbone:
+        """Fix the trunk (no gradients, eval mode); the rest (an FPN) still trains."""
+        self.trunk_module().requires_grad_(False)
+        self.trunk_frozen = True
+        return self.train(self.training)
+
+    def freeze_batchnorm(self) -> Backbone:
+        """Keep the trunk's BatchNorm layers at their (pretrained) statistics and affine parameters."""
+        for m in self.trunk_module().modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.requires_grad_(False)
+        self.batchnorm_frozen = True
+        return self.train(self.training)
 
     def forward(self, x: Tensor, with_attention: bool = False) -> BackboneOutput:
         """x: ImageNet-normalised [B, 3, H, W] with H, W divisible by ``stride``."""
@@ -206,6 +239,9 @@ class ResNetFPNBackbone(Backbone):
         self.fpn = FPN(channels, fpn_dim)
         self.pooled_dim = channels[-1]
 
+    def trunk_module(self) -> nn.Module:
+        return self.trunk
+
     def _features(self, x: Tensor, with_attention: bool) -> BackboneOutput:
         if with_attention:
             raise BackboneError(
@@ -241,8 +277,23 @@ def build_backbone(
 
 # Key prefixes stripped from checkpoints (DDP wrapper, DINO backbone, MoCo query encoder).
 _WRAPPER_PREFIXES = ("module.", "backbone.", "encoder_q.")
-# Keys of training heads that are never part of a backbone.
-_DROPPED_PREFIXES = ("head.", "fc.")
+# Keys of training heads that are never part of a backbone (DINO, torchvision/MoCo, SwAV).
+_DROPPED_PREFIXES = ("head.", "fc.", "projection_head.", "prototypes.")
+
+
+def dinov2_to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A DINOv2 backbone state dict (facebookresearch/dinov2 names) in timm's names.
+
+    ``mask_token`` (masked-image training only) is dropped. With registers, timm keeps the
+    position table for patches only: ``register_tokens`` -> ``reg_token``, and the class
+    token's position ``pos_embed[:, 0]`` (never resampled) is added into ``cls_token``,
+    which gives the same tokens as DINOv2 adding it after concatenation."""
+    state = {k: v for k, v in state.items() if k != "mask_token"}
+    if "register_tokens" in state:
+        state["reg_token"] = state.pop("register_tokens")
+        state["cls_token"] = state["cls_token"] + state["pos_embed"][:, :1]
+        state["pos_embed"] = state["pos_embed"][:, 1:]
+    return state
 
 
 def _checkpoint_state_dict(obj: object) -> dict[str, Tensor] | None:
@@ -264,6 +315,8 @@ def _checkpoint_state_dict(obj: object) -> dict[str, Tensor] | None:
             key = key.removeprefix(prefix)
         if not key.startswith(_DROPPED_PREFIXES):
             cleaned[key] = value
+    if "mask_token" in cleaned or "register_tokens" in cleaned:  # DINOv2's own names
+        cleaned = dinov2_to_timm(cleaned)
     return cleaned
 
 
@@ -283,9 +336,10 @@ def _few(keys: list[str], limit: int = 4) -> str:
 
 
 def _read_local(uri: str) -> bytes:
-    if "://" in uri:
-        raise BackboneWeightsError(f"model.weights: {uri} needs a storage reader (read_bytes); "
-                                   "give a local path or load through raysseg's runners")
+    if "://" in uri or ("/" not in uri and "." not in uri and not Path(uri).exists()):
+        raise BackboneWeightsError(f"model.weights: {uri} needs a reader for URIs and weights names (read_bytes="
+                                   "raysseg.io.weights.read_weights); give a local path or load through "
+                                   "raysseg's runners")
     if not Path(uri).is_file():
         raise BackboneWeightsError(f"model.weights: {uri} not found; give a backbone checkpoint file")
     return Path(uri).read_bytes()
@@ -295,9 +349,10 @@ def load_backbone_weights(module: Backbone, uri: str, name: str, read_bytes=None
     """Load a checkpoint from a local path (or a URI ``read_bytes`` reads) into ``module`` (in place).
 
     Accepts a plain state dict, DINO checkpoints (``teacher``/``student``/``state_dict``/
-    ``model``; ``module.``/``backbone.`` prefixes; ``head.*`` dropped) and torchvision/MoCo
-    ResNet trunks (``module.encoder_q.``; ``fc.*`` dropped). A trunk-only checkpoint
-    leaves the FPN as initialised. Raises BackboneWeightsError on any other mismatch.
+    ``model``; ``module.``/``backbone.`` prefixes; ``head.*`` dropped), DINOv2 backbones
+    (:func:`dinov2_to_timm`) and torchvision/MoCo/SwAV ResNet trunks (``module.encoder_q.``
+    or ``module.``; ``fc.*``, ``projection_head.*``, ``prototypes.*`` dropped). A trunk-only
+    checkpoint leaves the FPN as initialised. Raises BackboneWeightsError on any other mismatch.
     """
     data = (read_bytes or _read_local)(uri)
     try:

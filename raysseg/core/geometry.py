@@ -1,7 +1,11 @@
 """Backbone geometry without building a model: the one table of strides (pure Python)."""
 from __future__ import annotations
 
-VIT_PATCH = {"vit_small_patch16": 16, "vit_small_patch8": 8, "vit_base_patch8": 8}  # pixels per token
+VIT_PATCH = {  # pixels per token: DINO (timm ViT names) and DINOv2, with and without 4 register tokens
+    "vit_small_patch16": 16, "vit_small_patch8": 8, "vit_base_patch16": 16, "vit_base_patch8": 8,
+    "vit_small_patch14_dinov2": 14, "vit_base_patch14_dinov2": 14,
+    "vit_small_patch14_reg4_dinov2": 14, "vit_base_patch14_reg4_dinov2": 14,
+}
 RESNET_FPN = ("resnet18_fpn", "resnet50_fpn")  # features at 1/4 from a trunk that downsamples by 32
 BACKBONES = tuple(VIT_PATCH) + RESNET_FPN
 

@@ -33,6 +33,10 @@ class Segmenter(nn.Module):
         fpn_dim = cfg.model.fpn_dim if cfg.model.backbone.endswith("_fpn") else None
         self.backbone = build_backbone(cfg.model.backbone, weights=weights, frozen=cfg.model.frozen, fpn_dim=fpn_dim,
                                        read_bytes=read_bytes)
+        if not cfg.model.frozen and cfg.train.trunk_lr_scale == 0:
+            self.backbone.freeze_trunk()
+        if not cfg.model.frozen and cfg.model.freeze_bn:
+            self.backbone.freeze_batchnorm()
         self.head: nn.Module | None = head(cfg, self.backbone.dim) if head is not None else None
         self.code_dim = self.head.code_dim if self.head is not None else self.backbone.dim
         self.stride = stride or feature_stride(cfg.model.backbone)
@@ -41,6 +45,18 @@ class Segmenter(nn.Module):
         self.register_buffer("centroids", torch.zeros(cfg.n_clusters, self.code_dim))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self.precision = cfg.train.precision  # of inference (codes); assignments are exact fp32 always
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The trainable parameters for an optimiser: a trainable trunk at ``lr x train.trunk_lr_scale``,
+        everything else (FPN, head) at ``lr``; each group keeps its ``lr_scale``."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        scale = self.cfg.train.trunk_lr_scale
+        if scale == 1.0:  # one group, as checkpoints written before trunk_lr_scale have
+            return [{"params": trainable, "lr": lr}]
+        trunk = {id(p) for p in self.backbone.trunk_module().parameters()}
+        groups = [{"params": [p for p in trainable if id(p) in trunk], "lr": lr * scale, "lr_scale": scale},
+                  {"params": [p for p in trainable if id(p) not in trunk], "lr": lr, "lr_scale": 1.0}]
+        return [g for g in groups if g["params"]]
 
     @property
     def input_multiple(self) -> int:

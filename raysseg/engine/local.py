@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from raysseg.core.batches import rebatch
-from raysseg.engine.inputs import check_inputs, prepared_split, run_plan
-from raysseg.engine.loop import CHECKPOINT_FILE, RunStopped, WorkerEnv, train_worker
+from raysseg.core.batches import rebatch, valid_rows
+from raysseg.engine.inputs import check_training, prepared_split, run_plan
+from raysseg.engine.loop import CHECKPOINT_FILE, RunStopped, WorkerEnv, checkpoint_position, train_worker
 from raysseg.io import storage, tracking
 from raysseg.io.images import EPOCH_SEED, list_split, read_plan
 from raysseg.methods.shared import LocalSharedState
@@ -37,6 +37,7 @@ class LocalShard:
     def __init__(self, items: list[dict], decode, shuffle: bool = False, seed: int = 0, epoch_seeded: bool = False):
         self.items, self.decode, self.shuffle, self.seed, self.epoch_seeded = items, decode, shuffle, seed, epoch_seeded
         self.epoch = 0
+        self.skipped: set[tuple[str, str]] = set()  # (path, reason) of the rows that did not decode
 
     def _decoded(self):
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -44,7 +45,9 @@ class LocalShard:
         seeds = {"seed": (self.seed, self.epoch)} if self.epoch_seeded else {}
         for start in range(0, len(order), DECODE_ROWS):
             chunk = [self.items[i] for i in order[start:start + DECODE_ROWS]]
-            yield self.decode({k: np.array([item[k] for item in chunk], dtype=object) for k in chunk[0]}, **seeds)
+            batch = self.decode({k: np.array([item[k] for item in chunk], dtype=object) for k in chunk[0]}, **seeds)
+            self.skipped.update(valid_rows(batch)[1])
+            yield batch
 
     def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False, **_):
         return rebatch(self._decoded(), batch_size, drop_last)
@@ -83,6 +86,7 @@ class LocalCheckpoints:
         self.root, self.keep = root.rstrip("/"), keep
         self.metrics: dict = {}
         self.latest: str = ""
+        self.progress: dict = {}  # of the newest checkpoint restored or written
 
     def _steps(self, name: str) -> list[int]:
         if not storage.exists(self.root):
@@ -99,7 +103,9 @@ class LocalCheckpoints:
         if not steps:
             return None
         uri = f"{self.root}/local_{steps[-1]:09d}/{name}"
-        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False), uri
+        state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
+        self.progress = dict(state.get("progress", {}))
+        return state, uri
 
     def report(self, metrics: dict, payload: dict | None, name: str) -> None:
         self.metrics = dict(metrics)
@@ -110,6 +116,7 @@ class LocalCheckpoints:
         step = int(payload.get("progress", {}).get("step", 0))
         self.latest = f"{self.root}/local_{step:09d}/{name}"
         storage.write_bytes_atomic(self.latest, buf.getvalue())
+        self.progress = dict(payload.get("progress", {}))
         for old in self._steps(name)[:-self.keep]:
             storage.remove_tree(f"{self.root}/local_{old:09d}")
 
@@ -127,15 +134,16 @@ def train_local(cfg, tracking_uri: str = "", datasets: dict | None = None, devic
     read from ``cfg.data.train``."""
     from raysseg.io.lease import RunLease
 
-    n_images = check_inputs(cfg)
+    n_images, listing = check_training(cfg)  # the training split's one listing, used by everything below
     if tracking_uri:
         tracking.check_reachable(tracking_uri)
     with RunLease(cfg.train.storage, cfg.run_name()):
-        return _train_local(cfg, n_images, tracking_uri, datasets, device)
+        return _train_local(cfg, n_images, tracking_uri, datasets, device, listing)
 
 
-def _train_local(cfg, n_images: int, tracking_uri: str, datasets: dict | None, device) -> LocalResult:
-    plan, reads = run_plan(cfg, None if datasets is not None else prepared_split(cfg))
+def _train_local(cfg, n_images: int, tracking_uri: str, datasets: dict | None, device, listing=None) -> LocalResult:
+    prepared = None if datasets is not None else prepared_split(cfg, listing=listing)
+    plan, reads = run_plan(cfg, prepared, listing=listing)
     if datasets is None:
         datasets = local_shards(cfg, reads)
     run_name = cfg.run_name()
@@ -157,7 +165,8 @@ def _train_local(cfg, n_images: int, tracking_uri: str, datasets: dict | None, d
     except KeyboardInterrupt:
         _finish(logger, "KILLED")
         steps = checkpoints._steps(CHECKPOINT_FILE)
-        kept = (f"kept {checkpoints.root}/local_{steps[-1]:09d}/{CHECKPOINT_FILE} (step {steps[-1]})" if steps
+        kept = (f"kept {checkpoints.root}/local_{steps[-1]:09d}/{CHECKPOINT_FILE} "
+                f"({checkpoint_position(checkpoints.progress, cfg.train.epochs)})" if steps
                 else "no checkpoint was written yet")
         killed = f"; MLflow run {logger.run_id} marked KILLED" if logger is not None else ""
         raise RunStopped(f"run {run_name} stopped: {kept}{killed}; run the same command again to resume") from None
@@ -168,7 +177,20 @@ def _train_local(cfg, n_images: int, tracking_uri: str, datasets: dict | None, d
         logger.set_tag(tracking.CHECKPOINT_TAG, checkpoints.latest)
         logger.finish("FINISHED")
     print(f"run {run_name} finished in process in {time.perf_counter() - t0:.1f}s: {checkpoints.latest}", flush=True)
+    _report_skipped(datasets, checkpoints.latest)
     return LocalResult(run_name, checkpoints.latest, checkpoints.metrics, shared.trace())
+
+
+def _report_skipped(datasets: dict, checkpoint: str) -> None:
+    """The summary's ``skipped_files`` line (as a Ray run prints it) and, when files were skipped, their list with
+    reasons in ``skipped_files.txt`` beside the checkpoint (also without MLflow)."""
+    skipped = sorted(set().union(*(getattr(d, "skipped", set()) for d in datasets.values())))
+    where = ""
+    if skipped and checkpoint:
+        listing = f"{checkpoint.rsplit('/', 1)[0]}/skipped_files.txt"
+        storage.write_bytes_atomic(listing, "".join(f"{path}\t{error}\n" for path, error in skipped).encode())
+        where = f" (listed in {listing})"
+    print(f"  {'skipped_files':<22}{len(skipped):>12}{where}", flush=True)
 
 
 def _finish(logger, status: str) -> None:
@@ -186,11 +208,13 @@ def pretrain_local(cfg, datasets: dict | None = None, device=None) -> LocalResul
     is ``moco.pt`` (query and key encoders, queue, optimizer), without MLflow."""
     from raysseg.engine.loop import pretrain_worker
 
-    n_images = len(list_split(cfg.data.train, with_labels=False).images)
+    listing = list_split(cfg.data.train)
+    n_images = len(listing)
     n_images = min(n_images, cfg.data.limit) if cfg.data.limit else n_images
     if datasets is None:
         items, decode = read_plan(cfg.data.train, image_size=cfg.data.image_size, train=False, with_labels=False,
-                                  limit=cfg.data.limit or None, prepared=prepared_split(cfg))
+                                  limit=cfg.data.limit or None, prepared=prepared_split(cfg, listing=listing),
+                                  listing=listing)
         datasets = {"train": LocalShard(items, decode, shuffle=True, seed=cfg.train.seed)}
     run_name = f"{cfg.run_name()}-pretrain"
     checkpoints = LocalCheckpoints(f"{cfg.train.storage.rstrip('/')}/{run_name}", cfg.train.checkpoints_to_keep)

@@ -26,7 +26,7 @@ from raysseg.core.distributed import all_gather, barrier
 from raysseg.core.precision import precision_for
 from raysseg.core.progress import Progress
 from raysseg.core.selection import SCORE_IMAGES, view_nmi
-from raysseg.io import storage
+from raysseg.io.weights import read_weights
 from raysseg.methods.base import TrainContext
 from raysseg.methods.registry import build_segmenter, build_trainer, spec
 
@@ -229,7 +229,7 @@ def _restore(env: WorkerEnv, cfg, seg, trainer) -> dict:
 def train_worker(cfg, env: WorkerEnv, n_images: int, plan: dict) -> None:
     """One worker's whole run: the method's epochs, then the offline k-means; checkpoints on the way."""
     _setup_worker(env, cfg.train.seed)
-    seg = build_segmenter(cfg, read_bytes=storage.read_bytes).to(env.device)
+    seg = build_segmenter(cfg, read_bytes=read_weights).to(env.device)
     prepare_model(seg, env.device, cfg.model.backbone, cfg.train.compile)
     logger = env.logger if env.rank == 0 else None
     trainer = None
@@ -303,6 +303,15 @@ def epoch_line(cfg, world: int, epoch: int, stats: dict, seconds: float) -> str:
             f"{left:.0f} s left (then k-means)")
 
 
+def checkpoint_position(progress: dict, epochs: int) -> str:
+    """Where a checkpoint's ``progress`` stands, numbered as the progress lines number epochs (from 1):
+    ``epoch 4/4, step 10`` inside epoch 4, ``end of epoch 3/4, step 9`` after it."""
+    epoch, step = progress.get("epoch", 0), progress.get("step", 0)
+    if progress.get("epoch_step", 0):
+        return f"epoch {epoch + 1}/{epochs}, step {step}"
+    return f"end of epoch {epoch}/{epochs}, step {step}" if epoch else f"step {step}"
+
+
 # ---------------------------------------------------------------- MoCo v2 pretraining
 
 
@@ -323,7 +332,7 @@ def pretrain_worker(cfg, env: WorkerEnv, n_images: int) -> None:
     _setup_worker(env, cfg.train.seed)
     pc = cfg.pretrain
     rank, world, logger = env.rank, env.world, env.logger if env.rank == 0 else None
-    moco = build_moco(cfg, env.device, read_bytes=storage.read_bytes)
+    moco = build_moco(cfg, env.device, read_bytes=read_weights)
     steps_per_epoch = (n_images // world) // pc.batch_size
     ctx = TrainContext(rank=rank, world=world, device=env.device, shared=env.shared,
                        total_steps=steps_per_epoch * pc.epochs, wrap_model=env.wrap_model,

@@ -48,12 +48,33 @@ def _with_segments(rows: dict, options: dict, cache: dict) -> dict:
     return {**rows, "segments": np.stack(segments)}
 
 
-def memory_datasets(cfg, rows: dict) -> tuple[dict, dict[str, BatchShard]]:
+def memory_tables(cfg, rows: dict, seg) -> dict[str, dict]:
+    """The method's precomputed tables over ``rows`` (:class:`raysseg.methods.base.PrecomputedTable`), in memory."""
+    tables = {}
+    for name, table in spec(cfg.method).tables(cfg).items():
+        with torch.no_grad():
+            vectors = torch.cat([table.vectors(seg, rows["image"][i:i + cfg.eval.batch_size]).float().cpu()
+                                 for i in range(0, len(rows["image"]), cfg.eval.batch_size)])
+        tables[name] = {"paths": [str(p) for p in rows["path"]], "rows": np.asarray(table.rows(vectors, 0, len(vectors)))}
+    return tables
+
+
+def _with_partners(rows: dict, partners: dict) -> dict:
+    """``rows`` plus each row's first partner candidate as ``partner`` (the readers draw one per epoch)."""
+    index = {str(p): i for i, p in enumerate(rows["path"])}
+    picked = [index[partners[str(p)][0]] for p in rows["path"]]
+    return {**rows, "partner": rows["image"][picked], "partner_path": rows["path"][picked]}
+
+
+def memory_datasets(cfg, rows: dict, seg=None) -> tuple[dict, dict[str, BatchShard]]:
     """(the method's plan, its datasets as shards of ``rows``): the pool keeps only its planned files;
-    datasets with ``segments`` options get the pseudo segments of their images."""
+    datasets with ``segments`` options get the pseudo segments of their images, those with ``partners`` their
+    partners (the method's tables are computed here with ``seg``)."""
     method = spec(cfg.method)
     files = [str(p) for p in rows["path"]]
     plan = method.plan(cfg, files, (cfg.data.image_size // output_stride(cfg)) ** 2) if method.plan else {}
+    if method.tables(cfg):
+        plan["tables"] = memory_tables(cfg, rows, seg)
     wanted = {"cluster": {"train": False}, **method.datasets(cfg, plan)}
     datasets, cache = {}, {}
     for name, options in wanted.items():
@@ -63,6 +84,8 @@ def memory_datasets(cfg, rows: dict) -> tuple[dict, dict[str, BatchShard]]:
             picked = {k: v[keep] for k, v in rows.items()}
         if options.get("segments"):
             picked = _with_segments(picked, options["segments"], cache)
+        if options.get("partners"):
+            picked = _with_partners(picked, options["partners"])
         datasets[name] = BatchShard([picked])
     return plan, datasets
 
@@ -91,7 +114,7 @@ def build_rig(cfg, rows: dict, device, total_steps: int = 1000) -> StepRig:
     torch.manual_seed(cfg.train.seed)
     seg = build_segmenter(cfg).to(device)
     prepare_model(seg, device, cfg.model.backbone, cfg.train.compile)
-    plan, datasets = memory_datasets(cfg, rows)
+    plan, datasets = memory_datasets(cfg, rows, seg)
     ctx = TrainContext(rank=0, world=1, device=device, shared=LocalSharedState(), total_steps=total_steps,
                        plan=plan, precision=precision_for(cfg, device))
     trainer = build_trainer(cfg, seg, ctx)

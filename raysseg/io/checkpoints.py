@@ -33,7 +33,7 @@ def read_checkpoint(uri: str) -> dict:
     if uri.startswith(("runs:/", "models:/")):
         import mlflow
 
-        from raysseg.io.tracking import tracking_uri
+        from raysseg.io.store_uri import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri())  # $MLFLOW_TRACKING_URI, else the local store
         try:

@@ -12,21 +12,22 @@ a one-line error naming the file and what to do.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from raysseg.io import storage
-
-if TYPE_CHECKING:
-    from raysseg.io.prepared import PreparedSplit
 
 
 class DatasetError(ValueError):
@@ -43,39 +44,19 @@ def read_classes(root_uri: str) -> list[str]:
 
 
 def upload(local_dir: str, s3_uri: str) -> int:
-    """Copy a dataset folder into a bucket/prefix, printing progress. Returns the number of files."""
+    """Copy a dataset folder into a bucket/prefix, with one progress line (:class:`ProgressLine`). Returns the
+    number of files."""
+    from raysseg.core.progress import ProgressLine
 
-    def progress(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 20) == 0:
-            print(f"uploaded {done}/{total} files to {s3_uri}", flush=True)
-
-    return storage.copy_tree(local_dir, s3_uri, progress=progress)
+    return storage.copy_tree(local_dir, s3_uri, progress=ProgressLine(f"upload to {s3_uri}", "files").update)
 
 
 
 # --------------------------------------------------------------------------- split listing
 
 
-@dataclass
-class SplitFiles:
-    """Image URIs of a split (under ``images/``, sub-folders included) and, when requested, the label URIs
-    paired with them by relative path; ``left_out``: (URI, reason) of every other file under ``images/``."""
-
-    images: list[str]
-    labels: list[str] | None
-    left_out: list[tuple[str, str]] = field(default_factory=list)
-
-    def left_out_line(self) -> str:
-        """One line counting and naming the files of ``images/`` that are not read ('' when there are none)."""
-        if not self.left_out:
-            return ""
-        names = ", ".join(_name(uri) for uri, _ in self.left_out[:3]) + (", ..." if len(self.left_out) > 3 else "")
-        reasons = sorted({reason for _, reason in self.left_out})
-        return (f"{len(self.left_out)} file(s) under images/ left out ({'; '.join(reasons)}): {names}: "
-                f"convert them to {FORMATS} or move them out of images/")
-
-
 FORMATS = "PNG, JPEG, WebP, TIFF or BMP"
+LEFT_OUT_KEPT = 20  # left-out files named in a listing (all of them are counted)
 
 
 def _name(uri: str) -> str:
@@ -98,61 +79,251 @@ def _left_out_reason(rel: str) -> str | None:
     return None
 
 
-def list_image_stats(split_uri: str) -> tuple[list[storage.FileStat], list[tuple[str, str]]]:
-    """(the images under ``<split>/images/`` in sorted relative-path order, sub-folders included, with
-    size and modification time; (URI, reason) of every other file there, which is left out)."""
-    images_uri = storage.join(split_uri, "images")
-    files = storage.list_file_stats(images_uri, suffixes=None, recursive=True)
-    images, left_out = [], []
-    for f in files:
-        reason = _left_out_reason(_relative(images_uri, f.uri))
-        if reason:
-            left_out.append((f.uri, reason))
-        else:
-            images.append(f)
-    return images, left_out
-
-
-def _pairing_key(root_uri: str, uri: str) -> str:
-    """What pairs an image with its label: the relative path without the extension ('city/a')."""
-    return os.path.splitext(_relative(root_uri, uri))[0]
-
-
 def _first(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
-def list_split(uri: str, with_labels: bool) -> SplitFiles:
-    """List ``images/`` (and, if ``with_labels``, ``labels/``) of a split; every image needs a label at the
-    same relative path with the extension .png (images/city/a.jpg -> labels/city/a.png)."""
-    images_uri = storage.join(uri, "images")
-    if not storage.exists(images_uri):
-        storage.require_bucket(uri)  # name a missing bucket, not a missing folder
+class Uris(Sequence):
+    """The URIs ``<root>/<rel>`` of a column of relative paths, made one at a time: a compact, picklable
+    sequence (an Arrow string array and the root) instead of a Python string per file."""
+
+    def __init__(self, root: str, rel: pa.Array):
+        self.root, self.rel = root, rel
+
+    def __len__(self) -> int:
+        return len(self.rel)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self.rel))
+            rel = self.rel.slice(start, max(0, stop - start)) if step == 1 else self.rel.take(np.arange(start, stop, step))
+            return Uris(self.root, rel)
+        return storage.join(self.root, *str(self.rel[int(i)]).split("/"))
+
+    def __iter__(self):
+        for start in range(0, len(self.rel), 4096):
+            for rel in self.rel.slice(start, 4096).to_pylist():
+                yield storage.join(self.root, *rel.split("/"))
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"Uris({self.root!r}, {len(self)} files)"
+
+    def relative(self, uris) -> list[str]:
+        """The relative paths of ``uris`` (URIs under this root)."""
+        return [_relative(self.root, uri) for uri in uris]
+
+
+@dataclass(frozen=True)
+class SplitListing:
+    """One listing of a split (``images/`` and ``labels/`` together), kept compact: per image its path relative
+    to ``images/`` (an Arrow string array, sorted), size and modification time (int64 arrays), and the path of
+    its label relative to ``labels/`` (null when it has none; ``label_rel`` None when there is no labels/).
+    ``labels`` is set once pairing is checked (:meth:`with_labels`). Files under ``images/`` that are not read
+    are counted (``n_left_out``) and the first ``LEFT_OUT_KEPT`` named in ``left_out`` (URI, reason).
+    ``pages``: the listing pages read (on S3, LIST requests)."""
+
+    uri: str
+    rel: pa.Array
+    size: np.ndarray
+    mtime_ns: np.ndarray
+    label_rel: pa.Array | None
+    unmatched_labels: tuple[int, tuple[str, ...]] = (0, ())  # (count, first few) of labels that match no image
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+    n_left_out: int = 0
+    left_out_reasons: tuple[str, ...] = ()
+    pages: int = 0
+    labelled: bool = False
+
+    def __len__(self) -> int:
+        return len(self.rel)
+
+    @property
+    def images_uri(self) -> str:
+        return storage.join(self.uri, "images")
+
+    @property
+    def labels_uri(self) -> str:
+        return storage.join(self.uri, "labels")
+
+    @property
+    def images(self) -> Uris:
+        """The image URIs, in sorted relative-path order."""
+        return Uris(self.images_uri, self.rel)
+
+    @property
+    def labels(self) -> Uris | None:
+        """The label URI of each image (:meth:`with_labels` checked that every image has one), else None."""
+        return Uris(self.labels_uri, self.label_rel) if self.labelled else None
+
+    def stats(self) -> Iterator[storage.FileStat]:
+        """URI, size and modification time of each image, one at a time (the prepared-data cache's key)."""
+        for i, uri in enumerate(self.images):
+            yield storage.FileStat(uri, int(self.size[i]), int(self.mtime_ns[i]))
+
+    def left_out_line(self) -> str:
+        """One line counting and naming the files of ``images/`` that are not read ('' when there are none)."""
+        if not self.n_left_out:
+            return ""
+        names = ", ".join(_name(uri) for uri, _ in self.left_out[:3]) + (", ..." if self.n_left_out > 3 else "")
+        return (f"{self.n_left_out} file(s) under images/ left out ({'; '.join(self.left_out_reasons)}): {names}: "
+                f"convert them to {FORMATS} or move them out of images/")
+
+    def with_labels(self) -> "SplitListing":
+        """This listing with ``labels`` set; a DatasetError line unless every image has a label PNG at its
+        relative path (images/city/a.jpg -> labels/city/a.png)."""
+        if self.labelled:
+            return self
+        if self.label_rel is None:
+            raise DatasetError(f"{self.uri} has no labels/ folder but labels were requested: add labels/*.png or "
+                               "use a split with labels")
+        missing = self.label_rel.is_null()
+        n_missing = pc.sum(missing.cast(pa.int64())).as_py() or 0
+        if n_missing:
+            first = self.rel.filter(missing).slice(0, 4).to_pylist()
+            count, unmatched = self.unmatched_labels
+            others = f"; {count} label file(s) match no image (first: {_first(list(unmatched))})" if count else ""
+            raise DatasetError(
+                f"{n_missing} of {len(self)} images in {self.images_uri} have no label PNG at the same relative path "
+                f"in {self.labels_uri} (first: {_first(first)}){others}: name each label like its image with .png "
+                "(images/x/a.jpg -> labels/x/a.png), add the missing labels or remove those images"
+            )
+        return dataclasses.replace(self, labelled=True)
+
+    def rows(self, limit: int | None = None, files=None) -> "Rows":
+        """The read plan's rows: the first ``limit`` images (sorted order), then only those among ``files``
+        (image URIs); with their labels when :meth:`with_labels` was called."""
+        n = len(self) if limit is None else min(limit, len(self))
+        columns = {"rel": self.rel.slice(0, n)}
+        if self.labelled:
+            columns["label_rel"] = self.label_rel.slice(0, n)
+        table = pa.table(columns)
+        if files is not None:
+            table = table.filter(pc.is_in(table["rel"], value_set=pa.array(self.images.relative(files), pa.string())))
+        return Rows(table, self.images_uri, self.labels_uri if self.labelled else None)
+
+
+class Rows(Sequence):
+    """Rows of a read plan kept as an Arrow table of relative paths (``rel``, and ``label_rel``); each row
+    reads as the dict ``{"path": URI}`` (plus ``label_path``) that :func:`_decode_batch` takes. Ray Data gets
+    the table itself (:meth:`table`), whose rows the batch function resolves against the same roots."""
+
+    def __init__(self, table: pa.Table, images_root: str, labels_root: str | None):
+        self._table, self.images_root, self.labels_root = table, images_root, labels_root
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[k] for k in range(start, stop, step)]
+            return Rows(self._table.slice(start, max(0, stop - start)), self.images_root, self.labels_root)
+        i = int(i)
+        row = {"path": storage.join(self.images_root, *str(self._table["rel"][i]).split("/"))}
+        if self.labels_root is not None:
+            row["label_path"] = storage.join(self.labels_root, *str(self._table["label_rel"][i]).split("/"))
+        return row
+
+    def __iter__(self):
+        for start in range(0, len(self), 4096):
+            yield from self[start:start + 4096]._rows()
+
+    def _rows(self) -> Iterator[dict]:
+        labels = self._table["label_rel"].to_pylist() if self.labels_root is not None else None
+        for i, rel in enumerate(self._table["rel"].to_pylist()):
+            row = {"path": storage.join(self.images_root, *rel.split("/"))}
+            if labels is not None:
+                row["label_path"] = storage.join(self.labels_root, *labels[i].split("/"))
+            yield row
+
+    def table(self) -> pa.Table:
+        """The rows as Arrow: ``rel`` (and ``label_rel``), relative to ``images_root`` (and ``labels_root``)."""
+        return self._table
+
+
+def _pages(uri: str) -> Iterator[list[tuple[str, int, int]]]:
+    """The listing pages of a split: everything under it on S3 (one prefix, so one listing), ``images/`` and
+    ``labels/`` of a local folder."""
+    return storage.list_pages(uri, subfolders=("images", "labels"))
+
+
+def list_split(uri: str, with_labels: bool = False) -> SplitListing:
+    """List a split once: ``images/`` and ``labels/`` together, streamed a page at a time, each image kept as
+    its relative path, size and modification time; its label (the same relative path with .png) paired by
+    vectorised lookups. ``with_labels``: every image must have a label (:meth:`SplitListing.with_labels`).
+    A missing or empty ``images/`` is one DatasetError line; a missing bucket one StorageError line."""
+    local = not storage.is_s3(uri)
+    if local and not os.path.isdir(storage.join(uri, "images")):
         raise DatasetError(f"{uri} has no images/ folder: a split needs images/ ({FORMATS} files, sub-folders "
                            "allowed) and, for evaluation, labels/*.png")
-    stats, left_out = list_image_stats(uri)
-    images = [f.uri for f in stats]
-    if not images:
-        found = f" (only {len(left_out)} other file(s): {_first([_name(u) for u, _ in left_out])})" if left_out else ""
+    image_chunks, size_chunks, time_chunks, label_chunks = [], [], [], []
+    left_out: list[tuple[str, str]] = []
+    n_left_out, reasons, pages, anything_in_images = 0, set(), 0, False
+    images_uri = storage.join(uri, "images")
+    for page in _pages(uri):
+        pages += 1
+        rels, sizes, times, labels = [], [], [], []
+        for path, size, mtime in page:
+            top, _, rel = path.partition("/")
+            if top == "images" and rel:
+                anything_in_images = True
+                reason = _left_out_reason(rel)
+                if reason is None:
+                    rels.append(rel)
+                    sizes.append(size)
+                    times.append(mtime)
+                else:
+                    n_left_out += 1
+                    reasons.add(reason)
+                    if len(left_out) < LEFT_OUT_KEPT:
+                        left_out.append((storage.join(images_uri, *rel.split("/")), reason))
+            elif top == "labels" and rel.lower().endswith(".png"):
+                labels.append(rel)
+        if rels:
+            image_chunks.append(pa.array(rels, pa.string()))
+            size_chunks.append(np.array(sizes, np.int64))
+            time_chunks.append(np.array(times, np.int64))
+        if labels:
+            label_chunks.append(pa.array(labels, pa.string()))
+    if not local and not anything_in_images:  # S3 has no empty folders (a missing bucket raised already)
+        raise DatasetError(f"{uri} has no images/ folder: a split needs images/ ({FORMATS} files, sub-folders "
+                           "allowed) and, for evaluation, labels/*.png")
+    if not image_chunks:
+        found = f" (only {n_left_out} other file(s): {_first([_name(u) for u, _ in left_out])})" if n_left_out else ""
         raise DatasetError(f"{images_uri} holds no {FORMATS} images{found}: put the split's images there")
-    if not with_labels:
-        return SplitFiles(images, None, left_out)
-    labels_uri = storage.join(uri, "labels")
-    if not storage.exists(labels_uri):
-        raise DatasetError(f"{uri} has no labels/ folder but labels were requested: add labels/*.png or use a split with labels")
-    by_key = {_pairing_key(labels_uri, p): p for p in storage.list_files(labels_uri, suffixes=(".png",), recursive=True)}
-    missing = [p for p in images if _pairing_key(images_uri, p) not in by_key]
-    if missing:
-        wanted = {_pairing_key(images_uri, p) for p in images}
-        unmatched = [_relative(labels_uri, p) for k, p in by_key.items() if k not in wanted]
-        others = (f"; {len(unmatched)} label file(s) match no image (first: {_first(unmatched)})"
-                  if unmatched else "")
-        raise DatasetError(
-            f"{len(missing)} of {len(images)} images in {images_uri} have no label PNG at the same relative path in "
-            f"{labels_uri} (first: {_first([_relative(images_uri, p) for p in missing])}){others}: name each label like "
-            "its image with .png (images/x/a.jpg -> labels/x/a.png), add the missing labels or remove those images"
-        )
-    return SplitFiles(images, [by_key[_pairing_key(images_uri, p)] for p in images], left_out)
+    rel = pa.concat_arrays(image_chunks)
+    size, mtime = np.concatenate(size_chunks), np.concatenate(time_chunks)
+    if len(rel) > 1 and not pc.all(pc.less_equal(rel.slice(0, len(rel) - 1), rel.slice(1))).as_py():
+        order = pc.sort_indices(rel)  # both listings come in path order; this is a safeguard
+        rel, size, mtime = rel.take(order), size[order.to_numpy()], mtime[order.to_numpy()]
+    label_rel, unmatched = None, (0, ())
+    if label_chunks or (local and os.path.isdir(storage.join(uri, "labels"))):
+        labels = pa.concat_arrays(label_chunks) if label_chunks else pa.array([], pa.string())
+        label_keys = _stems(labels)
+        at = pc.index_in(_stems(rel), value_set=label_keys)
+        label_rel = labels.take(at)
+        matched = pc.is_in(label_keys, value_set=_stems(rel))
+        unmatched_rel = labels.filter(pc.invert(matched))
+        unmatched = (len(unmatched_rel), tuple(unmatched_rel.slice(0, 4).to_pylist()))
+    listing = SplitListing(uri, rel, size, mtime, label_rel, unmatched, left_out, n_left_out, tuple(sorted(reasons)),
+                           pages)
+    return listing.with_labels() if with_labels else listing
+
+
+def _stems(rel: pa.Array) -> pa.Array:
+    """What pairs an image with its label: the relative path without its extension ('city/a')."""
+    return pc.replace_substring_regex(rel, pattern=r"\.[^./]*$", replacement="")
+
+
+def list_image_stats(split_uri: str) -> tuple[list[storage.FileStat], list[tuple[str, str]]]:
+    """(the images of a split with size and modification time, in sorted order; (URI, reason) of the first
+    files under images/ that are left out): a listing as Python objects, for small splits."""
+    listing = list_split(split_uri)
+    return list(listing.stats()), listing.left_out
 
 
 # --------------------------------------------------------------------------- decoding + geometry
@@ -249,6 +420,12 @@ def _row_rng(seed: int | tuple | None, path: str) -> np.random.Generator:
     return np.random.default_rng([*(seed if isinstance(seed, tuple) else (seed,)), digest])
 
 
+def pick_partner(seed: int | tuple | None, path: str, n: int) -> int:
+    """Which of its ``n`` partner candidates the row ``path`` reads (the ``partners`` option of :func:`read_plan`):
+    drawn from (``seed``, path) as its crop is, so a seed per epoch draws a new partner every epoch."""
+    return int(_row_rng(seed, "partner\0" + path).integers(n))
+
+
 def random_resized_crop_box(
     rng: np.random.Generator, width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
 ) -> tuple[float, float, float, float]:
@@ -317,12 +494,13 @@ def _decoded(kind: str, uri: str, settings: storage.S3Settings | None, decode) -
 def _load_row(
     path: str, label_path: str | None, settings: storage.S3Settings | None, image_size: int,
     train: bool, crop_scale: tuple[float, float], hflip: bool, seed: int,
-    label_range: tuple[int, int] | None = None,
+    label_range: tuple[int, int] | None = None, image_decoder=None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read, decode and crop one image (and its label with the same geometry, NEAREST).
 
-    ``label_range`` = (n_classes, ignore_index): a label holding any other value is rejected."""
-    image = _decoded("image", path, settings, decode_image)
+    ``label_range`` = (n_classes, ignore_index): a label holding any other value is rejected.
+    ``image_decoder``: bytes -> PIL image, instead of :func:`decode_image` (see :func:`read_plan`)."""
+    image = _decoded("image", path, settings, image_decoder or decode_image)
     label = None
     if label_path is not None:
         label = _decoded("label", label_path, settings, decode_label)
@@ -349,25 +527,39 @@ def _load_row(
 def _decode_batch(
     batch: dict, *, settings: storage.S3Settings | None, image_size: int, train: bool, with_labels: bool,
     crop_scale: tuple[float, float], hflip: bool, seed: int, segments: dict | None = None,
-    label_range: tuple[int, int] | None = None,
+    label_range: tuple[int, int] | None = None, roots: tuple[str, str | None] | None = None, image_decoder=None,
 ) -> dict:
-    """Ray Data map_batches function: file URIs -> decoded rows (invalid rows zeroed, not raised)."""
+    """Ray Data map_batches function: file URIs -> decoded rows (invalid rows zeroed, not raised).
+    Rows give ``path`` (and ``label_path``) as URIs, or as ``rel`` (and ``label_rel``) under ``roots`` (the
+    images/ and labels/ URIs; see :class:`Rows`).
+    Rows with ``partners`` (newline-joined candidate URIs) also get ``partner`` and ``partner_path``."""
+    if "rel" in batch:
+        batch = {**batch, "path": [storage.join(roots[0], *str(r).split("/")) for r in batch["rel"]]}
+        if with_labels:
+            batch["label_path"] = [storage.join(roots[1], *str(r).split("/")) for r in batch["label_rel"]]
     paths = [str(p) for p in batch["path"]]
     n, s = len(paths), image_size
     images = np.zeros((n, s, s, 3), np.uint8)
     labels = np.zeros((n, s, s), np.int64)
     pseudo = np.zeros((n, s, s), np.int32) if segments is not None else None
+    partner = np.zeros((n, s, s, 3), np.uint8) if "partners" in batch else None
+    partner_paths = [""] * n
     valid = np.ones(n, bool)
     errors = [""] * n
     for i, path in enumerate(paths):
         label_path = str(batch["label_path"][i]) if with_labels else None
         try:
             image, label = _load_row(path, label_path, settings, image_size, train, crop_scale, hflip, seed,
-                                     label_range)
+                                     label_range, image_decoder)
             if pseudo is not None:
                 from raysseg.core.segments import oversegment
 
                 pseudo[i] = oversegment(image, **segments)
+            if partner is not None:
+                candidates = partner_candidates(path, str(batch["partners"][i]))
+                partner_paths[i] = candidates[pick_partner(seed, path, len(candidates))]
+                partner[i] = _load_row(partner_paths[i], None, settings, image_size, train, crop_scale, hflip,
+                                       seed)[0]
         except storage.StorageError:
             raise  # storage outages and bad credentials must fail loudly, not look like bad images
         except Exception as exc:  # noqa: BLE001 - any decode failure marks the row invalid
@@ -382,8 +574,24 @@ def _decode_batch(
         out["label"] = labels
     if pseudo is not None:
         out["segments"] = pseudo
+    if partner is not None:
+        out["partner"], out["partner_path"] = partner, np.array(partner_paths, dtype=object)
     return out
 
+
+
+def with_partners(items: list[dict], partners: dict[str, list[str]], encode) -> list[dict]:
+    """``items`` with a ``partners`` field: their candidates (``encode(URI)`` each) joined by newlines ('' for
+    none: the read marks that row invalid, :func:`partner_candidates`)."""
+    return [{**item, "partners": "\n".join(encode(c) for c in partners.get(item["path"], ()))} for item in items]
+
+
+def partner_candidates(path: str, field: str) -> list[str]:
+    """The candidates of a row's ``partners`` field; none is a BadFileError line (its row becomes invalid)."""
+    if not field:
+        raise BadFileError(f"image {path}: no partner candidates (the table was built from another listing of "
+                           "the split): run again to rebuild it")
+    return field.split("\n")
 
 
 def select_rows(items: list[dict], limit: int | None, files: list[str] | None) -> list[dict]:
@@ -399,8 +607,9 @@ def read_plan(
     split_uri: str, *, image_size: int, train: bool, with_labels: bool, crop_scale: tuple[float, float] = (0.5, 1.0),
     hflip: bool = True, seed: int | None = 0, limit: int | None = None, files: list[str] | None = None,
     segments: dict | None = None, n_classes: int | None = None, ignore_index: int = 255,
-    prepared: PreparedSplit | None = None,
-) -> tuple[list[dict], functools.partial]:
+    prepared=None, partners: dict[str, list[str]] | None = None, listing: SplitListing | None = None,
+    image_decoder=None,
+) -> tuple[Sequence[dict], functools.partial]:
     """(rows of file URIs, the batch function that decodes them) for a split folder/prefix.
 
     train=True: random resized crop (area fraction in ``crop_scale``) to image_size x image_size and
@@ -415,7 +624,15 @@ def read_plan(
     ``n_classes`` (with labels): a label file holding a value outside [0, n_classes) other than
     ``ignore_index`` makes its row invalid, with the bad values in the error.
     ``prepared`` (a :class:`raysseg.io.prepared.PreparedSplit` of this split and image_size, no labels):
-    the rows come from its cached shards instead of the image files, with the same crops.
+    the rows come from its cached shards instead of the image files, with the same crops (the cache reads
+    them itself, ``prepared.read_plan``: this module does not depend on the cache, the cache on it).
+    ``listing``: the split's :func:`list_split`, when the caller has it (else it is listed here). Without
+    partners the rows are :class:`Rows` (relative paths in an Arrow table, read as dicts of URIs).
+    ``partners`` (image URI -> candidate URIs, e.g. STEGO's nearest neighbours) adds a ``partner`` column: one
+    candidate per row (:func:`pick_partner`, from ``seed`` and the path), read with the row's options, and its
+    ``partner_path``. A row whose image has no candidates, or whose partner does not decode, is invalid.
+    ``image_decoder`` (picklable, bytes -> PIL image) decodes the images instead of :func:`decode_image`
+    (evaluation: :func:`raysseg.io.decode_large.decode_bounded`, which refuses images over ``data.max_pixels``).
     Ray Data maps the function over the rows (:mod:`raysseg.runtime.datasets`); the in-process runner
     calls it directly.
     """
@@ -424,22 +641,21 @@ def read_plan(
     if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
         raise DatasetError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
     if prepared is not None:
-        from raysseg.io.prepared import cached_read_plan
-
         if with_labels:
             raise DatasetError(f"{split_uri}: labels are never cached; read a labelled split without `prepared`")
-        return cached_read_plan(prepared, split_uri, image_size=image_size, train=train, crop_scale=crop_scale,
-                                hflip=hflip, seed=seed, limit=limit, files=files, segments=segments)
-    split = list_split(split_uri, with_labels)
-    if with_labels:
-        items = [{"path": p, "label_path": l} for p, l in zip(split.images, split.labels)]
-    else:
-        items = [{"path": p} for p in split.images]
-    items = select_rows(items, limit, files)
+        return prepared.read_plan(split_uri, image_size=image_size, train=train, crop_scale=crop_scale,
+                                  hflip=hflip, seed=seed, limit=limit, files=files, segments=segments,
+                                  partners=partners)
+    if listing is None or listing.uri != split_uri:
+        listing = list_split(split_uri)
+    items = (listing.with_labels() if with_labels else listing).rows(limit, files)
+    if partners is not None:
+        items = with_partners(items, partners, lambda candidate: candidate)
     settings = storage.s3_settings() if storage.is_s3(split_uri) else None  # ship the driver's S3 settings
     fn = functools.partial(
         _decode_batch, settings=settings, image_size=image_size, train=train, with_labels=with_labels,
         crop_scale=tuple(crop_scale), hflip=hflip, seed=seed, segments=segments,
         label_range=(n_classes, ignore_index) if with_labels and n_classes is not None else None,
+        roots=(items.images_root, items.labels_root) if isinstance(items, Rows) else None, image_decoder=image_decoder,
     )
     return items, fn

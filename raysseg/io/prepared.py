@@ -44,7 +44,8 @@ from PIL import Image
 
 from raysseg.io import storage
 from raysseg.io.images import (
-    DatasetError, _decoded, crop_geometry, decode_image, list_image_stats, list_split, row_error, select_rows,
+    BadFileError, DatasetError, SplitListing, _decoded, crop_geometry, decode_image, list_split, partner_candidates,
+    pick_partner, row_error, select_rows, with_partners,
 )
 
 FORMAT_VERSION = 2  # 2: images turned upright by their EXIF orientation
@@ -72,6 +73,10 @@ class PreparedSplit:
     def invalid(self) -> list[dict]:
         """Rows of the images that did not decode, each with its one-line ``error``."""
         return [row for row in self.rows if not row["valid"]]
+
+    def read_plan(self, split_uri: str, **options) -> tuple[list[dict], functools.partial]:
+        """:func:`cached_read_plan` of this cache: how :func:`raysseg.io.images.read_plan` reads it."""
+        return cached_read_plan(self, split_uri, **options)
 
 
 @dataclass(frozen=True)
@@ -192,15 +197,18 @@ def open_cache(split_uri: str, image_size: int, folder: str, key: str, log: Call
 
 
 def prepare(split_uri: str, image_size: int, setting: str, run: Callable | None = None,
-            log: Callable = _say) -> PreparedSplit:
+            log: Callable = _say, listing: SplitListing | None = None) -> PreparedSplit:
     """The cache of a split's images at ``image_size`` (``setting``: ``auto``, a folder or an s3:// prefix),
     built first if there is none for the split as it is now.
 
     ``run(fn, jobs)`` yields ``fn(job)`` of every job as they finish (default: a thread per core; the Ray
-    driver passes Ray tasks). Prints a line when it opens the cache, and progress while it builds it."""
-    list_split(split_uri, with_labels=False)  # a missing or empty split fails here with its one line
-    files, _ = list_image_stats(split_uri)  # the images list_split reads, sub-folders included
-    key = cache_key(files, image_size)
+    driver passes Ray tasks). Prints a line when it opens the cache, and progress while it builds it.
+    ``listing``: the split's :func:`raysseg.io.images.list_split` (listed here when not given; a missing or
+    empty split fails with its one line)."""
+    if listing is None or listing.uri != split_uri:
+        listing = list_split(split_uri)
+    files = listing.images
+    key = cache_key(listing.stats(), image_size)
     folder = storage.join(cache_root(split_uri, setting), key)
     found = open_cache(split_uri, image_size, folder, key, log)
     if found is not None:
@@ -213,7 +221,7 @@ def prepare(split_uri: str, image_size: int, setting: str, run: Callable | None 
     per_shard = math.ceil(len(files) / n_shards)
     settings = storage.s3_settings() if storage.is_s3(split_uri) or storage.is_s3(folder) else None
     jobs = [ShardJob(i, storage.join(folder, _shard_name(i)),
-                     tuple(f.uri for f in files[i * per_shard:(i + 1) * per_shard]), short_side, settings)
+                     tuple(files[i * per_shard:(i + 1) * per_shard]), short_side, settings)
             for i in range(n_shards)]
     log(f"[data cache] decoding {len(files)} images of {split_uri} once (short side {short_side} px) into "
         f"{folder}, {n_shards} shard(s)")
@@ -243,9 +251,11 @@ def prepare(split_uri: str, image_size: int, setting: str, run: Callable | None 
 def cached_read_plan(
     prepared: PreparedSplit, split_uri: str, *, image_size: int, train: bool, crop_scale: tuple[float, float],
     hflip: bool, seed: int | None, limit: int | None, files: list[str] | None, segments: dict | None,
+    partners: dict[str, list[str]] | None = None,
 ) -> tuple[list[dict], functools.partial]:
     """:func:`raysseg.io.images.read_plan` (no labels) served from a prepared split: (rows of shard
-    locations, the batch function that crops them)."""
+    locations, the batch function that crops them). ``partners``: each candidate is passed as its location
+    (JSON: shard, offset, w, h, ow, oh, path)."""
     if prepared.split != split_uri or prepared.image_size != image_size:
         raise DatasetError(f"the cache {prepared.folder} holds {prepared.split} at {prepared.image_size} px, "
                            f"not {split_uri} at {image_size} px: prepare this split and size")
@@ -258,6 +268,11 @@ def cached_read_plan(
         for item in items:
             item["segments_shard"], item["segments_offset"] = offsets.get(item["path"], ("", 0))
         segments = None
+    if partners is not None:
+        where = {i["path"]: json.dumps([i[k] for k in ("shard", "offset", "w", "h", "ow", "oh", "path")])
+                 for i in items if i["valid"]}
+        wanted = {path: [c for c in found if c in where] for path, found in partners.items()}
+        items = with_partners(items, wanted, where.__getitem__)
     items = select_rows(items, limit, files)
     settings = storage.s3_settings() if storage.is_s3(prepared.folder) else None
     fn = functools.partial(_crop_cached_batch, settings=settings, image_size=image_size, train=train,
@@ -416,6 +431,21 @@ def _crop_cached_batch(
                 from raysseg.core.segments import oversegment
 
                 pseudo[i] = oversegment(images[i], **segments)
+    partner = None
+    if "partners" in batch:
+        partner, partner_paths = np.zeros((n, s, s, 3), np.uint8), [""] * n
+        for i in np.flatnonzero(valid):
+            try:
+                picks = partner_candidates(paths[i], str(batch["partners"][i]))
+                shard, offset, w, h, ow, oh, partner_paths[i] = json.loads(
+                    picks[pick_partner(seed, paths[i], len(picks))])
+            except BadFileError as exc:
+                valid[i], errors[i] = False, row_error(exc)
+                continue
+            pixels = np.frombuffer(storage.read_range(shard, offset, 3 * w * h, settings), np.uint8)
+            box, flip = crop_geometry(partner_paths[i], (ow, oh), train, crop_scale, hflip, seed)
+            crop = _crop(pixels, w, h, ow, oh, box, s)
+            partner[i] = crop[:, ::-1] if flip else crop
     if "segments_shard" in batch:
         pseudo = np.zeros((n, s, s), np.int32)
         for i in np.flatnonzero(valid):
@@ -426,4 +456,6 @@ def _crop_cached_batch(
            "error": np.array(errors, dtype=object)}
     if pseudo is not None:
         out["segments"] = pseudo
+    if partner is not None:
+        out["partner"], out["partner_path"] = partner, np.array(partner_paths, dtype=object)
     return out

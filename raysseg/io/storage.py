@@ -14,12 +14,14 @@ import errno
 import functools
 import os
 import random
+import re
 import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -203,7 +205,33 @@ def _transient(exc: OSError) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError)) or any(k in upper for k in _TRANSIENT)
 
 
-_last_warning = [0.0]
+class _Outages:
+    """The S3 endpoints this process finds down: one line when an outage begins (the first request that fails
+    and will be retried), one when a request gets through again, none for the requests in between."""
+
+    def __init__(self):
+        self.since: dict[str, float] = {}  # endpoint -> time.monotonic() of its outage's first failure
+        self._lock = threading.Lock()
+
+    def failed(self, settings: S3Settings, uri: str) -> None:
+        with self._lock:
+            if settings.endpoint_name in self.since:
+                return
+            self.since[settings.endpoint_name] = time.monotonic()
+        print(f"[storage] S3 endpoint {settings.endpoint_name} unreachable or failing ({uri}); retrying each request "
+              f"for up to {settings.retry_s:.0f} s", file=sys.stderr, flush=True)
+
+    def answered(self, settings: S3Settings) -> None:
+        if not self.since:  # the usual case: no lock taken
+            return
+        with self._lock:
+            since = self.since.pop(settings.endpoint_name, None)
+        if since is not None:
+            print(f"[storage] S3 endpoint {settings.endpoint_name} answers again, after "
+                  f"{time.monotonic() - since:.0f} s", file=sys.stderr, flush=True)
+
+
+_outages = _Outages()
 
 
 def _retrying(uri: str, op: Callable[[], object], settings: S3Settings | None = None):
@@ -217,7 +245,9 @@ def _retrying(uri: str, op: Callable[[], object], settings: S3Settings | None = 
     delay, attempts = 0.5, 1
     while True:
         try:
-            return op()
+            result = op()
+            _outages.answered(settings)
+            return result
         except OSError as exc:
             if not _transient(exc):
                 raise _translate(uri, exc, settings) from exc
@@ -231,11 +261,7 @@ def _retrying(uri: str, op: Callable[[], object], settings: S3Settings | None = 
                     fix = "check the server's health and free space"
                 raise StorageError(f"{problem} for {uri} after {attempts} attempts over {settings.retry_s:.0f} s: "
                                    f"{fix}; {RESUME_HINT}") from None
-        now = time.monotonic()
-        if now - _last_warning[0] > 10:  # one line per outage and process, not one per file
-            _last_warning[0] = now
-            print(f"[storage] S3 endpoint {settings.endpoint_name} unreachable or failing ({uri}); retrying for up to "
-                  f"{settings.retry_s:.0f} s", file=sys.stderr, flush=True)
+        _outages.failed(settings, uri)
         time.sleep(delay)
         delay, attempts = min(delay * 2, 5.0), attempts + 1
 
@@ -398,6 +424,13 @@ def _iter_local(folder_uri: str) -> Iterator[str]:
 
 def _iter_s3_keys(prefix_uri: str, settings: S3Settings) -> Iterator[str]:
     """Keys under an s3:// prefix relative to it, one ListObjectsV2 page at a time."""
+    for page in _s3_pages(prefix_uri, settings):
+        yield from (rel for rel, _, _ in page)
+
+
+def _s3_pages(prefix_uri: str, settings: S3Settings) -> Iterator[list[tuple[str, int, int]]]:
+    """(key relative to the prefix, size, LastModified in ns) of the objects under an s3:// prefix, one
+    ListObjectsV2 page (one request, at most 1,000 keys) at a time, in key order."""
     import boto3
     import botocore.config
     import botocore.exceptions
@@ -412,9 +445,8 @@ def _iter_s3_keys(prefix_uri: str, settings: S3Settings) -> Iterator[str]:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     try:
         for page in pages:
-            for item in page.get("Contents", ()):
-                if not item["Key"].endswith("/"):
-                    yield item["Key"][len(prefix):]
+            yield [(item["Key"][len(prefix):], int(item["Size"]), _ns(item["LastModified"]))
+                   for item in page.get("Contents", ()) if not item["Key"].endswith("/")]
     except botocore.exceptions.ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         if code == "NoSuchBucket":
@@ -426,6 +458,56 @@ def _iter_s3_keys(prefix_uri: str, settings: S3Settings) -> Iterator[str]:
     except botocore.exceptions.BotoCoreError as exc:  # endpoint unreachable, timeouts
         raise StorageError(f"cannot list {prefix_uri} at {settings.endpoint_name} ({_one_line(str(exc))}): start "
                            f"`raysseg storage serve` or set AWS_ENDPOINT_URL to a running server") from None
+
+
+def _ns(when) -> int:
+    """Nanoseconds since the epoch of an aware datetime, exactly (no float rounding)."""
+    import calendar
+
+    return (calendar.timegm(when.utctimetuple()) * 1_000_000 + when.microsecond) * 1000
+
+
+PAGE = 1000  # entries per page of a local listing (an S3 page is one request of at most 1,000 keys)
+
+
+def _local_pages(folder_uri: str, subfolders: tuple[str, ...] | None) -> Iterator[list[tuple[str, int, int]]]:
+    """(relative path, size, mtime in ns) of every file under a local folder (hidden ones too), in sorted
+    relative-path order, PAGE at a time; ``subfolders``: walk only these top-level folders."""
+    _, root = resolve(folder_uri)
+    if not os.path.isdir(root):
+        raise StorageError(f"{folder_uri} is not a folder: check the path")
+    page: list[tuple[str, int, int]] = []
+
+    def walk(folder: str, rel: str, top: bool) -> Iterator[list[tuple[str, int, int]]]:
+        nonlocal page
+        with _errors(folder_uri):
+            entries = sorted(os.scandir(folder), key=lambda e: e.name + ("/" if e.is_dir() else ""))
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=True):
+                if not top or subfolders is None or entry.name in subfolders:
+                    yield from walk(entry.path, f"{rel}{entry.name}/", False)
+            elif entry.is_file() and not (top and subfolders is not None):
+                st = entry.stat()
+                page.append((rel + entry.name, st.st_size, st.st_mtime_ns))
+                if len(page) >= PAGE:
+                    yield page
+                    page = []
+
+    yield from walk(root, "", True)
+    if page:
+        yield page
+
+
+def list_pages(prefix_uri: str, subfolders: tuple[str, ...] | None = None,
+               settings: S3Settings | None = None) -> Iterator[list[tuple[str, int, int]]]:
+    """Every file under a folder or s3:// prefix at any depth, streamed a page at a time: lists of (path
+    relative to it with '/', size, modification time in ns), in sorted path order. S3: one ListObjectsV2
+    request per page, the only listing request; ``subfolders`` (local folders only): walk just those
+    top-level folders. Raises StorageError if a local folder does not exist or the bucket cannot be listed;
+    an S3 prefix with nothing under it lists nothing."""
+    if is_s3(prefix_uri):
+        return _s3_pages(prefix_uri, settings or s3_settings())
+    return _local_pages(prefix_uri, subfolders)
 
 
 def read_if_exists(uri: str, settings: S3Settings | None = None) -> bytes | None:
@@ -778,6 +860,7 @@ class SeaweedServer:
         self._requested_s3_port = s3_port
         self.s3_port: int | None = None
         self._ports: tuple[int, ...] | None = None
+        self.metrics_port: int | None = None  # Prometheus metrics (request counts by type): see request_count
         self.log_path = self.data_dir / "weed.log"
         self._proc: subprocess.Popen | None = None
 
@@ -819,9 +902,9 @@ class SeaweedServer:
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         if self._ports is None:  # a restart keeps the ports, so clients and the stored volumes find it again
             fixed = {self._requested_s3_port} if self._requested_s3_port else set()
-            picked = _pick_ports(4, fixed)
+            picked = _pick_ports(5, fixed)
             self._ports = (*picked, self._requested_s3_port or _pick_ports(1, set(picked))[0])
-        master, volume, filer, admin, self.s3_port = self._ports
+        master, volume, filer, admin, self.metrics_port, self.s3_port = self._ports
         cmd = [
             weed, f"-logdir={self.data_dir / 'logs'}", "mini",
             f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -829,6 +912,7 @@ class SeaweedServer:
             "-s3.autoCreateBucket=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
             f"-admin.port={admin}", f"-s3.port={self.s3_port}",
+            f"-metricsPort={self.metrics_port}", "-metricsIp=127.0.0.1",
         ]
         s3_socket = self.data_dir / "s3.sock"  # weed leaves it behind: keep it out of /tmp when the path fits
         if len(str(s3_socket)) < 100:
@@ -878,6 +962,21 @@ class SeaweedServer:
         if self._proc is None:
             raise StorageError(f"SeaweedFS server in {self.data_dir} is not started: call start() first")
         return self._proc.wait()
+
+    def request_count(self, kind: str, bucket: str) -> int:
+        """How many S3 requests of ``kind`` (the server's type label: LIST, GET, PUT, ...) on ``bucket`` it has
+        answered since it started, from its Prometheus metrics."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        pattern = re.compile(r'^SeaweedFS_s3_request_total\{(.*)\} (\S+)$')
+        total = 0.0
+        for line in text.splitlines():
+            m = pattern.match(line)
+            if m and f'bucket="{bucket}"' in m.group(1) and f'type="{kind}"' in m.group(1):
+                total += float(m.group(2))
+        return int(total)
 
     def create_bucket(self, name: str) -> None:
         """Create a bucket (no-op if it exists)."""

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raysseg.io.store_uri import tracking_uri  # noqa: F401  (defined below io.checkpoints, which needs it)
+
 # MLflow 3 prints "View run ... at: <url>" to stdout whenever a run on a server ends: the terminal is the tool's.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
@@ -41,12 +43,6 @@ def redact(text: str) -> str:
         if len(value) >= 4:
             text = text.replace(value, "***")
     return _URL_PASSWORD.sub(r"\1:***@", text)
-
-
-def tracking_uri(configured: str = "") -> str:
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "")
-    return uri or f"sqlite:///{Path.cwd() / 'mlruns.db'}"
-
 
 REACH_SECONDS = 5.0  # how long check_reachable waits for a server's answer
 RETRY_SECONDS = 60.0  # how long RunLogger.close waits for a server that stopped answering (RAYSSEG_MLFLOW_RETRY_SECONDS)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
+import torch
 
 from raysseg.core.precision import Precision
 
@@ -71,6 +72,21 @@ class Trainer(Protocol):
 
 
 @dataclass(frozen=True)
+class PrecomputedTable:
+    """A table over the training split's images, computed once before training by parallel jobs and stored
+    beside the prepared data (:mod:`raysseg.engine.tables`), e.g. STEGO's nearest neighbours.
+
+    ``vectors(seg, images)``: uint8 centre crops (B, S, S, 3) -> (B, D) float tensor, computed with the run's
+    segmenter over chunks of the split; ``rows(vectors, start, stop)``: every image's vector (N, D) -> rows
+    ``start:stop`` of the table (an array with one row per image). ``settings``: what the table depends on
+    besides the split, ``data.image_size``, the backbone and its weights (a change gives a new table)."""
+
+    vectors: Callable
+    rows: Callable
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """Everything outside its own folder that needs to know about a method.
 
@@ -81,7 +97,9 @@ class MethodSpec:
     maps each training dataset the trainer reads to its reading options (``cluster``, the whole
     training split centre-cropped, always exists). ``plan(cfg, files, grid)`` is computed once by
     the driver and reaches every worker. ``check_config`` runs when a config is loaded,
-    ``check_inputs(cfg, n_images)`` before training starts."""
+    ``check_inputs(cfg, n_images)`` before training starts. ``tables(cfg)`` names the method's
+    :class:`PrecomputedTable` s; the runtime builds them before ``plan`` and hands them to ``datasets`` as
+    ``plan["tables"][name]`` = {"paths": image URIs, "rows": one table row per path}."""
 
     name: str
     summary: str
@@ -94,9 +112,37 @@ class MethodSpec:
     plan: Callable | None = None
     check_config: Callable = lambda cfg: None
     check_inputs: Callable = lambda cfg, n_images: None
+    tables: Callable = lambda cfg: {}
     step_timers: tuple[tuple[str, str], ...] = ()  # (timer, column title) for `raysseg bench step`
     once_timers: tuple[tuple[str, str], ...] = ()
     bench_backbone: str = ""
+    trains_trunk: bool = False  # its trainer uses make_optimizer: train.optimizer, lr_schedule, trunk_lr_scale
+
+
+SGD_MOMENTUM = 0.9
+POLY_POWER = 0.9
+
+
+def make_optimizer(seg, cfg):
+    """The optimiser of a method that trains its backbone: Adam, or SGD with momentum 0.9
+    (``train.optimizer``), over ``seg.param_groups`` (the trunk at ``train.trunk_lr_scale`` of the rate)."""
+    groups, t = seg.param_groups(cfg.train.lr), cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=SGD_MOMENTUM, weight_decay=t.weight_decay)
+    return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def scheduled_lr(cfg, step: int, total_steps: int) -> float:
+    """``train.lr`` at ``step`` (0-based) of ``total_steps``: constant, or poly: lr x (1 - step/total)^0.9."""
+    if cfg.train.lr_schedule == "poly":
+        return cfg.train.lr * max(0.0, 1.0 - step / max(total_steps, 1)) ** POLY_POWER
+    return cfg.train.lr
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Every group at ``lr`` times its ``lr_scale`` (a trunk's group learns at a fraction of it)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def optimizer_state(optimizer, generator, scaler=None) -> dict:
@@ -111,8 +157,7 @@ def load_optimizer_state(state: dict, optimizer, generator, lr: float, scaler=No
     """Restore :func:`optimizer_state`; the config's learning rate wins (e.g. lowered after a NaN). A run
     resumed in fp16 from a checkpoint of another precision starts a fresh loss scale."""
     optimizer.load_state_dict(state["optimizer"])
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)
     generator.set_state(state["generator"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

@@ -10,8 +10,9 @@ from raysseg.methods.kmeans.spec import KMEANS
 from raysseg.methods.moco.spec import MOCO
 from raysseg.methods.picie.spec import PGG, PICIE
 from raysseg.methods.segsort.spec import CONCEPTS, SEGSORT
+from raysseg.methods.stego.spec import STEGO
 
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (KMEANS, HP, PICIE, PGG, SEGSORT, CONCEPTS)}
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (KMEANS, HP, PICIE, PGG, SEGSORT, CONCEPTS, STEGO)}
 PRETRAINING = MOCO  # `raysseg pretrain`: trains a backbone, not a segmenter
 
 

@@ -9,23 +9,27 @@ from typing import Callable, Iterator
 import ray
 import ray.data
 
-from raysseg.io.images import EPOCH_SEED, read_plan
+from raysseg.io.images import EPOCH_SEED, Rows, SplitListing, read_plan
 from raysseg.io.prepared import PreparedSplit
 
 # Rows per Ray Data block, i.e. per map task. Each task costs ~10-20 ms of Ray overhead; decoding a file
 # takes ~1.5-2.5 ms and cropping a cached image ~0.5 ms, so cached reads take bigger blocks.
 ROWS_PER_BLOCK = 32
 CACHED_ROWS_PER_BLOCK = 96
+# Ray Data keeps a few kB per block on the driver (object ref, metadata, schema): past this many blocks a
+# dataset takes bigger blocks instead (10M images: 2,442 rows, about 5 s of decoding per task).
+MAX_BLOCKS = 4096
 
 
 def make_dataset(
     split_uri: str, *, image_size: int, train: bool, with_labels: bool, crop_scale: tuple[float, float] = (0.5, 1.0),
     hflip: bool = True, seed: int | None = 0, limit: int | None = None, files: list[str] | None = None,
     shuffle: bool = False, segments: dict | None = None, n_classes: int | None = None, ignore_index: int = 255,
-    prepared: PreparedSplit | None = None, epoch_clock=None, train_seed: int = 0,
+    prepared: PreparedSplit | None = None, epoch_clock=None, train_seed: int = 0, partners: dict | None = None,
+    listing: SplitListing | None = None, image_decoder=None,
 ) -> "ray.data.Dataset":
     """A Ray Dataset of decoded, cropped rows of a split: see :func:`raysseg.io.images.read_plan`
-    (``prepared``: read from that cache instead of decoding the files).
+    (``prepared``: read from that cache instead of decoding the files; ``listing``: the split's one listing).
     ``seed=EPOCH_SEED``: the crops of each epoch come from (``train_seed``, the epoch that ``epoch_clock``, the
     run's concept bank, says), so a resumed run draws the same crops as an uninterrupted one.
     ``shuffle`` visits the images in a fresh random order every epoch (the file list is shuffled, not pixels;
@@ -34,13 +38,19 @@ def make_dataset(
     items, fn = read_plan(split_uri, image_size=image_size, train=train, with_labels=with_labels,
                           crop_scale=crop_scale, hflip=hflip, seed=None if per_epoch else seed, limit=limit,
                           files=files, segments=segments, n_classes=n_classes, ignore_index=ignore_index,
-                          prepared=prepared)
+                          prepared=prepared, partners=partners, listing=listing, image_decoder=image_decoder)
     if per_epoch:
         if epoch_clock is None:
             raise ValueError("seed=EPOCH_SEED needs the run's epoch_clock")
         fn = functools.partial(_epoch_seeded, read=fn, clock=epoch_clock, train_seed=train_seed)
-    rows_per_block = ROWS_PER_BLOCK if prepared is None else CACHED_ROWS_PER_BLOCK
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
+    rows_per_block = max(ROWS_PER_BLOCK if prepared is None else CACHED_ROWS_PER_BLOCK,
+                         math.ceil(len(items) / MAX_BLOCKS))
+    if isinstance(items, Rows):  # relative paths in Arrow: no Python object per file on the driver
+        table = items.table()  # from_blocks: block metadata made here (from_arrow runs a Ray task per block)
+        ds = ray.data.from_blocks([table.slice(i, rows_per_block)
+                                   for i in range(0, max(1, len(items)), rows_per_block)])
+    else:
+        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
     # Ray Data's default reserves half the CPUs per operator: with one map operator on a small machine
     # (2 cores) that runs one decoding task at a time. This pipeline has a single map, nothing to starve.
     ds.context.op_resource_reservation_enabled = False

@@ -19,8 +19,8 @@ from pathlib import Path
 import ray
 
 from raysseg.config import Config
-from raysseg.engine.inputs import check_inputs, prepared_split, run_plan
-from raysseg.engine.loop import RunStopped
+from raysseg.engine.inputs import check_training, prepared_split, run_plan
+from raysseg.engine.loop import RunStopped, checkpoint_position
 from raysseg.io.checkpoints import CHECKPOINT_FILE, read_checkpoint
 from raysseg.methods.registry import spec
 
@@ -113,15 +113,15 @@ def train(cfg: Config, restart: bool = False, parent_run_id: str | None = None, 
     from raysseg.io import tracking
     from raysseg.io.lease import RunLease
 
-    n_images = check_inputs(cfg)
+    n_images, listing = check_training(cfg)  # the training split's one listing, used by everything below
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri)
     tracking.check_reachable(uri)
     with RunLease(cfg.train.storage, cfg.run_name()), stop_signals():
-        return _train(cfg, n_images, uri, restart, parent_run_id, callbacks, datasets)
+        return _train(cfg, n_images, uri, restart, parent_run_id, callbacks, datasets, listing)
 
 
 def _train(cfg: Config, n_images: int, uri: str, restart: bool, parent_run_id: str | None, callbacks: tuple,
-           datasets: dict | None) -> TrainResult:
+           datasets: dict | None, listing=None) -> TrainResult:
     import time
 
     from raysseg.io import tracking
@@ -163,8 +163,8 @@ def _train(cfg: Config, n_images: int, uri: str, restart: bool, parent_run_id: s
     if parent_run_id is None:  # a sweep's trials were planned by the sweep
         plan_or_fail(cfg, run_id, uri)
     loop_cfg = {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "n_images": n_images}
-    prepared = None if datasets else prepared_split(cfg, run=run_tasks)  # data.cache: built once, by Ray tasks
-    loop_cfg["plan"], reads = run_plan(cfg, prepared)
+    prepared = None if datasets else prepared_split(cfg, run=run_tasks, listing=listing)  # data.cache: by Ray tasks
+    loop_cfg["plan"], reads = run_plan(cfg, prepared, run=run_tasks, listing=listing)  # tables: Ray tasks too
     bank = None
     if spec(cfg.method).trainer:  # every trained method shares its state through one bank
         bank = ConceptBank.options(name=f"bank-{run_name}-{run_id[:8]}").remote(world)
@@ -312,7 +312,8 @@ def stopped(cfg: Config, run_name: str, logger, name: str = CHECKPOINT_FILE) -> 
         kept = "no checkpoint was written yet"
     else:
         folder, progress = found
-        kept = f"kept {folder}/{name} (epoch {progress.get('epoch', 0)}, step {progress.get('step', 0)})"
+        epochs = cfg.train.epochs if name == CHECKPOINT_FILE else cfg.pretrain.epochs
+        kept = f"kept {folder}/{name} ({checkpoint_position(progress, epochs)})"
     return RunStopped(f"run {run_name} stopped: {kept}; MLflow run {logger.run_id} marked KILLED; "
                       f"run the same command again to resume")
 

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -222,8 +223,9 @@ def report_metrics(report: dict) -> dict[str, float]:
 
 def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None, probe: bool | None = None,
              out: str | None = None, log_to_mlflow: bool = True, retrieval: bool | None = None,
-             probe_train: str | None = None) -> dict:
+             probe_train: str | None = None, data_settings: tuple[str, ...] = ()) -> dict:
     """Score a checkpoint on ``split`` (default: the config's ``data.val``). Returns the report.
+    ``data_settings``: ``data.KEY=VALUE`` over the checkpoint's (``evaluate --set``, e.g. ``data.n_classes=12``).
 
     ``crf``, ``probe`` and ``retrieval`` (k-means segments + kNN vote of training prototypes):
     None = the checkpoint config's ``eval.*``. Probe and retrieval read the labels of
@@ -233,15 +235,20 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     from raysseg.io import tracking
     from raysseg.config import config_from_dict
     from raysseg.runtime.datasets import make_dataset
-    from raysseg.io.images import DatasetError, list_split
+    from raysseg.io.decode_large import decode_bounded
+    from raysseg.io.images import DatasetError
     from raysseg.core.metrics import (EvalInputError, direct_scores, fit_linear_probe, hungarian_scores,
                                  matched_confusion)
-    from raysseg.engine.inputs import check_evaluation
+    from raysseg.engine.inputs import evaluation_inputs
     from raysseg.io.checkpoints import read_checkpoint
     from raysseg.runtime.driver import init_ray
     from raysseg.core.pictures import confusion_figure, matched_legend, overlay_grid
 
     ckpt = read_checkpoint(checkpoint)
+    if data_settings:  # the scoring actors read the config from the checkpoint too
+        from raysseg.config import with_data_settings
+
+        ckpt = {**ckpt, "config": with_data_settings(ckpt["config"], data_settings)}
     cfg = config_from_dict(ckpt["config"])
     split = split or cfg.data.val
     crf = cfg.eval.crf if crf is None else crf
@@ -250,20 +257,25 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
     retrieval = cfg.eval.retrieval if retrieval is None else retrieval
     # pairing, sampled label values and the training split's labels: one clear line before Ray starts
     train_split = probe_train or cfg.data.train
-    retrieval = check_evaluation(cfg, split, probe, retrieval, retrieval_asked=asked_retrieval is not None,
-                                 probe_train=train_split)
+    listed = evaluation_inputs(cfg, split, probe, retrieval, retrieval_asked=asked_retrieval is not None,
+                               probe_train=train_split)  # each split listed once, passed on to its reader
+    retrieval = listed.retrieval
+    if cfg.eval.image_size:  # the papers' evaluation input (STEGO, HP, PiCIE: 320), not the training crops'
+        cfg.data.image_size = cfg.eval.image_size
+    print(f"[evaluate] protocol: {cfg.eval.protocol(cfg, crf, probe, retrieval)}", flush=True)
     init_ray(cfg.eval.workers)
     t0 = time.time()
     ref = [ray.put(ckpt)]
     workers = cfg.eval.workers
 
     probe_state, index_ref, index_info, train_skipped = None, None, None, []
+    decoder = functools.partial(decode_bounded, max_pixels=cfg.data.max_pixels)  # larger images: skipped, named
     if probe or retrieval:  # one pass over the training split serves both
         uses = " and ".join(u for u, on in (("linear probe", probe), ("retrieval index", retrieval)) if on)
         print(f"[evaluate] {uses}: reading the labelled training split {train_split}", flush=True)
         train_ds = make_dataset(train_split, image_size=cfg.data.image_size, train=False, with_labels=True,
                                 limit=cfg.data.limit or None, n_classes=cfg.data.n_classes,
-                                ignore_index=cfg.data.ignore_index)
+                                ignore_index=cfg.data.ignore_index, listing=listed.train, image_decoder=decoder)
         per_image = cfg.eval.probe_pixels_per_image if probe else 0
         sampled = train_ds.map_batches(TrainSampler, fn_constructor_kwargs={"ckpt_ref": ref, "per_image": per_image,
                                        "retrieval": retrieval, "seed": cfg.train.seed},
@@ -318,10 +330,11 @@ def evaluate(checkpoint: str, split: str | None = None, crf: bool | None = None,
             del keys, key_labels  # the object store holds the index now
         del parts
 
-    files = list_split(split, with_labels=True).images
-    picture_paths = files[: cfg.eval.overlays]
+    files = listed.split.images
+    picture_paths = list(files[: cfg.eval.overlays])
     ds = make_dataset(split, image_size=cfg.data.image_size, train=False, with_labels=True,
-                      n_classes=cfg.data.n_classes, ignore_index=cfg.data.ignore_index)
+                      n_classes=cfg.data.n_classes, ignore_index=cfg.data.ignore_index, listing=listed.split,
+                      image_decoder=decoder)
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"ckpt_ref": ref, "probe_state": probe_state, "crf": crf,
                                                           "picture_paths": picture_paths, "index_ref": index_ref},
                             batch_size=cfg.eval.batch_size, compute=ray.data.ActorPoolStrategy(size=workers),

@@ -6,6 +6,9 @@
   ``ray.init(log_to_driver=False)`` keeps them off the terminal.
 - Rank 0's printed lines (progress, resume, k-means) come to the driver through a
   :class:`Console` actor and are printed once, by the driver.
+- Ray also prints on the driver by itself, to ``sys.stdout``: its raylet's warnings (``(raylet) WARNING: 8
+  PYTHON worker processes have been started ...``, whatever ``log_to_driver`` says) and, with ``log_to_driver``,
+  its workers' lines. :class:`ToolLines` sends each such line (:func:`library_line`) to the log file instead.
 - ``raysseg -v`` (``RAYSSEG_VERBOSE=1``) shows all of it on the terminal, as Ray prints it.
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -48,8 +52,9 @@ def log_folder(cwd: Path | None = None) -> Path:
 def setup(name: str) -> str:
     """Route library logs of this process to ``outputs/logs/<name>.log`` (once per process; nothing with ``-v``).
 
-    Python-level ``sys.stderr`` keeps the terminal; file descriptor 2, which Ray's C++ core writes
-    to, goes to the file. Returns the file."""
+    Python-level ``sys.stderr`` and ``sys.stdout`` keep the terminal, less Ray's lines (:class:`ToolLines`);
+    file descriptor 2, which Ray's C++ core and the processes a local Ray starts write to (``RAY_LOG_TO_STDERR``
+    too), goes to the file. Returns the file."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Train/Tune status tables on the driver
     if verbose() or _state:
         return log_file()
@@ -61,7 +66,9 @@ def setup(name: str) -> str:
     if sys.stderr is sys.__stderr__ and _has_fd(sys.stderr):
         terminal = os.dup(2)
         os.dup2(handle.fileno(), 2)
-        sys.stderr = io.TextIOWrapper(os.fdopen(terminal, "wb", buffering=0), write_through=True)
+        sys.stderr = ToolLines(io.TextIOWrapper(os.fdopen(terminal, "wb", buffering=0), write_through=True), handle)
+    if sys.stdout is sys.__stdout__:
+        sys.stdout = ToolLines(sys.stdout, handle)
     logging.captureWarnings(True)
     import mlflow  # noqa: F401 - it installs its own log handlers on import: replaced here
 
@@ -75,6 +82,50 @@ def _has_fd(stream) -> bool:
         return True
     except (OSError, ValueError, AttributeError):
         return False
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# What Ray prints on the driver: a line under a process's prefix, e.g. "(raylet) WARNING: ...",
+# "(autoscaler +2s) ...", "(MapBatches(decode) pid=123, ip=10.0.0.2) ...", or a log record in Ray's format,
+# "2026-01-01 12:00:00,123\tINFO streaming_executor.py:123 -- ...".
+RAY_LINE = re.compile(r"\((?:raylet|autoscaler|gcs_server|monitor|dashboard)\b[^)\n]*\)"
+                      r"|\([^\n]*?\bpid=\d+[^)\n]*\)"
+                      r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+"
+                      r"(?:TRACE|DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+:\d+ -- ")
+
+
+def library_line(text: str) -> bool:
+    """Whether ``text`` (a line, or the start of one) is a line Ray prints, colour codes or not."""
+    return bool(RAY_LINE.match(ANSI.sub("", text).lstrip("\r")))
+
+
+class ToolLines:
+    """The terminal as the tool's lines see it: a text stream that writes to ``terminal``, except Ray's lines
+    (:func:`library_line`, judged by the start of each line), which go to ``log`` without their colour codes."""
+
+    def __init__(self, terminal, log):
+        self.terminal, self.log = terminal, log
+        self._to_log = False  # the line begun by the last write is Ray's: its rest goes to the log too
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            for piece in re.split(r"(?<=\n)", text):
+                if not piece:
+                    continue
+                if self._to_log or library_line(piece):
+                    self.log.write(ANSI.sub("", piece))
+                    self._to_log = not piece.endswith("\n")
+                else:
+                    self.terminal.write(piece)
+        return len(text)
+
+    def flush(self) -> None:
+        self.terminal.flush()
+        self.log.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the terminal's
+        return getattr(self.terminal, name)
 
 
 def quiet_libraries() -> None:
@@ -136,6 +187,26 @@ class ConsoleWriter(io.TextIOBase):
 
     def flush(self) -> None:
         pass
+
+
+class LinesStartingWith(io.TextIOBase):
+    """A stream that sends each whole line starting with ``prefix`` to ``chosen`` and the others to ``rest``: in a
+    worker's checkpoint report, the storage layer's ``[storage]`` lines to the console, Ray Train's own log
+    records ("Reporting training result ...") to the worker's log."""
+
+    def __init__(self, prefix: str, chosen, rest):
+        self.prefix, self.chosen, self.rest, self.partial = prefix, chosen, rest, ""
+
+    def write(self, text: str) -> int:
+        self.partial += text
+        *lines, self.partial = self.partial.split("\n")
+        for line in lines:
+            (self.chosen if line.startswith(self.prefix) else self.rest).write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.chosen.flush()
+        self.rest.flush()
 
 
 class ConsolePrinter:

@@ -5,23 +5,29 @@ relative paths, the most it ever holds. Each chunk is one Ray Data dataset:
 
 1. ``PrepareRows`` tasks (many in parallel): an image whose outputs are already complete is not decoded;
    its row (pixel count per cluster) is read back from its label PNG. Every other image is read, decoded
-   and resized to the model's input; an unreadable one becomes a skipped row with its reason.
+   and resized to the model's input (:func:`raysseg.io.decode_large.decode_for_model`: a large JPEG is decoded
+   at a reduced scale; an image of more than ``data.max_pixels`` is refused from its header); an unreadable or
+   refused one becomes a skipped row with its reason.
 2. ``Predictor`` actors (``workers`` model replicas, ``gpus_per_worker`` GPUs each): batched inference,
-   the label map at each image's full size, its outputs written atomically (overlay first, the label
-   PNG last: a label PNG marks an image as done), one row per image back to the driver.
+   the label map at each image's full size (the logits upsampled a strip of rows at a time:
+   :mod:`raysseg.core.label_strips`, so an image of any size needs about one byte per pixel), its outputs
+   written atomically (overlay first, the label PNG last: a label PNG marks an image as done), one row per
+   image back to the driver.
 
 Under DST: ``labels/<relative path without suffix>.png``, ``overlays/...`` (with ``overlays``),
 ``predictions.parquet`` (path, height, width, ``cluster_<k>`` pixel counts) and ``manifest.json``
-(checkpoint, config hash, counts, skipped files with reasons, start and end). Running the same command
-again resumes: complete images are not run through the model again. A DST written with another
-checkpoint is refused.
+(checkpoint, config hash, counts, skipped files with reasons, files under SRC that are not images, start and
+end). Running the same command again resumes: complete images are not run through the model again, and the
+temporary ``predictions.parquet`` a killed run left behind is removed. A DST written with another checkpoint
+is refused.
 
-The label map of one image (:func:`label_map`) is the single source: the single-process loop
-(:mod:`raysseg.apps.predict`) uses it as well.
+The label maps of a batch of images (:func:`image_label_maps`) are the single source: the single-process loop
+(:mod:`raysseg.apps.predict`) uses them as well.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -47,12 +53,40 @@ LABELS, OVERLAYS, MANIFEST, PREDICTIONS = "labels", "overlays", "manifest.json",
 CHUNK = 10_000  # relative paths per Ray Data dataset: the most of the listing the driver holds at once
 ROWS_PER_TASK = 8  # images per decoding task (~10-20 ms of Ray overhead against ~5-15 ms per decode)
 DECODE_MEMORY = 256 * 2**20  # bytes a decoding task reserves: 8 decoded photos of up to ~10 megapixels
+OVERLAY_ROWS = 256  # image rows an overlay is blended in at a time
+TMP_PREFIX, TMP_SUFFIX = ".predictions.", ".parquet.tmp"  # predictions.parquet while it is written
 ROW_GROUP = 10_000  # parquet rows the driver buffers before writing them
 
 
 # ---------------------------------------------------------------- the label map of one image
 
 from raysseg.core.label_maps import input_size, label_dtype, label_map, label_maps, model_input  # noqa: E402,F401
+from raysseg.core.label_strips import counts_in_strips, label_map_in_strips  # noqa: E402
+
+
+@torch.inference_mode()
+def image_label_maps(seg, inputs: np.ndarray, sizes: list[tuple[int, int]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Model inputs of one size, uint8 (B, h, w, 3) -> per image (cluster ids at its own size ``sizes[b]``,
+    pixels per cluster): one forward pass, then the logits of each image upsampled a strip of rows at a time
+    (:func:`raysseg.core.label_strips.label_map_in_strips`; :func:`label_map`'s map, up to near-ties)."""
+    logits = seg.cluster_logits(seg.codes(torch.from_numpy(np.array(inputs))))  # a writable copy
+    dtype = label_dtype(seg.cfg.n_clusters)
+    for b, size in enumerate(sizes):
+        yield label_map_in_strips(logits[b], tuple(size), dtype)
+
+
+def overlay_png(image: np.ndarray, labels: np.ndarray) -> bytes:
+    """The colour overlay of a label map as PNG bytes, blended ``OVERLAY_ROWS`` rows at a time into the picture
+    that is saved (neither its float arithmetic nor a second copy of it ever spans the whole image)."""
+    from raysseg.core.pictures import overlay
+
+    picture = Image.new("RGB", labels.shape[::-1])
+    for start in range(0, labels.shape[0], OVERLAY_ROWS):
+        rows = slice(start, start + OVERLAY_ROWS)
+        picture.paste(Image.fromarray(overlay(image[rows], labels[rows])), (0, start))
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def output_name(rel: str) -> str:
@@ -86,6 +120,7 @@ class JobPaths:
     overlays: bool
     n_clusters: int
     settings: object = None  # S3Settings captured on the driver, or None for local folders
+    max_pixels: int = 250_000_000  # larger images are refused from their header (data.max_pixels, its default)
 
     def label(self, rel: str) -> str:
         from raysseg.io.storage import join
@@ -100,26 +135,32 @@ class JobPaths:
 
 def _done_counts(paths: JobPaths, rel: str) -> tuple[int, int, np.ndarray] | None:
     """(height, width, pixels per cluster) of an image whose outputs are complete, else None."""
+    from raysseg.io.decode_large import own_pixel_bound
     from raysseg.io.storage import exists, read_if_exists
 
     data = read_if_exists(paths.label(rel), paths.settings)
     if data is None or (paths.overlays and not exists(paths.overlay(rel))):
         return None
     try:
-        labels = np.asarray(Image.open(io.BytesIO(data)))
+        with own_pixel_bound(), Image.open(io.BytesIO(data)) as png:
+            if png.width * png.height > paths.max_pixels:
+                return None  # not one of this job's label maps
+            labels = np.asarray(png)
     except OSError:
         return None  # damaged by hand: predict it again
-    counts = np.bincount(labels.ravel(), minlength=paths.n_clusters)
-    if labels.ndim != 2 or len(counts) > paths.n_clusters:
+    if labels.ndim != 2:
+        return None  # not a label map
+    counts = counts_in_strips(labels, paths.n_clusters)
+    if len(counts) > paths.n_clusters:
         return None  # not a label map of this model
     return labels.shape[0], labels.shape[1], counts
 
 
 def prepare_rows(batch: dict, *, paths: JobPaths, short_side: int, multiple: int, overwrite: bool) -> dict:
     """Ray Data task: per relative path, status ``done`` (outputs complete; counts read back from its label),
-    ``bad`` (unreadable; ``error`` says why) or ``todo`` (decoded; ``input`` resized for the model, ``image``
-    kept for the overlay)."""
-    from raysseg.io.images import decode_image
+    ``bad`` (unreadable or too large; ``error`` says why) or ``todo`` (decoded; ``input`` resized for the model,
+    ``image`` kept for the overlay)."""
+    from raysseg.io.decode_large import decode_for_model
     from raysseg.io.storage import StorageError, join, read_bytes
 
     empty = np.zeros((1, 1, 3), np.uint8)
@@ -133,10 +174,10 @@ def prepare_rows(batch: dict, *, paths: JobPaths, short_side: int, multiple: int
             status, (h, w, counts) = "done", done
         else:
             try:
-                full = np.asarray(decode_image(read_bytes(join(paths.src, *rel.split("/")), paths.settings)))
-                h, w = full.shape[:2]
-                inputs = model_input(full, short_side, multiple)
-                image = full if paths.overlays else empty
+                decoded = decode_for_model(read_bytes(join(paths.src, *rel.split("/")), paths.settings), short_side,
+                                           multiple, paths.max_pixels, full=paths.overlays)
+                (h, w), inputs = decoded.size, decoded.input
+                image = decoded.full if paths.overlays else empty
             except (ValueError, StorageError) as e:
                 status, error = "bad", " ".join(str(e).split())
         for key, value in (("path", rel), ("status", status), ("error", error), ("height", h), ("width", w),
@@ -164,27 +205,31 @@ class Predictor:
         self.paths = paths
 
     def __call__(self, batch: dict) -> dict:
-        from raysseg.core.pictures import overlay
-        from raysseg.io.storage import write_bytes_atomic
+        return predict_batch(self.seg, self.paths, batch)
 
-        todo = [i for i, s in enumerate(batch["status"]) if s == "todo"]
-        by_size: dict[tuple, list[int]] = {}
-        for i in todo:
-            by_size.setdefault(tuple(batch["input"][i].shape), []).append(i)
-        counts, status = batch["counts"].copy(), batch["status"].astype(object)
-        for rows in by_size.values():
-            inputs = np.stack([batch["input"][i] for i in rows])
-            sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in rows]
-            for i, labels in zip(rows, label_maps(self.seg, inputs, sizes)):
-                rel = str(batch["path"][i])
-                if self.paths.overlays:  # the overlay first: a label PNG marks the image as done
-                    write_bytes_atomic(self.paths.overlay(rel), png_bytes(overlay(batch["image"][i], labels)),
-                                       self.paths.settings)
-                write_bytes_atomic(self.paths.label(rel), png_bytes(labels), self.paths.settings)
-                counts[i] = np.bincount(labels.ravel(), minlength=self.paths.n_clusters)
-                status[i] = "predicted"
-        return {"path": batch["path"], "status": status.astype(str), "error": batch["error"],
-                "height": batch["height"], "width": batch["width"], "counts": counts}
+
+def predict_batch(seg, paths: JobPaths, batch: dict) -> dict:
+    """What a :class:`Predictor` does with a batch of :func:`prepare_rows` rows (one forward per input size)."""
+    from raysseg.io.storage import write_bytes_atomic
+
+    todo = [i for i, s in enumerate(batch["status"]) if s == "todo"]
+    by_size: dict[tuple, list[int]] = {}
+    for i in todo:
+        by_size.setdefault(tuple(batch["input"][i].shape), []).append(i)
+    counts, status = batch["counts"].copy(), batch["status"].astype(object)
+    for rows in by_size.values():
+        inputs = np.stack([batch["input"][i] for i in rows])
+        sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in rows]
+        for i, (labels, pixels) in zip(rows, image_label_maps(seg, inputs, sizes)):
+            rel = str(batch["path"][i])
+            if paths.overlays:  # the overlay first: a label PNG marks the image as done
+                write_bytes_atomic(paths.overlay(rel), overlay_png(batch["image"][i], labels), paths.settings)
+            write_bytes_atomic(paths.label(rel), png_bytes(labels), paths.settings)
+            counts[i] = pixels
+            status[i] = "predicted"
+            del labels  # freed before the next image's map is made
+    return {"path": batch["path"], "status": status.astype(str), "error": batch["error"],
+            "height": batch["height"], "width": batch["width"], "counts": counts}
 
 
 # ---------------------------------------------------------------- the driver
@@ -199,6 +244,8 @@ class PredictSummary:
     predicted: int = 0  # images the model ran on in this run
     reused: int = 0  # images whose outputs were already complete
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    n_left_out: int = 0  # files under SRC that are not images, as train and evaluate leave them out
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason) of the first ones
     seconds: float = 0.0
     log: str = ""
 
@@ -241,6 +288,31 @@ def _earlier_runs(previous: dict | None) -> list[dict]:
     if previous is None:
         return []
     return previous.get("earlier_runs", []) + [{k: previous.get(k) for k in ("started", "finished", "status", "counts")}]
+
+
+def _images_only(rels: Iterator[str], summary: PredictSummary) -> Iterator[str]:
+    """The images among the relative paths of every file under SRC; the others are counted in ``summary``, the
+    first ``LEFT_OUT_KEPT`` named with their reason (the reasons of a split's images/ folder)."""
+    from raysseg.io.images import LEFT_OUT_KEPT, _left_out_reason
+
+    for rel in rels:
+        reason = _left_out_reason(rel)
+        if reason is None:
+            yield rel
+            continue
+        summary.n_left_out += 1
+        if len(summary.left_out) < LEFT_OUT_KEPT:
+            summary.left_out.append((rel, reason))
+
+
+def left_out_line(summary: PredictSummary) -> str:
+    """One line counting and naming the files under SRC that are not images, as train and evaluate do."""
+    from raysseg.io.images import FORMATS
+
+    names = ", ".join(p for p, _ in summary.left_out[:3]) + (", ..." if summary.n_left_out > 3 else "")
+    reasons = "; ".join(sorted({r for _, r in summary.left_out}))
+    return (f"{summary.n_left_out} file(s) left out ({reasons}): {names}: convert them to {FORMATS} or move "
+            "them elsewhere")
 
 
 def chunks(paths: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -316,7 +388,9 @@ def _stderr_to(path: str) -> Iterator[None]:
 
 class _PredictionsFile:
     """``predictions.parquet`` written row group by row group into a local temporary file and put in place
-    whole (renamed into a local DST, uploaded once to S3) by :meth:`commit`."""
+    whole (renamed into a local DST, uploaded once to S3) by :meth:`commit`. The temporary file lies in a
+    local DST (``.predictions.<random>.parquet.tmp``), or in the system's temporary folder for an S3 DST (named
+    after a hash of DST): a killed run's one is removed when the next run into the same DST starts."""
 
     def __init__(self, out: str, n_clusters: int):
         import pyarrow as pa
@@ -329,7 +403,11 @@ class _PredictionsFile:
         folder = None if is_s3(out) else resolve(out)[1]
         if folder:
             os.makedirs(folder, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".predictions.", suffix=".parquet.tmp")
+        prefix = TMP_PREFIX if folder else f"{TMP_PREFIX}{hashlib.sha256(self.uri.encode()).hexdigest()[:12]}."
+        place = folder or tempfile.gettempdir()
+        for stale in glob.glob(os.path.join(glob.escape(place), glob.escape(prefix) + "*" + TMP_SUFFIX)):
+            os.unlink(stale)  # left by a killed run into this DST
+        fd, self.tmp = tempfile.mkstemp(dir=place, prefix=prefix, suffix=TMP_SUFFIX)
         os.close(fd)
         self.writer, self.rows = None, []
 
@@ -416,20 +494,23 @@ def chunk_dataset(rels: list[str], paths: JobPaths, ckpt_ref: list, *, short_sid
 
 def predict_job(checkpoint: str, images: str, out: str, *, workers: int = 2, gpus_per_worker: float = 0.0,
                 batch_size: int = 8, overlays: bool = False, overwrite: bool = False,
-                chunk: int = CHUNK) -> PredictSummary:
+                chunk: int = CHUNK, max_pixels: int | None = None) -> PredictSummary:
     """Segment every image under ``images`` (folder or s3:// prefix, sub-folders too) into ``out`` (folder or
-    s3:// prefix): see the module docstring. ``overwrite`` runs the model on complete images too."""
+    s3:// prefix): see the module docstring. ``overwrite`` runs the model on complete images too; images of more
+    than ``max_pixels`` pixels (default: the checkpoint's ``data.max_pixels``) are skipped."""
     import ray
 
     from raysseg.io.checkpoints import load_segmenter
     from raysseg.io.storage import (IMAGE_SUFFIXES, StorageError, is_s3, iter_files, join, makedirs, require_bucket,
                                     s3_settings, write_bytes_atomic)
+    from raysseg.runtime import logs
     from raysseg.runtime.driver import init_ray
     from raysseg.settings import ConfigError
 
-    if workers < 1 or gpus_per_worker < 0 or batch_size < 1:
-        raise ConfigError(f"--workers {workers}, --gpus-per-worker {gpus_per_worker}, --batch-size {batch_size}: "
-                           "give at least 1 worker, a batch of at least 1 and no negative GPUs")
+    if workers < 1 or gpus_per_worker < 0 or batch_size < 1 or max_pixels is not None and max_pixels < 1:
+        raise ConfigError(f"--workers {workers}, --gpus-per-worker {gpus_per_worker}, --batch-size {batch_size}, "
+                          f"--max-pixels {max_pixels}: give at least 1 worker, a batch of at least 1, no negative "
+                          "GPUs and a positive pixel bound")
     src, out = images.rstrip("/"), out.rstrip("/")
     if out == src or out.startswith(src + "/"):
         raise StorageError(f"--out {out} lies inside --images {src}: its outputs would be read as images; "
@@ -444,13 +525,13 @@ def predict_job(checkpoint: str, images: str, out: str, *, workers: int = 2, gpu
     config_hash, model_hash = checkpoint_identity(ckpt)
     previous = _check_destination(out, model_hash)
     started = _now()
-    log = os.path.abspath(os.path.join("outputs", "logs", f"predict-{started.replace(':', '')}.log"))
+    log = logs.log_file() or os.path.abspath(os.path.join("outputs", "logs", f"predict-{started.replace(':', '')}.log"))
     manifest = {"checkpoint": checkpoint, "config_hash": config_hash, "model_hash": model_hash,
                 "method": seg.cfg.method, "n_clusters": seg.cfg.n_clusters, "images": src, "overlays": overlays,
                 "status": "running", "started": started, "finished": None, "log": log,
                 "earlier_runs": _earlier_runs(previous)}
     write_bytes_atomic(join(out, MANIFEST), json.dumps(manifest, indent=2).encode())
-    paths = JobPaths(src, out, overlays, seg.cfg.n_clusters, settings)
+    paths = JobPaths(src, out, overlays, seg.cfg.n_clusters, settings, max_pixels or seg.cfg.data.max_pixels)
     short_side, multiple = seg.cfg.data.image_size, seg.input_multiple
     del seg
 
@@ -467,7 +548,7 @@ def predict_job(checkpoint: str, images: str, out: str, *, workers: int = 2, gpu
         with _stderr_to(log):
             init_ray(workers)
             ckpt_ref = [ray.put(ckpt)]
-            for rels in chunks(iter_files(src, settings=settings), chunk):
+            for rels in chunks(_images_only(iter_files(src, suffixes=("",), settings=settings), summary), chunk):
                 summary.listed += len(rels)
                 ds = chunk_dataset(rels, paths, ckpt_ref, short_side=short_side, multiple=multiple,
                                    overwrite=overwrite, workers=workers, threads=threads,
@@ -497,9 +578,12 @@ def predict_job(checkpoint: str, images: str, out: str, *, workers: int = 2, gpu
     progress.show(summary, final=True)
     manifest.update(status="finished", finished=_now(), seconds=round(summary.seconds, 1),
                     counts={"listed": summary.listed, "predicted": summary.predicted, "already_done": summary.reused,
-                            "skipped": len(summary.skipped)},
-                    skipped=[{"path": p, "reason": r} for p, r in summary.skipped])
+                            "skipped": len(summary.skipped), "left_out": summary.n_left_out},
+                    skipped=[{"path": p, "reason": r} for p, r in summary.skipped],
+                    left_out=[{"path": p, "reason": r} for p, r in summary.left_out])
     write_bytes_atomic(join(out, MANIFEST), json.dumps(manifest, indent=2).encode())
+    if summary.n_left_out:
+        print(f"warning: {src}: {left_out_line(summary)}")
     for rel, reason in summary.skipped:
         print(f"skipped {rel}: {reason}")
     print(f"[predict] {summary.listed:,} images: {summary.predicted:,} predicted, {summary.reused:,} already done, "

@@ -79,7 +79,9 @@ def pretrain_run_name(cfg: Config) -> str:
 def check_pretrain_inputs(cfg: Config) -> int:
     """Everything that can be checked before Ray starts; returns the training image count."""
     from raysseg.io.images import DatasetError, list_split
+    from raysseg.io.weights import ensure
 
+    ensure(cfg.model.weights)  # a weights name is fetched (and checked) now, or one line says where to put it
     try:
         files = list_split(cfg.data.train, with_labels=False).images
     except DatasetError as e:

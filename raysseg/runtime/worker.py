@@ -17,7 +17,7 @@ import torch
 from raysseg.config import config_from_dict
 from raysseg.engine.loop import WorkerEnv, pretrain_worker, train_worker
 from raysseg.runtime.bank import RaySharedState
-from raysseg.runtime.logs import ConsoleWriter
+from raysseg.runtime.logs import ConsoleWriter, LinesStartingWith
 
 
 def _ray_checkpoint(name: str):
@@ -69,7 +69,9 @@ def _report(metrics: dict, payload: dict | None, name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(payload, Path(tmp) / name)
         try:
-            with contextlib.redirect_stderr(sys.stdout):  # rank 0's stdout is the driver's console: outage warnings too
+            # rank 0's stdout is the driver's console: the storage layer's outage lines go there, Ray Train's own
+            # log records to the worker's log
+            with contextlib.redirect_stderr(LinesStartingWith("[storage]", sys.stdout, sys.stderr)):
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_upload_fn=upload if files is not None else None)
         except storage.StorageError as e:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from raysseg.io import storage
-from raysseg.io.datasets.layout import (IGNORE, Dataset, Output, PrepareOptions, Task, check_same_size, image_size,
-                                        label_array, layout_error, list_or_empty)
+from raysseg.io.datasets.layout import (IGNORE, Dataset, Output, PrepareOptions, Task, check_same_size,
+                                        chosen_protocol, image_size, label_array, layout_error, list_or_empty)
 
 CLASSES = ("road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail", "bridge",
            "tunnel", "pole", "polegroup", "traffic light", "traffic sign", "vegetation", "terrain", "sky", "person",
@@ -36,7 +36,11 @@ def labels_27(ids: np.ndarray) -> np.ndarray:
     return np.where((values >= 0) & (values < 256), id_lookup()[values.clip(0, 255)], IGNORE).astype(np.uint8)
 
 
+PROTOCOLS = {"fine": "gtFine train (2,975 images) and val (500), as PiCIE, STEGO and HP use them"}
+
+
 def find(src: str, options: PrepareOptions) -> list[Task]:
+    chosen_protocol("cityscapes27", PROTOCOLS, options)
     tasks = []
     for split in SPLITS:
         image_root = storage.join(src, "leftImg8bit", split)
@@ -72,4 +76,5 @@ CITYSCAPES27 = Dataset(
               "helpers/labels.py; 27 classes as in PiCIE (Cho et al. CVPR 2021), STEGO and HP",
     find=find, convert=convert,
     lut=lambda: {str(FIRST_ID + i): i for i in range(len(CLASSES))},
+    protocols=PROTOCOLS,
 )

@@ -4,9 +4,18 @@ Source (the COCO-Stuff distribution, github.com/nightrome/cocostuff): ``images/{
 from COCO 2017 and ``annotations/{train2017,val2017}/*.png`` from stuffthingmaps_trainval2017.zip, whose
 pixels hold the COCO-Stuff id minus one (0..181: things 0..90, stuff 91..181) and 255 for unlabeled.
 Each fine class goes to its supercategory in the COCO-Stuff label hierarchy (Caesar et al., CVPR 2018,
-the dataset's labels.md); anything else is ignored. Optional image lists (one image id or file name a
-line) select the curated subsets (e.g. STEGO's Coco164kFull_Stuff_Coarse_7.txt: 49,629 train / 2,175 val,
-the split the PGG paper states).
+the dataset's labels.md); anything else is ignored.
+
+Protocols (``--protocol``) select the curated image lists of IIC (Ji et al. ICCV 2019; its
+COCOStuff164kCurated.tar.gz unpacks to ``curated/{train2017,val2017}/``, expected under SRC), one image id a line:
+  all    every image of images/train2017 and images/val2017 (or the --image-list files);
+  stego  train: Coco164kFull_Stuff_Coarse.txt (the unversioned list, 97,702 images in IIC's copy; a superset
+         of _7), val: Coco164kFull_Stuff_Coarse_7.txt (2,175): what STEGO's and HP's released code reads
+         (src/data.py / dataset/data.py: ``subset=None`` for train, ``subset=7`` for val), so HP and STEGO
+         train on the unversioned list, not on the 49,629 images of _7;
+  picie  train and val: Coco164kFull_Stuff_Coarse_7.txt (49,629 / 2,175, the lists in PiCIE's repository,
+         curated/; the split the PGG paper states).
+``--image-list SPLIT=FILE`` replaces a protocol's list for that split.
 """
 from __future__ import annotations
 
@@ -14,8 +23,8 @@ import numpy as np
 
 from raysseg.io import storage
 from raysseg.io.images import DatasetError
-from raysseg.io.datasets.layout import (IGNORE, Dataset, Output, PrepareOptions, Task, check_same_size, image_size,
-                                        label_array, layout_error, list_or_empty, stem)
+from raysseg.io.datasets.layout import (IGNORE, Dataset, Output, PrepareOptions, Task, check_same_size,
+                                        chosen_protocol, image_size, label_array, layout_error, list_or_empty, stem)
 
 COARSE = ("electronic", "appliance", "food-things", "furniture-things", "indoor", "kitchen", "accessory", "animal",
           "outdoor", "person", "sports", "vehicle",  # the 12 thing supercategories (0..11)
@@ -64,6 +73,14 @@ def coarse_labels(fine: np.ndarray) -> np.ndarray:
 
 
 SPLITS = {"train2017": "train", "val2017": "val"}
+PROTOCOLS = {
+    "all": "every image of images/{train2017,val2017}, or the --image-list files",
+    "stego": "train: curated/train2017/Coco164kFull_Stuff_Coarse.txt, val: curated/val2017/Coco164kFull_Stuff_Coarse_7.txt "
+             "(STEGO src/data.py, HP dataset/data.py)",
+    "picie": "train and val: curated/<split>2017/Coco164kFull_Stuff_Coarse_7.txt, 49,629 / 2,175 images (PiCIE, PGG)",
+}
+LISTS = {"stego": {"train": "Coco164kFull_Stuff_Coarse.txt", "val": "Coco164kFull_Stuff_Coarse_7.txt"},
+         "picie": {"train": "Coco164kFull_Stuff_Coarse_7.txt", "val": "Coco164kFull_Stuff_Coarse_7.txt"}}
 EXPECTED = ("images/{train2017,val2017}/*.jpg and annotations/{train2017,val2017}/*.png (COCO 2017 images and "
             "COCO-Stuff stuffthingmaps_trainval2017.zip)")
 
@@ -84,6 +101,9 @@ def find(src: str, options: PrepareOptions) -> list[Task]:
     if unknown:
         raise layout_error("cocostuff27", src, f"image list for unknown split(s) {', '.join(sorted(unknown))}",
                            "--image-list train=FILE or val=FILE")
+    protocol = chosen_protocol("cocostuff27", PROTOCOLS, options)
+    lists = {split: storage.join(src, "curated", f"{split}2017", name) for split, name in LISTS.get(protocol, {}).items()}
+    lists.update(options.image_lists)
     tasks = []
     for source_split, split in SPLITS.items():
         images = {stem(u): u for u in list_or_empty(storage.join(src, "images", source_split), (".jpg", ".jpeg"))}
@@ -94,11 +114,13 @@ def find(src: str, options: PrepareOptions) -> list[Task]:
             raise layout_error("cocostuff27", src, f"images/{source_split} has no annotations/{source_split}/*.png",
                                EXPECTED)
         wanted = sorted(images)
-        if split in options.image_lists:
-            listed = options.image_lists[split]
+        if split in lists:
+            listed = lists[split]
             if not storage.exists(listed):
-                raise DatasetError(f"cocostuff27: image list {listed} (--image-list {split}=...) does not exist; "
-                                   "give the file of image ids, e.g. Coco164kFull_Stuff_Coarse_7.txt")
+                where = (f"--image-list {split}=..." if split in options.image_lists else
+                         f"--protocol {protocol}: put IIC's curated/ folder under SRC or give --image-list {split}=FILE")
+                raise DatasetError(f"cocostuff27: image list {listed} does not exist ({where}); "
+                                   "the file of image ids, e.g. Coco164kFull_Stuff_Coarse_7.txt")
             wanted = _listed_stems(listed)
         for name in wanted:  # a listed or unpaired file that is missing is skipped and listed by convert
             files = {"image": images.get(name, storage.join(src, "images", source_split, f"{name}.jpg")),
@@ -125,4 +147,5 @@ COCOSTUFF27 = Dataset(
               "PiCIE (Cho et al. CVPR 2021), STEGO (Hamilton et al. ICLR 2022), HP (Seong et al. CVPR 2023)",
     find=find, convert=convert,
     lut=lambda: {str(v): int(c) for v, c in enumerate(fine_to_coarse()) if c != IGNORE},
+    protocols=PROTOCOLS,
 )

@@ -5,8 +5,10 @@ labels) are the modules beside this one; the parallel job is :mod:`raysseg.runti
 Output layout under DST (the project's split layout, README "Data"):
   <split>/images/<key>.<ext>   the image (the source bytes when they are already JPEG/PNG, else PNG)
   <split>/labels/<key>.png     uint8 class indices 0..n-1, ``IGNORE`` elsewhere
-  .prepare/<split>/<task>.json written last for each source task: its outputs and pixel counts (resume)
+  .prepare/<split>/<task>.json written last for each source task: its outputs and pixel counts per split (resume)
   dataset_card.json, classes.txt  written at the end of every run
+
+A dataset's protocols (``--protocol``) are the image lists and splits a paper used; the first one is the default.
 """
 from __future__ import annotations
 
@@ -32,17 +34,20 @@ class PrepareOptions:
     """Per-dataset choices (the CLI's options); each dataset reads only its own."""
 
     image_lists: dict[str, str] = field(default_factory=dict)  # cocostuff27: split -> image-list file URI
-    tile: int = 200  # potsdam3: side of the square crops cut from each 6000 x 6000 tile
-    val_tiles: tuple[str, ...] = ()  # potsdam3: tile ids ("2_13") for val; () = the dataset's default
+    tile: int = 200  # potsdam3: side of the square crops written (iic: cut from windows of twice that side)
+    val_tiles: tuple[str, ...] = ()  # potsdam3 --protocol tiles: tile ids ("2_13") for val; () = the default
+    protocol: str = ""  # the dataset's protocols (Dataset.protocols); "" = its first
 
 
 @dataclass(frozen=True)
 class Task:
-    """One unit of work: source files (role -> URI) that give the outputs ``key``/``key_<r>_<c>`` of a split."""
+    """One unit of work: source files (role -> URI) that give the outputs ``key``/``key_<r>_<c>`` of a split
+    (an output may name another split: potsdam3 --protocol iic sends the crops listed in ``val_crops`` to val)."""
 
     split: str
     key: str
     files: dict[str, str]
+    val_crops: tuple[int, ...] = ()
 
     def marker(self, dst: str) -> str:
         return storage.join(dst, MARKERS, self.split, f"{self.key}.json")
@@ -50,12 +55,13 @@ class Task:
 
 @dataclass
 class Output:
-    """An image (encoded bytes and its suffix) and its mapped label (uint8 [H, W])."""
+    """An image (encoded bytes and its suffix) and its mapped label (uint8 [H, W]); ``split``: "" = the task's."""
 
     key: str
     image: bytes
     suffix: str
     label: np.ndarray
+    split: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,15 @@ class Dataset:
     find: Callable[[str, PrepareOptions], list[Task]]
     convert: Callable[[Task, PrepareOptions, Callable[[str], bytes]], list[Output]]
     lut: Callable[[], dict] = lambda: {}  # the mapping as a table, for the card
+    protocols: dict[str, str] = field(default_factory=dict)  # --protocol name -> what it does; first = default
+
+
+def chosen_protocol(name: str, protocols: dict[str, str], options: PrepareOptions) -> str:
+    """The protocol ``options`` asks for ("" = the first); an unknown one is one DatasetError line."""
+    chosen = options.protocol or next(iter(protocols))
+    if chosen not in protocols:
+        raise DatasetError(f"{name}: --protocol {chosen} is not one of {', '.join(protocols)}")
+    return chosen
 
 
 def layout_error(dataset: "Dataset | str", src: str, missing: str, expected: str) -> DatasetError:
@@ -126,14 +141,18 @@ def run_task(dataset: Dataset, task: Task, options: PrepareOptions, dst: str) ->
         outputs = dataset.convert(task, options, read_source)
     except ValueError as exc:
         return {"split": task.split, "key": task.key, "error": " ".join(str(exc).split())}
-    counts = np.zeros(len(dataset.classes) + 1, np.int64)  # the last one: ignored pixels
+    splits: dict[str, dict] = {}  # split -> outputs and pixel counts (the last count: ignored pixels)
     for out in outputs:
-        split = storage.join(dst, task.split)
+        name = out.split or task.split
+        split = storage.join(dst, name)
         storage.write_bytes_atomic(storage.join(split, "images", *f"{out.key}{out.suffix}".split("/")), out.image)
         storage.write_bytes_atomic(storage.join(split, "labels", *f"{out.key}.png".split("/")),
                                    encode_png(out.label.astype(np.uint8)))
-        counts += pixel_counts(out.label, len(dataset.classes))
-    done = {"split": task.split, "key": task.key, "outputs": [o.key for o in outputs], "counts": counts.tolist()}
+        s = splits.setdefault(name, {"outputs": [], "counts": np.zeros(len(dataset.classes) + 1, np.int64)})
+        s["outputs"].append(out.key)
+        s["counts"] += pixel_counts(out.label, len(dataset.classes))
+    done = {"split": task.split, "key": task.key,
+            "splits": {name: {"outputs": s["outputs"], "counts": s["counts"].tolist()} for name, s in splits.items()}}
     storage.write_bytes_atomic(task.marker(dst), json.dumps(done).encode())
     return done
 
@@ -188,17 +207,21 @@ def is_done(task: Task, dst: str) -> dict | None:
 
 
 def card(dataset: Dataset, src: str, options: PrepareOptions, results: list[dict]) -> dict:
-    """The dataset card: classes, the mapping, images and pixels per class per split, skipped files."""
+    """The dataset card: classes, the protocol, the mapping, images and pixels per class per split, skipped files."""
     splits: dict[str, dict] = {}
     for r in results:
         if "error" in r:
             continue
-        s = splits.setdefault(r["split"], {"images": 0, "counts": np.zeros(len(dataset.classes) + 1, np.int64)})
-        s["images"] += len(r["outputs"])
-        s["counts"] += np.asarray(r["counts"], np.int64)
+        # markers of earlier versions hold one split's "outputs" and "counts"
+        for name, part in r.get("splits", {r["split"]: r}).items():
+            s = splits.setdefault(name, {"images": 0, "counts": np.zeros(len(dataset.classes) + 1, np.int64)})
+            s["images"] += len(part["outputs"])
+            s["counts"] += np.asarray(part["counts"], np.int64)
+    protocol = chosen_protocol(dataset.name, dataset.protocols, options)
     return {
         "dataset": dataset.name,
         "source": src,
+        "protocol": {"name": protocol, "description": dataset.protocols[protocol]},
         "classes": list(dataset.classes),
         "ignore_index": IGNORE,
         "mapping": dataset.mapping,

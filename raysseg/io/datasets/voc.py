@@ -8,14 +8,19 @@ DeepLab release: single-channel indices) and its list ``ImageSets/Segmentation/t
 ``ImageSets/SegmentationAug/train_aug.txt``; lines are ids or DeepLab's
 "/JPEGImages/x.jpg /SegmentationClassAug/x.png").
 Labels saved as RGB colours are mapped back through the VOC palette. Indices 21..254 become 255.
+
+Protocols (``--protocol``): ``aug`` (default) labels every train_aug image from SegmentationClassAug;
+``segsort`` labels the 1,464 images of ImageSets/Segmentation/train.txt from VOC's own SegmentationClass and
+the rest of train_aug from SegmentationClassAug (SBD), as SegSort's dataset/voc12/train+.txt does (1,464
+VOC2012/segcls + 9,118 sbd/dataset/clsimg lines, 10,582 in all).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from raysseg.io import storage
-from raysseg.io.datasets.layout import (IGNORE, Dataset, Output, PrepareOptions, Task, check_same_size, image_size,
-                                        layout_error, stem)
+from raysseg.io.datasets.layout import (IGNORE, Dataset, Output, PrepareOptions, Task, check_same_size,
+                                        chosen_protocol, image_size, layout_error, stem)
 from raysseg.io.images import decode_label
 
 CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -70,11 +75,20 @@ def _root(src: str) -> str:
     raise layout_error("voc2012", src, "no JPEGImages/ there, in VOC2012/ or in VOCdevkit/VOC2012/", EXPECTED)
 
 
+PROTOCOLS = {
+    "aug": "train_aug (when SegmentationClassAug and its list are there, else train) labelled from "
+           "SegmentationClassAug; val from SegmentationClass",
+    "segsort": "train_aug: VOC's SegmentationClass for the 1,464 train.txt images, SegmentationClassAug (SBD) for "
+               "the rest (SegSort's train+.txt); val from SegmentationClass",
+}
+
+
 def _ids(uri: str) -> list[str]:
     return [stem(line.split()[0]) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
 
 
 def find(src: str, options: PrepareOptions) -> list[Task]:
+    protocol = chosen_protocol("voc2012", PROTOCOLS, options)
     root = _root(src)
     sets = storage.join(root, "ImageSets", "Segmentation")
     splits = {}
@@ -87,13 +101,20 @@ def find(src: str, options: PrepareOptions) -> list[Task]:
         if storage.exists(aug_list):
             if not storage.exists(storage.join(root, "SegmentationClassAug")):
                 raise layout_error("voc2012", src, f"{aug_list} is there but SegmentationClassAug/ is not", EXPECTED)
-            del splits["train"]
+            train_list = splits.pop("train")[0]
+            voc_train = set(_ids(train_list)) if protocol == "segsort" else set()
             splits["train_aug"] = (aug_list, "SegmentationClassAug")
             break
+    else:
+        if protocol == "segsort":
+            raise layout_error("voc2012", src, "--protocol segsort needs ImageSets/Segmentation/train_aug.txt (or "
+                               "ImageSets/SegmentationAug/train_aug.txt) and SegmentationClassAug/", EXPECTED)
+        voc_train = set()
     if not storage.exists(storage.join(root, "SegmentationClass")):
         raise layout_error("voc2012", src, "no SegmentationClass/", EXPECTED)
     return [Task(split, name, {"image": storage.join(root, "JPEGImages", f"{name}.jpg"),
-                               "label": storage.join(root, folder, f"{name}.png")})
+                               "label": storage.join(root, "SegmentationClass" if name in voc_train else folder,
+                                                     f"{name}.png")})
             for split, (list_uri, folder) in splits.items() for name in _ids(list_uri)]
 
 
@@ -110,7 +131,8 @@ VOC2012 = Dataset(
             "RGB colour labels through the VOC palette",
     reference="Everingham et al., The PASCAL VOC Challenge, IJCV 2010 and the VOC2012 devkit (classes, palette, "
               "lists); train_aug: SBD (Hariharan et al. ICCV 2011) as released with DeepLab (Chen et al. 2017), "
-              "used by SegSort (Hwang et al. ICCV 2019) and visual concepts (Wen et al.)",
+              "used by SegSort (Hwang et al. ICCV 2019) and visual concepts (He et al. IJCAI 2022)",
     find=find, convert=convert,
     lut=lambda: {str(i): i for i in range(len(CLASSES))},
+    protocols=PROTOCOLS,
 )

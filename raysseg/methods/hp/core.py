@@ -45,24 +45,36 @@ Memory (N patches, M pool size, chunk rows at a time):
 So peak memory grows with N^2 bytes (the bool masks) plus ~6 * 4 * chunk * N bytes.
 
 Loss forms (``hp.loss_form``). ``paper`` (the default) is everything above. ``released``
-follows the authors' released code, which produced the paper's numbers, in six documented
-points (each a branch below, named "released (k)"):
+follows the authors' released code, which produced the paper's numbers, in seven documented
+points (each a branch below, named "released (k)"; benchmarks/parity/hp.py runs both side by side):
   (1) total = mean over images b of (GHP_b + LHP_b) / 2, plus alpha R outside the mean;
   (2) each image's term is sum_ij w_ij (-log p_ij) / sum_ij w_ij over its kept anchors
       (normalised by the positive weights within the image, not by sum |P_i| over the batch);
   (3) an anchor is kept only when it has a task-agnostic positive;
-  (4) the denominator is P_ag(i) plus one random [n, N] negative mask (Bernoulli(rho),
-      n = h*w) shared by every image of the batch; our reading: the shared mask loses the
-      anchor's positives of either set and itself, so positives found only in the
-      task-specific set are in the numerator but never in the denominator;
-  (5) selection (both positive sets) uses the Dropout2d'd backbone features and the EMA codes
-      of those features (one dropout sample, the one the heads see). The released code also
-      selects under fp16 autocast; that part is not copied (selection stays exact fp32);
+  (4) the denominator of anchor i is P_ag(i) plus one random [n, N] mask (Bernoulli(rho),
+      n = h*w) shared by every image of the batch, minus i itself; a positive found only in
+      the task-specific set is in the numerator, and in the denominator only if the random
+      mask draws it;
+  (5) dropout: every use draws its own Dropout2d(0.1) sample (:meth:`HPModel.released_loss`
+      lists them): each branch of the head and of the EMA head, the selection features, the
+      EMA codes, the mixed codes; the reference pools are built from such dropped-out rows
+      (:meth:`HPModel.released_pool_rows`) and each Q_sp renewal takes new random patches
+      (the trainer). Selection (both positive sets) uses these dropped-out features and codes;
   (6) lambda = (t - w) / (T - w) (:func:`lambda_released`); Q_sp is renewed every N
       iterations counted within each epoch, skipping iteration 0
       (:func:`released_sp_version`); the projection head is optimised without weight decay
-      or gradient clipping (the trainer's parameter groups).
-With the same tensors, (1) alone doubles alpha's relative weight.
+      or gradient clipping (the trainer's parameter groups);
+  (7) the EMA head is updated with the weights before the optimiser step (the trainer).
+With the same tensors, (1) alone doubles alpha's relative weight. Two things are not copied.
+fp16: the released code selects under fp16 autocast, stores the pools normalised in fp16 (row norms
+1 +- 5e-4) and keeps the positive weights w = m_ag + lambda m_sp in fp16 (lambda = 0.3 becomes 0.29980:
+2e-5 relative in the loss and 1e-4 in the head gradients on the parity case; nothing for lambda a
+multiple of 1/4 there); here selection, pools and weights are exact fp32. These move the loss far less
+than one dropout draw does, so they do not change numbers users compare. NaN: the released code
+computes log-probabilities for every anchor before dropping those without a task-agnostic positive,
+so an anchor whose random mask row is also empty has log(0) in its denominator and makes the
+gradients NaN (0 * inf in the backward of the dropped row); here only kept anchors are computed
+(their denominator holds P_ag(i), never empty), so the loss and gradients stay finite.
 """
 
 from __future__ import annotations
@@ -76,10 +88,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from raysseg.core.exact_select import exact_row_max, exact_select
 from raysseg.core.precision import at_least_fp32, exact_fp32
 
 BASE_TEMPERATURE = 0.07  # the released code multiplies the loss by tau / 0.07
 LOSS_FORMS = ("paper", "released")  # hp.loss_form: the paper's text, or the authors' released code
+SELECTIONS = ("fp32", "bf16_recheck")  # hp.selection: how the products of the selection are computed
 
 
 class HPInputError(ValueError):
@@ -121,8 +135,10 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def anchor_criterion(feats: Tensor, pool: Tensor, chunk: int) -> Tensor:
-    """c_i = max_m cos(pool_m, f_i). feats [N, C], pool [M, C], both L2-normalised -> [N]."""
+def anchor_criterion(feats: Tensor, pool: Tensor, chunk: int, selection: str = "fp32") -> Tensor:
+    """c_i = max_m cos(pool_m, f_i). feats [N, C], pool [M, C], both L2-normalised -> [N].
+    selection "bf16_recheck": bf16 products, fp32 re-check near the maximum (core/exact_select.py), equal
+    bit for bit."""
     _check_2d("anchor_criterion", "feats", feats)
     _check_2d("anchor_criterion", "pool", pool, feats.shape[1])
     _check_chunk("anchor_criterion", chunk)
@@ -131,20 +147,30 @@ def anchor_criterion(feats: Tensor, pool: Tensor, chunk: int) -> Tensor:
     _check_unit("anchor_criterion", "feats", feats)
     _check_unit("anchor_criterion", "pool", pool)
     f, q = feats.float(), pool.float()
+    if selection == "bf16_recheck":
+        return exact_row_max(f, q, chunk)
+    if selection != "fp32":
+        _fail("anchor_criterion", f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     with exact_fp32():  # thresholds of a decision: fp32 whatever the caller's autocast
         return torch.cat([(f[i:i + chunk] @ q.T).amax(dim=1) for i in range(0, f.shape[0], chunk)])
 
 
 @torch.no_grad()
-def hidden_positive_mask(feats: Tensor, pool: Tensor, chunk: int) -> Tensor:
+def hidden_positive_mask(feats: Tensor, pool: Tensor, chunk: int, selection: str = "fp32") -> Tensor:
     """Global hidden positives: (i, j) iff cos(f_i, f_j) > c_i or > c_j, i != j.
 
     feats [N, C] and pool [M, C] L2-normalised -> bool [N, N]. Built chunk rows at a
     time, so the float work is chunk x N; in exact fp32 even inside an autocast region.
+    selection "bf16_recheck": the same mask from bf16 products and an fp32 re-check of the pairs near
+    their thresholds (:func:`raysseg.core.exact_select.exact_select`).
     """
-    crit = anchor_criterion(feats, pool, chunk)
+    crit = anchor_criterion(feats, pool, chunk, selection)
     f = feats.float()
     n = f.shape[0]
+    if selection == "bf16_recheck":
+        mask = exact_select(f, f, crit, crit, chunk=chunk)
+        mask.fill_diagonal_(False)
+        return mask
     mask = torch.empty(n, n, dtype=torch.bool, device=f.device)
     with exact_fp32():
         for i in range(0, n, chunk):
@@ -301,7 +327,7 @@ def _released_image_sum(anchors: Tensor, z: Tensor, pos_ag: Tensor, pos_sp: Tens
     w = pos_ag.to(torch.float32)
     if pos_sp is not None:
         w = w + lam * pos_sp.to(torch.float32)
-    denom = pos_ag | neg  # released (4): P_ag plus the shared negatives, never the task-specific-only positives
+    denom = pos_ag | neg  # released (4): P_ag plus the shared random mask (self removed)
     logits = at_least_fp32(anchors @ z.T) / tau
     lse = logits.masked_fill(~denom, float("-inf")).logsumexp(dim=1, keepdim=True)
     return (w * (lse - logits)).sum()
@@ -315,10 +341,10 @@ def released_supcon_per_image(z: Tensor, pos_ag: Tensor, pos_sp: Tensor | None, 
     or lam = 0: task-agnostic only); neg_shared bool [n, N] (:func:`shared_negatives`); anchors [N, D]
     (default z). For image b with anchors i in its n patches:
       kept_i = any_j pos_ag_ij                                            released (3)
-      w_ij = pos_ag_ij + lam pos_sp_ij,  D_i = P_ag(i) u (neg_shared_i minus positives and i)   (4)
+      w_ij = pos_ag_ij + lam pos_sp_ij,  D_i = (P_ag(i) u neg_shared_i) minus i             (4)
       L_b = (tau/0.07) sum_{kept i, j} w_ij (-log p_ij) / sum_{kept i, j} w_ij              (2)
     where -log p_ij = logsumexp_{k in D_i} l_ik - l_ij, l = a.z/tau (a task-specific-only j is
-    in the numerator, not in D_i). An image with no kept anchor gives 0 (with the graph).
+    in D_i only where neg_shared draws it). An image with no kept anchor gives 0 (with the graph).
     Returns (L [B], kept bool [N]).
     """
     _check_2d("released_supcon_per_image", "z", z)
@@ -349,8 +375,7 @@ def released_supcon_per_image(z: Tensor, pos_ag: Tensor, pos_sp: Tensor | None, 
             continue
         ag, sp = pos_ag[rows], pos_sp[rows] if use_sp else None
         with torch.no_grad():
-            positive = ag | sp if sp is not None else ag
-            neg = neg_shared[rows - start] & ~positive & (cols[None, :] != rows[:, None])  # (4)
+            neg = neg_shared[rows - start] & (cols[None, :] != rows[:, None])  # (4)
             weight = ag.sum() + (lam * sp.sum() if sp is not None else 0.0)
         args = (a[rows], z, ag, sp, lam, neg, tau)
         part = (checkpoint(_released_image_sum, *args, use_reentrant=False) if use_ckpt
@@ -512,6 +537,7 @@ class HPModel(nn.Module):
         self.proj = ProjHead(k)
         self.ema_seg = copy.deepcopy(self.seg)
         self.ema_seg.requires_grad_(False)
+        self.selection = "fp32"  # hp.selection (SELECTIONS), set from the config by methods/hp/spec.py
 
     def codes(self, feats: Tensor) -> Tensor:
         """Segmentation codes for inference (no dropout). [B, C, h, w] -> [B, K, h, w]."""
@@ -526,17 +552,40 @@ class HPModel(nn.Module):
         """Codes s' of the momentum head (no grad, no dropout). [B, C, h, w] -> [B, K, h, w]."""
         return self.ema_seg(feats)
 
+    def branch_codes(self, head: SegHead, feats: Tensor) -> Tensor:
+        """Released (5): head.linear(drop(f)) + head.nonlinear(drop(f)), each branch with its own
+        Dropout2d sample (drawn in that order). [B, C, h, w] -> [B, K, h, w]."""
+        return head.linear(self.dropout(feats)) + head.nonlinear(self.dropout(feats))
+
+    @torch.no_grad()
+    def released_pool_rows(self, feats_ag: Tensor | None,
+                           feats_sp: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """Released (5): reference-pool rows from one patch of each pool image, as the released code
+        builds them from its dropped-out outputs (not normalised; the loss normalises).
+
+        feats_ag [M, C] -> Q_ag rows drop(f) [M, C]; feats_sp [M, C] -> Q_sp rows
+        drop(EMA-head branch codes of f) [M, K] (:meth:`branch_codes`); either may be None.
+        Dropout2d samples, in order: Q_ag's, the EMA head's two branches, Q_sp's."""
+        ag = sp = None
+        if feats_ag is not None:
+            _check_2d("released_pool_rows", "feats_ag", feats_ag)
+            ag = self.dropout(feats_ag[:, :, None, None])[:, :, 0, 0]
+        if feats_sp is not None:
+            _check_2d("released_pool_rows", "feats_sp", feats_sp)
+            sp = self.dropout(self.branch_codes(self.ema_seg, feats_sp[:, :, None, None]))[:, :, 0, 0]
+        return ag, sp
+
     def hidden_positives(self, feats: Tensor, q_ag: Tensor, q_sp: Tensor | None, lam: float,
                          chunk: int) -> tuple[Tensor, Tensor | None]:
         """Task-agnostic positives from the backbone features (B, C, h, w) against Q_ag (M, C), and
         task-specific ones from the EMA codes against Q_sp (M, K) when Q_sp exists and lambda > 0
         (else None): (N, N) bool masks, N = B*h*w. Call inside ``no_grad`` and ``exact_fp32``."""
         f = F.normalize(_flat(feats).float(), dim=1)
-        pos_ag = hidden_positive_mask(f, F.normalize(q_ag.float(), dim=1), chunk)
+        pos_ag = hidden_positive_mask(f, F.normalize(q_ag.float(), dim=1), chunk, self.selection)
         if q_sp is None or lam <= 0:
             return pos_ag, None
         s_ema = F.normalize(_flat(self.ema_codes(feats.float())).float(), dim=1)
-        return pos_ag, hidden_positive_mask(s_ema, F.normalize(q_sp.float(), dim=1), chunk)
+        return pos_ag, hidden_positive_mask(s_ema, F.normalize(q_sp.float(), dim=1), chunk, self.selection)
 
     def loss(self, feats: Tensor, feats_aug: Tensor, attn_logits: Tensor | None, q_ag: Tensor,
              q_sp: Tensor | None, lam: float, *, tau: float, rho: float, alpha: float, sigma: float,
@@ -613,27 +662,37 @@ class HPModel(nn.Module):
 
         Same inputs, stats and shapes as :meth:`loss`; GHP_b, LHP_b from
         :func:`released_supcon_per_image`. Without attention LHP_b = 0 and the sum is still halved.
+        Released (5): the Dropout2d samples are drawn in this order: the head's two branches (codes s),
+        the EMA head's two branches, the EMA codes s', the selection features f, the mixed codes (only
+        with attention), the head's two branches on ``feats_aug``. Selection uses drop(f) and drop(s').
         """
         b, _, h, w = feats.shape
         device = feats.device
-        dropped = self.dropout(feats)  # released (5): one Dropout2d sample for selection, EMA codes and heads
+        s = self.branch_codes(self.seg, feats)
+        with torch.no_grad(), exact_fp32():  # drawn whatever lambda is, so the dropout stream is the same every step
+            s_ema = self.dropout(self.branch_codes(self.ema_seg, feats.float()))
+            f_sel = self.dropout(feats.float())
 
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad(), exact_fp32():  # fp32 selection: the released code's fp16 here is not copied
-            pos_ag, pos_sp = self.hidden_positives(dropped, q_ag, q_sp, lam, chunk)
+            pos_ag = hidden_positive_mask(F.normalize(_flat(f_sel), dim=1), F.normalize(q_ag.float(), dim=1), chunk,
+                                          self.selection)
+            pos_sp = None
+            if q_sp is not None and lam > 0:
+                pos_sp = hidden_positive_mask(F.normalize(_flat(s_ema), dim=1), F.normalize(q_sp.float(), dim=1),
+                                              chunk, self.selection)
             neg = shared_negatives(h * w, b * h * w, rho, generator, device)  # released (4)
         _sync(device)
         t1 = time.perf_counter()
 
-        s = self.seg(dropped)
         z = self.proj(s)
         ghp, kept = released_supcon_per_image(_flat(z), pos_ag, pos_sp, lam, neg, tau)
         lhp = torch.zeros_like(ghp)
         if attn_logits is not None:
             with exact_fp32():
                 weights = local_attention_weights(attn_logits, h, w, sigma)
-            z_mix = _flat(self.proj(mix_codes(s, weights)))
+            z_mix = _flat(self.proj(self.dropout(mix_codes(s, weights))))
             if mixed_contrast:
                 lhp = released_supcon_per_image(z_mix, pos_ag, pos_sp, lam, neg, tau)[0]
             else:
@@ -641,7 +700,7 @@ class HPModel(nn.Module):
         _sync(device)
         t2 = time.perf_counter()
 
-        z_aug = self.proj(self.seg(self.dropout(feats_aug)))
+        z_aug = self.proj(self.branch_codes(self.seg, feats_aug))
         reg = consistency_loss(z, z_aug)
         contrast = ((ghp + lhp) / 2).mean()  # released (1)
         total = contrast + alpha * reg

@@ -24,8 +24,13 @@ class HPConfig:
     loss_form: str = setting("paper", choices=("paper", "released"),
                              help="paper: the paper's text; released: how the authors' released code combines the "
                                   "terms (per-image halved loss, weights normalised per image, shared negatives, "
-                                  "dropout before selection, (t-w)/(T-w) ramp, per-epoch Q_sp renewal, projection "
-                                  "head without weight decay or clipping); see methods/hp/core.py")
+                                  "a dropout sample per use, selection on dropped-out features, pools from new random "
+                                  "patches, (t-w)/(T-w) ramp, per-epoch Q_sp renewal, projection head without weight "
+                                  "decay or clipping, EMA from the pre-step weights); see methods/hp/core.py")
+    selection: str = setting("fp32", choices=("fp32", "bf16_recheck"),
+                             help="fp32: the selection's products in exact fp32; bf16_recheck: in bf16 with an fp32 "
+                                  "re-check of the pairs within the proven error bound of their threshold (the same "
+                                  "positives bit for bit; raysseg/core/exact_select.py)")
 
 
 def _head(cfg, backbone_dim: int):
@@ -33,6 +38,7 @@ def _head(cfg, backbone_dim: int):
 
     head = HPModel(backbone_dim, cfg.model.code_dim)
     head.code_dim = cfg.model.code_dim
+    head.selection = cfg.hp.selection
     return head
 
 

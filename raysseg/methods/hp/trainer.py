@@ -10,16 +10,22 @@ Shared state goes through the :class:`raysseg.methods.base.SharedState` of the c
   EMA head is identical on every worker (DDP keeps the trained head in sync and the
   EMA update is deterministic), the table equals what one worker would compute.
 
-``hp.loss_form: released`` (point 6 of :mod:`raysseg.methods.hp.core`) changes three things
+``hp.loss_form: released`` (points 5-7 of :mod:`raysseg.methods.hp.core`) changes these things
 here: lambda follows :func:`lambda_released`, Q_sp versions follow :func:`released_sp_version`
 (renewed every N iterations within each epoch, not at its iteration 0), and the projection
 head is a parameter group without weight decay (AdamW with weight decay 0 is Adam) that
-gradient clipping leaves out.
+gradient clipping leaves out (6); Q_ag's rows are dropped out once, and every Q_sp version is
+computed from a new random patch of each pool image (the backbone runs over the pool images
+again), through the EMA head's dropped-out branches (5): the patches come from (train.seed,
+version) and the dropout samples from (train.seed, version, rank) in a forked generator, so
+renewals leave the training's random stream alone; the EMA head is updated with the weights
+before the optimiser step (7).
 """
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -92,29 +98,48 @@ class HPTrainer:
     @torch.no_grad()
     def setup(self, get_shard) -> None:
         """Build Q_ag once (all workers contribute, from their ``get_shard("pool")``), then fetch it."""
-        pool_shard = get_shard("pool")
+        self.pool_shard = get_shard("pool")
         t0 = time.perf_counter()
         if self.shared.version("pool") == 0:
-            index, rows = [], []
-            for batch in pool_shard.iter_batches(batch_size=self.cfg.eval.batch_size, batch_format="numpy"):
-                batch, _ = valid_rows(batch)
-                if len(batch["image"]) == 0:
-                    continue
-                with self.precision.autocast():
-                    feats = self.seg.backbone(normalize(self.upload(batch["image"]))).features
-                flat = feats.flatten(2).transpose(1, 2).float()  # (B, h*w, C)
-                for b, path in enumerate(batch["path"]):
-                    k, patch = self.pool_plan[str(path)]
-                    index.append(k)
-                    rows.append(flat[b, patch].cpu().numpy())
-            dim = self.seg.backbone.dim
-            self.shared.put_part("pool", 1, self.rank, np.asarray(index, dtype=np.int64),
-                                 np.stack(rows) if rows else np.zeros((0, dim), np.float32))
+            index, rows = self._pool_patches(lambda entry, grid: entry[1])
+            if self.cfg.hp.loss_form == "released":
+                with self._pool_rng(0):
+                    rows = self.seg.head.released_pool_rows(rows, None)[0]  # released (5)
+            self.shared.put_part("pool", 1, self.rank, index, rows.cpu().numpy())
         _, table = self.shared.get("pool", 1, self.rank)
         self.q_ag = torch.from_numpy(table).to(self.device)
         self.pool_build_s = time.perf_counter() - t0
         if self.rank == 0:
             print(f"[hp] task-agnostic pool: {len(table)} patches from {len(table)} images", flush=True)
+
+    @torch.no_grad()
+    def _pool_patches(self, pick) -> tuple[np.ndarray, torch.Tensor]:
+        """Backbone features of one patch of each image of this worker's pool shard: (pool indices [m],
+        fp32 rows [m, C]); ``pick((k, plan patch), grid)`` gives image k's patch among its ``grid`` patches."""
+        index, rows = [], []
+        for batch in self.pool_shard.iter_batches(batch_size=self.cfg.eval.batch_size, batch_format="numpy"):
+            batch, _ = valid_rows(batch)
+            if len(batch["image"]) == 0:
+                continue
+            with self.precision.autocast():
+                feats = self.seg.backbone(normalize(self.upload(batch["image"]))).features
+            flat = feats.flatten(2).transpose(1, 2).float()  # (B, h*w, C)
+            for b, path in enumerate(batch["path"]):
+                entry = self.pool_plan[str(path)]
+                index.append(entry[0])
+                rows.append(flat[b, pick(entry, flat.shape[1])])
+        dim = self.seg.backbone.dim
+        return (np.asarray(index, dtype=np.int64),
+                torch.stack(rows) if rows else torch.zeros((0, dim), device=self.device))
+
+    @contextmanager
+    def _pool_rng(self, version: int):
+        """A forked global generator seeded from (train.seed, version, rank): the released pools' dropout."""
+        cuda = torch.device(self.device).type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            seed = np.random.SeedSequence([self.cfg.train.seed, version, self.rank]).generate_state(1)[0]
+            torch.manual_seed(int(seed))
+            yield
 
     def before_epoch(self, get_shard, epoch: int) -> None:
         """Only the timers restart: HP's pools are renewed by step count, inside the epoch."""
@@ -136,10 +161,16 @@ class HPTrainer:
             return
         t0 = time.perf_counter()
         if self.shared.version("sp") < needed:
-            index = np.arange(self.rank, len(self.q_ag), self.world)
-            pool = self.q_ag[torch.from_numpy(index).to(self.device)][:, :, None, None]
-            with exact_fp32():  # the pool the task-specific positives are selected against
-                codes = self.seg.head.ema_codes(pool.float())[:, :, 0, 0].cpu().numpy()
+            if hp.loss_form == "released":  # released (5): a new random patch of each pool image
+                u = np.random.default_rng([self.cfg.train.seed, needed]).random(len(self.q_ag))
+                index, feats = self._pool_patches(lambda entry, grid: int(u[entry[0]] * grid))
+                with self._pool_rng(needed), exact_fp32():
+                    codes = self.seg.head.released_pool_rows(None, feats)[1].cpu().numpy()
+            else:
+                index = np.arange(self.rank, len(self.q_ag), self.world)
+                pool = self.q_ag[torch.from_numpy(index).to(self.device)][:, :, None, None]
+                with exact_fp32():  # the pool the task-specific positives are selected against
+                    codes = self.seg.head.ema_codes(pool.float())[:, :, 0, 0].cpu().numpy()
             self.shared.put_part("sp", needed, self.rank, index, codes)
         self.sp_version, table = self.shared.get("sp", needed, self.rank)
         self.q_sp = torch.from_numpy(table).to(self.device)
@@ -152,7 +183,6 @@ class HPTrainer:
 
     def train_step(self, batch: dict, step: int) -> dict[str, float]:
         """One iteration on this worker's batch (``image`` uint8 (B, S, S, 3)); may be empty (all rows invalid)."""
-        hp, seg = self.cfg.hp, self.seg
         images = batch["image"]
         weight = 1.0
         if len(images) == 0:  # keep DDP in step with the other workers; contributes nothing
@@ -160,8 +190,19 @@ class HPTrainer:
         t0 = clock(self.device)
         x = self._float_images(images)
         with torch.no_grad(), self.precision.autocast():
+            x_aug = photometric_augment(x, self.generator)
+        return self.step_on(x, x_aug, step, weight, t0)
+
+    def step_on(self, x: torch.Tensor, x_aug: torch.Tensor, step: int, weight: float = 1.0,
+                t0: float | None = None) -> dict[str, float]:
+        """The iteration after the photometric augmentation: images ``x`` and their augmented copy
+        ``x_aug`` (float (B, 3, S, S) in [0, 1]) through the backbone, Q_sp, loss, optimiser and EMA.
+        ``t0``: the clock when the iteration began (default now; the backbone timer starts there)."""
+        hp, seg = self.cfg.hp, self.seg
+        t0 = clock(self.device) if t0 is None else t0
+        with torch.no_grad(), self.precision.autocast():
             out = seg.backbone(standardize(x), with_attention=hp.local)
-            aug = seg.backbone(standardize(photometric_augment(x, self.generator))).features
+            aug = seg.backbone(standardize(x_aug)).features
         t1 = clock(self.device)
         self._refresh_sp(step)
         t2 = clock(self.device)
@@ -169,9 +210,12 @@ class HPTrainer:
         with self.precision.autocast():
             loss, stats = self.loss_module(out.features, aug, out.attn_logits, self.q_ag, self.q_sp, lam)
         t3 = clock(self.device)
+        if hp.loss_form == "released":
+            ema_update(seg.head.ema_seg, seg.head.seg, hp.ema)  # released (7): the weights before the step
         optimizer_step(loss, self.optimizer, step, "train.lr", self.cfg.train.lr, weight=weight,
                        grad_clip=self.cfg.train.grad_clip, scaler=self.scaler, clip_params=self.clip_params)
-        ema_update(seg.head.ema_seg, seg.head.seg, hp.ema)
+        if hp.loss_form != "released":
+            ema_update(seg.head.ema_seg, seg.head.seg, hp.ema)
         t4 = clock(self.device)
         self.timers["backbone"] += t1 - t0
         self.timers["selection"] += stats.pop("time_selection_s")

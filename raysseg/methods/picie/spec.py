@@ -53,8 +53,8 @@ _COMMON = dict(
     once_timers=(("extract", "feature extraction s (per epoch)"), ("cluster_total", "extraction + k-means s (per epoch)")),
     bench_backbone="ResNet-18-FPN (trained)",
 )
-PICIE = MethodSpec(name="picie", summary="PiCIE: clustering with photometric invariance and geometric equivariance",
+PICIE = MethodSpec(trains_trunk=True, name="picie", summary="PiCIE: clustering with photometric invariance and geometric equivariance",
                    **_COMMON)
-PGG = MethodSpec(name="pgg", summary="PiCIE + pyramid global guidance + context-aware embedding",
+PGG = MethodSpec(trains_trunk=True, name="pgg", summary="PiCIE + pyramid global guidance + context-aware embedding",
                  sections=(("pgg", PGGConfig),), head=_pgg_head,
                  output_stride=lambda cfg: cfg.pgg.output_stride, **_COMMON)

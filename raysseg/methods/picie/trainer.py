@@ -45,7 +45,8 @@ from raysseg.core.batches import valid_rows
 from raysseg.core.device import Uploader, as_input, clock
 from raysseg.core.distributed import broadcast_buffers, optimizer_step
 from raysseg.core.kmeans import sample_locations, spherical_kmeans
-from raysseg.methods.base import TrainContext, load_optimizer_state, optimizer_state
+from raysseg.methods.base import (TrainContext, load_optimizer_state, make_optimizer, optimizer_state, scheduled_lr,
+                                  set_lr)
 from raysseg.methods.picie.core import PYRAMID_BOXES, active_selection, assign_labels, guidance_loss, picie_loss
 
 
@@ -73,8 +74,7 @@ class PiCIETrainer:
         self.index = {path: i for i, path in enumerate(ctx.plan["files"])}
         self.generator = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + ctx.rank)
         self.net = ctx.wrap_model(_Net(seg))
-        params = [p for p in seg.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.optimizer = make_optimizer(seg, cfg)
         self.guided = cfg.method == "pgg" and cfg.pgg.guidance != "none"
         self.boxes = (PYRAMID_BOXES if cfg.pgg.guidance == "pyramid" else PYRAMID_BOXES[:1]).to(ctx.device)
         self.pseudo: np.ndarray | None = None  # (N, V, 2): global label, kept
@@ -239,6 +239,7 @@ class PiCIETrainer:
             stats["loss_global"] = g_loss.item()
             stats["global_views_kept"] = float(keep.float().mean())
         t2 = clock(self.device)
+        set_lr(self.optimizer, scheduled_lr(self.cfg, step, self.total_steps))
         optimizer_step(loss, self.optimizer, step, "train.lr", self.cfg.train.lr, weight=weight,
                        grad_clip=self.cfg.train.grad_clip, scaler=self.scaler)
         t3 = clock(self.device)

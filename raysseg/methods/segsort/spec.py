@@ -58,8 +58,8 @@ _COMMON = dict(
                  ("loss", "losses"), ("backward", "backward+opt")),
     bench_backbone="ResNet-18-FPN (trained)",
 )
-SEGSORT = MethodSpec(name="segsort", summary="SegSort: pixel sorting within pseudo segments, vMF segment loss",
+SEGSORT = MethodSpec(trains_trunk=True, name="segsort", summary="SegSort: pixel sorting within pseudo segments, vMF segment loss",
                      sections=(("segsort", SegSortConfig),), **_COMMON)
-CONCEPTS = MethodSpec(name="concepts", summary="visual concepts: local, global (VQ dictionary) and co-occurrence",
+CONCEPTS = MethodSpec(trains_trunk=True, name="concepts", summary="visual concepts: local, global (VQ dictionary) and co-occurrence",
                       sections=(("segsort", SegSortConfig), ("concepts", ConceptsConfig)), buffers=_concept_buffers,
                       **_COMMON)

@@ -31,7 +31,8 @@ from raysseg.core.augment import crop_resize, photometric_augment, random_boxes
 from raysseg.core.device import Uploader, as_input, clock
 from raysseg.core.distributed import optimizer_step
 from raysseg.core.segments import batch_segment_ids, flat_pixels, merge_small_segments, pixel_sort, segment_prototypes
-from raysseg.methods.base import TrainContext, load_optimizer_state, optimizer_state
+from raysseg.methods.base import (TrainContext, load_optimizer_state, make_optimizer, optimizer_state, scheduled_lr,
+                                  set_lr)
 from raysseg.methods.segsort import core
 
 
@@ -55,8 +56,7 @@ class SegmentTrainer:
         self.tables = ["memory", "concepts", "cooccurrence"] if self.concepts else ["memory"]
         self.generator = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + ctx.rank)
         self.net = ctx.wrap_model(_Net(seg))
-        params = [p for p in seg.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.optimizer = make_optimizer(seg, cfg)
         self.timers: dict[str, float] = defaultdict(float)
         self.versions: dict[str, int] = {}
         self.used: set[int] = set()  # concepts assigned to some segment this epoch
@@ -170,6 +170,7 @@ class SegmentTrainer:
                 concept_stats = core.concept_statistics(protos.detach().cpu().numpy(), index.cpu().numpy(),
                                                         image.cpu().numpy(), c.n_concepts)
         t4 = clock(self.device)
+        set_lr(self.optimizer, scheduled_lr(cfg, step, self.total_steps))
         optimizer_step(loss, self.optimizer, step, "train.lr", cfg.train.lr, weight=weight, grad_clip=cfg.train.grad_clip,
                        scaler=self.scaler)
         t5 = clock(self.device)

@@ -1,0 +1,124 @@
+"""exact_select / exact_row_max: bf16 products with an fp32 re-check give the fp32 path's decisions bit for bit."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from raysseg.core.exact_select import error_bound, exact_row_max, exact_select
+from raysseg.methods.hp.core import HPModel, anchor_criterion, hidden_positive_mask
+
+CAMVID = Path("/work/shared/data/camvid/train/images")
+
+
+def _unit(*shape, seed=0, shift=0.5):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g) + shift * torch.randn(1, shape[1], generator=g), dim=1)
+
+
+def _fp32_select(a, b, row_t, col_t, chunk):
+    out = []
+    for i in range(0, a.shape[0], chunk):
+        sim = a[i:i + chunk] @ b.T
+        out.append((sim > row_t[i:i + chunk, None]) | (sim > col_t[None, :]))
+    return torch.cat(out)
+
+
+def test_error_bound_holds_and_has_the_documented_size():
+    a, b = _unit(600, 384, seed=1), _unit(700, 384, seed=2)
+    e = error_bound(a, b)
+    assert 0.0115 < e < 0.0120  # 3 x 2^-8 plus fp32 accumulation terms, for unit vectors and C = 384
+    worst = ((a.bfloat16() @ b.bfloat16().T).float() - a @ b.T).abs().max()
+    assert worst < e
+    # adversarial worst case for the bound's form: all components rounding the same way
+    x = torch.full((1, 384), 1.0 + 2.0 ** -8 - 2.0 ** -20)  # bf16 rounds each down by ~2^-8 relative
+    x = x / x.norm()
+    assert float(((x.bfloat16() @ x.bfloat16().T).float() - x @ x.T).abs()) < error_bound(x, x)
+
+
+@pytest.mark.parametrize("n,m,c,chunk", [(700, 900, 384, 256), (520, 300, 256, 128), (300, 200, 27, 64),
+                                         (261, 100, 384, 128)])  # 261 = 2 x 128 + a 5-row tail
+def test_random_unit_vectors_equal_fp32(n, m, c, chunk):
+    f, q = _unit(n, c, seed=n), _unit(m, c, seed=m)
+    crit = exact_row_max(f, q, chunk)
+    assert torch.equal(crit, anchor_criterion(f, q, chunk))
+    stats = {}
+    assert torch.equal(exact_select(f, f, crit, crit, chunk=chunk, stats=stats), _fp32_select(f, f, crit, crit, chunk))
+    assert 0 < stats["rechecked"] < 0.25 * stats["pairs"]  # shifted (concentrated) vectors: ~10% here
+    assert torch.equal(hidden_positive_mask(f, q, chunk, "bf16_recheck"), hidden_positive_mask(f, q, chunk))
+
+
+def _ties(n=512, m=400, c=384, chunk=128):
+    """Pool rows that are batch rows, so thresholds equal products exactly (s_ij == c_i: not a positive),
+    and near-duplicates within bf16's resolution of each other."""
+    f = _unit(n, c, seed=5)
+    f[1::2] = F.normalize(f[0::2] + 1e-3 * _unit(n // 2, c, seed=6), dim=1)  # pairs 2^-10 apart
+    q = _unit(m, c, seed=7)
+    q[:n // 2] = f[0::2][:m]
+    return f, q, chunk
+
+
+def test_ties_at_the_threshold_equal_fp32_and_flip_without_the_recheck():
+    f, q, chunk = _ties()
+    crit_ref = anchor_criterion(f, q, chunk)
+    ref = hidden_positive_mask(f, q, chunk)
+    crit = exact_row_max(f, q, chunk)
+    assert torch.equal(crit, crit_ref)
+    assert torch.equal(hidden_positive_mask(f, q, chunk, "bf16_recheck"), ref)
+    # the same decisions on bf16 products alone (thresholds included) are wrong: the test can fail
+    low_crit = (f.bfloat16() @ q.bfloat16().T).float().amax(dim=1)
+    low = (f.bfloat16() @ f.bfloat16().T).float()
+    low = (low > low_crit[:, None]) | (low > low_crit[None, :])
+    low.fill_diagonal_(False)
+    assert (low != ref).sum() > 0
+    # and with the exact thresholds but no re-check of the pairs
+    low_exact_t = (f.bfloat16() @ f.bfloat16().T).float()
+    low_exact_t = (low_exact_t > crit[:, None]) | (low_exact_t > crit[None, :])
+    low_exact_t.fill_diagonal_(False)
+    assert (low_exact_t != ref).sum() > 0
+
+
+def test_hp_model_selection_setting_gives_the_same_masks():
+    torch.manual_seed(0)
+    model = HPModel(384, 32)
+    feats = torch.randn(2, 384, 14, 14)
+    q_ag, q_sp = torch.randn(100, 384), torch.randn(100, 32)
+    ref = model.hidden_positives(feats, q_ag, q_sp, 0.5, 64)
+    model.selection = "bf16_recheck"
+    got = model.hidden_positives(feats, q_ag, q_sp, 0.5, 64)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    model.selection = "fp16"
+    with pytest.raises(ValueError, match="selection must be one of fp32, bf16_recheck"):
+        model.hidden_positives(feats, q_ag, None, 0.0, 64)
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid images not present")
+def test_real_camvid_features_equal_fp32_with_few_rechecks():
+    from raysseg.core.backbones import IMAGENET_MEAN, IMAGENET_STD, ViTBackbone
+
+    torch.manual_seed(0)
+    files = sorted(CAMVID.glob("*.png"))[::90][:4]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    imgs = [(torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((224, 224)), dtype=np.float32)
+                              ).permute(2, 0, 1) / 255 - mean) / std for p in files]
+    backbone = ViTBackbone("vit_small_patch16").eval()  # random weights
+    with torch.no_grad():
+        feats = backbone(torch.stack(imgs)).features  # [4, 384, 14, 14]
+    f = F.normalize(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]), dim=1)  # N = 784
+    pool, chunk = f[torch.randperm(f.shape[0])[:256]].clone(), 256  # a pool of batch patches: exact ties
+    crit = anchor_criterion(f, pool, chunk)
+    stats_max, stats_sel = {}, {}
+    assert torch.equal(exact_row_max(f, pool, chunk, stats=stats_max), crit)
+    got = exact_select(f, f, crit, crit, chunk=chunk, stats=stats_sel)
+    got.fill_diagonal_(False)
+    assert torch.equal(got, hidden_positive_mask(f, pool, chunk))
+    share = stats_sel["rechecked"] / stats_sel["pairs"]
+    print(f"re-checked: {share:.3%} of pairs in the mask, "
+          f"{stats_max['rechecked'] / stats_max['pairs']:.3%} of pairs for the row maxima")
+    # a random ViT's patches are concentrated (similarities crowd the thresholds): 6% measured at N = 1176;
+    # the rigorous bound (0.0118 for bf16) is ~10x the typical error, so the share stays well above 1% here
+    assert share < 0.15
