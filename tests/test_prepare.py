@@ -179,6 +179,53 @@ def test_cityscapes_potsdam_and_voc_from_folders(tmp_path):
         np.testing.assert_array_equal(label(p), rows(VOC_21, 5))
 
 
+# --------------------------------------------------------------------------- five crops (--five-crop)
+
+
+@pytest.mark.parametrize("height, width, ratio", [(4, 10, 0.5), (7, 9, 0.5), (480, 640, 0.5), (333, 500, 0.7)])
+def test_five_crop_boxes_are_torchvisions_five_crop_at_the_released_size(height, width, ratio):
+    import torch
+    from torchvision.transforms.functional import five_crop
+
+    from raysseg.io.datasets.layout import five_crop_boxes
+
+    pixels = torch.arange(height * width).reshape(1, height, width)
+    # STEGO's and HP's crop_datasets.py: five_crop(img, [int(H * ratio), int(W * ratio)])
+    theirs = five_crop(pixels, [int(height * ratio), int(width * ratio)])
+    for (left, top, right, bottom), crop in zip(five_crop_boxes(width, height, ratio), theirs):
+        assert torch.equal(pixels[:, top:bottom, left:right], crop)
+
+
+def test_five_crop_writes_the_training_split_as_crops_and_keeps_val_whole(tmp_path):
+    from raysseg.io.images import DatasetError
+
+    src, dst = cityscapes_replica(tmp_path / "cs"), tmp_path / "city"
+    prepare("cityscapes27", str(src), str(dst), PrepareOptions(five_crop=0.5), local=True, log=quiet)
+    crops = sorted(p.relative_to(dst / "train" / "labels").as_posix() for p in (dst / "train" / "labels").rglob("*.png"))
+    assert crops == [f"aachen/aachen_{k:06d}_000019_crop{i}.png" for k in range(2) for i in range(5)]
+    whole = rows(CITY_27, 4)  # 4 x 10: crops of 2 x 5
+    boxes = [(0, 0), (0, 5), (2, 0), (2, 5), (1, 2)]  # (top, left): corners, then the centre (offsets 1, 2.5 -> 2)
+    image = np.asarray(Image.open(src / "leftImg8bit" / "train" / "aachen" / "aachen_000000_000019_leftImg8bit.png"))
+    for i, (top, left) in enumerate(boxes):
+        np.testing.assert_array_equal(label(dst / "train" / "labels" / "aachen" / f"aachen_000000_000019_crop{i}.png"),
+                                      whole[top:top + 2, left:left + 5])
+        written = Image.open(dst / "train" / "images" / "aachen" / f"aachen_000000_000019_crop{i}.jpg")
+        expected = io.BytesIO()  # the same pixels cut and saved as the released code does: JPEG, Pillow's quality
+        Image.fromarray(image[top:top + 2, left:left + 5]).save(expected, format="JPEG")
+        assert written.format == "JPEG" and written.size == (5, 2)
+        np.testing.assert_array_equal(np.asarray(written), np.asarray(Image.open(expected)))
+    assert sorted(p.name for p in (dst / "val" / "labels" / "frankfurt").iterdir()) == [
+        f"frankfurt_{k:06d}_000019.png" for k in range(2)]
+    card = json.loads((dst / "dataset_card.json").read_text())
+    assert card["options"]["five_crop"] == 0.5 and card["splits"]["train"]["images"] == 10
+    assert card["splits"]["val"]["images"] == 2
+
+    # resuming into it with other options would mix two datasets: one line before anything is written
+    with pytest.raises(DatasetError, match=r"other options \(five_crop 0.5 -> 0.0\): write into another DST"):
+        prepare("cityscapes27", str(src), str(dst), PrepareOptions(), local=True, log=quiet)
+    prepare("cityscapes27", str(src), str(dst), PrepareOptions(five_crop=0.5), local=True, log=quiet)  # same: resumes
+
+
 # --------------------------------------------------------------------------- protocols (--protocol)
 
 

@@ -132,9 +132,13 @@ def cmd_data_prepare(args) -> None:
         lists[split] = uri
     if args.tile < 1:
         raise ConfigError(f"--tile {args.tile}: the crop side must be a positive number of pixels (papers: 200)")
+    if not 0 <= args.five_crop < 1:
+        raise ConfigError(f"--five-crop {args.five_crop}: the crop's side as a fraction of the image's, "
+                          "0 < RATIO < 1 (STEGO and HP: 0.5), or 0 for none")
     val_tiles = tuple(t.strip() for t in (args.val_tiles or "").split(",") if t.strip())
     prepare(args.dataset, args.src, args.dst, PrepareOptions(image_lists=lists, tile=args.tile, val_tiles=val_tiles,
-                                                             protocol=args.protocol), local=args.local)
+                                                             protocol=args.protocol, five_crop=args.five_crop),
+            local=args.local)
 
 
 def cmd_storage_serve(args) -> None:
@@ -317,6 +321,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--protocol", default="", help="the image lists and splits a paper used (default: the first): "
                     "cocostuff27 all|stego|picie, cityscapes27 fine, potsdam3 tiles|iic, voc2012 aug|segsort "
                     "(README: Reproducing the papers)")
+    sp.add_argument("--five-crop", type=float, default=0.0, metavar="RATIO",
+                    help="write every split but val as five crops (4 corners, centre) of RATIO x each side, as "
+                         "STEGO's and HP's training sets (0.5); default 0: whole images")
     sp.add_argument("--local", action="store_true", help="threads in this process instead of a Ray Data job")
     sp.set_defaults(fn=cmd_data_prepare)
 

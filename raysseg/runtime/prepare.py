@@ -21,8 +21,8 @@ from raysseg.core.progress import Progress
 from raysseg.io import storage
 from raysseg.io.datasets import dataset as dataset_named
 from raysseg.io.images import DatasetError
-from raysseg.io.datasets.layout import (PrepareOptions, Task, card, is_done, remove_partial_writes, run_task,
-                                        write_card)
+from raysseg.io.datasets.layout import (PrepareOptions, Task, card, check_same_options, is_done,
+                                        remove_partial_writes, run_task, write_card)
 
 TASKS_PER_BLOCK = 8  # source files per Ray Data map task (a COCO pair takes ~20-40 ms, a Potsdam tile seconds)
 
@@ -49,6 +49,7 @@ def prepare(name: str, src: str, dst: str, options: PrepareOptions, *, local: bo
     t0 = time.time()
     ds = dataset_named(name)
     tasks = ds.find(src, options)  # raises the one-line layout error before anything starts
+    check_same_options(ds, dst, options)
     storage.makedirs(dst)
     stale = remove_partial_writes(dst)
     if stale:

@@ -9,6 +9,7 @@ Output layout under DST (the project's split layout, README "Data"):
   dataset_card.json, classes.txt  written at the end of every run
 
 A dataset's protocols (``--protocol``) are the image lists and splits a paper used; the first one is the default.
+``--five-crop RATIO`` (STEGO's and HP's training sets) replaces each image of the training splits by its five crops.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class PrepareOptions:
     tile: int = 200  # potsdam3: side of the square crops written (iic: cut from windows of twice that side)
     val_tiles: tuple[str, ...] = ()  # potsdam3 --protocol tiles: tile ids ("2_13") for val; () = the default
     protocol: str = ""  # the dataset's protocols (Dataset.protocols); "" = its first
+    five_crop: float = 0.0  # > 0: every split but val written as five crops of this ratio per side (five_crops)
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,44 @@ def check_same_size(task: Task, image_wh: tuple[int, int], label: np.ndarray) ->
                          f"{image_wh[0]}x{image_wh[1]}; re-extract the pair from the distribution")
 
 
+# --------------------------------------------------------------------------- five crops
+
+
+FIVE_CROP_SPLITS_SKIPPED = ("val",)
+FIVE_CROP_QUALITY = 75  # Pillow's default JPEG quality, what the released crop_datasets.py writes with
+
+
+def five_crop_boxes(width: int, height: int, ratio: float) -> list[tuple[int, int, int, int]]:
+    """(left, top, right, bottom) of the four corner crops and the centre crop, in that order, each
+    ``int(side * ratio)`` on a side: torchvision's ``five_crop`` with the size STEGO's and HP's
+    ``crop_datasets.py`` ask of it (centre offsets rounded as torchvision's ``center_crop`` does)."""
+    cw, ch = int(width * ratio), int(height * ratio)
+    if cw < 1 or ch < 1:
+        raise ValueError(f"a {width}x{height} image has no {ratio} crop; leave it out or lower --five-crop")
+    left, top = int(round((width - cw) / 2.0)), int(round((height - ch) / 2.0))
+    return [(0, 0, cw, ch), (width - cw, 0, width, ch), (0, height - ch, cw, height),
+            (width - cw, height - ch, width, height), (left, top, left + cw, top + ch)]
+
+
+def five_crops(out: Output, ratio: float) -> list[Output]:
+    """``out`` as five outputs ``<key>_crop<i>`` (corners, then centre): image and label cut alike from the
+    stored pixel grid (the grid the label was drawn on; no EXIF turn), the image re-encoded as JPEG as the
+    released code does (its crops are JPEG files of Pillow's default quality)."""
+    try:
+        with Image.open(io.BytesIO(out.image)) as opened:
+            image = opened.convert("RGB")
+    except OSError as exc:
+        raise ValueError(f"image {out.key}: cannot be decoded for --five-crop ({exc})") from None
+    crops = []
+    for i, box in enumerate(five_crop_boxes(*image.size, ratio)):
+        buf = io.BytesIO()
+        image.crop(box).save(buf, format="JPEG", quality=FIVE_CROP_QUALITY)
+        left, top, right, bottom = box
+        crops.append(Output(f"{out.key}_crop{i}", buf.getvalue(), ".jpg", out.label[top:bottom, left:right],
+                            out.split))
+    return crops
+
+
 # --------------------------------------------------------------------------- one task
 
 
@@ -139,6 +179,9 @@ def run_task(dataset: Dataset, task: Task, options: PrepareOptions, dst: str) ->
     task killed midway is redone). Returns the marker's content, or {"error": one line} for a bad file."""
     try:
         outputs = dataset.convert(task, options, read_source)
+        if options.five_crop:
+            outputs = [crop for out in outputs for crop in ([out] if (out.split or task.split) in FIVE_CROP_SPLITS_SKIPPED
+                                                            else five_crops(out, options.five_crop))]
     except ValueError as exc:
         return {"split": task.split, "key": task.key, "error": " ".join(str(exc).split())}
     splits: dict[str, dict] = {}  # split -> outputs and pixel counts (the last count: ignored pixels)
@@ -235,6 +278,25 @@ def card(dataset: Dataset, src: str, options: PrepareOptions, results: list[dict
         "image_count": sum(s["images"] for s in splits.values()),
         "skipped": [{"split": r["split"], "task": r["key"], "reason": r["error"]} for r in results if "error" in r],
     }
+
+
+def check_same_options(dataset: Dataset, dst: str, options: PrepareOptions) -> None:
+    """A DST that holds a card of other options (another protocol, another --five-crop, ...) is one
+    DatasetError line: resuming into it would mix two datasets."""
+    uri = storage.join(dst, CARD)
+    if not storage.exists(uri):
+        return
+    earlier = json.loads(storage.read_bytes(uri))
+    before = {**json.loads(json.dumps(asdict(PrepareOptions()))), **earlier.get("options", {})}
+    now = json.loads(json.dumps(asdict(options)))
+    before["protocol"] = earlier.get("protocol", {}).get("name", before["protocol"])
+    now["protocol"] = chosen_protocol(dataset.name, dataset.protocols, options)
+    changed = [f"{key} {before[key]!r} -> {now[key]!r}" for key in now if before.get(key) != now[key]]
+    if earlier.get("dataset") != dataset.name:
+        changed.insert(0, f"dataset {earlier.get('dataset')!r} -> {dataset.name!r}")
+    if changed:
+        raise DatasetError(f"{dst} holds a dataset prepared with other options ({'; '.join(changed)}): write into "
+                           "another DST, or rerun with the options of its dataset_card.json")
 
 
 def write_card(dst: str, content: dict) -> None:
