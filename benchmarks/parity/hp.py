@@ -174,7 +174,8 @@ class Recorder:
         self.pools: list[dict] = []  # (step, Pool_ag, Pool_sp, patches)
         self.randints: list[int] = []
         self.ors: list[torch.Tensor] = []
-        self.times: list[float] = []
+        self.times: list[float] = []  # process time at each batch's start and at each evaluation (the end of an epoch)
+        self.evaluations: set[int] = set()  # indices into times that are evaluations
         self.opt = released_opt(weights)
         torch.manual_seed(SEED)
         self.net = rel.DinoFeaturizer(K, self.opt["model"])
@@ -241,6 +242,7 @@ class Recorder:
                 return out
 
         def evaluate(*a, **k):
+            rec.evaluations.add(len(rec.times))
             rec.times.append(time.process_time())
             if len(rec.steps) == BATCHES * EPOCHS:
                 raise _Done
@@ -405,13 +407,13 @@ def step_masks(train: dict, aug: dict) -> list[torch.Tensor]:
     return [train["masks"][i] for i in OURS_ORDER] + [aug["masks"][0], aug["masks"][2]]
 
 
-def project_config(weights: str = ""):
+def project_config(weights: str = "", *overrides: str):
     return load_config("hp_cocostuff_released", [
         "model.backbone=vit_small_patch16", f"model.weights={weights}", f"model.code_dim={K}", f"data.image_size={S}",
         f"train.batch_size={B}", f"train.epochs={EPOCHS}", f"train.lr={LR}", f"train.weight_decay={WD}",
         f"train.grad_clip={CLIP}", "train.use_gpu=false", f"hp.pool_size={POOL}", f"hp.renew_every={RENEW}",
         f"hp.warmup={WARMUP}", f"hp.tau={TAU}", f"hp.rho={RHO}", f"hp.alpha={ALPHA}", f"hp.ema={EMA}", "hp.sigma=28.0",
-        "hp.chunk=16"])
+        "hp.chunk=16", *overrides])
 
 
 def load_head(head: HPModel, state: dict, proj: list[torch.Tensor]) -> None:
@@ -665,13 +667,9 @@ def golden(rec: Recorder) -> dict[str, np.ndarray]:
     return out
 
 
-def timing(rel, weights: str, images: dict) -> str:
-    """CPU-seconds per iteration: the released loop vs ``HPTrainer.step_on``, both with their ViT on the same images
-    and the same augmented copies (no augmentation on either side), one thread."""
-    rec = Recorder(rel, weights, {"memory": images["memory"], "train": images["train"]}, round_features=False)
-    rec.run()
-    theirs = np.diff(rec.times)[:BATCHES * EPOCHS]
-    cfg = project_config(weights)
+def our_step_times(weights: str, images: dict, *overrides: str) -> list[float]:
+    """CPU-seconds of each ``HPTrainer.step_on`` over the timing loop's images (config ``overrides`` on top)."""
+    cfg = project_config(weights, *overrides)
     torch.manual_seed(SEED)
     seg = build_segmenter(cfg)
     paths = [f"pool{i}" for i in range(POOL)]
@@ -685,21 +683,47 @@ def timing(rel, weights: str, images: dict) -> str:
     trainer = HPTrainer(cfg, seg, TrainContext(rank=0, world=1, device=torch.device("cpu"), shared=LocalSharedState(),
                                                total_steps=BATCHES * EPOCHS, plan=plan))
     trainer.setup({"pool": PoolShard()}.__getitem__)
-    ours = []
+    times = []
     for t in range(BATCHES * EPOCHS):
         x, x_aug = images["train_01"][t % BATCHES]
         start = time.process_time()
         trainer.step_on(x, x_aug, t)
-        ours.append(time.process_time() - start)
+        times.append(time.process_time() - start)
+    return times
+
+
+def timing(rel, weights: str, images: dict) -> str:
+    """CPU-seconds per iteration: the released loop vs ``HPTrainer.step_on`` (fp32 selection, and bf16 with the
+    fp32 re-check), all with their ViT on the same images and the same augmented copies (no augmentation on any
+    side), one thread."""
+    rec = Recorder(rel, weights, {"memory": images["memory"], "train": images["train"]}, round_features=False)
+    rec.run()
+    # a step lasts from its batch's start to the next batch's start or the epoch's evaluation
+    theirs = np.array([rec.times[i + 1] - rec.times[i] for i in range(len(rec.times) - 1)
+                       if i not in rec.evaluations])[:BATCHES * EPOCHS]
+    columns = {"released run.py": theirs,
+               "ours, fp32": np.array(our_step_times(weights, images)),
+               "ours, bf16_recheck": np.array(our_step_times(weights, images, "hp.selection=bf16_recheck"))}
     renew = {p["step"] for p in rec.pools[1:]}
     plain = [t for t in range(1, BATCHES * EPOCHS) if t not in renew]
-    lines = ["CPU-seconds per iteration (1 thread; ViT-S/16, batch 2 at 64 px; steps 1-5, renewals apart)",
-             f"{'':<38}{'released run.py':>16}{'HPTrainer.step_on':>19}",
-             f"{'mean of steps ' + ','.join(map(str, plain)) + ' (no renewal)':<38}"
-             f"{np.mean(theirs[plain]):>16.3f}{np.mean(np.array(ours)[plain]):>19.3f}"]
-    for t in sorted(renew):
-        lines.append(f"{f'step {t} (Q_sp renewal: {POOL} pool images)':<38}{theirs[t]:>16.3f}{ours[t]:>19.3f}")
+    rows = [("mean of steps " + ",".join(map(str, plain)) + " (no renewal)", lambda v: np.mean(v[plain]))]
+    rows += [(f"step {t} (Q_sp renewal: {POOL} pool images)", lambda v, t=t: v[t]) for t in sorted(renew)]
+    lines = [f"CPU-seconds per iteration (1 thread; ViT-S/16, batch {B} at {S} px, pool of {POOL} images; steps 1-5, "
+             "renewals apart; released / ours in brackets)",
+             f"{'':<38}" + "".join(f"{name:>26}" for name in columns)]
+    for label, pick in rows:
+        cells = [f"{pick(v):.3f}" + ("" if name == "released run.py" else f" ({pick(theirs) / pick(v):.2f}x)")
+                 for name, v in columns.items()]
+        lines.append(f"{label:<38}" + "".join(f"{c:>26}" for c in cells))
+    for name, v in columns.items():
+        lines.append(f"{'every step, ' + name:<38}{' '.join(f'{x:.2f}' for x in v)}")
     return "\n".join(lines)
+
+
+def use_size(batch: int, size: int) -> None:
+    """Timing at another batch and size (the parity case stays at B = 2, 64 px): the module's sizes are reset."""
+    global B, S, G, POOL
+    B, S, G, POOL = batch, size, size // PATCH, 2 * batch
 
 
 def make_images() -> dict:
@@ -722,6 +746,8 @@ def main() -> int:
     parser.add_argument("repo", type=Path, help="a copy of github.com/hynnsk/HP")
     parser.add_argument("--out", type=Path, default=ROOT / "tests/fixtures/parity/hp_released.npz")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--timing-size", default="", metavar="B,S",
+                        help="time at batch B and S px instead of the parity case's 2 and 64 (e.g. 8,224)")
     args = parser.parse_args()
     if not (args.repo / "loss.py").is_file() or not (args.repo / "model/dino/DinoFeaturizer.py").is_file():
         print(f"hp parity: {args.repo} has no loss.py / model/dino/DinoFeaturizer.py; give the path of a copy of "
@@ -746,6 +772,9 @@ def main() -> int:
     np.savez_compressed(args.out, **golden(rec))
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB)")
     if not args.no_timing:
+        if args.timing_size:
+            use_size(*(int(v) for v in args.timing_size.split(",")))
+            images = make_images()
         print(timing(rel, weights, images))
     return 0
 
