@@ -32,7 +32,7 @@ VARIANTS = ("clusters", "clusters_crf", "probe", "retrieval")
 GOAL_MIOU = 2.0  # points of clusters mIoU a method should gain over k-means on its own backbone (issue 19)
 BASELINE_KEYS = ("data.image_size", "data.crop_scale_min", "model.backbone", "model.weights", "model.fpn_dim",
                  "kmeans.n_clusters", "kmeans.pixels_per_image", "kmeans.iterations", "kmeans.redo")
-DEFAULT_CONFIGS = ("picie_camvid", "pgg_camvid", "segsort_camvid", "concepts_camvid", "hp_camvid")
+DEFAULT_CONFIGS = ("picie_camvid", "pgg_camvid", "segsort_camvid", "concepts_camvid", "hp_camvid", "stego_camvid")
 
 
 @dataclass(frozen=True)
