@@ -48,6 +48,7 @@ from raysseg.core.augment import color_jitter, crop_resize, gaussian_blur, rgb_t
 from raysseg.core.kmeans import spherical_kmeans  # noqa: E402
 from raysseg.core.metrics import confusion_matrix, hungarian_scores  # noqa: E402
 from raysseg.methods.picie.core import assign_labels, picie_loss  # noqa: E402
+from diff_table import DiffTable  # noqa: E402  (beside this script)
 
 B, S, D, K = 2, 32, 8, 5  # images, image side, feature dims, clusters (features at S / 4)
 
@@ -76,23 +77,6 @@ def load_released(path: Path):
 
     return types.SimpleNamespace(utils=utils, commons=commons, train=train_picie, ct=custom_transforms,
                                  TrainCOCO=coco_train_dataset.TrainCOCO)
-
-
-class Table:
-    def __init__(self):
-        self.rows: list[tuple[str, float, float, str]] = []
-
-    def add(self, name: str, ours, theirs, note: str = "") -> None:
-        a, b = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-        diff = float(np.abs(a - b).max()) if a.size else 0.0
-        scale = float(np.abs(b).max()) if b.size else 0.0
-        self.rows.append((name, diff, diff / scale if scale > 0 else diff, note))
-
-    def print(self) -> None:
-        w = max(len(r[0]) for r in self.rows)
-        print(f"{'quantity':<{w}}  {'max abs diff':>12}  {'max rel diff':>12}  note")
-        for name, d, r, note in self.rows:
-            print(f"{name:<{w}}  {d:12.3e}  {r:12.3e}  {note}")
 
 
 def eqv_dataset(rel, scales, corners, flips):
@@ -377,7 +361,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     rel = load_released(a.picie.resolve())
     a.out.mkdir(parents=True, exist_ok=True)
-    table = Table()
+    table = DiffTable()
     loss_case(rel, table, a.out)
     clustering_case(rel, table, a.out)
     transforms_case(rel, table, a.out)

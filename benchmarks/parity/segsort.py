@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diff_table import DiffTable  # beside this script
+
 REPO = Path(__file__).resolve().parents[2]
 B, H, W, D, KAPPA, GRID, ITERS = 2, 10, 10, 6, 10.0, 5, 10
 
@@ -69,23 +71,6 @@ def tf_worker(segsort: Path, inp: Path, out: Path) -> None:
             labels.append(common_utils.kmeans_with_initial_labels(feats, init, GRID * GRID, ITERS))
         res["sort_their_conventions"] = np.stack(sess.run(labels))
     np.savez(out, **res)
-
-
-class Table:
-    def __init__(self):
-        self.rows: list[tuple[str, float, float, str]] = []
-
-    def add(self, name: str, ours, theirs, note: str = "") -> None:
-        a, b = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-        diff = float(np.abs(a - b).max()) if a.size else 0.0
-        scale = float(np.abs(b).max()) if b.size else 0.0
-        self.rows.append((name, diff, diff / scale if scale > 0 else diff, note))
-
-    def print(self) -> None:
-        w = max(len(r[0]) for r in self.rows)
-        print(f"{'quantity':<{w}}  {'max abs diff':>12}  {'max rel diff':>12}  note")
-        for name, d, r, note in self.rows:
-            print(f"{name:<{w}}  {d:12.3e}  {r:12.3e}  {note}")
 
 
 def inputs() -> dict[str, np.ndarray]:
@@ -184,7 +169,7 @@ def main(argv=None) -> int:
             print("segsort parity: their TensorFlow code failed (above)", file=sys.stderr)
             return 1
         theirs = dict(np.load(f"{tmp}/out.npz"))
-    t = Table()
+    t = DiffTable()
     for key, name in (("unsup", "add_unsupervised_segsort_loss"), ("memory", "_calculate_vmf_loss + memory bank")):
         t.add(f"loss: {name}", ours[key][0], theirs[f"{key}_loss"])
         t.add(f"grad w.r.t. the embedding: {name}", ours[key][1], theirs[f"{key}_grad"])

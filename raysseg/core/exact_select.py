@@ -67,22 +67,17 @@ def error_bound(a: Tensor, b: Tensor, low: str = "bf16") -> float:
 
 
 def _low_products(a_low: Tensor, b_low: Tensor, low: str) -> Tensor:
-    """y = a_low @ b_low.T: bf16 operands, or fp32 operands with TF32 allowed (CUDA)."""
-    if low == "bf16":
-        if a_low.is_cuda:  # full fp32 accumulation (the bound assumes it)
-            old = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
-            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-            try:
-                return a_low @ b_low.T
-            finally:
-                torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = old
-        return a_low @ b_low.T  # bf16: compared against fp32 thresholds without a float copy
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    """y = a_low @ b_low.T: bf16 operands (compared against fp32 thresholds without a float copy), or fp32
+    operands with TF32 allowed (CUDA). On CUDA, bf16 products accumulate in full fp32, as the bound assumes."""
+    if not a_low.is_cuda:
+        return a_low @ b_low.T
+    flag, value = ("allow_bf16_reduced_precision_reduction", False) if low == "bf16" else ("allow_tf32", True)
+    old = getattr(torch.backends.cuda.matmul, flag)
+    setattr(torch.backends.cuda.matmul, flag, value)
     try:
         return a_low @ b_low.T
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        setattr(torch.backends.cuda.matmul, flag, old)
 
 
 def _cast(x: Tensor, low: str) -> Tensor:
