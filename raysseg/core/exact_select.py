@@ -1,192 +1,255 @@
 """Threshold decisions on dot products at low-precision speed, equal to the fp32 decisions bit for bit.
 
-A decision ``s_ij > t_ij`` (s = a_i . b_j) is made on a bf16 product y_ij (or TF32 on a GPU) wherever
-y_ij lies farther than a proven bound E from t_ij; the pairs inside the margin are recomputed in fp32
-by the same kind of GEMM the fp32 path runs, and decided on those values.
+A decision ``s_ij > t`` (s = a_i . b_j as the fp32 path computes it) is made on a fast product y_ij wherever
+y_ij lies farther than a proven margin from t; the pairs inside the margin are recomputed in fp32 by the same
+kind of GEMM the fp32 path runs, and decided on those values.
 
-Error bound (C = dims, u = unit roundoff of the low format: 2^-8 for bf16, 2^-11 for TF32; v = 2^-24,
-fp32's; gamma_n = n v / (1 - n v)). Rounding each operand gives fl(a_k) = a_k (1 + d), |d| <= u, so
-a product of rounded operands is a_k b_k (1 + e) with |e| <= 2u + u^2, held exactly in fp32 (8 + 8 or
-11 + 11 significant bits <= 24). Summing C such terms in fp32, in any order, adds at most
-gamma_C sum_k |p_k|; a bf16 output (torch's CPU bf16 matmul) rounds once more, relative u. The fp32
-path's own value differs from a.b by at most gamma_C sum_k |a_k b_k|. With sum_k |a_k b_k| <= |a| |b|
-(Cauchy-Schwarz):
+The fast product. Each operand is split into bf16-valued pieces held in fp32: x1 = bf16(x), x2 = bf16(x - x1),
+and the remainders d = x - x1, r = x - x1 - x2 (all exact in fp32). One pass: y = a1 . b1. Three passes
+(``passes=3``, the bf16x3 scheme): y = [a1, a1, a2] . [b1, b2, b1], one GEMM over 3C. The GEMM is an fp32
+GEMM allowed to use its fast mode (oneDNN's bf16 mode on CPU, TF32 tensor cores on CUDA): both represent
+bf16 values exactly, so every product is exact and only the fp32 accumulation rounds.
 
-    |y - s_fp32| <= E = [2u + u^2 + 2 gamma_C (1+u)^2 + u_out (1+gamma_C)(1+u)^2 + gamma_C] |a| |b| + C 2^-122
+Error bound (C = dims, K = C x passes, v = 2^-24, gamma_n = n v / (1 - n v)). Exactly,
+  one pass:    a.b - a1.b1 = d_a.b + a1.d_b
+  three passes: a.b - (a1.b1 + a1.b2 + a2.b1) = r_a.b + a2.d_b + a1.r_b,
+each term bounded by the product of norms (Cauchy-Schwarz); norms are computed per row, so a row whose
+rounding happened to be small gets a small margin. Summing K exact products in fp32, in any order, adds at
+most gamma_K sum|p_k| <= gamma_K sum over the pieces' pairs of |x_p| |y_q|, counted twice to cover kernels
+whose accumulation rounds twice per step or truncates; the fp32 path's own value differs from a.b by at most
+gamma_C |a| |b|; K 2^-122 covers flushed subnormals. So for every pair
 
-(u_out = u for a bf16 output, 0 for fp32 output; the accumulation term is counted twice to cover
-kernels whose fp32 accumulation rounds twice per step; C 2^-122 covers flushed subnormals of inputs,
-products and partial sums). |a| |b| is taken as the largest row norms of a and b, inflated by
-(1 + (C+2) v) for their own fp32 rounding. For unit vectors, C = 384, bf16: E = 0.0118. The compare
-itself runs in fp32 against t +- E' with E' = E (1 + 2^-10) + 2^-20, which covers its rounding.
-Hence y > t + E' implies s > t and y <= t - E' implies s <= t: only |y - t| < E' is recomputed.
+    |y_ij - s_ij| <= row_i + col_j + r0
+
+(one pass: row_i = |d_a,i| max|b|, col_j = max|a1| |d_b,j|; three passes: row_i = |r_a,i| max|b| +
+|a2_i| max|d_b|, col_j = max|a1| |r_b,j|; r0 the accumulation terms), with every norm inflated by
+(1 + (C+2) v) for its own fp32 rounding. For unit vectors of C = 384 that is about 0.0034 for one pass
+(from 0.0118 when the bound took bf16's worst case 2^-8 per element and a bf16 output) and about 2e-4 for
+three. The compare runs in fp32 against t +- m' with m' = m (1 + 2^-10) + 2^-20, which covers its own
+rounding: y > t + m' implies s > t and y <= t - m' implies s <= t; only |y - t| < m' is recomputed.
 
 Thresholds that are themselves products (a row maximum over a pool) are found exactly first
-(:func:`exact_row_max`): candidates y_im >= max_m y_im - 2E' contain every m whose fp32 product can be
+(:func:`exact_row_max`): candidates y_im >= max_m y_im - 2 m'_i contain every m whose fp32 product can be
 the row's maximum, and their fp32 values give it.
 
 Bit-exactness with the fp32 path: that path computes ``a[rows] @ b.T`` a chunk of rows at a time
 (MKL sgemm on CPU). For row blocks of at least 16 rows MKL's value for one element does not depend on
 the block's shape (measured; tests/test_exact_select.py checks the decisions), so the re-check runs
-GEMMs of at least 16 rows and 16 columns gathered from a and b; a chunk of the fp32 path with fewer than
-16 rows (a tail) is computed here exactly as that path does. Memory: float work is chunk x (columns),
-as in the fp32 path, plus the bool masks of the result.
+GEMMs of 16 consecutive rows against the union of their uncertain columns; a chunk of the fp32 path with
+fewer than 16 rows (a tail) is computed here exactly as that path does. On CUDA that shape-independence of
+cuBLAS, and the fp32 accumulation of TF32 tensor cores within the bound above, are assumptions not yet
+checked on a GPU. Memory: float work is chunk x (columns), as in the fp32 path, plus the bool masks.
 """
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from raysseg.core.precision import exact_fp32
 
-LOW_FORMATS = ("bf16", "tf32")
-_MIN_TILE = 16  # rows and columns of a re-check GEMM (MKL's per-element value is shape-independent from here)
-_GROUP = 16  # candidate rows per re-check GEMM
+PASSES = (1, 3)
+_MIN_TILE = 16  # rows of a re-check GEMM (MKL's per-element value is shape-independent from here)
+_V = 2.0 ** -24
 
 
-def _unit_roundoff(low: str) -> tuple[float, float]:
-    """(u of the operands, u of the output) of a low-precision product."""
-    if low == "bf16":
-        return 2.0 ** -8, 2.0 ** -8  # torch's bf16 matmul returns bf16
-    if low == "tf32":
-        return 2.0 ** -11, 0.0
-    raise ValueError(f"exact_select: low must be one of {', '.join(LOW_FORMATS)}, got {low!r}")
+@dataclass(frozen=True)
+class _Operand:
+    """A matrix [N, C] in fp32, its bf16-valued pieces for the fast GEMM, and per-row norms for the bound."""
+
+    x: Tensor
+    fast: Tensor      # [N, C x passes]: a1 (one pass) or [a1, a1, a2] / [b1, b2, b1] (three passes)
+    norm: Tensor      # [N] |x|
+    norm1: Tensor     # [N] |x1|
+    norm2: Tensor     # [N] |x2| (zeros for one pass)
+    rest: Tensor      # [N] what the pieces leave out: |d| (one pass) or |r| (three passes)
+    d: Tensor         # [N] |d| = |x - x1|
 
 
-def error_bound(a: Tensor, b: Tensor, low: str = "bf16") -> float:
-    """E' (module docstring): |low-precision a_i.b_j - fp32 a_i.b_j| < E' for every pair, with the
-    compare's own rounding covered. a [N, C], b [M, C] float32."""
-    u, u_out = _unit_roundoff(low)
-    c = a.shape[1]
-    v = 2.0 ** -24
-    gamma = c * v / (1 - c * v)
-    k = 2 * u + u * u + 2 * gamma * (1 + u) ** 2 + u_out * (1 + gamma) * (1 + u) ** 2 + gamma
-    norms = float(a.norm(dim=1).max()) * float(b.norm(dim=1).max()) * (1 + (c + 2) * v) ** 2
-    e = k * norms + c * 2.0 ** -122
-    return e * (1 + 2.0 ** -10) + 2.0 ** -20
+def _bf16_valued(x: Tensor) -> Tensor:
+    return x.bfloat16().float()
 
 
-def _low_products(a_low: Tensor, b_low: Tensor, low: str) -> Tensor:
-    """y = a_low @ b_low.T: bf16 operands (compared against fp32 thresholds without a float copy), or fp32
-    operands with TF32 allowed (CUDA). On CUDA, bf16 products accumulate in full fp32, as the bound assumes."""
-    if not a_low.is_cuda:
-        return a_low @ b_low.T
-    flag, value = ("allow_bf16_reduced_precision_reduction", False) if low == "bf16" else ("allow_tf32", True)
-    old = getattr(torch.backends.cuda.matmul, flag)
-    setattr(torch.backends.cuda.matmul, flag, value)
+def _operand(x: Tensor, passes: int, side: str) -> _Operand:
+    if passes not in PASSES:
+        raise ValueError(f"exact_select: passes must be one of {PASSES}, got {passes!r}")
+    x = x.float()
+    infl = 1 + (x.shape[1] + 2) * _V
+    x1 = _bf16_valued(x)
+    d = x - x1
+    if passes == 1:
+        fast, x2, err = x1, torch.zeros_like(x[:, :1]), d
+    else:
+        x2 = _bf16_valued(d)
+        err = d - x2
+        fast = torch.cat([x1, x1, x2] if side == "left" else [x1, x2, x1], dim=1)
+    norm = lambda t: t.norm(dim=1) * infl  # noqa: E731
+    return _Operand(x, fast.contiguous(), norm(x), norm(x1), norm(x2), norm(err), norm(d))
+
+
+@dataclass(frozen=True)
+class _Margins:
+    row: Tensor   # [N] row_i + r0
+    col: Tensor   # [M] col_j
+
+
+def _margins(a: _Operand, b: _Operand, passes: int) -> _Margins:
+    """row_i + col_j + r0 >= |y_ij - s_ij| (module docstring); the compare's rounding is added by _widen."""
+    c = a.x.shape[1]
+    k = c * passes
+    gamma = lambda n: n * _V / (1 - n * _V)  # noqa: E731
+    amax, bmax = float(a.norm.max()), float(b.norm.max())
+    a1, b1 = float(a.norm1.max()), float(b.norm1.max())
+    if passes == 1:
+        row = a.rest * bmax
+        col = a1 * b.rest
+        pieces = a1 * b1
+    else:
+        a2, b2 = float(a.norm2.max()), float(b.norm2.max())
+        row = a.rest * bmax + a.norm2 * float(b.d.max())
+        col = a1 * b.rest
+        pieces = a1 * b1 + a1 * b2 + a2 * b1
+    r0 = gamma(c) * amax * bmax + 2 * gamma(k) * pieces + k * 2.0 ** -122
+    return _Margins(row + r0, col)
+
+
+def _widen(m: Tensor) -> Tensor:
+    return m * (1 + 2.0 ** -10) + 2.0 ** -20
+
+
+@contextlib.contextmanager
+def _fast_fp32_matmul(device: torch.device):
+    """fp32 matmuls in the backend's fast mode (exact on bf16-valued inputs, fp32 accumulation): TF32 on CUDA
+    (through the same switch :func:`exact_fp32` turns off), oneDNN's bf16 mode on CPU."""
+    if device.type == "cuda":
+        backend, name, fast = torch.backends.cuda.matmul, "allow_tf32", True
+    else:
+        backend, name, fast = torch.backends.mkldnn.matmul, "fp32_precision", "bf16"
+    old = getattr(backend, name)
+    setattr(backend, name, fast)
     try:
-        return a_low @ b_low.T
+        with torch.autocast(device.type, enabled=False):
+            yield
     finally:
-        setattr(torch.backends.cuda.matmul, flag, old)
+        setattr(backend, name, old)
 
 
-def _cast(x: Tensor, low: str) -> Tensor:
-    if low == "tf32" and not x.is_cuda:
-        raise ValueError("exact_select: tf32 needs a CUDA device; use low='bf16' on CPU")
-    return x.bfloat16() if low == "bf16" else x
+def fast_products(a: Tensor, b: Tensor, passes: int = 1) -> Tensor:
+    """y = the fast GEMM's a_i . b_j (module docstring), [N, M] fp32."""
+    fa, fb = _operand(a, passes, "left"), _operand(b, passes, "right")
+    with _fast_fp32_matmul(a.device):
+        return fa.fast @ fb.fast.T
 
 
-def _recheck(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """fp32 values a[rows[k]] . b[cols[k]] (rows sorted), from GEMMs of 16 candidate rows against the union
-    of their candidate columns (padded to >= 16 x 16), as the fp32 path's GEMM computes them. On CPU the
-    many small ops run on one thread (waking a thread pool per op costs more than they do)."""
-    if a.is_cuda:
-        return _recheck_groups(a, b, rows, cols)
+def error_margins(a: Tensor, b: Tensor, passes: int = 1) -> Tensor:
+    """m'_ij >= |fast a_i . b_j - fp32 a_i . b_j| plus the compare's rounding, [N, M] (the per-pair form of
+    the margins the selection uses per chunk)."""
+    m = _margins(_operand(a, passes, "left"), _operand(b, passes, "right"), passes)
+    return _widen(m.row[:, None] + m.col[None, :])
+
+
+def _recheck(a: Tensor, b: Tensor, maybe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 values of the pairs where ``maybe`` [R, M] (R >= 16 rows of a) is True: (rows, cols, values),
+    from one GEMM per 16 consecutive rows against the union of their uncertain columns (the last group takes
+    the last 16 rows), as the fp32 path's GEMM computes them. On CPU the small ops run on one thread (waking
+    a thread pool per op costs more than they do)."""
+    n = a.shape[0]
+    r, c = maybe.nonzero(as_tuple=True)
+    if r.shape[0] == 0:
+        return r, c, torch.empty(0, device=a.device)
+    groups = -(-n // _MIN_TILE)
+    full = (groups - 1) * _MIN_TILE
+    union = torch.cat([maybe[:full].view(groups - 1, _MIN_TILE, maybe.shape[1]).any(dim=1),
+                       maybe[full:].any(dim=0)[None]])
+    width = union.sum(dim=1)  # [G] columns per group
+    position = union.cumsum(dim=1) - 1  # [G, M]: a column's place among its group's columns
+    offset = torch.cat([width.new_zeros(1), (width * _MIN_TILE).cumsum(0)[:-1]])
+    flat = torch.empty(int(width.sum()) * _MIN_TILE, device=a.device)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if not a.is_cuda:
+        torch.set_num_threads(1)
     try:
-        return _recheck_groups(a, b, rows, cols)
+        for g, (w, o) in enumerate(zip(width.tolist(), offset.tolist())):
+            if w:
+                start = min(g * _MIN_TILE, n - _MIN_TILE)
+                cols = union[g].nonzero().squeeze(1)
+                flat[o:o + w * _MIN_TILE] = (a[start:start + _MIN_TILE] @ b.index_select(0, cols).T).view(-1)
     finally:
         torch.set_num_threads(threads)
-
-
-def _recheck_groups(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    out = torch.empty(rows.shape[0], dtype=torch.float32, device=a.device)
-    uniq, counts = torch.unique_consecutive(rows, return_counts=True)
-    rank = torch.empty(a.shape[0], dtype=torch.long, device=a.device)
-    rank[uniq] = torch.arange(uniq.shape[0], device=a.device)
-    r_idx = rank.index_select(0, rows)  # the pair's row: its rank among the candidate rows
-    col_pos = torch.empty(b.shape[0], dtype=torch.long, device=a.device)
-    ends = counts.cumsum(0).tolist()
-    for g in range(0, uniq.shape[0], _GROUP):
-        lo, hi = (ends[g - 1] if g else 0), ends[min(g + _GROUP, uniq.shape[0]) - 1]
-        g_rows, g_cols = uniq[g:g + _GROUP], torch.unique(cols[lo:hi])
-        col_pos[g_cols] = torch.arange(g_cols.shape[0], device=a.device)
-        if g_rows.shape[0] < _MIN_TILE:
-            g_rows = torch.cat([g_rows, g_rows[:1].expand(_MIN_TILE - g_rows.shape[0])])
-        if g_cols.shape[0] < _MIN_TILE:
-            g_cols = torch.cat([g_cols, g_cols[:1].expand(_MIN_TILE - g_cols.shape[0])])
-        sub = a.index_select(0, g_rows) @ b.index_select(0, g_cols).T
-        flat = (r_idx[lo:hi] - g) * g_cols.shape[0] + col_pos.index_select(0, cols[lo:hi])
-        out[lo:hi] = sub.view(-1).index_select(0, flat)
-    return out
+    g = torch.div(r, _MIN_TILE, rounding_mode="floor")
+    start = torch.clamp(g * _MIN_TILE, max=n - _MIN_TILE)
+    return r, c, flat[offset[g] + (r - start) * width[g] + position[g, c]]
 
 
 @torch.no_grad()
-def exact_row_max(a: Tensor, b: Tensor, chunk: int, low: str = "bf16",
-                  stats: dict | None = None) -> Tensor:
+def exact_row_max(a: Tensor, b: Tensor, chunk: int, passes: int = 1, stats: dict | None = None) -> Tensor:
     """max_m a_i . b_m for each row i, equal bit for bit to ``cat([(a[i:i+chunk] @ b.T).amax(1)])`` in fp32.
 
     a [N, C], b [M, C] float32 -> [N] float32. ``stats`` (optional) gets "pairs" and "rechecked" added.
     """
-    a, b = a.float(), b.float()
-    e = error_bound(a, b, low)
-    b_low = _cast(b, low)
+    fa, fb = _operand(a, passes, "left"), _operand(b, passes, "right")
+    m = _margins(fa, fb, passes)
+    span = 2 * _widen(m.row + float(m.col.max()))  # [N]: 2 m'_i
     out = []
-    with exact_fp32():
-        for i in range(0, a.shape[0], chunk):
-            rows = a[i:i + chunk]
-            if rows.shape[0] < _MIN_TILE:  # the fp32 path's small tail GEMM, as it runs it
-                out.append((rows @ b.T).amax(dim=1))
-                _count(stats, rows.shape[0] * b.shape[0], rows.shape[0] * b.shape[0])
-                continue
-            y = _low_products(_cast(rows, low), b_low, low)
-            cand = y >= (y.amax(dim=1, keepdim=True) - 2 * e)
-            r, c = cand.nonzero(as_tuple=True)
-            vals = _recheck(rows, b, r, c)
-            best = torch.full((rows.shape[0],), float("-inf"), device=a.device)
-            out.append(best.scatter_reduce(0, r, vals, reduce="amax"))
-            _count(stats, y.numel(), r.shape[0])
+    for i in range(0, a.shape[0], chunk):
+        rows = fa.x[i:i + chunk]
+        if rows.shape[0] < _MIN_TILE:  # the fp32 path's small tail GEMM, as it runs it
+            with exact_fp32():
+                out.append((rows @ fb.x.T).amax(dim=1))
+            _count(stats, rows.shape[0] * b.shape[0], rows.shape[0] * b.shape[0])
+            continue
+        with _fast_fp32_matmul(a.device):
+            y = fa.fast[i:i + chunk] @ fb.fast.T
+        cand = y >= (y.amax(dim=1) - span[i:i + chunk])[:, None]
+        with exact_fp32():
+            r, _, vals = _recheck(rows, fb.x, cand)
+        best = torch.full((rows.shape[0],), float("-inf"), device=a.device)
+        out.append(best.scatter_reduce(0, r, vals, reduce="amax"))
+        _count(stats, y.numel(), r.shape[0])
     return torch.cat(out)
 
 
 @torch.no_grad()
 def exact_select(a: Tensor, b: Tensor, threshold: Tensor, col_threshold: Tensor | None = None, *,
-                 chunk: int, low: str = "bf16", stats: dict | None = None) -> Tensor:
+                 chunk: int, passes: int = 1, stats: dict | None = None) -> Tensor:
     """bool [N, M]: a_i . b_j > threshold_i (or > col_threshold_j, when given), equal bit for bit to the fp32
     path ``a[i:i+chunk] @ b.T > threshold[i:i+chunk, None]`` (``| ... > col_threshold[None, :]``).
 
     a [N, C], b [M, C] float32; threshold [N], col_threshold [M] float32, computed exactly (e.g. by
-    :func:`exact_row_max`). ``stats`` (optional) gets "pairs" and "rechecked" added.
+    :func:`exact_row_max`). ``passes``: 1 (bf16) or 3 (bf16x3, a margin ~20x narrower for 3x the fast
+    GEMM's work). ``stats`` (optional) gets "pairs" and "rechecked" added.
     """
-    a, b = a.float(), b.float()
-    e = error_bound(a, b, low)
-    b_low = _cast(b, low)
+    fa, fb = _operand(a, passes, "left"), _operand(b, passes, "right")
+    m = _margins(fa, fb, passes)
+    col_max = float(m.col.max())
     row_t = threshold.float()
     col_t = None if col_threshold is None else col_threshold.float()
     mask = torch.empty(a.shape[0], b.shape[0], dtype=torch.bool, device=a.device)
-    with exact_fp32():
-        for i in range(0, a.shape[0], chunk):
-            rows, t = a[i:i + chunk], row_t[i:i + chunk, None]
-            if rows.shape[0] < _MIN_TILE:  # the fp32 path's small tail GEMM, as it runs it
-                sim = rows @ b.T
-                mask[i:i + chunk] = sim > t if col_t is None else (sim > t) | (sim > col_t[None, :])
-                _count(stats, sim.numel(), sim.numel())
-                continue
-            y = _low_products(_cast(rows, low), b_low, low)
-            sure = y > t + e
-            maybe = y > t - e
-            if col_t is not None:
-                sure |= y > (col_t + e)[None, :]
-                maybe |= y > (col_t - e)[None, :]
-            maybe &= ~sure
-            r, c = maybe.nonzero(as_tuple=True)
-            if r.shape[0]:
-                vals = _recheck(rows, b, r, c)
-                dec = vals > row_t[i + r] if col_t is None else (vals > row_t[i + r]) | (vals > col_t[c])
-                sure[r, c] = dec
-            mask[i:i + chunk] = sure
-            _count(stats, y.numel(), r.shape[0])
+    for i in range(0, a.shape[0], chunk):
+        rows, t = fa.x[i:i + chunk], row_t[i:i + chunk, None]
+        if rows.shape[0] < _MIN_TILE:  # the fp32 path's small tail GEMM, as it runs it
+            with exact_fp32():
+                sim = rows @ fb.x.T
+            mask[i:i + chunk] = sim > t if col_t is None else (sim > t) | (sim > col_t[None, :])
+            _count(stats, sim.numel(), sim.numel())
+            continue
+        with _fast_fp32_matmul(a.device):
+            y = fa.fast[i:i + chunk] @ fb.fast.T
+        e = float(_widen(m.row[i:i + chunk].max() + col_max))  # this chunk's margin m'
+        sure, maybe = y > t + e, y > t - e
+        if col_t is not None:
+            sure |= y > (col_t + e)[None, :]
+            maybe |= y > (col_t - e)[None, :]
+        del y
+        maybe &= ~sure
+        with exact_fp32():
+            r, c, vals = _recheck(rows, fb.x, maybe)
+        if r.shape[0]:
+            sure[r, c] = vals > row_t[i + r] if col_t is None else (vals > row_t[i + r]) | (vals > col_t[c])
+        mask[i:i + chunk] = sure
+        _count(stats, sure.numel(), r.shape[0])
     return mask
 
 

@@ -21,23 +21,24 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @contextlib.contextmanager
 def exact_fp32():
-    """No autocast (CPU or CUDA) and no TF32 matmuls inside the block: float32 inputs give float32
-    results with full mantissas. Callers cast their inputs with ``.float()``. The TF32 switches are
-    CUDA's only, so they are left alone where there is no GPU."""
-    if not torch.cuda.is_available():
-        with torch.autocast("cpu", enabled=False):
-            yield
-        return
-    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
-    cudnn_tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    """No autocast (CPU or CUDA) and no TF32 or bf16 fp32-matmul modes inside the block: float32 inputs give
+    float32 results with full mantissas. Callers cast their inputs with ``.float()``. The TF32 switches are
+    CUDA's only, so they are left alone where there is no GPU; oneDNN's fp32 mode (which
+    ``torch.set_float32_matmul_precision("medium")`` can turn to bf16 on CPU) is set to IEEE."""
+    mkldnn, cuda = torch.backends.mkldnn.matmul, torch.cuda.is_available()
+    saved = (mkldnn.fp32_precision, cuda and torch.backends.cuda.matmul.allow_tf32,
+             cuda and torch.backends.cudnn.allow_tf32)
+    mkldnn.fp32_precision = "ieee"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        with torch.autocast("cpu", enabled=False), \
+                (torch.autocast("cuda", enabled=False) if cuda else contextlib.nullcontext()):
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        mkldnn.fp32_precision = saved[0]
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1], saved[2]
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

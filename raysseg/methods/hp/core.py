@@ -93,7 +93,8 @@ from raysseg.core.precision import at_least_fp32, exact_fp32
 
 BASE_TEMPERATURE = 0.07  # the released code multiplies the loss by tau / 0.07
 LOSS_FORMS = ("paper", "released")  # hp.loss_form: the paper's text, or the authors' released code
-SELECTIONS = ("fp32", "bf16_recheck")  # hp.selection: how the products of the selection are computed
+# hp.selection: how the products of the selection are computed, and the exact_select passes of the low ones
+SELECTIONS = {"fp32": 0, "bf16_recheck": 1, "bf16x3_recheck": 3}
 
 
 class HPInputError(ValueError):
@@ -137,8 +138,8 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def anchor_criterion(feats: Tensor, pool: Tensor, chunk: int, selection: str = "fp32") -> Tensor:
     """c_i = max_m cos(pool_m, f_i). feats [N, C], pool [M, C], both L2-normalised -> [N].
-    selection "bf16_recheck": bf16 products, fp32 re-check near the maximum (core/exact_select.py), equal
-    bit for bit."""
+    selection "bf16_recheck" / "bf16x3_recheck": bf16 products (one or three passes), fp32 re-check near the
+    maximum (core/exact_select.py), equal bit for bit."""
     _check_2d("anchor_criterion", "feats", feats)
     _check_2d("anchor_criterion", "pool", pool, feats.shape[1])
     _check_chunk("anchor_criterion", chunk)
@@ -147,10 +148,10 @@ def anchor_criterion(feats: Tensor, pool: Tensor, chunk: int, selection: str = "
     _check_unit("anchor_criterion", "feats", feats)
     _check_unit("anchor_criterion", "pool", pool)
     f, q = feats.float(), pool.float()
-    if selection == "bf16_recheck":
-        return exact_row_max(f, q, chunk)
-    if selection != "fp32":
+    if selection not in SELECTIONS:
         _fail("anchor_criterion", f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+    if SELECTIONS[selection]:
+        return exact_row_max(f, q, chunk, passes=SELECTIONS[selection])
     with exact_fp32():  # thresholds of a decision: fp32 whatever the caller's autocast
         return torch.cat([(f[i:i + chunk] @ q.T).amax(dim=1) for i in range(0, f.shape[0], chunk)])
 
@@ -161,14 +162,14 @@ def hidden_positive_mask(feats: Tensor, pool: Tensor, chunk: int, selection: str
 
     feats [N, C] and pool [M, C] L2-normalised -> bool [N, N]. Built chunk rows at a
     time, so the float work is chunk x N; in exact fp32 even inside an autocast region.
-    selection "bf16_recheck": the same mask from bf16 products and an fp32 re-check of the pairs near
-    their thresholds (:func:`raysseg.core.exact_select.exact_select`).
+    selection "bf16_recheck" / "bf16x3_recheck": the same mask from bf16 products (one or three passes) and
+    an fp32 re-check of the pairs near their thresholds (:func:`raysseg.core.exact_select.exact_select`).
     """
     crit = anchor_criterion(feats, pool, chunk, selection)
     f = feats.float()
     n = f.shape[0]
-    if selection == "bf16_recheck":
-        mask = exact_select(f, f, crit, crit, chunk=chunk)
+    if SELECTIONS[selection]:
+        mask = exact_select(f, f, crit, crit, chunk=chunk, passes=SELECTIONS[selection])
         mask.fill_diagonal_(False)
         return mask
     mask = torch.empty(n, n, dtype=torch.bool, device=f.device)
