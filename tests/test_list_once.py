@@ -112,3 +112,15 @@ def test_ray_train_and_evaluate_list_each_split_once(ray_local, s3_server, synth
     before = s3_server.request_count("LIST", bucket)
     evaluate(result.checkpoint, crf=False, probe=False, retrieval=False)  # data.val: 4 images, one page
     assert s3_server.request_count("LIST", bucket) - before == 1
+
+
+def test_block_sizes_bound_the_driver_blocks_and_the_decoded_block():
+    from raysseg.runtime.datasets import MAX_BLOCK_BYTES, TARGET_BLOCKS, rows_per_block
+
+    assert rows_per_block(367, 224, cached=False) == 32  # small splits: small blocks, parallel decoding
+    assert rows_per_block(367, 224, cached=True) == 96
+    rows = rows_per_block(100_000, 224, cached=False)
+    assert rows == 196 and -(-100_000 // rows) <= TARGET_BLOCKS
+    rows = rows_per_block(10_000_000, 224, cached=False)  # capped by the decoded size, not the block count
+    assert rows * 4 * 224 * 224 <= MAX_BLOCK_BYTES and -(-10_000_000 // rows) < 7_500
+    assert rows_per_block(10_000_000, 4096, cached=False) == 32  # huge crops: never below the base

@@ -16,9 +16,20 @@ from raysseg.io.prepared import PreparedSplit
 # takes ~1.5-2.5 ms and cropping a cached image ~0.5 ms, so cached reads take bigger blocks.
 ROWS_PER_BLOCK = 32
 CACHED_ROWS_PER_BLOCK = 96
-# Ray Data keeps a few kB per block on the driver (object ref, metadata, schema): past this many blocks a
-# dataset takes bigger blocks instead (10M images: 2,442 rows, about 5 s of decoding per task).
-MAX_BLOCKS = 4096
+# The driver keeps about 7 kB per block (object ref, Ray Data's metadata, the put's bookkeeping; measured at
+# 100,000 paths: 225 B per image in blocks of 32 rows, 161 in blocks of 196). Past TARGET_BLOCKS blocks a
+# dataset takes bigger blocks, up to MAX_BLOCK_BYTES of decoded rows each (224 px: 1,337 rows, about 3 s of
+# decoding per task; 10M images then make 7,480 blocks, about 5 bytes per image on the driver).
+TARGET_BLOCKS = 512
+MAX_BLOCK_BYTES = 256 << 20
+
+
+def rows_per_block(images: int, image_size: int, cached: bool) -> int:
+    """Rows per Ray Data block for a split of ``images``: small blocks for small splits (parallel decoding),
+    at most TARGET_BLOCKS blocks while a block's decoded rows (RGB + label, uint8) fit MAX_BLOCK_BYTES."""
+    base = CACHED_ROWS_PER_BLOCK if cached else ROWS_PER_BLOCK
+    largest = max(base, MAX_BLOCK_BYTES // (4 * image_size * image_size))
+    return max(base, min(math.ceil(images / TARGET_BLOCKS), largest))
 
 
 def make_dataset(
@@ -43,14 +54,12 @@ def make_dataset(
         if epoch_clock is None:
             raise ValueError("seed=EPOCH_SEED needs the run's epoch_clock")
         fn = functools.partial(_epoch_seeded, read=fn, clock=epoch_clock, train_seed=train_seed)
-    rows_per_block = max(ROWS_PER_BLOCK if prepared is None else CACHED_ROWS_PER_BLOCK,
-                         math.ceil(len(items) / MAX_BLOCKS))
+    block_rows = rows_per_block(len(items), image_size, cached=prepared is not None)
     if isinstance(items, Rows):  # relative paths in Arrow: no Python object per file on the driver
         table = items.table()  # from_blocks: block metadata made here (from_arrow runs a Ray task per block)
-        ds = ray.data.from_blocks([table.slice(i, rows_per_block)
-                                   for i in range(0, max(1, len(items)), rows_per_block)])
+        ds = ray.data.from_blocks([table.slice(i, block_rows) for i in range(0, max(1, len(items)), block_rows)])
     else:
-        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
+        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / block_rows)))
     # Ray Data's default reserves half the CPUs per operator: with one map operator on a small machine
     # (2 cores) that runs one decoding task at a time. This pipeline has a single map, nothing to starve.
     ds.context.op_resource_reservation_enabled = False
