@@ -469,3 +469,27 @@ def test_reproduce_tables_name_valid_configs(table, rows):
             assert cfg.hp.loss_form == "released"
     bad = subprocess.run(["bash", str(root / "jobs/reproduce.sh"), "table9"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown table 'table9'" in bad.stderr
+
+
+def test_a_photo_with_an_exif_turn_is_written_as_its_label_was_drawn(tmp_path):
+    """COCO's labels are drawn on the stored pixels; readers turn images upright by EXIF, so such an image
+    is written as its stored pixels without the tag (a 180 degree turn would otherwise pass misaligned, a 90
+    degree one be skipped as a size mismatch)."""
+    from raysseg.io.images import decode_image
+
+    src, dst = coco_replica(tmp_path / "coco", n_train=4, n_val=1), tmp_path / "out"
+    for name, turn in (("000000000009", 3), ("000000000010", 6)):  # 180 degrees; 90 (its label is 6 x 10)
+        path = src / "images" / "train2017" / f"{name}.jpg"
+        exif = Image.Exif()
+        exif[0x0112] = turn
+        stored = np.asarray(Image.open(path).convert("RGB"))
+        Image.fromarray(stored).save(path, quality=95, exif=exif.tobytes())
+        assert decode_image(path.read_bytes()).size != stored.shape[1::-1] or turn == 3
+    prepare("cocostuff27", str(src), str(dst), PrepareOptions(), local=True, log=quiet)
+    for name in ("000000000009", "000000000010"):
+        written = dst / "train" / "images" / f"{name}.png"
+        stored = np.asarray(Image.open(src / "images" / "train2017" / f"{name}.jpg").convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(decode_image(written.read_bytes())), stored)  # as read for training
+        assert label(dst / "train" / "labels" / f"{name}.png").shape == stored.shape[:2]
+    plain = dst / "train" / "images" / "000000000011.jpg"  # no tag: the bytes as distributed
+    assert plain.read_bytes() == (src / "images" / "train2017" / plain.name).read_bytes()

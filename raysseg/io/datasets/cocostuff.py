@@ -23,8 +23,8 @@ import numpy as np
 
 from raysseg.io import storage
 from raysseg.io.images import DatasetError
-from raysseg.io.datasets.layout import (IGNORE, Dataset, Output, PrepareOptions, Task, check_same_size,
-                                        chosen_protocol, image_size, label_array, layout_error, list_or_empty, stem)
+from raysseg.io.datasets.layout import (IGNORE, Dataset, Output, PrepareOptions, Task, chosen_protocol, label_array,
+                                        labelled_output, layout_error, list_or_empty, stem)
 
 COARSE = ("electronic", "appliance", "food-things", "furniture-things", "indoor", "kitchen", "accessory", "animal",
           "outdoor", "person", "sports", "vehicle",  # the 12 thing supercategories (0..11)
@@ -134,8 +134,7 @@ def find(src: str, options: PrepareOptions) -> list[Task]:
 def convert(task: Task, options: PrepareOptions, read) -> list[Output]:
     image = read(task.files["image"])
     fine = label_array(read(task.files["label"]))
-    check_same_size(task, image_size(image), fine)
-    return [Output(task.key, image, ".jpg", coarse_labels(fine))]
+    return [labelled_output(task, image, ".jpg", coarse_labels(fine))]
 
 
 COCOSTUFF27 = Dataset(

@@ -127,6 +127,28 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def labelled_output(task: Task, image: bytes, suffix: str, label: np.ndarray, split: str = "") -> Output:
+    """An image and its label map, checked to be the same size. Labels are drawn on the image's pixels as stored:
+    an image whose EXIF orientation would turn it (readers turn images upright) is written as its stored pixels
+    in a PNG without the tag, so it is read the way its label was drawn (the authors' loaders do not turn images;
+    COCO holds a few such photos). Other images keep their bytes."""
+    upright = image_size(image)  # fully decoded: a truncated or corrupt file raises ValueError here
+    with Image.open(io.BytesIO(image)) as opened:
+        try:
+            turned = int(opened.getexif().get(EXIF_ORIENTATION, 1)) not in (0, 1)
+        except Exception:  # noqa: BLE001 - a damaged EXIF block: readers keep the pixels as stored too
+            turned = False
+        stored = np.asarray(opened.convert("RGB")) if turned else None
+    if stored is None:
+        check_same_size(task, upright, label)
+        return Output(task.key, image, suffix, label, split)
+    check_same_size(task, (stored.shape[1], stored.shape[0]), label)
+    return Output(task.key, encode_png(stored), ".png", label, split)
+
+
 def check_same_size(task: Task, image_wh: tuple[int, int], label: np.ndarray) -> None:
     if (label.shape[1], label.shape[0]) != tuple(image_wh):
         raise ValueError(f"label {task.files['label']} is {label.shape[1]}x{label.shape[0]} but its image is "

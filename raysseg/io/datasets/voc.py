@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from raysseg.io import storage
-from raysseg.io.datasets.layout import (IGNORE, Dataset, Output, PrepareOptions, Task, check_same_size,
-                                        chosen_protocol, image_size, layout_error, stem)
+from raysseg.io.datasets.layout import (IGNORE, Dataset, Output, PrepareOptions, Task, chosen_protocol,
+                                        labelled_output, layout_error, stem)
 from raysseg.io.images import decode_label
 
 CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -121,8 +121,7 @@ def find(src: str, options: PrepareOptions) -> list[Task]:
 def convert(task: Task, options: PrepareOptions, read) -> list[Output]:
     image = read(task.files["image"])
     label = voc_labels(_label(read(task.files["label"])))
-    check_same_size(task, image_size(image), label)
-    return [Output(task.key, image, ".jpg", label)]
+    return [labelled_output(task, image, ".jpg", label)]
 
 
 VOC2012 = Dataset(
