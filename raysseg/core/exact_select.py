@@ -6,9 +6,9 @@ kind of GEMM the fp32 path runs, and decided on those values.
 
 The fast product. Each operand is split into bf16-valued pieces held in fp32: x1 = bf16(x), x2 = bf16(x - x1),
 and the remainders d = x - x1, r = x - x1 - x2 (all exact in fp32). One pass: y = a1 . b1. Three passes
-(``passes=3``, the bf16x3 scheme): y = [a1, a1, a2] . [b1, b2, b1], one GEMM over 3C. The GEMM is an fp32
-GEMM allowed to use its fast mode (oneDNN's bf16 mode on CPU, TF32 tensor cores on CUDA): both represent
-bf16 values exactly, so every product is exact and only the fp32 accumulation rounds.
+(``passes=3``, the bf16x3 scheme): y = [a1, a1, a2] . [b1, b2, b1], one GEMM over 3C. The GEMM takes bf16
+operands and gives fp32 (a bf16 GEMM with fp32 output on CUDA's tensor cores; an fp32 GEMM in oneDNN's bf16
+mode on CPU), so every product is exact and only the fp32 accumulation rounds.
 
 Error bound (C = dims, K = C x passes, v = 2^-24, gamma_n = n v / (1 - n v)). Exactly,
   one pass:    a.b - a1.b1 = d_a.b + a1.d_b
@@ -37,12 +37,11 @@ Bit-exactness with the fp32 path: that path computes ``a[rows] @ b.T`` a chunk o
 the block's shape (measured; tests/test_exact_select.py checks the decisions), so the re-check runs
 GEMMs of 16 consecutive rows against the union of their uncertain columns; a chunk of the fp32 path with
 fewer than 16 rows (a tail) is computed here exactly as that path does. On CUDA that shape-independence of
-cuBLAS, and the fp32 accumulation of TF32 tensor cores within the bound above, are assumptions not yet
+cuBLAS, and the fp32 accumulation of bf16 tensor cores within the bound above, are assumptions not yet
 checked on a GPU. Memory: float work is chunk x (columns), as in the fp32 path, plus the bool masks.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -119,28 +118,33 @@ def _widen(m: Tensor) -> Tensor:
     return m * (1 + 2.0 ** -10) + 2.0 ** -20
 
 
-@contextlib.contextmanager
-def _fast_fp32_matmul(device: torch.device):
-    """fp32 matmuls in the backend's fast mode (exact on bf16-valued inputs, fp32 accumulation): TF32 on CUDA
-    (through the same switch :func:`exact_fp32` turns off), oneDNN's bf16 mode on CPU."""
-    if device.type == "cuda":
-        backend, name, fast = torch.backends.cuda.matmul, "allow_tf32", True
-    else:
-        backend, name, fast = torch.backends.mkldnn.matmul, "fp32_precision", "bf16"
-    old = getattr(backend, name)
-    setattr(backend, name, fast)
+def _fast_product(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b.T for bf16-valued fp32 operands, exact products accumulated in fp32, fp32 out: on CUDA a bf16 GEMM
+    with fp32 output on tensor cores (no reduced-precision reduction); on CPU an fp32 GEMM in oneDNN's bf16
+    mode (AMX / AVX512-BF16 where the CPU has them, else plain fp32: exact on these operands either way)."""
+    if a.is_cuda:
+        flag = torch.backends.cuda.matmul
+        old = flag.allow_bf16_reduced_precision_reduction
+        flag.allow_bf16_reduced_precision_reduction = False
+        try:
+            with torch.autocast("cuda", enabled=False):
+                return torch.mm(a.bfloat16(), b.bfloat16().T, out_dtype=torch.float32)
+        finally:
+            flag.allow_bf16_reduced_precision_reduction = old
+    mkldnn = torch.backends.mkldnn.matmul
+    old = mkldnn.fp32_precision
+    mkldnn.fp32_precision = "bf16"
     try:
-        with torch.autocast(device.type, enabled=False):
-            yield
+        with torch.autocast("cpu", enabled=False):
+            return a @ b.T
     finally:
-        setattr(backend, name, old)
+        mkldnn.fp32_precision = old
 
 
 def fast_products(a: Tensor, b: Tensor, passes: int = 1) -> Tensor:
     """y = the fast GEMM's a_i . b_j (module docstring), [N, M] fp32."""
     fa, fb = _operand(a, passes, "left"), _operand(b, passes, "right")
-    with _fast_fp32_matmul(a.device):
-        return fa.fast @ fb.fast.T
+    return _fast_product(fa.fast, fb.fast)
 
 
 def error_margins(a: Tensor, b: Tensor, passes: int = 1) -> Tensor:
@@ -200,8 +204,7 @@ def exact_row_max(a: Tensor, b: Tensor, chunk: int, passes: int = 1, stats: dict
                 out.append((rows @ fb.x.T).amax(dim=1))
             _count(stats, rows.shape[0] * b.shape[0], rows.shape[0] * b.shape[0])
             continue
-        with _fast_fp32_matmul(a.device):
-            y = fa.fast[i:i + chunk] @ fb.fast.T
+        y = _fast_product(fa.fast[i:i + chunk], fb.fast)
         cand = y >= (y.amax(dim=1) - span[i:i + chunk])[:, None]
         with exact_fp32():
             r, _, vals = _recheck(rows, fb.x, cand)
@@ -235,8 +238,7 @@ def exact_select(a: Tensor, b: Tensor, threshold: Tensor, col_threshold: Tensor 
             mask[i:i + chunk] = sim > t if col_t is None else (sim > t) | (sim > col_t[None, :])
             _count(stats, sim.numel(), sim.numel())
             continue
-        with _fast_fp32_matmul(a.device):
-            y = fa.fast[i:i + chunk] @ fb.fast.T
+        y = _fast_product(fa.fast[i:i + chunk], fb.fast)
         e = float(_widen(m.row[i:i + chunk].max() + col_max))  # this chunk's margin m'
         sure, maybe = y > t + e, y > t - e
         if col_t is not None:
