@@ -155,36 +155,31 @@ def error_margins(a: Tensor, b: Tensor, passes: int = 1) -> Tensor:
 
 
 def _recheck(a: Tensor, b: Tensor, maybe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """fp32 values of the pairs where ``maybe`` [R, M] (R >= 16 rows of a) is True: (rows, cols, values),
-    from one GEMM per 16 consecutive rows against the union of their uncertain columns (the last group takes
-    the last 16 rows), as the fp32 path's GEMM computes them. On CPU the small ops run on one thread (waking
-    a thread pool per op costs more than they do)."""
-    n = a.shape[0]
+    """fp32 values of the pairs where ``maybe`` [R, M] (R >= 16 rows of a) is True: (rows, cols, values).
+
+    Each group of 16 consecutive rows (the last group takes the last 16 rows) is multiplied with the union of its
+    uncertain columns, as the fp32 path's GEMM computes them; the groups run as batched GEMMs (bmm: the same
+    per-element values as one GEMM, measured), in batches whose gathered columns stay within the fp32 path's
+    R x M floats."""
+    n, m, c_dim = a.shape[0], b.shape[0], a.shape[1]
     r, c = maybe.nonzero(as_tuple=True)
     if r.shape[0] == 0:
         return r, c, torch.empty(0, device=a.device)
     groups = -(-n // _MIN_TILE)
     full = (groups - 1) * _MIN_TILE
-    union = torch.cat([maybe[:full].view(groups - 1, _MIN_TILE, maybe.shape[1]).any(dim=1),
-                       maybe[full:].any(dim=0)[None]])
-    width = union.sum(dim=1)  # [G] columns per group
+    union = torch.cat([maybe[:full].view(groups - 1, _MIN_TILE, m).any(dim=1), maybe[full:].any(dim=0)[None]])
     position = union.cumsum(dim=1) - 1  # [G, M]: a column's place among its group's columns
-    offset = torch.cat([width.new_zeros(1), (width * _MIN_TILE).cumsum(0)[:-1]])
-    flat = torch.empty(int(width.sum()) * _MIN_TILE, device=a.device)
-    threads = torch.get_num_threads()
-    if not a.is_cuda:
-        torch.set_num_threads(1)
-    try:
-        for g, (w, o) in enumerate(zip(width.tolist(), offset.tolist())):
-            if w:
-                start = min(g * _MIN_TILE, n - _MIN_TILE)
-                cols = union[g].nonzero().squeeze(1)
-                flat[o:o + w * _MIN_TILE] = (a[start:start + _MIN_TILE] @ b.index_select(0, cols).T).view(-1)
-    finally:
-        torch.set_num_threads(threads)
+    widest = int(position[:, -1].max()) + 1
+    g_of, col_of = union.nonzero(as_tuple=True)
+    columns = torch.zeros(groups, widest, dtype=torch.long, device=a.device)  # padded with column 0 (ignored)
+    columns[g_of, position[g_of, col_of]] = col_of
+    start = torch.clamp(torch.arange(groups, device=a.device) * _MIN_TILE, max=n - _MIN_TILE)
+    rows = a[start[:, None] + torch.arange(_MIN_TILE, device=a.device)]  # [G, 16, C]
+    per_batch = max(1, (n * m) // (widest * c_dim))
+    out = torch.cat([torch.bmm(rows[g:g + per_batch], b[columns[g:g + per_batch]].transpose(1, 2))
+                     for g in range(0, groups, per_batch)])  # [G, 16, widest]
     g = torch.div(r, _MIN_TILE, rounding_mode="floor")
-    start = torch.clamp(g * _MIN_TILE, max=n - _MIN_TILE)
-    return r, c, flat[offset[g] + (r - start) * width[g] + position[g, c]]
+    return r, c, out[g, r - start[g], position[g, c]]
 
 
 @torch.no_grad()
