@@ -36,9 +36,10 @@ Bit-exactness with the fp32 path: that path computes ``a[rows] @ b.T`` a chunk o
 (MKL sgemm on CPU). For row blocks of at least 16 rows MKL's value for one element does not depend on
 the block's shape (measured; tests/test_exact_select.py checks the decisions), so the re-check runs
 GEMMs of 16 consecutive rows against the union of their uncertain columns, batched (bmm: the same values);
-a chunk of the fp32 path with fewer than 16 rows (a tail) is computed here exactly as that path does. On CUDA that shape-independence of
-cuBLAS, and the fp32 accumulation of bf16 tensor cores within the bound above, are assumptions not yet
-checked on a GPU. Memory: float work is chunk x (columns), as in the fp32 path, plus the bool masks.
+a chunk of the fp32 path with fewer than 16 rows (a tail) is computed here exactly as that path does. On CUDA
+that shape-independence of cuBLAS, and the fp32 accumulation of bf16 tensor cores within the bound above, are
+assumptions not yet checked on a GPU. Memory: float work is chunk x (columns), as in the fp32 path, plus the
+bool masks.
 """
 from __future__ import annotations
 
