@@ -38,8 +38,8 @@ the block's shape (measured; tests/test_exact_select.py checks the decisions), s
 GEMMs of 16 consecutive rows against the union of their uncertain columns, batched (bmm: the same values);
 a chunk of the fp32 path with fewer than 16 rows (a tail) is computed here exactly as that path does. On CUDA
 that shape-independence of cuBLAS, and the fp32 accumulation of bf16 tensor cores within the bound above, are
-assumptions not yet checked on a GPU. Memory: float work is chunk x (columns), as in the fp32 path, plus the
-bool masks.
+assumptions not yet checked on a GPU. Memory: the products of a chunk (chunk x columns floats, as in the fp32
+path), the re-check's gathered columns and results (each at most as many floats) and bool masks.
 """
 from __future__ import annotations
 
