@@ -295,8 +295,13 @@ def list_split(uri: str, with_labels: bool = False) -> SplitListing:
     if not image_chunks:
         found = f" (only {n_left_out} other file(s): {_first([_name(u) for u, _ in left_out])})" if n_left_out else ""
         raise DatasetError(f"{images_uri} holds no {FORMATS} images{found}: put the split's images there")
+    # one column at a time, each page's chunks dropped once joined: the listing's peak stays near what it keeps
+    size = np.concatenate(size_chunks)
+    del size_chunks
+    mtime = np.concatenate(time_chunks)
+    del time_chunks
     rel = pa.concat_arrays(image_chunks)
-    size, mtime = np.concatenate(size_chunks), np.concatenate(time_chunks)
+    del image_chunks
     if len(rel) > 1 and not pc.all(pc.less_equal(rel.slice(0, len(rel) - 1), rel.slice(1))).as_py():
         order = pc.sort_indices(rel)  # both listings come in path order; this is a safeguard
         rel, size, mtime = rel.take(order), size[order.to_numpy()], mtime[order.to_numpy()]
