@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import colorsys
 import io
+import textwrap
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -308,16 +310,17 @@ def per_class_figure(rows: dict[str, tuple[list[float], list[float]]], class_nam
     fig = Figure(figsize=(8.5, 1.2 + 0.09 * n_rows * n_classes + 0.25 * n_classes), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    bar_colours = matplotlib.colormaps["tab10" if n_rows <= 10 else "tab20"]  # no two rows share a colour up to 20
     for i, (label, (means, stds)) in enumerate(rows.items()):
         ys = np.arange(n_classes) - 0.4 + height * (i + 0.5)
         ax.barh(ys, 100 * np.asarray(means), height=height, xerr=100 * np.asarray(stds), label=label,
-                color=f"C{i % 10}", error_kw={"elinewidth": 0.8, "capsize": 2})
+                color=bar_colours(i % bar_colours.N), error_kw={"elinewidth": 0.8, "capsize": 2})
     ax.set_yticks(range(n_classes), class_names, fontsize=9)
     ax.invert_yaxis()
     ax.set_xlabel("IoU (%)", fontsize=10)
     ax.set_xlim(0, 100)
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 95)), fontsize=10)  # a long title wraps instead of being cut
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     buffer = io.BytesIO()
