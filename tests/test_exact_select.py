@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from raysseg.core.exact_select import error_margins, exact_row_max, exact_select, fast_products
+from raysseg.core.machine import count_flops_split
+from raysseg.core.precision import exact_fp32
 from raysseg.methods.hp.core import HPModel, anchor_criterion, hidden_positive_mask
 
-CAMVID = Path("/work/shared/data/camvid/train/images")
+CAMVID = Path(__file__).parents[2] / "shared" / "data" / "camvid" / "train" / "images"
 
 
 def _unit(*shape, seed=0, shift=0.5):
@@ -82,14 +84,14 @@ def test_ties_at_the_threshold_equal_fp32_and_flip_without_the_recheck():
     crit = exact_row_max(f, q, chunk)
     assert torch.equal(crit, crit_ref)
     assert torch.equal(hidden_positive_mask(f, q, chunk, "bf16_recheck"), ref)
-    # the same decisions on bf16 products alone (thresholds included) are wrong: the test can fail
-    low_crit = (f.bfloat16() @ q.bfloat16().T).float().amax(dim=1)
-    low = (f.bfloat16() @ f.bfloat16().T).float()
+    # the same decisions on the fast products alone (thresholds included) are wrong: the test can fail
+    low_crit = fast_products(f, q).amax(dim=1)
+    low = fast_products(f, f)
     low = (low > low_crit[:, None]) | (low > low_crit[None, :])
     low.fill_diagonal_(False)
     assert (low != ref).sum() > 0
     # and with the exact thresholds but no re-check of the pairs
-    low_exact_t = (f.bfloat16() @ f.bfloat16().T).float()
+    low_exact_t = fast_products(f, f)
     low_exact_t = (low_exact_t > crit[:, None]) | (low_exact_t > crit[None, :])
     low_exact_t.fill_diagonal_(False)
     assert (low_exact_t != ref).sum() > 0
@@ -107,6 +109,34 @@ def test_hp_model_selection_setting_gives_the_same_masks():
     model.selection = "fp16"
     with pytest.raises(ValueError, match="selection must be one of fp32, bf16_recheck"):
         model.hidden_positives(feats, q_ag, None, 0.0, 64)
+
+
+def test_the_selection_counts_as_exact_fp32_flops_unless_its_products_are_bf16():
+    """`bench demand` prices exact fp32 FLOPs at a GPU's fp32 peak: a GEMM inside exact_fp32 counts there, the
+    bf16 fast products and anything outside exact_fp32 do not; HP's bf16_recheck selection moves its products
+    out of exact fp32 (here only part of them: random features put many pairs near their thresholds)."""
+    a, b = _unit(64, 32), _unit(48, 32, seed=1)
+    gemm = 2 * 64 * 48 * 32
+    with exact_fp32():
+        assert count_flops_split(lambda: a @ b.T) == (gemm, gemm)
+        assert count_flops_split(lambda: fast_products(a, b)) == (gemm, 0)
+    assert count_flops_split(lambda: a @ b.T) == (gemm, 0)
+    torch.manual_seed(0)
+    model = HPModel(384, 32)
+    feats = torch.randn(2, 384, 14, 14)
+    q_ag, q_sp = torch.randn(100, 384), torch.randn(100, 32)
+    counts = {}
+    for selection in ("fp32", "bf16_recheck"):
+        model.selection = selection
+        with exact_fp32():
+            model.hidden_positives(feats, q_ag, q_sp, 0.5, 64)  # the re-check's self-check runs once, uncounted
+            counts[selection] = count_flops_split(lambda: model.hidden_positives(feats, q_ag, q_sp, 0.5, 64))
+    n = 2 * 14 * 14
+    products = 2 * n * n * 384 + 2 * n * 100 * 384  # patches against patches and against the pool, at least
+    total, exact = counts["fp32"]
+    assert exact >= products and exact > 0.9 * total
+    total_low, exact_low = counts["bf16_recheck"]
+    assert total_low - exact_low >= products and exact_low < 0.8 * exact
 
 
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid images not present")
@@ -140,3 +170,19 @@ def test_real_camvid_features_equal_fp32_with_few_rechecks():
     # it exact ties: the pool's patches are batch patches, so each row meets its own maximum)
     assert shares[1] < 0.06
     assert 0 < shares[3] < 0.01
+
+
+def test_a_blas_whose_gemm_values_depend_on_the_shape_falls_back_to_fp32(monkeypatch):
+    """Where the machine's self-check finds a re-check GEMM differing from the fp32 path's, every product is
+    computed in fp32: the same decisions, and stats say so."""
+    from raysseg.core import exact_select as module
+
+    a, b = _unit(300, 64), _unit(200, 64, seed=1)
+    t = torch.full((300,), 0.1)
+    with exact_fp32():
+        ref = torch.cat([a[i:i + 128] @ b.T for i in range(0, 300, 128)]) > t[:, None]
+    monkeypatch.setattr(module, "_RECHECK_EXACT", {}, raising=True)
+    monkeypatch.setattr(module, "recheck_is_exact", lambda *shape: False)
+    stats = {}
+    assert torch.equal(exact_select(a, b, t, chunk=128, stats=stats), ref)
+    assert stats["fallback"] and stats["rechecked"] == stats["pairs"]

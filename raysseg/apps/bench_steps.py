@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raysseg.core.device import clock
-from raysseg.core.machine import count_flops, describe
+from raysseg.core.machine import count_flops, count_flops_split, describe
 
 # The papers' settings per GPU (one worker = one GPU): the configs users run, at their batch and size.
 PAPER_SETTINGS = {
@@ -63,6 +63,7 @@ class StepResult:
     backbone_gflop_per_image: float = 0.0  # forward
     backbone_fwd_s: float = 0.0
     step_gflop: float = 0.0  # everything one step runs, backward included
+    step_exact_gflop: float = 0.0  # of which in exact fp32 (decisions: no tensor cores on a GPU)
     peak_flops: float = float("nan")
     peak_source: str = ""
 
@@ -150,7 +151,8 @@ def step_benchmark(method: str, device: str, precision: str, overrides: list[str
     result.peak_memory_gib, result.memory_kind = _peak_memory(dev)
     result.parts = {k: v / steps for k, v in rig.trainer.timers.items()}
     batch_rows = next(batches)
-    result.step_gflop = count_flops(lambda: rig.trainer.train_step(batch_rows, warmup + steps)) / 1e9
+    total, exact = count_flops_split(lambda: rig.trainer.train_step(batch_rows, warmup + steps))
+    result.step_gflop, result.step_exact_gflop = total / 1e9, exact / 1e9
     x = standardize(torch.from_numpy(batch_rows["image"]).to(dev).permute(0, 3, 1, 2).float().div(255))
     fwd_s, fwd_flops = _time_backbone(rig.seg.backbone, x, prec, dev, repeats=max(3, steps // 2))
     result.backbone_fwd_s, result.backbone_gflop_per_image = fwd_s, fwd_flops / 1e9 / batch
@@ -190,7 +192,8 @@ def _moco_benchmark(cfg, dev: torch.device, prec, steps: int, warmup: int) -> St
         trainer.step(batch, weight, i)
         result.step_s.append(clock(dev) - t0)
     result.peak_memory_gib, result.memory_kind = _peak_memory(dev)
-    result.step_gflop = count_flops(lambda: trainer.step(batch, weight, warmup + steps)) / 1e9
+    total, exact = count_flops_split(lambda: trainer.step(batch, weight, warmup + steps))
+    result.step_gflop, result.step_exact_gflop = total / 1e9, exact / 1e9
     x = standardize(torch.from_numpy(batch[:, :size, :size]).to(dev).permute(0, 3, 1, 2).float().div(255))
     fwd_s, fwd_flops = _time_backbone(moco.backbone, x, prec, dev, repeats=max(3, steps // 2))
     result.backbone_fwd_s, result.backbone_gflop_per_image = fwd_s, fwd_flops / 1e9 / pc.batch_size
@@ -241,34 +244,49 @@ def bench_gpu(device: str = "cuda", precisions=("fp32", "bf16"), methods=tuple(P
                  f"median of {steps} steps", results)
 
 
-def step_gflop(method: str, batch: int, overrides: list[str]) -> float:
-    """GFLOP of one training step of ``method`` at the papers' settings with ``batch`` images, counted on the CPU."""
+def step_gflop(method: str, batch: int, overrides: list[str]) -> tuple[float, float]:
+    """GFLOP of one training step of ``method`` at the papers' settings with ``batch`` images, counted on the CPU,
+    and how many of them run in exact fp32."""
     result = step_benchmark(method, "cpu", "fp32", [f"train.batch_size={batch}", f"pretrain.batch_size={batch}",
                                                     *overrides], steps=1, warmup=1, paper=True)
-    return result.step_gflop
+    return result.step_gflop, result.step_exact_gflop
 
 
-def bench_demand(gpu_tflops: float = 989.4, utilisation: float = 0.4) -> str:
+# The rows of `bench demand`: HP once per hp.selection (the selection's products in exact fp32, or in bf16 with
+# an fp32 re-check of the pairs near their thresholds).
+DEMAND_ROWS = {"hp": [["hp.selection=fp32"], ["hp.selection=bf16_recheck"], ["hp.selection=bf16x3_recheck"]]}
+
+
+def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utilisation: float = 0.4) -> str:
     """Images/s one GPU would consume per method at the papers' settings, from FLOPs counted on the CPU.
 
     A step's FLOPs are counted at two small batches and fitted as a * B + b * B^2 (HP's selection and
     contrastive loss compare every patch of the batch with every other: quadratic in B), then taken at
-    the papers' batch. Demand = utilisation x the GPU's bf16 peak / FLOPs per image."""
+    the papers' batch; the FLOPs in exact fp32 (decisions, :func:`raysseg.core.machine.count_flops_split`)
+    are fitted apart. A step's time = utilisation x (tensor-core FLOPs / the GPU's dense bf16 peak + exact
+    fp32 FLOPs / its fp32 peak without tensor cores); defaults: H100 SXM / H200 datasheets, 989.4 and 67."""
+    def at_paper_batch(f1: float, f2: float, b1: int, b2: int, batch: int) -> float:
+        quad = (f2 / b2 - f1 / b1) / (b2 - b1)  # per-image FLOPs = a + b * B
+        return f1 / b1 - quad * b1 + quad * batch
+
     rows = []
     for method in PAPER_SETTINGS:
         cfg = _config(PAPER_SETTINGS[method][0], PAPER_SETTINGS[method][1])
         paper_batch = cfg.pretrain.batch_size if method == "moco" else cfg.train.batch_size
         small = ["hp.pool_size=64"] if method == "hp" else []  # the pool's features cost B x M, not B^2: small
-        b1, b2 = (2, 4)
-        f1, f2 = step_gflop(method, b1, small), step_gflop(method, b2, small)
-        quad = (f2 / b2 - f1 / b1) / (b2 - b1)  # per-image FLOPs = a + b * B
-        lin = f1 / b1 - quad * b1
-        per_image = lin + quad * paper_batch
-        rows.append([method, f"{paper_batch}", f"{f1 / b1:.0f}", f"{f2 / b2:.0f}", f"{per_image:.0f}",
-                     f"{utilisation * gpu_tflops * 1e3 / per_image:,.0f}"])
-        print(f"[bench demand] {method}: {per_image:.0f} GFLOP per image at batch {paper_batch}", flush=True)
+        for variant in DEMAND_ROWS.get(method, [[]]):
+            b1, b2 = (2, 4)
+            (f1, e1), (f2, e2) = step_gflop(method, b1, small + variant), step_gflop(method, b2, small + variant)
+            per_image, exact = at_paper_batch(f1, f2, b1, b2, paper_batch), at_paper_batch(e1, e2, b1, b2, paper_batch)
+            seconds = (per_image - exact) / (gpu_tflops * 1e3) + exact / (gpu_fp32_tflops * 1e3)
+            name = method + (f" ({', '.join(variant)})" if variant else "")
+            rows.append([name, f"{paper_batch}", f"{f1 / b1:.0f}", f"{f2 / b2:.0f}", f"{per_image:.0f}",
+                         f"{exact:.1f}", f"{utilisation / seconds:,.0f}"])
+            print(f"[bench demand] {name}: {per_image:.0f} GFLOP per image at batch {paper_batch}, "
+                  f"{exact:.1f} in exact fp32", flush=True)
     header = ["method", "papers batch", "GFLOP/image at B=2", "GFLOP/image at B=4", "GFLOP/image at the papers batch",
-              f"images/s per GPU at {100 * utilisation:.0f}% of {gpu_tflops:.0f} TFLOP/s"]
+              "of which exact fp32", f"images/s per GPU at {100 * utilisation:.0f}% of {gpu_tflops:.0f} (bf16) "
+              f"and {gpu_fp32_tflops:.0f} (fp32) TFLOP/s"]
     lines = [f"### Demand: training images/s one GPU consumes (FLOPs of a step counted with torch.utils.flop_counter)",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"

@@ -33,12 +33,15 @@ Thresholds that are themselves products (a row maximum over a pool) are found ex
 the row's maximum, and their fp32 values give it.
 
 Bit-exactness with the fp32 path: that path computes ``a[rows] @ b.T`` a chunk of rows at a time
-(MKL sgemm on CPU). For row blocks of at least 16 rows MKL's value for one element does not depend on
-the block's shape (measured; tests/test_exact_select.py checks the decisions), so the re-check runs
-GEMMs of 16 consecutive rows against the union of their uncertain columns, batched (bmm: the same values);
-a chunk of the fp32 path with fewer than 16 rows (a tail) is computed here exactly as that path does. On CUDA
-that shape-independence of cuBLAS, and the fp32 accumulation of bf16 tensor cores within the bound above, are
-assumptions not yet checked on a GPU. Memory: the products of a chunk (chunk x columns floats, as in the fp32
+(MKL sgemm on CPU). The re-check runs GEMMs of 16 consecutive rows against the union of their uncertain
+columns, padded to at least 32 columns, batched (bmm); a chunk of the fp32 path with fewer than 16 rows (a
+tail) is computed here exactly as that path does. That a GEMM's value for one element does not depend on
+the GEMM's shape from 16 rows and 32 columns up is a property of the BLAS, not of IEEE arithmetic: MKL on an
+Intel AVX-512 CPU has it from 16 x 1, MKL on an AMD AVX2 CPU only from 12 columns (measured). So it is checked
+on the machine itself, once per (device, C, chunk, M, threads), on random operands of those shapes
+(:func:`recheck_is_exact`); where it fails the selection computes every product in fp32 (the fp32 path's
+decisions, at its speed) and ``stats["fallback"]`` says so. On CUDA that check covers cuBLAS; the fp32
+accumulation of bf16 tensor cores within the bound above is an assumption not yet checked on a GPU. Memory: the products of a chunk (chunk x columns floats, as in the fp32
 path), the re-check's gathered columns and results (each at most as many floats) and bool masks.
 """
 from __future__ import annotations
@@ -52,6 +55,8 @@ from raysseg.core.precision import exact_fp32
 
 PASSES = (1, 3)
 _MIN_TILE = 16  # rows of a re-check GEMM (MKL's per-element value is shape-independent from here)
+_MIN_COLS = 32  # columns of a re-check GEMM at least (MKL on AVX2 takes another kernel below 12)
+_RECHECK_EXACT: dict[tuple, bool] = {}  # recheck_is_exact's answers on this machine
 _V = 2.0 ** -24
 
 
@@ -170,7 +175,7 @@ def _recheck(a: Tensor, b: Tensor, maybe: Tensor) -> tuple[Tensor, Tensor, Tenso
     full = (groups - 1) * _MIN_TILE
     union = torch.cat([maybe[:full].view(groups - 1, _MIN_TILE, m).any(dim=1), maybe[full:].any(dim=0)[None]])
     position = union.cumsum(dim=1) - 1  # [G, M]: a column's place among its group's columns
-    widest = int(position[:, -1].max()) + 1
+    widest = max(int(position[:, -1].max()) + 1, min(m, _MIN_COLS))
     g_of, col_of = union.nonzero(as_tuple=True)
     columns = torch.zeros(groups, widest, dtype=torch.long, device=a.device)  # padded with column 0 (ignored)
     columns[g_of, position[g_of, col_of]] = col_of
@@ -181,6 +186,28 @@ def _recheck(a: Tensor, b: Tensor, maybe: Tensor) -> tuple[Tensor, Tensor, Tenso
                      for g in range(0, groups, per_batch)])  # [G, 16, widest]
     g = torch.div(r, _MIN_TILE, rounding_mode="floor")
     return r, c, out[g, r - start[g], position[g, c]]
+
+
+@torch.no_grad()
+def recheck_is_exact(device: torch.device, c_dim: int, chunk: int, m: int) -> bool:
+    """Whether this machine's batched re-check GEMMs give the fp32 path's values bit for bit for operands of
+    C = ``c_dim``, chunks of ``chunk`` rows against ``m`` columns: checked once (cached) on random unit
+    vectors, at the re-check's narrowest, a middle and its widest column counts, every row group."""
+    key = (str(device), c_dim, chunk, m, torch.get_num_threads())
+    if key not in _RECHECK_EXACT:
+        g = torch.Generator().manual_seed(0)
+        a = torch.nn.functional.normalize(torch.randn(chunk, c_dim, generator=g), dim=1).to(device)
+        b = torch.nn.functional.normalize(torch.randn(m, c_dim, generator=g), dim=1).to(device)
+        with exact_fp32():
+            ref = a @ b.T
+            ok = True
+            for width in sorted({min(m, _MIN_COLS), min(m, _MIN_COLS + 5), min(m, 97), m}):
+                maybe = torch.zeros(chunk, m, dtype=torch.bool, device=device)
+                maybe[:, torch.randperm(m, generator=g)[:width].to(device)] = True
+                r, c, vals = _recheck(a, b, maybe)
+                ok = ok and bool(torch.equal(vals, ref[r, c]))
+        _RECHECK_EXACT[key] = ok
+    return _RECHECK_EXACT[key]
 
 
 @torch.no_grad()
@@ -195,10 +222,10 @@ def exact_row_max(a: Tensor, b: Tensor, chunk: int, passes: int = 1, stats: dict
     out = []
     for i in range(0, a.shape[0], chunk):
         rows = fa.x[i:i + chunk]
-        if rows.shape[0] < _MIN_TILE:  # the fp32 path's small tail GEMM, as it runs it
-            with exact_fp32():
+        if rows.shape[0] < _MIN_TILE or not recheck_is_exact(a.device, a.shape[1], rows.shape[0], b.shape[0]):
+            with exact_fp32():  # the fp32 path's GEMM, as it runs it (a small tail, or a BLAS without the property)
                 out.append((rows @ fb.x.T).amax(dim=1))
-            _count(stats, rows.shape[0] * b.shape[0], rows.shape[0] * b.shape[0])
+            _count(stats, rows.shape[0] * b.shape[0], rows.shape[0] * b.shape[0], rows.shape[0] >= _MIN_TILE)
             continue
         y = _fast_product(fa.fast[i:i + chunk], fb.fast)
         cand = y >= (y.amax(dim=1) - span[i:i + chunk])[:, None]
@@ -228,11 +255,11 @@ def exact_select(a: Tensor, b: Tensor, threshold: Tensor, col_threshold: Tensor 
     mask = torch.empty(a.shape[0], b.shape[0], dtype=torch.bool, device=a.device)
     for i in range(0, a.shape[0], chunk):
         rows, t = fa.x[i:i + chunk], row_t[i:i + chunk, None]
-        if rows.shape[0] < _MIN_TILE:  # the fp32 path's small tail GEMM, as it runs it
-            with exact_fp32():
+        if rows.shape[0] < _MIN_TILE or not recheck_is_exact(a.device, a.shape[1], rows.shape[0], b.shape[0]):
+            with exact_fp32():  # the fp32 path's GEMM, as it runs it (a small tail, or a BLAS without the property)
                 sim = rows @ fb.x.T
             mask[i:i + chunk] = sim > t if col_t is None else (sim > t) | (sim > col_t[None, :])
-            _count(stats, sim.numel(), sim.numel())
+            _count(stats, sim.numel(), sim.numel(), rows.shape[0] >= _MIN_TILE)
             continue
         y = _fast_product(fa.fast[i:i + chunk], fb.fast)
         e = float(_widen(m.row[i:i + chunk].max() + col_max))  # this chunk's margin m'
@@ -251,7 +278,8 @@ def exact_select(a: Tensor, b: Tensor, threshold: Tensor, col_threshold: Tensor 
     return mask
 
 
-def _count(stats: dict | None, pairs: int, rechecked: int) -> None:
+def _count(stats: dict | None, pairs: int, rechecked: int, fallback: bool = False) -> None:
     if stats is not None:
         stats["pairs"] = stats.get("pairs", 0) + pairs
         stats["rechecked"] = stats.get("rechecked", 0) + rechecked
+        stats["fallback"] = stats.get("fallback", False) or fallback

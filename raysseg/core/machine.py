@@ -26,9 +26,29 @@ def describe() -> str:
 
 def count_flops(fn) -> float:
     """FLOPs of ``fn()`` as ``torch.utils.flop_counter`` counts them."""
+    return count_flops_split(fn)[0]
+
+
+def count_flops_split(fn) -> tuple[float, float]:
+    """(all FLOPs of ``fn()``, those of them in exact fp32): an op counts as exact when it runs on float32 or
+    float64 operands while :func:`raysseg.core.precision.exact_fp32_active` (a GPU runs those on its
+    fp32 units, not its tensor cores). Counted with ``torch.utils.flop_counter``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    from raysseg.core.precision import exact_fp32_active
+
+    class _SplitCounter(FlopCounterMode):
+        exact = 0
+
+        def _count_flops(self, func_packet, out, args, kwargs):
+            before = self.get_total_flops()
+            out = super()._count_flops(func_packet, out, args, kwargs)
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if exact_fp32_active() and first is not None and first.dtype in (torch.float32, torch.float64):
+                self.exact += self.get_total_flops() - before
+            return out
+
+    counter = _SplitCounter(display=False)
     with counter:
         fn()
-    return float(counter.get_total_flops())
+    return float(counter.get_total_flops()), float(counter.exact)

@@ -17,6 +17,14 @@ import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_exact_depth = 0  # how many exact_fp32 blocks the running code is inside
+
+
+def exact_fp32_active() -> bool:
+    """Whether fp32 matmuls run now in exact fp32: inside :func:`exact_fp32` and not in one of
+    :mod:`raysseg.core.exact_select`'s bf16 fast products (which set oneDNN's fp32 mode to bf16 on CPU).
+    ``raysseg bench demand`` counts these FLOPs apart: a GPU runs them without tensor cores."""
+    return _exact_depth > 0 and torch.backends.mkldnn.matmul.fp32_precision == "ieee"
 
 
 @contextlib.contextmanager
@@ -31,11 +39,14 @@ def exact_fp32():
     mkldnn.fp32_precision = "ieee"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    global _exact_depth
+    _exact_depth += 1
     try:
         with torch.autocast("cpu", enabled=False), \
                 (torch.autocast("cuda", enabled=False) if cuda else contextlib.nullcontext()):
             yield
     finally:
+        _exact_depth -= 1
         mkldnn.fp32_precision = saved[0]
         if cuda:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1], saved[2]
