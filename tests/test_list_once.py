@@ -124,3 +124,21 @@ def test_block_sizes_bound_the_driver_blocks_and_the_decoded_block():
     rows = rows_per_block(10_000_000, 224, cached=False)  # capped by the decoded size, not the block count
     assert rows * 4 * 224 * 224 <= MAX_BLOCK_BYTES and -(-10_000_000 // rows) < 7_500
     assert rows_per_block(10_000_000, 4096, cached=False) == 32  # huge crops: never below the base
+
+
+def test_the_reads_of_one_split_put_its_paths_into_the_object_store_once(ray_local, synth_data):
+    """The cluster read and the training read of a split map the same source blocks (one copy of the paths in
+    shared memory, not one per read); each still gives its own rows."""
+    from raysseg.runtime import datasets
+
+    split = str(synth_data / "train")
+    listing = images.list_split(split)
+    datasets._SOURCES.clear()
+    cluster = datasets.make_dataset(split, image_size=32, train=False, with_labels=False, listing=listing)
+    train = datasets.make_dataset(split, image_size=32, train=True, with_labels=False, listing=listing, seed=3)
+    assert len(datasets._SOURCES) == 1
+    pool = datasets.make_dataset(split, image_size=32, train=False, with_labels=False, listing=listing,
+                                 files=list(listing.images)[:2])
+    assert len(datasets._SOURCES) == 2  # other rows: their own blocks
+    assert cluster.count() == train.count() == len(listing) and pool.count() == 2
+    assert next(iter(cluster.iter_batches(batch_size=2)))["image"].shape[1:] == (32, 32, 3)

@@ -6,6 +6,7 @@ import functools
 import math
 from typing import Callable, Iterator
 
+import pyarrow as pa
 import ray
 import ray.data
 
@@ -56,8 +57,7 @@ def make_dataset(
         fn = functools.partial(_epoch_seeded, read=fn, clock=epoch_clock, train_seed=train_seed)
     block_rows = rows_per_block(len(items), image_size, cached=prepared is not None)
     if isinstance(items, Rows):  # relative paths in Arrow: no Python object per file on the driver
-        table = items.table()  # from_blocks: block metadata made here (from_arrow runs a Ray task per block)
-        ds = ray.data.from_blocks([table.slice(i, block_rows) for i in range(0, max(1, len(items)), block_rows)])
+        ds = _source_blocks(items.table(), block_rows)
     else:
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / block_rows)))
     # Ray Data's default reserves half the CPUs per operator: with one map operator on a small machine
@@ -66,6 +66,25 @@ def make_dataset(
     if shuffle:
         ds = ds.random_shuffle()
     return ds.map_batches(fn, batch_size=None, batch_format="numpy")
+
+
+_SOURCES: list[tuple[str, pa.Table, int, "ray.data.Dataset"]] = []  # (Ray job, rows, rows per block, dataset)
+_SOURCES_KEPT = 4
+
+
+def _source_blocks(table: pa.Table, block_rows: int) -> "ray.data.Dataset":
+    """A dataset of ``table``'s rows in blocks of ``block_rows``, put into the object store once per Ray job: the
+    reads of one split (the cluster read, the training read) map the same blocks (at 10M images each copy
+    of the paths is about 200 MB of shared memory the driver writes). ``from_blocks`` makes the blocks'
+    metadata here (``from_arrow`` runs a Ray task per block)."""
+    job = ray.get_runtime_context().get_job_id()
+    for known_job, known, rows, ds in _SOURCES:
+        if known_job == job and rows == block_rows and known.equals(table):
+            return ds
+    ds = ray.data.from_blocks([table.slice(i, block_rows) for i in range(0, max(1, table.num_rows), block_rows)])
+    _SOURCES.insert(0, (job, table, block_rows, ds))
+    del _SOURCES[_SOURCES_KEPT:]
+    return ds
 
 
 def _epoch_seeded(batch: dict, *, read, clock, train_seed: int) -> dict:
