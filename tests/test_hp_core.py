@@ -468,3 +468,33 @@ def test_memory_stays_far_below_dense_n_by_n():
     growth = peak_growth("workload")  # mask + negatives + loss forward + backward
     # Masks plus chunk buffers; one dense float N x N (let alone masks + it) would exceed this.
     assert growth < masks + 0.25 * dense_float, (growth, masks, dense_float)
+
+
+@pytest.mark.parametrize("form", ["paper", "released"])
+def test_the_losses_give_the_same_gradients_with_and_without_recomputing_their_logits(monkeypatch, form):
+    """Small batches keep the contrastive logits for backward (no checkpoint), large ones recompute them: the
+    loss and its gradients are the same either way."""
+    import raysseg.methods.hp.core as core
+
+    torch.manual_seed(0)
+    n_img, n, k = 3, 16, 8
+    z0 = F.normalize(torch.randn(n_img * n, k), dim=1)
+    pos = torch.rand(n_img * n, n_img * n) < 0.2
+    pos.fill_diagonal_(False)
+    sp = torch.rand(n_img * n, n_img * n) < 0.2
+    sp.fill_diagonal_(False)
+    results = []
+    for pairs in (1, 1 << 40):  # checkpointed, then kept
+        monkeypatch.setattr(core, "CHECKPOINT_PAIRS", pairs)
+        z = z0.clone().requires_grad_(True)
+        if form == "paper":
+            neg = core.sample_negatives(pos | sp, 0.5, torch.Generator().manual_seed(0))
+            loss = core.ghp_supcon_loss(z, pos, sp, 0.5, neg, 0.6, chunk=5)[0]
+        else:
+            neg = core.shared_negatives(n, n_img * n, 0.5, torch.Generator().manual_seed(0), "cpu")
+            loss = core.released_supcon_per_image(z, pos, sp, 0.5, neg, 0.6)[0].sum()
+        assert core._checkpointed(z, z) == (pairs == 1)
+        loss.backward()
+        results.append((loss.detach(), z.grad))
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)

@@ -36,10 +36,11 @@ Memory (N patches, M pool size, chunk rows at a time):
 - selection: each positive mask and the negative mask is one N x N bool (N^2 bytes);
   HPModel.loss holds at most four (m_ag, m_sp, their union, negatives) while sampling,
   three during the loss. Float work is chunk x max(N, M).
-- loss: forward and backward work one anchor chunk at a time (torch.utils.checkpoint
-  recomputes the chunk's logits in backward), so float activations are a few
-  chunk x N buffers; what stays alive for backward is z, the anchors and views of the
-  masks. Nothing float is N x N. Gradients are N x K.
+- loss: forward and backward work one anchor chunk (or image) at a time; from N^2 >= CHECKPOINT_PAIRS
+  (2^24: 64 MB per float N x N) torch.utils.checkpoint recomputes each chunk's logits in backward, so
+  float activations are a few chunk x N buffers; what stays alive for backward is z, the anchors and
+  views of the masks, and nothing float is N x N. Below it the chunks' logits are kept (a few float
+  N x N, under 64 MB each) and not computed twice. Gradients are N x K.
 - local term: attention weights are B x n x n float with n = h*w (per image, not per
   batch).
 So peak memory grows with N^2 bytes (the bool masks) plus ~6 * 4 * chunk * N bytes.
@@ -235,6 +236,15 @@ def _positive_counts(parts: tuple[Tensor, ...], coefs: tuple[float, ...], chunk:
                       for i in range(0, n, chunk)])
 
 
+CHECKPOINT_PAIRS = 1 << 24  # from this many N x N pairs the contrastive logits are recomputed in backward
+
+
+def _checkpointed(z: Tensor, anchors: Tensor) -> bool:
+    """Whether the contrastive loss over z [N, D] recomputes its logits in backward (module docstring)."""
+    needs_grad = torch.is_grad_enabled() and (z.requires_grad or anchors.requires_grad)
+    return needs_grad and z.shape[0] * anchors.shape[0] >= CHECKPOINT_PAIRS
+
+
 def _supcon(where: str, z: Tensor, parts: tuple[Tensor, ...], coefs: tuple[float, ...],
             neg_mask: Tensor, tau: float, chunk: int, anchors: Tensor | None) -> tuple[Tensor, Tensor]:
     """Chunked, checkpointed weighted SupCon; returns (loss, |P_i| per anchor [N])."""
@@ -258,7 +268,7 @@ def _supcon(where: str, z: Tensor, parts: tuple[Tensor, ...], coefs: tuple[float
     total_pos = int(counts.sum())
     if total_pos == 0:
         return z.sum() * 0 + a.sum() * 0, counts
-    use_ckpt = torch.is_grad_enabled() and (z.requires_grad or a.requires_grad)
+    use_ckpt = _checkpointed(z, a)
     pieces = []
     for i in range(0, n, chunk):
         args = (a[i:i + chunk], z, neg_mask[i:i + chunk], *(p[i:i + chunk] for p in parts))
@@ -366,7 +376,7 @@ def released_supcon_per_image(z: Tensor, pos_ag: Tensor, pos_sp: Tensor | None, 
         _fail("released_supcon_per_image", f"tau must be > 0, got {tau}")
     use_sp = pos_sp is not None and lam > 0
     kept = pos_ag.any(dim=1)  # released (3)
-    use_ckpt = torch.is_grad_enabled() and (z.requires_grad or a.requires_grad)
+    use_ckpt = _checkpointed(z, a)
     cols = torch.arange(total, device=z.device)
     losses = []
     for start in range(0, total, n):
