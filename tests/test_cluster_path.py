@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_jobs import BIN, ROOT, free_port, mlflow_server, s3_synth, stop, wait_for, wait_for_job_agent  # noqa: F401
+from tests.test_jobs import (BIN, ROOT, SERVER_START_S, free_port, mlflow_server, s3_synth, stop, wait_for,  # noqa: F401
+                             wait_for_job_agent)
 
 SPACE = """
 metric: view_nmi
@@ -65,7 +66,7 @@ def two_nodes(tmp_path_factory, s3_server):
                  "--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats", *ports()],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True))
         address = f"http://127.0.0.1:{dashboard}"
-        wait_for(f"{address}/api/version", 120, procs[0], logs / "head.log")
+        wait_for(f"{address}/api/version", SERVER_START_S, procs[0], logs / "head.log")
         with open(logs / "node.log", "w") as out:
             procs.append(subprocess.Popen(
                 [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1",

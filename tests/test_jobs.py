@@ -26,6 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# How long a server started by a test may take to answer: minutes on a shared 2-core machine under load
+# (an MLflow server took over 120 s beside a quality run); one that never answers still fails the test.
+SERVER_START_S = 300
+
+
 def wait_for(url: str, seconds: float, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -83,7 +88,7 @@ def mlflow_server(tmp_path_factory, s3_server):
              "--artifacts-destination", "s3://mlflow/artifacts", "--host", "127.0.0.1", "--port", str(port),
              "--workers", "1"], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        wait_for(f"http://127.0.0.1:{port}/health", 120, proc, log)
+        wait_for(f"http://127.0.0.1:{port}/health", SERVER_START_S, proc, log)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
@@ -109,7 +114,7 @@ def ray_head(tmp_path_factory, s3_server):
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dashboard}"
-        wait_for(f"{address}/api/version", 120, proc, log)
+        wait_for(f"{address}/api/version", SERVER_START_S, proc, log)
         wait_for_job_agent(address, 120)
         yield address, Path(temp_dir)
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_jobs import free_port, wait_for
+from tests.test_jobs import SERVER_START_S, free_port, wait_for
 from tests.test_local import small_config
 
 BIN = Path(sys.executable).parent
@@ -54,7 +54,7 @@ class MlflowServer:
                  "--artifacts-destination", f"{self.folder}/artifacts", "--host", "127.0.0.1",
                  "--port", str(self.port), "--workers", "1"],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(f"{self.uri}/health", 120, self.proc, log)
+        wait_for(f"{self.uri}/health", SERVER_START_S, self.proc, log)
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, 9)
