@@ -41,7 +41,8 @@ Intel AVX-512 CPU has it from 16 x 1, MKL on an AMD AVX2 CPU only from 12 column
 on the machine itself, once per (device, C, chunk, M, threads), on random operands of those shapes
 (:func:`recheck_is_exact`); where it fails the selection computes every product in fp32 (the fp32 path's
 decisions, at its speed) and ``stats["fallback"]`` says so. On CUDA that check covers cuBLAS; the fp32
-accumulation of bf16 tensor cores within the bound above is an assumption not yet checked on a GPU. Memory: the products of a chunk (chunk x columns floats, as in the fp32
+accumulation of bf16 tensor cores within the bound above is an assumption not yet checked on a GPU.
+Memory: the products of a chunk (chunk x columns floats, as in the fp32
 path), the re-check's gathered columns and results (each at most as many floats) and bool masks.
 """
 from __future__ import annotations
