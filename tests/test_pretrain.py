@@ -9,7 +9,8 @@ from mlflow.tracking import MlflowClient
 
 from raysseg.core.backbones import build_backbone
 from raysseg.config import ConfigError, load_config
-from raysseg.methods.moco.core import MoCo, info_nce, two_crops
+from raysseg.methods.moco.core import (MoCo, ViewGeometry, dense_info_nce, info_nce, two_crops,
+                                      view_correspondence)
 
 
 def test_pooled_shapes():
@@ -50,6 +51,74 @@ def test_info_nce_matches_a_hand_computation():
     assert float(small.detach()) < 1e-6 and k2.grad is None and q2.grad is not None
 
 
+def test_pooled_and_features_is_pooled_and_forward_in_one_pass():
+    torch.manual_seed(0)
+    for name in ("resnet18_fpn", "vit_small_patch16"):
+        backbone = build_backbone(name, frozen=True)
+        x = torch.randn(2, 3, 64, 32)
+        with torch.no_grad():
+            pooled, features = backbone.pooled_and_features(x)
+            assert torch.allclose(pooled, backbone.pooled(x), atol=1e-5), name
+            assert torch.allclose(features, backbone(x).features, atol=1e-5), name
+
+
+def test_view_correspondence_maps_points_through_the_crops():
+    full = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    no, yes = torch.tensor([False]), torch.tensor([True])
+    # the same crop: every point matches itself
+    pq, pk, valid = view_correspondence(ViewGeometry(full, no, full, no), grid=2)
+    assert torch.allclose(pq[0], torch.tensor([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]]))
+    assert torch.allclose(pk, pq) and bool(valid.all())
+    # the key view mirrored: x changes sign
+    _, pk, valid = view_correspondence(ViewGeometry(full, no, full, yes), grid=2)
+    assert torch.allclose(pk[0], torch.tensor([[0.5, -0.5], [-0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]]))
+    # the key view is the right half of the image: the left column (image x 1/4) is outside it,
+    # the right column (image x 3/4) is the key view's centre column
+    right = torch.tensor([[0.5, 0.0, 1.0, 1.0]])
+    _, pk, valid = view_correspondence(ViewGeometry(full, no, right, no), grid=2)
+    assert valid.tolist() == [[False, True, False, True]]
+    assert torch.allclose(pk[0, [1, 3]], torch.tensor([[0.0, -0.5], [0.0, 0.5]]))
+    assert torch.allclose(pk[0, [0, 2], 0], torch.tensor([-2.0, -2.0]))
+    # the points read the same image content in both views (a crop of a linear ramp)
+    from raysseg.core.augment import crop_resize, random_boxes
+    g = torch.Generator().manual_seed(1)
+    ramp = torch.linspace(0, 1, 64)
+    image = torch.stack([ramp[None, :].expand(64, 64), ramp[:, None].expand(64, 64)])[None].expand(3, -1, -1, -1)
+    geometry = ViewGeometry(random_boxes(3, g, (0.3, 1.0)), torch.tensor([True, False, True]),
+                            random_boxes(3, g, (0.3, 1.0)), torch.tensor([False, False, True]))
+    views = [crop_resize(image, geometry.boxes_q, (32, 32), geometry.flips_q),
+             crop_resize(image, geometry.boxes_k, (32, 32), geometry.flips_k)]
+    pq, pk, valid = view_correspondence(geometry, grid=4)
+    from raysseg.methods.moco.core import sample_points
+    at_q, at_k = sample_points(views[0], pq), sample_points(views[1], pk)
+    assert bool(valid.any()) and torch.allclose(at_q[valid], at_k[valid], atol=2e-2)
+
+
+def test_dense_info_nce_matches_a_slow_loop():
+    g = torch.Generator().manual_seed(0)
+    n, k_images, m, p, t = 2, 3, 4, 5, 0.3
+    q = F.normalize(torch.randn(n, m, p, generator=g), dim=-1)
+    keys = F.normalize(torch.randn(k_images, m, p, generator=g), dim=-1)
+    valid = torch.rand(n, m, generator=g) > 0.3
+    key_valid = torch.rand(k_images, m, generator=g) > 0.2
+    own = torch.tensor([1, 2])  # this worker's images are rows 1 and 2 of every worker's keys
+    losses = []
+    for i in range(n):
+        for j in range(m):
+            if not valid[i, j]:
+                continue
+            pos = float(q[i, j] @ keys[own[i], j]) / t
+            negs = [float(q[i, j] @ keys[a, b]) / t for a in range(k_images) for b in range(m)
+                    if a != own[i] and key_valid[a, b]]
+            losses.append(-pos + np.log(np.exp(pos) + np.sum(np.exp(negs))))
+    got = dense_info_nce(q, valid, keys, key_valid, own, t)
+    assert float(got) == pytest.approx(np.mean(losses), abs=1e-5)
+    none = dense_info_nce(q.requires_grad_(True), torch.zeros(n, m, dtype=torch.bool), keys, key_valid, own, t)
+    assert float(none) == 0.0 and none.requires_grad
+    with pytest.raises(ValueError, match="own"):
+        dense_info_nce(q, valid, keys, key_valid, own[:1], t)
+
+
 def test_queue_is_a_ring_buffer():
     moco = MoCo(build_backbone("resnet18_fpn", frozen=False), proj_dim=2, queue_size=5, seed=3)
     again = MoCo(build_backbone("resnet18_fpn", frozen=False), proj_dim=2, queue_size=5, seed=3)
@@ -78,9 +147,9 @@ def test_two_crops_and_one_training_step(synth_data, tmp_path):
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 48, 48, 3), dtype=torch.uint8, generator=g)
-    a, b = two_crops(images, g, 32, (0.2, 1.0))
+    a, b, geometry = two_crops(images, g, 32, (0.2, 1.0))
     assert a.shape == b.shape == (4, 3, 32, 32) and not torch.allclose(a, b)
-    a2, _ = two_crops(images, torch.Generator().manual_seed(0), 32, (0.2, 1.0))
+    assert geometry.boxes_q.shape == (4, 4) and geometry.flips_k.shape == (4,)
     g0 = torch.Generator().manual_seed(0)
     torch.randint(0, 256, (4, 48, 48, 3), dtype=torch.uint8, generator=g0)
     assert torch.allclose(two_crops(images, g0, 32, (0.2, 1.0))[0], a)  # all randomness from the generator
@@ -109,6 +178,36 @@ def test_two_crops_and_one_training_step(synth_data, tmp_path):
     assert torch.equal(loaded.trunk.conv1.weight, after[name])
 
 
+def test_a_step_with_the_dense_term_trains_the_fpn_and_saves_it(synth_data, tmp_path):
+    from raysseg.core.backbones import BackboneWeightsError
+    from raysseg.methods.base import TrainContext
+    from raysseg.methods.moco.trainer import MoCoTrainer
+    from raysseg.runtime.pretrain import backbone_state
+
+    cfg = load_config("kmeans_synth", [f"data.train={synth_data}/train", "model.backbone=resnet18_fpn",
+                                       "data.image_size=32", "pretrain.queue=8", "pretrain.batch_size=4",
+                                       "pretrain.dense_weight=0.5", "pretrain.dense_grid=3"])
+    torch.manual_seed(0)
+    moco = MoCo(build_backbone("resnet18_fpn", frozen=False, fpn_dim=32), 16, 8, 0.9, 0.2, dense_weight=0.5).train()
+    moco.sync_key_encoder()
+    assert all(p.requires_grad for p in moco.encoder_q.backbone.fpn.parameters())
+    trainer = MoCoTrainer(cfg, moco, TrainContext(rank=0, world=1, device=torch.device("cpu"), shared=None, total_steps=4))
+    before = {k: v.clone() for k, v in moco.state_dict().items()}
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    stats = trainer.step(images.numpy(), np.ones(4, np.float32), step=0)
+    assert np.isfinite(stats["dense_loss"]) and 0 < stats["dense_points"] <= 1
+    after = moco.state_dict()
+    for name in ("encoder_q.backbone.fpn.laterals.0.weight", "encoder_q.dense_projector.net.0.weight"):
+        assert not torch.equal(after[name], before[name]), name
+    state = backbone_state(after, "resnet18_fpn", with_fpn=True)
+    assert any(k.startswith("fpn.") for k in state) and not any("projector" in k for k in state)
+    torch.save(state, tmp_path / "b.pt")
+    loaded = build_backbone("resnet18_fpn", weights=str(tmp_path / "b.pt"), fpn_dim=32)
+    assert torch.equal(loaded.fpn.laterals[0].weight, after["encoder_q.backbone.fpn.laterals.0.weight"])
+    with pytest.raises(BackboneWeightsError, match="an FPN of 32 channels .* set model.fpn_dim=32"):
+        build_backbone("resnet18_fpn", weights=str(tmp_path / "b.pt"), fpn_dim=64)
+
+
 def test_inputs_are_checked_before_ray(tmp_path, synth_data):
     from raysseg.runtime.pretrain import check_pretrain_inputs, pretrain_run_name
 
@@ -125,6 +224,12 @@ def test_inputs_are_checked_before_ray(tmp_path, synth_data):
     assert pretrain_run_name(load_config("kmeans_synth", [f"data.train={synth_data}/train", "pretrain.batch_size=8",
                                                           "eval.crf=false", "method=hp"])) == name
     assert pretrain_run_name(load_config("kmeans_synth", [f"data.train={synth_data}/train", "pretrain.lr=0.1"])) != name
+    base = [f"data.train={synth_data}/train", "pretrain.batch_size=8"]
+    # the dense term's settings were added later: at their default (or unused) they leave the name alone
+    assert pretrain_run_name(load_config("kmeans_synth", base + ["pretrain.dense_grid=5"])) == name
+    dense = pretrain_run_name(load_config("kmeans_synth", base + ["pretrain.dense_weight=0.5"]))
+    assert dense != name
+    assert pretrain_run_name(load_config("kmeans_synth", base + ["pretrain.dense_weight=0.5", "pretrain.dense_grid=5"])) != dense
 
 
 @pytest.mark.slow  # ~40 s; the step is checked in process above, the Ray path is the one training uses
@@ -171,3 +276,23 @@ def test_two_workers_pretrain_a_resnet_and_its_backbone_loads(tmp_path, ray_loca
     cli.main(args)
     out = capsys.readouterr().out
     assert "already finished" in out and f"backbone: {result.backbone}" in out
+
+
+@pytest.mark.slow  # ~40 s: the dense term across 2 workers (shuffled keys, every worker's key points)
+def test_two_workers_pretrain_with_the_dense_term_and_save_the_fpn(tmp_path, ray_local, synth_data):
+    from raysseg.runtime.pretrain import pretrain
+
+    cfg = load_config("kmeans_synth", [
+        f"data.train={synth_data}/train", "data.image_size=64", f"train.storage={tmp_path}/runs",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlruns.db", "train.num_workers=2", "model.backbone=resnet18_fpn",
+        "model.fpn_dim=32", "pretrain.epochs=1", "pretrain.batch_size=2", "pretrain.queue=6", "pretrain.proj_dim=16",
+        "pretrain.crop_size=32", "pretrain.dense_weight=0.5", "pretrain.dense_grid=3", "train.log_every=1",
+    ])
+    result = pretrain(cfg)
+    digests = result.metrics["queue_sha1_by_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert np.isfinite(run.data.metrics["train/dense_loss"]) and run.data.params["pretrain.dense_weight"] == "0.5"
+    saved = torch.load(result.backbone, weights_only=True)  # the FPN is saved (it trains: the step test above)
+    loaded = build_backbone("resnet18_fpn", weights=result.backbone, fpn_dim=32)
+    assert torch.equal(loaded.fpn.laterals[3].weight, saved["fpn.laterals.3.weight"])

@@ -143,12 +143,15 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor, with_attention: bool = False) -> BackboneOutput:
         """x: ImageNet-normalised [B, 3, H, W] with H, W divisible by ``stride``."""
+        self._check_input(x)
+        return self._features(x, with_attention)
+
+    def _check_input(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % self.stride or x.shape[3] % self.stride:
             raise BackboneError(
                 f"backbone {self.name} needs images [B, 3, H, W] with H and W divisible by "
                 f"{self.stride}, got {tuple(x.shape)}; resize or crop the input"
             )
-        return self._features(x, with_attention)
 
     def _features(self, x: Tensor, with_attention: bool) -> BackboneOutput:
         raise NotImplementedError
@@ -161,18 +164,25 @@ class Backbone(nn.Module):
         ResNet: global average pool of the trunk's last stage (layer4; the FPN is not used);
         ViT: mean of the final-normed patch tokens (prefix tokens excluded). Used by MoCo
         pretraining and by image-level pseudo labels."""
-        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % self.stride or x.shape[3] % self.stride:
-            raise BackboneError(
-                f"backbone {self.name} needs images [B, 3, H, W] with H and W divisible by "
-                f"{self.stride}, got {tuple(x.shape)}; resize or crop the input"
-            )
+        self._check_input(x)
+        return self._pooled(x, with_features=False)[0]
+
+    def pooled_and_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``pooled`` and ``forward``'s feature map [B, dim, H/stride, W/stride] from one trunk pass."""
+        self._check_input(x)
+        return self._pooled(x, with_features=True)
+
+    def _pooled(self, x: Tensor, with_features: bool) -> tuple[Tensor, Tensor | None]:
         if isinstance(self, ViTBackbone):
             tokens, _ = self.forward_tokens(x)
-            return tokens[:, self.num_prefix_tokens:].mean(dim=1)
-        t = self.trunk
-        x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
-        x = t.layer4(t.layer3(t.layer2(t.layer1(x))))
-        return x.mean(dim=(2, 3))
+            patches = tokens[:, self.num_prefix_tokens:]
+            features = None
+            if with_features:
+                h, w = x.shape[2] // self.stride, x.shape[3] // self.stride
+                features = patches.reshape(x.shape[0], h, w, self.dim).permute(0, 3, 1, 2)
+            return patches.mean(dim=1), features
+        stages = self.stages(x)
+        return stages[-1].mean(dim=(2, 3)), (self.fpn(stages) if with_features else None)
 
 
 class ViTBackbone(Backbone):
@@ -247,13 +257,17 @@ class ResNetFPNBackbone(Backbone):
             raise BackboneError(
                 f"backbone {self.name} has no attention; use a ViT backbone or with_attention=False"
             )
+        return BackboneOutput(features=self.fpn(self.stages(x)))
+
+    def stages(self, x: Tensor) -> list[Tensor]:
+        """The trunk's four stage outputs, finest first."""
         t = self.trunk
         x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
         stages = []
         for layer in (t.layer1, t.layer2, t.layer3, t.layer4):
             x = layer(x)
             stages.append(x)
-        return BackboneOutput(features=self.fpn(stages))
+        return stages
 
 
 def build_backbone(
@@ -386,6 +400,12 @@ def load_backbone_weights(module: Backbone, uri: str, name: str, read_bytes=None
         for k, v in state.items()
         if k in expected and v.shape != expected[k].shape
     ]
+    if mismatched and not missing and not unexpected and all(m.startswith("fpn.") for m in mismatched):
+        trained = int(state["fpn.laterals.0.weight"].shape[0])
+        raise BackboneWeightsError(
+            f"weights {uri} hold an FPN of {trained} channels (trained by `raysseg pretrain` with its dense term) "
+            f"but model.fpn_dim is {int(expected['fpn.laterals.0.weight'].shape[0])}; set model.fpn_dim={trained}"
+        )
     if missing or unexpected or mismatched:
         problems = []
         if missing:

@@ -40,6 +40,7 @@ import torch
 from raysseg.config import Config, ConfigError
 from raysseg.core.geometry import patch_size
 from raysseg.engine.loop import PRETRAIN_FILE as STATE_FILE
+from raysseg.methods.moco.spec import ADDED_PRETRAIN_SETTINGS
 from raysseg.methods.moco.trainer import crop_size
 
 BACKBONE_FILE = "backbone.pt"
@@ -67,6 +68,11 @@ def pretrain_settings(cfg: Config) -> dict:
             "train.seed", "train.num_workers", "train.use_gpu"]
     settings = {k: flat[k] for k in keys}
     settings.update({k: v for k, v in flat.items() if k.startswith("pretrain.")})
+    if settings["pretrain.dense_weight"] == 0:
+        settings.pop("pretrain.dense_grid")  # unused without the dense term
+    for key, default in ADDED_PRETRAIN_SETTINGS.items():  # older runs keep their names
+        if settings.get(key) == default:
+            settings.pop(key)
     return settings
 
 
@@ -109,13 +115,15 @@ def backbone_uri(cfg: Config, run_name: str) -> str:
     return str(Path(cfg.train.storage).resolve() / run_name / BACKBONE_FILE)
 
 
-def backbone_state(moco_state: dict, backbone_name: str) -> dict:
+def backbone_state(moco_state: dict, backbone_name: str, with_fpn: bool = False) -> dict:
     """The query encoder's backbone as a plain state dict (``trunk.*`` for ResNets, ``vit.*`` for ViTs),
-    loadable by :func:`raysseg.core.backbones.build_backbone` ``(name, weights=...)``."""
+    loadable by :func:`raysseg.core.backbones.build_backbone` ``(name, weights=...)``. A ResNet's FPN
+    (``fpn.*``) is kept only ``with_fpn`` (trained by the dense term; then it loads into the same
+    ``model.fpn_dim`` only); without it any fpn_dim loads the trunk."""
     prefix = "encoder_q.backbone."
     state = {k[len(prefix):]: v.detach().cpu().clone() for k, v in moco_state.items() if k.startswith(prefix)}
-    if not backbone_name.startswith("vit"):
-        state = {k: v for k, v in state.items() if not k.startswith("fpn.")}  # untrained by MoCo; any fpn_dim loads
+    if not backbone_name.startswith("vit") and not with_fpn:
+        state = {k: v for k, v in state.items() if not k.startswith("fpn.")}
     return state
 
 
@@ -191,7 +199,7 @@ def _pretrain(cfg: Config, n_images: int, run_name: str, uri: str, restart: bool
     with result.checkpoint.as_directory() as local:
         state = torch.load(Path(local) / STATE_FILE, map_location="cpu", weights_only=False)
     buf = io.BytesIO()
-    torch.save(backbone_state(state["moco"], cfg.model.backbone), buf)
+    torch.save(backbone_state(state["moco"], cfg.model.backbone, with_fpn=cfg.pretrain.dense_weight > 0), buf)
     try:
         storage.write_bytes_atomic(out_uri, buf.getvalue())
         with tempfile.TemporaryDirectory() as tmp:

@@ -19,6 +19,13 @@ class PretrainConfig:
     proj_dim: int = setting(128, lo=2)
     crop_size: int = setting(0, lo=0, help="training crop side; 0 = data.image_size")
     crop_scale_min: float = setting(0.2, lo=0.01, hi=1.0)
+    dense_weight: float = setting(0.0, lo=0.0, hi=1.0, help="weight of the dense term (DenseCL's 0.5; 0 = MoCo v2 "
+                                                            "alone); with it a ResNet's FPN trains and is saved")
+    dense_grid: int = setting(7, lo=1, hi=64, help="the dense term reads G x G points of each query view")
+
+
+# Added after runs were named: a pretraining run's name hashes them only away from these defaults.
+ADDED_PRETRAIN_SETTINGS = {"pretrain.dense_weight": 0.0, "pretrain.dense_grid": 7}
 
 
 # Its trainer (trainer.py: MoCoTrainer) is run by raysseg.engine.loop.pretrain_worker, not train_worker.

@@ -9,7 +9,7 @@ import torch
 from raysseg.core.device import Uploader, as_input
 from raysseg.core.distributed import gather_tensor, optimizer_step, process_group
 from raysseg.methods.base import TrainContext
-from raysseg.methods.moco.core import moco_logits, two_crops
+from raysseg.methods.moco.core import dense_info_nce, moco_logits, two_crops, view_correspondence
 
 SGD_MOMENTUM = 0.9
 
@@ -25,7 +25,8 @@ def build_moco(cfg, device, read_bytes=None):
     resnet = not cfg.model.backbone.startswith("vit")
     backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights or None, frozen=False,
                               fpn_dim=cfg.model.fpn_dim if resnet else None, read_bytes=read_bytes)
-    moco = MoCo(backbone, pc.proj_dim, pc.queue, pc.momentum, pc.temperature, seed=cfg.train.seed).to(device)
+    moco = MoCo(backbone, pc.proj_dim, pc.queue, pc.momentum, pc.temperature, seed=cfg.train.seed,
+                dense_weight=pc.dense_weight).to(device)
     prepare_model(moco, device, cfg.model.backbone, compile_model=False)
     return moco.train()
 
@@ -70,23 +71,31 @@ class MoCoTrainer:
             self.scaler.load_state_dict(state["scaler"])
 
     @torch.no_grad()
-    def _keys(self, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this rank's keys (B, P), every rank's keys in rank order (W*B, P)); shuffle-BN when W > 1."""
+    def _keys(self, x_k: torch.Tensor, points: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Every rank's keys in rank order, shuffle-BN when W > 1: [global keys (W*B, P)] and, given this
+        rank's key-view points (B, M, 2), [..., dense keys at them (W*B, M, P)]."""
         dist = process_group()
         encoder = self.moco.encoder_k
         if dist is None or self.world == 1:
-            k = encoder(x_k)
-            return k, k
-        b = x_k.shape[0]
+            out = encoder(x_k, points)
+            return list(out) if points is not None else [out]
         everything = gather_tensor(x_k)  # (W*B, 3, S, S)
         perm = torch.randperm(everything.shape[0], generator=self.generator, device=self.generator.device)
         perm = perm.to(x_k.device)
         dist.broadcast(perm, src=0)  # rank 0's permutation for everyone
+        b = x_k.shape[0]
         mine = perm[self.rank * b:(self.rank + 1) * b]
-        shuffled = gather_tensor(encoder(everything[mine]))  # row j: key of image perm[j]
-        keys = torch.empty_like(shuffled)
-        keys[perm] = shuffled
-        return keys[self.rank * b:(self.rank + 1) * b], keys
+        if points is None:
+            outs = [encoder(everything[mine])]
+        else:
+            outs = list(encoder(everything[mine], gather_tensor(points)[mine]))
+        keys = []
+        for out in outs:
+            shuffled = gather_tensor(out)  # row j: key of image perm[j]
+            unshuffled = torch.empty_like(shuffled)
+            unshuffled[perm] = shuffled
+            keys.append(unshuffled)
+        return keys
 
     def step(self, images: np.ndarray, weight: np.ndarray, step: int) -> dict[str, float]:
         """One iteration. images: uint8 (B, S, S, 3), B the same on every rank; weight: (B,) 1 for
@@ -95,22 +104,34 @@ class MoCoTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         w = torch.from_numpy(np.asarray(weight, np.float32)).to(self.device)
-        x_q, x_k = two_crops(self.upload(images), self.generator, self.size, self.scale)
-        backbone = self.cfg.model.backbone
+        x_q, x_k, geometry = two_crops(self.upload(images), self.generator, self.size, self.scale)
+        backbone, dense = self.cfg.model.backbone, self.moco.dense_weight > 0
+        points_q, points_k, valid = view_correspondence(geometry, self.cfg.pretrain.dense_grid) if dense else (None,) * 3
+        mine = slice(self.rank * len(w), (self.rank + 1) * len(w))
         with self.precision.autocast():
-            q = self.query(as_input(x_q, backbone))
+            out = self.query(as_input(x_q, backbone), points_q)
+            q, q_dense = out if dense else (out, None)
             with torch.no_grad():
                 self.moco.momentum_update()
-                k, all_keys = self._keys(as_input(x_k, backbone))
+                keys = self._keys(as_input(x_k, backbone), points_k)
+                all_keys, k = keys[0], keys[0][mine]
                 all_w = gather_tensor(w)
             per_row = self.moco.loss(q, k, reduction="none")
         loss = (per_row.float() * w).sum() / w.sum().clamp(min=1.0)
+        stats = {}
+        if dense:
+            real_points = valid & (w[:, None] > 0)
+            key_valid = gather_tensor(real_points.float()) > 0
+            own = torch.arange(mine.start, mine.stop, device=self.device)
+            dense_loss = dense_info_nce(q_dense, real_points, keys[1], key_valid, own, self.moco.temperature)
+            loss = (1 - self.moco.dense_weight) * loss + self.moco.dense_weight * dense_loss
+            stats = {"dense_loss": float(dense_loss), "dense_points": float(real_points.float().mean())}
         optimizer_step(loss, self.optimizer, step, "pretrain.lr", self.cfg.pretrain.lr, scaler=self.scaler)
         with torch.no_grad():
             logits = moco_logits(q.detach().float(), k.float(), self.moco.queue)
             real = w > 0
             n_real = max(int(real.sum()), 1)
-            stats = {
+            stats |= {
                 "loss": float(loss),
                 "pos_logit": float(logits[real, 0].sum()) / n_real / self.moco.temperature,
                 "neg_logit": float(logits[real, 1:].mean(dim=1).sum()) / n_real / self.moco.temperature,
