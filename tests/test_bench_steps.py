@@ -31,3 +31,27 @@ def test_gpu_benchmark_cpu_mode_runs_without_ray_mlflow_faiss(tmp_path):
     for row in rows[1:]:
         cells = row.strip("| ").split(" | ")
         assert float(cells[4]) > 0 and "nan" not in row, row  # images/s, and every FLOP/s share computed
+
+
+def test_the_steps_can_run_on_a_folder_of_images(tmp_path, capsys):
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from raysseg.apps import cli
+    from raysseg.apps.bench_steps import folder_images, step_benchmark
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    ramp = np.tile(np.arange(60, dtype=np.uint8)[None, :, None], (40, 1, 3))  # 40 x 60, brighter to the right
+    Image.fromarray(ramp).save(tmp_path / "images" / "a" / "1.png")
+    Image.fromarray(255 - ramp).save(tmp_path / "images" / "0.jpg")
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    images = folder_images(str(tmp_path), 8, 20)  # short side 40 -> 20, then the centre 20 x 20 of 20 x 30
+    assert images.shape == (2, 20, 20, 3) and images.dtype == np.uint8
+    assert images[1, 0, 0, 0] < images[1, 0, -1, 0]  # sorted paths: 0.jpg first, then a/1.png, its ramp kept
+    assert abs(int(images[1, 0, 10, 0]) - 30) <= 3  # the centre column of the 60-wide ramp
+    result = step_benchmark("hp", "cpu", "fp32", ["train.batch_size=2"], steps=1, warmup=1, scenes=str(tmp_path))
+    assert result.step_gflop > 0
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["bench", "demand", "--method", "hp", "--scenes", str(tmp_path / "images" / "a" / "none")])
+    assert stop.value.code == 2 and "--scenes" in capsys.readouterr().err

@@ -11,11 +11,14 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from raysseg.core.device import clock
 from raysseg.core.machine import count_flops, count_flops_split, describe
+from raysseg.settings import ConfigError
 
 # The papers' settings per GPU (one worker = one GPU): the configs users run, at their batch and size.
 PAPER_SETTINGS = {
@@ -118,9 +121,35 @@ def _config(name: str, overrides: list[str]):
                               *overrides])
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def folder_images(folder: str, n: int, size: int) -> np.ndarray:
+    """The first ``n`` images (sorted paths) under a local folder (its ``images/`` if it has one), each resized to
+    a short side of ``size`` and centre-cropped: uint8 (m, size, size, 3), m <= n. Torch-only machines: PIL, no Ray."""
+    from PIL import Image
+
+    root = Path(folder)
+    root = root / "images" if (root / "images").is_dir() else root
+    paths = sorted(q for q in root.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)[:n]
+    if not paths:
+        raise ConfigError(f"--scenes {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}; "
+                          "point it at a folder of images or a split with an images/ folder")
+    out = []
+    for path in paths:
+        image = Image.open(path).convert("RGB")
+        scale = size / min(image.size)
+        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        image = image.resize((w, h), Image.BILINEAR)
+        left, top = (w - size) // 2, (h - size) // 2
+        out.append(np.asarray(image.crop((left, top, left + size, top + size))))
+    return np.stack(out)
+
+
 def step_benchmark(method: str, device: str, precision: str, overrides: list[str], steps: int = 8, warmup: int = 2,
-                   paper: bool = False) -> StepResult:
-    """Time ``steps`` training steps of ``method`` (after ``warmup`` steps) on synthetic scenes."""
+                   paper: bool = False, scenes: str = "") -> StepResult:
+    """Time ``steps`` training steps of ``method`` (after ``warmup`` steps) on synthetic scenes, or on the images
+    of the folder ``scenes``."""
     from raysseg.apps.synth import synth_images
     from raysseg.core.backbones import standardize
     from raysseg.core.device import peak_flops
@@ -132,9 +161,10 @@ def step_benchmark(method: str, device: str, precision: str, overrides: list[str
     dev = torch.device(device)
     prec = Precision(precision, dev.type)
     if method == "moco":
-        return _moco_benchmark(cfg, dev, prec, steps, warmup)
+        return _moco_benchmark(cfg, dev, prec, steps, warmup, scenes)
     size, batch = cfg.data.image_size, cfg.train.batch_size
-    images = synth_images(DISTINCT_IMAGES, size, seed=cfg.train.seed)
+    images = folder_images(scenes, DISTINCT_IMAGES, size) if scenes else synth_images(DISTINCT_IMAGES, size,
+                                                                                       seed=cfg.train.seed)
     n_rows = max(CLUSTER_ROWS if paper else CPU_CLUSTER_ROWS, batch, cfg.hp.pool_size if method == "hp" else 0)
     rig = build_rig(cfg, memory_rows(images, n_rows), dev, total_steps=steps + warmup)
     batches = rig.batches()
@@ -160,9 +190,8 @@ def step_benchmark(method: str, device: str, precision: str, overrides: list[str
     return result
 
 
-def _moco_benchmark(cfg, dev: torch.device, prec, steps: int, warmup: int) -> StepResult:
-    """MoCo v2 steps (query and key encoders on two crops, queue) on synthetic scenes."""
-    import numpy as np
+def _moco_benchmark(cfg, dev: torch.device, prec, steps: int, warmup: int, scenes: str = "") -> StepResult:
+    """MoCo v2 steps (query and key encoders on two crops, queue) on synthetic scenes or ``scenes``' images."""
 
     from raysseg.apps.synth import synth_images
     from raysseg.core.backbones import standardize
@@ -180,7 +209,8 @@ def _moco_benchmark(cfg, dev: torch.device, prec, steps: int, warmup: int) -> St
                        precision=prec)
     trainer = MoCoTrainer(cfg, moco, ctx)
     size = crop_size(cfg)
-    images = synth_images(min(DISTINCT_IMAGES, pc.batch_size), max(size, cfg.data.image_size), seed=cfg.train.seed)
+    side, n = max(size, cfg.data.image_size), min(DISTINCT_IMAGES, pc.batch_size)
+    images = folder_images(scenes, n, side) if scenes else synth_images(n, side, seed=cfg.train.seed)
     batch = images[np.arange(pc.batch_size) % len(images)]
     weight = np.ones(pc.batch_size, np.float32)
     for i in range(warmup):
@@ -214,12 +244,12 @@ def table(title: str, results: list[StepResult]) -> str:
 
 
 def bench_step_local(method: str, device: str, precision: str, steps: int, paper: bool = False,
-                     overrides: list[str] = ()) -> str:
+                     overrides: list[str] = (), scenes: str = "") -> str:
     """``raysseg bench step --local``: one method's step in this process (CPU-sized unless ``paper``;
-    ``overrides`` are ``key=value`` settings on top)."""
-    result = step_benchmark(method, device, precision, list(overrides), steps=steps, paper=paper)
-    return table(f"{method} training step in process ({'papers settings' if paper else 'CPU settings'}), "
-                 f"median of {steps} steps", [result])
+    ``overrides`` are ``key=value`` settings on top; ``scenes``: a folder of images instead of synthetic scenes)."""
+    result = step_benchmark(method, device, precision, list(overrides), steps=steps, paper=paper, scenes=scenes)
+    return table(f"{method} training step in process ({'papers settings' if paper else 'CPU settings'}"
+                 f"{', images of ' + scenes if scenes else ''}), median of {steps} steps", [result])
 
 
 def bench_gpu(device: str = "cuda", precisions=("fp32", "bf16"), methods=tuple(PAPER_SETTINGS), steps: int = 8,
@@ -244,11 +274,11 @@ def bench_gpu(device: str = "cuda", precisions=("fp32", "bf16"), methods=tuple(P
                  f"median of {steps} steps", results)
 
 
-def step_gflop(method: str, batch: int, overrides: list[str]) -> tuple[float, float]:
+def step_gflop(method: str, batch: int, overrides: list[str], scenes: str = "") -> tuple[float, float]:
     """GFLOP of one training step of ``method`` at the papers' settings with ``batch`` images, counted on the CPU,
     and how many of them run in exact fp32."""
     result = step_benchmark(method, "cpu", "fp32", [f"train.batch_size={batch}", f"pretrain.batch_size={batch}",
-                                                    *overrides], steps=1, warmup=1, paper=True)
+                                                    *overrides], steps=1, warmup=1, paper=True, scenes=scenes)
     return result.step_gflop, result.step_exact_gflop
 
 
@@ -257,20 +287,23 @@ def step_gflop(method: str, batch: int, overrides: list[str]) -> tuple[float, fl
 DEMAND_ROWS = {"hp": [["hp.selection=fp32"], ["hp.selection=bf16_recheck"], ["hp.selection=bf16x3_recheck"]]}
 
 
-def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utilisation: float = 0.4) -> str:
+def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utilisation: float = 0.4,
+                 methods: tuple[str, ...] = tuple(PAPER_SETTINGS), scenes: str = "") -> str:
     """Images/s one GPU would consume per method at the papers' settings, from FLOPs counted on the CPU.
 
     A step's FLOPs are counted at two small batches and fitted as a * B + b * B^2 (HP's selection and
     contrastive loss compare every patch of the batch with every other: quadratic in B), then taken at
     the papers' batch; the FLOPs in exact fp32 (decisions, :func:`raysseg.core.machine.count_flops_split`)
     are fitted apart. A step's time = utilisation x (tensor-core FLOPs / the GPU's dense bf16 peak + exact
-    fp32 FLOPs / its fp32 peak without tensor cores); defaults: H100 SXM / H200 datasheets, 989.4 and 67."""
+    fp32 FLOPs / its fp32 peak without tensor cores); defaults: H100 SXM / H200 datasheets, 989.4 and 67.
+    The steps run on synthetic scenes, or on the images of the folder ``scenes`` (HP's fp32 re-check of
+    ``bf16_recheck`` is data-dependent: it re-computes only the pairs near their thresholds)."""
     def at_paper_batch(f1: float, f2: float, b1: int, b2: int, batch: int) -> float:
         quad = (f2 / b2 - f1 / b1) / (b2 - b1)  # per-image FLOPs = a + b * B
         return f1 / b1 - quad * b1 + quad * batch
 
     rows = []
-    for method in PAPER_SETTINGS:
+    for method in methods:
         cfg = _config(PAPER_SETTINGS[method][0], PAPER_SETTINGS[method][1])
         paper_batch = cfg.pretrain.batch_size if method == "moco" else cfg.train.batch_size
         # HP: the pool's features cost B x M, not B^2 (a small pool), and the counted step is past the warm-up, so
@@ -278,7 +311,7 @@ def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utili
         small = ["hp.pool_size=64", "hp.warmup=0"] if method == "hp" else []
         for variant in DEMAND_ROWS.get(method, [[]]):
             b1, b2 = (2, 4)
-            (f1, e1), (f2, e2) = step_gflop(method, b1, small + variant), step_gflop(method, b2, small + variant)
+            (f1, e1), (f2, e2) = (step_gflop(method, b, small + variant, scenes) for b in (b1, b2))
             per_image, exact = at_paper_batch(f1, f2, b1, b2, paper_batch), at_paper_batch(e1, e2, b1, b2, paper_batch)
             seconds = (per_image - exact) / (gpu_tflops * 1e3) + exact / (gpu_fp32_tflops * 1e3)
             name = method + (f" ({', '.join(variant)})" if variant else "")
@@ -289,7 +322,8 @@ def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utili
     header = ["method", "papers batch", "GFLOP/image at B=2", "GFLOP/image at B=4", "GFLOP/image at the papers batch",
               "of which exact fp32", f"images/s per GPU at {100 * utilisation:.0f}% of {gpu_tflops:.0f} (bf16) "
               f"and {gpu_fp32_tflops:.0f} (fp32) TFLOP/s"]
-    lines = [f"### Demand: training images/s one GPU consumes (FLOPs of a step counted with torch.utils.flop_counter)",
+    on = f"the images of {scenes}" if scenes else "synthetic scenes"
+    lines = [f"### Demand: training images/s one GPU consumes (FLOPs of a step on {on}, torch.utils.flop_counter)",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
@@ -297,13 +331,14 @@ def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utili
 def main(args) -> None:
     """Print (and with ``args.out`` append to a file) the table of ``args.what``: ``step`` or ``gpu``."""
     device = args.device
+    scenes = getattr(args, "scenes", "") or ""
     if args.what == "demand":
-        text = bench_demand()
+        text = bench_demand(methods=(args.method,) if args.method else tuple(PAPER_SETTINGS), scenes=scenes)
     elif args.what == "gpu":
         text = bench_gpu(device=device, steps=args.steps, paper=torch.device(device).type == "cuda")
     else:
-        text = bench_step_local(args.method, device, args.precision, args.steps, paper=args.paper,
-                                overrides=args.set or [])
+        text = bench_step_local(args.method or "hp", device, args.precision, args.steps, paper=args.paper,
+                                overrides=args.set or [], scenes=scenes)
     print(text)
     if args.out:
         with open(args.out, "a") as f:

@@ -188,6 +188,7 @@ def cmd_bench(args) -> None:
         return
     if args.method == "moco":
         raise ConfigError("bench step --method moco runs in process only: add --local")
+    args.method = args.method or "hp"
     from raysseg.apps import bench
 
     bench.main(args)
@@ -346,8 +347,11 @@ def parser() -> argparse.ArgumentParser:
                          "demand: images/s a GPU would consume, from FLOPs counted on the CPU")
     sp.add_argument("--reports", default="outputs/*/*/report.json",
                     help="select: glob of `raysseg evaluate` reports whose checkpoints get a view_nmi")
-    sp.add_argument("--method", default="hp", choices=[*trained_methods(), "moco"],
-                    help="data, eval, step: the method to benchmark (default: hp)")
+    sp.add_argument("--method", default=None, choices=[*trained_methods(), "moco"],
+                    help="data, eval, step: the method to benchmark (default: hp); demand: only this method's rows")
+    sp.add_argument("--scenes", default="", metavar="FOLDER",
+                    help="step --local, demand: run the steps on this local folder's images instead of synthetic "
+                         "scenes (e.g. ../shared/data/camvid/train)")
     sp.add_argument("--local", action="store_true", help="step: in this process on synthetic scenes (no Ray)")
     sp.add_argument("--device", default="cpu", help="step --local, gpu: cpu or cuda")
     sp.add_argument("--precision", default="fp32", choices=PRECISIONS, help="step --local: train.precision")
