@@ -43,6 +43,12 @@ def test_each_method_is_paired_with_kmeans_on_its_own_backbone():
     moco = plan_runs(["pgg_camvid"], [0], ("model.weights=s3://b/runs/pgg_camvid-pretrain-54c00089/backbone.pt",))
     assert moco[0].label == "k-means (resnet18_fpn, 128 px, from pgg_camvid-pretrain-54c00089)"
     assert "model.weights=s3://b/runs/pgg_camvid-pretrain-54c00089/backbone.pt" in moco[0].overrides
+    # a k-means spec is only a baseline row: on pgg's backbone settings it is the very run pgg is paired with
+    alone = plan_runs(["kmeans_camvid+model.backbone=resnet18_fpn+data.image_size=128+kmeans.pixels_per_image=200"
+                       "+kmeans.n_clusters=11"],
+                      [0, 1], ())
+    assert [r.baseline for r in alone] == ["", ""] and alone[0].label == "k-means (resnet18_fpn, 128 px)"
+    assert alone[0].key == plan_runs(["pgg_camvid"], [0], ())[0].key
 
 
 def _scores(miou: float) -> dict:

@@ -111,7 +111,8 @@ def parse_config_spec(spec: str) -> tuple[str, tuple[str, ...]]:
 def plan_runs(configs: list[str], seeds: list[int], common: tuple[str, ...]) -> list[Run]:
     """Every method run and every baseline run (a baseline shared by methods on one backbone runs once).
 
-    ``configs`` are :func:`parse_config_spec` specs; a variant's row is labelled with its settings."""
+    ``configs`` are :func:`parse_config_spec` specs; a variant's row is labelled with its settings. A ``kmeans``
+    config is a baseline row only (e.g. to score a backbone: ``kmeans_camvid+model.backbone=resnet18_fpn``)."""
     from raysseg.config import load_config
 
     runs: list[Run] = []
@@ -124,8 +125,9 @@ def plan_runs(configs: list[str], seeds: list[int], common: tuple[str, ...]) -> 
         start = f", from {PurePosixPath(weights).parent.name or weights}" if weights else ""  # the pretraining run
         baseline = f"k-means ({cfg.model.backbone}, {cfg.data.image_size} px{start})"
         for seed in seeds:
-            for run in (Run(baseline, "kmeans_camvid", common + baseline_overrides(config, common + own), seed),
-                        Run(label, config, common + own, seed, baseline)):
+            pair = (Run(baseline, "kmeans_camvid", common + baseline_overrides(config, common + own), seed),
+                    Run(label, config, common + own, seed, baseline))
+            for run in pair[:1] if cfg.method == "kmeans" else pair:  # a k-means spec is its own baseline row
                 if run.key not in seen:
                     seen.add(run.key)
                     runs.append(run)
