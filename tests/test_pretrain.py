@@ -293,6 +293,7 @@ def test_two_workers_pretrain_with_the_dense_term_and_save_the_fpn(tmp_path, ray
     assert len(digests) == 2 and digests[0] == digests[1]
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert np.isfinite(run.data.metrics["train/dense_loss"]) and run.data.params["pretrain.dense_weight"] == "0.5"
+    assert np.isfinite(run.data.metrics["epoch/dense_loss"])
     saved = torch.load(result.backbone, weights_only=True)  # the FPN is saved (it trains: the step test above)
     loaded = build_backbone("resnet18_fpn", weights=result.backbone, fpn_dim=32)
     assert torch.equal(loaded.fpn.laterals[3].weight, saved["fpn.laterals.3.weight"])

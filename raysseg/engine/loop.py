@@ -362,6 +362,8 @@ def pretrain_worker(cfg, env: WorkerEnv, n_images: int) -> None:
         env.start_epoch(epoch)
         bar = Progress(steps_per_epoch, f"pretrain epoch {epoch + 1}/{pc.epochs}", cfg.train.log_every) if rank == 0 else None
         sums = {"loss": 0.0, "pos_logit": 0.0, "neg_logit": 0.0, "acc": 0.0}
+        if pc.dense_weight:
+            sums["dense_loss"] = 0.0
         n, bad_rows, t_epoch = 0, [], time.perf_counter()
         batches = shard.iter_batches(batch_size=pc.batch_size, batch_format="numpy", drop_last=True,
                                      local_shuffle_buffer_size=max(4 * pc.batch_size, 64))
@@ -394,7 +396,8 @@ def pretrain_worker(cfg, env: WorkerEnv, n_images: int) -> None:
             _log_metrics(logger, {f"epoch/{k}": v for k, v in metrics.items() if not isinstance(v, list)},
                          progress["step"])
             _log_skipped(logger, skipped)
-            print(f"[pretrain] epoch {epoch + 1}/{pc.epochs}: loss {metrics['loss']:.4f}, "
+            dense = f" (dense term {metrics['dense_loss']:.4f})" if "dense_loss" in metrics else ""
+            print(f"[pretrain] epoch {epoch + 1}/{pc.epochs}: loss {metrics['loss']:.4f}{dense}, "
                   f"top-1 {metrics['acc']:.3f}, {metrics['images_per_s']:.1f} images/s", flush=True)
         _save_pretrain(env, cfg, trainer, progress, metrics)
     if logger is not None:
