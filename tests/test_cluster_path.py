@@ -67,16 +67,21 @@ def two_nodes(tmp_path_factory, s3_server):
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True))
         address = f"http://127.0.0.1:{dashboard}"
         wait_for(f"{address}/api/version", SERVER_START_S, procs[0], logs / "head.log")
-        with open(logs / "node.log", "w") as out:
-            procs.append(subprocess.Popen(
-                [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1",
-                 "--num-cpus=1", "--disable-usage-stats", f"--node-manager-port={free_port()}",
-                 f"--object-manager-port={free_port()}", *ports()],
-                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        def start_node():
+            with open(logs / "node.log", "a") as out:
+                return subprocess.Popen(
+                    [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs_port}",
+                     "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats",
+                     f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}", *ports()],
+                    stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+        procs.append(start_node())
         cluster = Cluster(address, f"127.0.0.1:{gcs_port}", Path(temp_dir))
-        deadline = time.time() + 120
+        deadline = time.time() + SERVER_START_S
         while cluster.cpus() < 2:
             assert time.time() < deadline, (logs / "node.log").read_text()[-3000:]
+            if procs[-1].poll() is not None:  # on a loaded machine `ray start` can time out joining: start it again
+                procs[-1] = start_node()
             time.sleep(2)
         wait_for_job_agent(address, 120)
         yield cluster
