@@ -138,11 +138,9 @@ def folder_images(folder: str, n: int, size: int) -> np.ndarray:
     out = []
     for path in paths:
         image = Image.open(path).convert("RGB")
-        scale = size / min(image.size)
-        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-        image = image.resize((w, h), Image.BILINEAR)
-        left, top = (w - size) // 2, (h - size) // 2
-        out.append(np.asarray(image.crop((left, top, left + size, top + size))))
+        (w, h), side = image.size, min(image.size)  # the centred square, resized: short side to size, centre crop
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        out.append(np.asarray(image.resize((size, size), Image.BILINEAR, box=box)))
     return np.stack(out)
 
 

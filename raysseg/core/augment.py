@@ -125,6 +125,17 @@ def random_boxes(
     return torch.stack([x0, y0, x0 + w, y0 + h], 1)
 
 
+def crop_affine(boxes: torch.Tensor, flips: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The map from a crop's view to its image, in ``F.grid_sample``'s [-1, 1] coordinates (x, y):
+    image = view * scale + shift. boxes (B, 4) as (x0, y0, x1, y1) image fractions, flips (B,) bool
+    (mirrored views); returns (scale, shift), each (B, 2), in the boxes' dtype and device."""
+    x0, y0, x1, y1 = boxes.unbind(1)
+    sx = x1 - x0
+    if flips is not None:
+        sx = torch.where(flips.to(boxes.device), -sx, sx)
+    return torch.stack([sx, y1 - y0], 1), torch.stack([x0 + x1 - 1, y0 + y1 - 1], 1)
+
+
 def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], flips: torch.Tensor | None = None,
                 mode: str = "bilinear") -> torch.Tensor:
     """Crop each map of x (B, C, H, W) to its box (B, 4) of image fractions, resize to ``size``
@@ -132,18 +143,13 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], fli
 
     Works the same on images and on feature maps: a box is a fraction of the map, so
     cropping an image and cropping the features of the whole image select the same region
-    (PiCIE's equivariance). Sampling is bilinear at output-cell centres (align_corners=False).
+    (PiCIE's equivariance). Sampling is bilinear at output-cell centres (align_corners=False),
+    through :func:`crop_affine`.
     """
     b = x.shape[0]
-    boxes = boxes.to(x.device, x.dtype)
-    x0, y0, x1, y1 = boxes.unbind(1)
+    scale, shift = crop_affine(boxes.to(x.device, x.dtype), flips)
     theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
-    sx = x1 - x0
-    if flips is not None:
-        sx = torch.where(flips.to(x.device), -sx, sx)
-    theta[:, 0, 0] = sx
-    theta[:, 0, 2] = x0 + x1 - 1
-    theta[:, 1, 1] = y1 - y0
-    theta[:, 1, 2] = y0 + y1 - 1
+    theta[:, 0, 0], theta[:, 1, 1] = scale.unbind(1)
+    theta[:, 0, 2], theta[:, 1, 2] = shift.unbind(1)
     grid = F.affine_grid(theta, [b, x.shape[1], *size], align_corners=False)
     return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raysseg.core.backbones import Backbone, standardize
-from raysseg.core.augment import crop_resize, photometric_augment, random_boxes
+from raysseg.core.augment import crop_affine, crop_resize, photometric_augment, random_boxes
 from raysseg.core.precision import at_least_fp32
 from raysseg.methods.hp.core import ema_update
 
@@ -114,19 +114,11 @@ class ViewGeometry:
     flips_k: Tensor
 
 
-def _crop_affine(boxes: Tensor, flips: Tensor) -> tuple[Tensor, Tensor]:
-    """A crop's map from view to image [-1, 1] coordinates, image = view * scale + shift, as
-    (scale, shift), each (B, 1, 2) over (x, y): ``crop_resize``'s affine grid."""
-    x0, y0, x1, y1 = boxes.float().unbind(1)
-    sx = torch.where(flips.to(boxes.device), -(x1 - x0), x1 - x0)
-    return torch.stack([sx, y1 - y0], 1)[:, None, :], torch.stack([x0 + x1 - 1, y0 + y1 - 1], 1)[:, None, :]
-
-
 def view_correspondence(geometry: ViewGeometry, grid: int) -> tuple[Tensor, Tensor, Tensor]:
     """Matching points of the two views of each image.
 
     The query points are the centres of a grid x grid lattice of the query view; each is mapped
-    through its crop (``crop_resize``'s geometry, align_corners=False) to the image and back into
+    through its crop (:func:`crop_affine`, ``crop_resize``'s geometry) to the image and back into
     the key view. Returns (points_q (B, M, 2), points_k (B, M, 2), valid (B, M) bool) with
     M = grid**2, points as (x, y) in each view's [-1, 1] coordinates (``F.grid_sample``'s), and
     valid where the key point lies inside the key view.
@@ -135,9 +127,9 @@ def view_correspondence(geometry: ViewGeometry, grid: int) -> tuple[Tensor, Tens
     centres = (torch.arange(grid, device=device, dtype=torch.float32) * 2 + 1) / grid - 1
     gy, gx = torch.meshgrid(centres, centres, indexing="ij")
     points_q = torch.stack([gx, gy], -1).reshape(1, -1, 2).expand(b, -1, -1)
-    scale_q, shift_q = _crop_affine(geometry.boxes_q, geometry.flips_q)
-    scale_k, shift_k = _crop_affine(geometry.boxes_k.to(device), geometry.flips_k)
-    points_k = (points_q * scale_q + shift_q - shift_k) / scale_k
+    scale_q, shift_q = crop_affine(geometry.boxes_q.float(), geometry.flips_q)
+    scale_k, shift_k = crop_affine(geometry.boxes_k.float().to(device), geometry.flips_k)
+    points_k = (points_q * scale_q[:, None] + shift_q[:, None] - shift_k[:, None]) / scale_k[:, None]
     valid = (points_k.abs() <= 1).all(dim=-1)
     return points_q.contiguous(), points_k, valid
 
