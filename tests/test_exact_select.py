@@ -104,8 +104,19 @@ def test_hp_model_selection_setting_gives_the_same_masks():
     q_ag, q_sp = torch.randn(100, 384), torch.randn(100, 32)
     ref = model.hidden_positives(feats, q_ag, q_sp, 0.5, 64)
     model.selection = "bf16_recheck"
-    got = model.hidden_positives(feats, q_ag, q_sp, 0.5, 64)
+    stats = {}
+    got = model.hidden_positives(feats, q_ag, q_sp, 0.5, 64, stats)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    n = 2 * 14 * 14
+    assert stats["pairs"] == 2 * (n * 100 + n * n) and 0 < stats["rechecked"] < stats["pairs"]
+    for form in ("paper", "released"):  # the losses report the share re-checked, only for a low selection
+        for selection in ("fp32", "bf16_recheck"):
+            model.selection = selection
+            _, loss_stats = model.loss(feats, feats, None, q_ag, q_sp, 0.5, tau=0.2, rho=0.1, alpha=1.0, sigma=1.0,
+                                       chunk=64, generator=torch.Generator().manual_seed(0), loss_form=form)
+            assert ("recheck_frac" in loss_stats) == (selection != "fp32")
+            if selection != "fp32":
+                assert 0 < loss_stats["recheck_frac"] < 1
     model.selection = "fp16"
     with pytest.raises(ValueError, match="selection must be one of fp32, bf16_recheck"):
         model.hidden_positives(feats, q_ag, None, 0.0, 64)
@@ -186,3 +197,26 @@ def test_a_blas_whose_gemm_values_depend_on_the_shape_falls_back_to_fp32(monkeyp
     stats = {}
     assert torch.equal(exact_select(a, b, t, chunk=128, stats=stats), ref)
     assert stats["fallback"] and stats["rechecked"] == stats["pairs"]
+
+
+def test_recheck_pads_each_group_to_its_width_class_not_to_the_widest_group():
+    """One group with every column uncertain, fourteen with one each, one with none: the fp32 values of exactly the
+    uncertain pairs, and GEMM work of 16 x (512 + 14 x 32) columns (the wide group, then the narrow ones padded to
+    32), not 16 groups x 512."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from raysseg.core.exact_select import _recheck
+
+    a, b = _unit(256, 64), _unit(512, 64, seed=1)
+    maybe = torch.zeros(256, 512, dtype=torch.bool)
+    maybe[0] = True
+    for group in range(1, 16):
+        if group != 3:
+            maybe[16 * group + group % 16, 7 * group] = True
+    with exact_fp32():
+        ref = a @ b.T
+        with FlopCounterMode(display=False) as counter:
+            r, c, vals = _recheck(a, b, maybe)
+    assert torch.equal(torch.stack([r, c]), torch.stack(maybe.nonzero(as_tuple=True)))
+    assert torch.equal(vals, ref[r, c])
+    assert counter.get_total_flops() == 2 * 16 * 64 * (512 + 14 * 32)

@@ -67,6 +67,7 @@ class StepResult:
     backbone_fwd_s: float = 0.0
     step_gflop: float = 0.0  # everything one step runs, backward included
     step_exact_gflop: float = 0.0  # of which in exact fp32 (decisions: no tensor cores on a GPU)
+    recheck_frac: float | None = None  # HP's low-precision selection: share of its pairs re-checked in fp32
     peak_flops: float = float("nan")
     peak_source: str = ""
 
@@ -179,8 +180,10 @@ def step_benchmark(method: str, device: str, precision: str, overrides: list[str
     result.peak_memory_gib, result.memory_kind = _peak_memory(dev)
     result.parts = {k: v / steps for k, v in rig.trainer.timers.items()}
     batch_rows = next(batches)
-    total, exact = count_flops_split(lambda: rig.trainer.train_step(batch_rows, warmup + steps))
+    counted: dict = {}
+    total, exact = count_flops_split(lambda: counted.update(rig.trainer.train_step(batch_rows, warmup + steps)))
     result.step_gflop, result.step_exact_gflop = total / 1e9, exact / 1e9
+    result.recheck_frac = counted.get("recheck_frac")
     x = standardize(torch.from_numpy(batch_rows["image"]).to(dev).permute(0, 3, 1, 2).float().div(255))
     fwd_s, fwd_flops = _time_backbone(rig.seg.backbone, x, prec, dev, repeats=max(3, steps // 2))
     result.backbone_fwd_s, result.backbone_gflop_per_image = fwd_s, fwd_flops / 1e9 / batch
@@ -272,12 +275,12 @@ def bench_gpu(device: str = "cuda", precisions=("fp32", "bf16"), methods=tuple(P
                  f"median of {steps} steps", results)
 
 
-def step_gflop(method: str, batch: int, overrides: list[str], scenes: str = "") -> tuple[float, float]:
+def step_gflop(method: str, batch: int, overrides: list[str], scenes: str = "") -> tuple[float, float, float | None]:
     """GFLOP of one training step of ``method`` at the papers' settings with ``batch`` images, counted on the CPU,
-    and how many of them run in exact fp32."""
+    how many of them run in exact fp32, and the share of HP's selection pairs re-checked (None without one)."""
     result = step_benchmark(method, "cpu", "fp32", [f"train.batch_size={batch}", f"pretrain.batch_size={batch}",
                                                     *overrides], steps=1, warmup=1, paper=True, scenes=scenes)
-    return result.step_gflop, result.step_exact_gflop
+    return result.step_gflop, result.step_exact_gflop, result.recheck_frac
 
 
 # The rows of `bench demand`: HP once per hp.selection (the selection's products in exact fp32, or in bf16 with
@@ -309,16 +312,17 @@ def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utili
         small = ["hp.pool_size=64", "hp.warmup=0"] if method == "hp" else []
         for variant in DEMAND_ROWS.get(method, [[]]):
             b1, b2 = (2, 4)
-            (f1, e1), (f2, e2) = (step_gflop(method, b, small + variant, scenes) for b in (b1, b2))
+            (f1, e1, s1), (f2, e2, s2) = (step_gflop(method, b, small + variant, scenes) for b in (b1, b2))
             per_image, exact = at_paper_batch(f1, f2, b1, b2, paper_batch), at_paper_batch(e1, e2, b1, b2, paper_batch)
             seconds = (per_image - exact) / (gpu_tflops * 1e3) + exact / (gpu_fp32_tflops * 1e3)
             name = method + (f" ({', '.join(variant)})" if variant else "")
+            share = "-" if s1 is None else f"{s1:.1%} / {s2:.1%}"
             rows.append([name, f"{paper_batch}", f"{f1 / b1:.0f}", f"{f2 / b2:.0f}", f"{per_image:.0f}",
-                         f"{exact:.1f}", f"{utilisation / seconds:,.0f}"])
+                         f"{exact:.1f}", share, f"{utilisation / seconds:,.0f}"])
             print(f"[bench demand] {name}: {per_image:.0f} GFLOP per image at batch {paper_batch}, "
                   f"{exact:.1f} in exact fp32", flush=True)
     header = ["method", "papers batch", "GFLOP/image at B=2", "GFLOP/image at B=4", "GFLOP/image at the papers batch",
-              "of which exact fp32", f"images/s per GPU at {100 * utilisation:.0f}% of {gpu_tflops:.0f} (bf16) "
+              "of which exact fp32", "pairs re-checked at B=2 / 4", f"images/s per GPU at {100 * utilisation:.0f}% of {gpu_tflops:.0f} (bf16) "
               f"and {gpu_fp32_tflops:.0f} (fp32) TFLOP/s"]
     on = f"the images of {scenes}" if scenes else "synthetic scenes"
     lines = [f"### Demand: training images/s one GPU consumes (FLOPs of a step on {on}, torch.utils.flop_counter)",

@@ -165,9 +165,10 @@ def _recheck(a: Tensor, b: Tensor, maybe: Tensor) -> tuple[Tensor, Tensor, Tenso
     """fp32 values of the pairs where ``maybe`` [R, M] (R >= 16 rows of a) is True: (rows, cols, values).
 
     Each group of 16 consecutive rows (the last group takes the last 16 rows) is multiplied with the union of its
-    uncertain columns, as the fp32 path's GEMM computes them; the groups run as batched GEMMs (bmm: the same
-    per-element values as one GEMM, measured), in batches whose gathered columns stay within the fp32 path's
-    R x M floats."""
+    uncertain columns, as the fp32 path's GEMM computes them. Groups with no uncertain pair are skipped; the others
+    run as batched GEMMs (bmm: the same per-element values as one GEMM, measured) per width class (unions of up
+    to 32, 64, 128, ... columns, each class padded to its own widest union), in batches whose gathered columns
+    stay within the fp32 path's R x M floats. So a group costs at most twice its own union, not the widest's."""
     n, m, c_dim = a.shape[0], b.shape[0], a.shape[1]
     r, c = maybe.nonzero(as_tuple=True)
     if r.shape[0] == 0:
@@ -176,24 +177,36 @@ def _recheck(a: Tensor, b: Tensor, maybe: Tensor) -> tuple[Tensor, Tensor, Tenso
     full = (groups - 1) * _MIN_TILE
     union = torch.cat([maybe[:full].view(groups - 1, _MIN_TILE, m).any(dim=1), maybe[full:].any(dim=0)[None]])
     position = union.cumsum(dim=1) - 1  # [G, M]: a column's place among its group's columns
-    widest = max(int(position[:, -1].max()) + 1, min(m, _MIN_COLS))
-    g_of, col_of = union.nonzero(as_tuple=True)
-    columns = torch.zeros(groups, widest, dtype=torch.long, device=a.device)  # padded with column 0 (ignored)
-    columns[g_of, position[g_of, col_of]] = col_of
+    width = position[:, -1] + 1  # [G]
     start = torch.clamp(torch.arange(groups, device=a.device) * _MIN_TILE, max=n - _MIN_TILE)
-    rows = a[start[:, None] + torch.arange(_MIN_TILE, device=a.device)]  # [G, 16, C]
-    per_batch = max(1, (n * m) // (widest * c_dim))
-    out = torch.cat([torch.bmm(rows[g:g + per_batch], b[columns[g:g + per_batch]].transpose(1, 2))
-                     for g in range(0, groups, per_batch)])  # [G, 16, widest]
+    tile = torch.arange(_MIN_TILE, device=a.device)
+    width_class = torch.ceil(torch.log2(width.clamp(min=min(m, _MIN_COLS)).double())).long()
     g = torch.div(r, _MIN_TILE, rounding_mode="floor")
-    return r, c, out[g, r - start[g], position[g, c]]
+    values = torch.empty(r.shape[0], device=a.device)
+    for k in width_class[width > 0].unique().tolist():
+        members = ((width_class == k) & (width > 0)).nonzero()[:, 0]  # [Gk] groups of this class
+        widest = max(int(width[members].max()), min(m, _MIN_COLS))
+        slot_of, col_of = union[members].nonzero(as_tuple=True)
+        columns = torch.zeros(members.shape[0], widest, dtype=torch.long, device=a.device)  # padded with column 0
+        columns[slot_of, position[members[slot_of], col_of]] = col_of
+        rows = a[start[members][:, None] + tile]  # [Gk, 16, C]
+        per_batch = max(1, (n * m) // (widest * c_dim))
+        out = torch.cat([torch.bmm(rows[s:s + per_batch], b[columns[s:s + per_batch]].transpose(1, 2))
+                         for s in range(0, members.shape[0], per_batch)])  # [Gk, 16, widest]
+        slot = torch.full((groups,), -1, dtype=torch.long, device=a.device)
+        slot[members] = torch.arange(members.shape[0], device=a.device)
+        pick = (width_class[g] == k).nonzero()[:, 0]
+        gp = g[pick]
+        values[pick] = out[slot[gp], r[pick] - start[gp], position[gp, c[pick]]]
+    return r, c, values
 
 
 @torch.no_grad()
 def recheck_is_exact(device: torch.device, c_dim: int, chunk: int, m: int) -> bool:
     """Whether this machine's batched re-check GEMMs give the fp32 path's values bit for bit for operands of
     C = ``c_dim``, chunks of ``chunk`` rows against ``m`` columns: checked once (cached) on random unit
-    vectors, at the re-check's narrowest, a middle and its widest column counts, every row group."""
+    vectors, at the re-check's narrowest, a middle and its widest column counts, every row group, and on groups
+    of mixed widths."""
     key = (str(device), c_dim, chunk, m, torch.get_num_threads())
     if key not in _RECHECK_EXACT:
         g = torch.Generator().manual_seed(0)
@@ -207,6 +220,10 @@ def recheck_is_exact(device: torch.device, c_dim: int, chunk: int, m: int) -> bo
                 maybe[:, torch.randperm(m, generator=g)[:width].to(device)] = True
                 r, c, vals = _recheck(a, b, maybe)
                 ok = ok and bool(torch.equal(vals, ref[r, c]))
+            # rows of very different densities: groups of every width class in one call, some groups empty
+            density = torch.rand(chunk, 1, generator=g) ** 4
+            r, c, vals = _recheck(a, b, (torch.rand(chunk, m, generator=g) < density).to(device))
+            ok = ok and bool(torch.equal(vals, ref[r, c]))
         _RECHECK_EXACT[key] = ok
     return _RECHECK_EXACT[key]
 

@@ -137,10 +137,11 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def anchor_criterion(feats: Tensor, pool: Tensor, chunk: int, selection: str = "fp32") -> Tensor:
+def anchor_criterion(feats: Tensor, pool: Tensor, chunk: int, selection: str = "fp32",
+                     stats: dict | None = None) -> Tensor:
     """c_i = max_m cos(pool_m, f_i). feats [N, C], pool [M, C], both L2-normalised -> [N].
     selection "bf16_recheck" / "bf16x3_recheck": bf16 products (one or three passes), fp32 re-check near the
-    maximum (core/exact_select.py), equal bit for bit."""
+    maximum (core/exact_select.py), equal bit for bit; ``stats`` gets its "pairs" and "rechecked" added."""
     _check_2d("anchor_criterion", "feats", feats)
     _check_2d("anchor_criterion", "pool", pool, feats.shape[1])
     _check_chunk("anchor_criterion", chunk)
@@ -152,25 +153,27 @@ def anchor_criterion(feats: Tensor, pool: Tensor, chunk: int, selection: str = "
     if selection not in SELECTIONS:
         _fail("anchor_criterion", f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     if SELECTIONS[selection]:
-        return exact_row_max(f, q, chunk, passes=SELECTIONS[selection])
+        return exact_row_max(f, q, chunk, passes=SELECTIONS[selection], stats=stats)
     with exact_fp32():  # thresholds of a decision: fp32 whatever the caller's autocast
         return torch.cat([(f[i:i + chunk] @ q.T).amax(dim=1) for i in range(0, f.shape[0], chunk)])
 
 
 @torch.no_grad()
-def hidden_positive_mask(feats: Tensor, pool: Tensor, chunk: int, selection: str = "fp32") -> Tensor:
+def hidden_positive_mask(feats: Tensor, pool: Tensor, chunk: int, selection: str = "fp32",
+                         stats: dict | None = None) -> Tensor:
     """Global hidden positives: (i, j) iff cos(f_i, f_j) > c_i or > c_j, i != j.
 
     feats [N, C] and pool [M, C] L2-normalised -> bool [N, N]. Built chunk rows at a
     time, so the float work is chunk x N; in exact fp32 even inside an autocast region.
     selection "bf16_recheck" / "bf16x3_recheck": the same mask from bf16 products (one or three passes) and
-    an fp32 re-check of the pairs near their thresholds (:func:`raysseg.core.exact_select.exact_select`).
+    an fp32 re-check of the pairs near their thresholds (:func:`raysseg.core.exact_select.exact_select`), whose
+    "pairs" and "rechecked" (the criterion's and the mask's) are added to ``stats``.
     """
-    crit = anchor_criterion(feats, pool, chunk, selection)
+    crit = anchor_criterion(feats, pool, chunk, selection, stats)
     f = feats.float()
     n = f.shape[0]
     if SELECTIONS[selection]:
-        mask = exact_select(f, f, crit, crit, chunk=chunk, passes=SELECTIONS[selection])
+        mask = exact_select(f, f, crit, crit, chunk=chunk, passes=SELECTIONS[selection], stats=stats)
         mask.fill_diagonal_(False)
         return mask
     mask = torch.empty(n, n, dtype=torch.bool, device=f.device)
@@ -587,16 +590,16 @@ class HPModel(nn.Module):
         return ag, sp
 
     def hidden_positives(self, feats: Tensor, q_ag: Tensor, q_sp: Tensor | None, lam: float,
-                         chunk: int) -> tuple[Tensor, Tensor | None]:
+                         chunk: int, stats: dict | None = None) -> tuple[Tensor, Tensor | None]:
         """Task-agnostic positives from the backbone features (B, C, h, w) against Q_ag (M, C), and
         task-specific ones from the EMA codes against Q_sp (M, K) when Q_sp exists and lambda > 0
         (else None): (N, N) bool masks, N = B*h*w. Call inside ``no_grad`` and ``exact_fp32``."""
         f = F.normalize(_flat(feats).float(), dim=1)
-        pos_ag = hidden_positive_mask(f, F.normalize(q_ag.float(), dim=1), chunk, self.selection)
+        pos_ag = hidden_positive_mask(f, F.normalize(q_ag.float(), dim=1), chunk, self.selection, stats)
         if q_sp is None or lam <= 0:
             return pos_ag, None
         s_ema = F.normalize(_flat(self.ema_codes(feats.float())).float(), dim=1)
-        return pos_ag, hidden_positive_mask(s_ema, F.normalize(q_sp.float(), dim=1), chunk, self.selection)
+        return pos_ag, hidden_positive_mask(s_ema, F.normalize(q_sp.float(), dim=1), chunk, self.selection, stats)
 
     def loss(self, feats: Tensor, feats_aug: Tensor, attn_logits: Tensor | None, q_ag: Tensor,
              q_sp: Tensor | None, lam: float, *, tau: float, rho: float, alpha: float, sigma: float,
@@ -610,7 +613,8 @@ class HPModel(nn.Module):
         term each (w = m_ag + lam*m_sp). mixed_contrast: see module docstring.
         Returns (loss, stats) with float stats: loss parts, lam, mean positives and
         negatives per anchor, fraction of anchors kept, and wall-clock seconds of the
-        selection (masks + negatives) and of the heads + contrastive forward.
+        selection (masks + negatives) and of the heads + contrastive forward; with a low-precision
+        ``selection``, the share of pairs its fp32 re-check recomputed ("recheck_frac").
         loss_form "released": :meth:`released_loss` (module docstring, points 1-5).
         """
         if feats.dim() != 4 or feats_aug.shape != feats.shape:
@@ -624,10 +628,11 @@ class HPModel(nn.Module):
         b, _, h, w = feats.shape
         device = feats.device
 
+        selected: dict = {}  # the low-precision selections' pairs and re-checked pairs
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad(), exact_fp32():  # selection decides: fp32 whatever the run's precision
-            pos_ag, pos_sp = self.hidden_positives(feats, q_ag, q_sp, lam, chunk)
+            pos_ag, pos_sp = self.hidden_positives(feats, q_ag, q_sp, lam, chunk, selected)
             neg = sample_negatives(pos_ag if pos_sp is None else pos_ag | pos_sp, rho, generator, chunk)
         _sync(device)
         t1 = time.perf_counter()
@@ -663,6 +668,8 @@ class HPModel(nn.Module):
             "time_selection_s": t1 - t0,
             "time_loss_s": t2 - t1,
         }
+        if selected:
+            stats["recheck_frac"] = selected["rechecked"] / selected["pairs"]
         return total, stats
 
     def released_loss(self, feats: Tensor, feats_aug: Tensor, attn_logits: Tensor | None, q_ag: Tensor,
@@ -684,15 +691,16 @@ class HPModel(nn.Module):
             s_ema = self.dropout(self.branch_codes(self.ema_seg, feats.float()))
             f_sel = self.dropout(feats.float())
 
+        selected: dict = {}  # the low-precision selections' pairs and re-checked pairs
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad(), exact_fp32():  # fp32 selection: the released code's fp16 here is not copied
             pos_ag = hidden_positive_mask(F.normalize(_flat(f_sel), dim=1), F.normalize(q_ag.float(), dim=1), chunk,
-                                          self.selection)
+                                          self.selection, selected)
             pos_sp = None
             if q_sp is not None and lam > 0:
                 pos_sp = hidden_positive_mask(F.normalize(_flat(s_ema), dim=1), F.normalize(q_sp.float(), dim=1),
-                                              chunk, self.selection)
+                                              chunk, self.selection, selected)
             neg = shared_negatives(h * w, b * h * w, rho, generator, device)  # released (4)
         _sync(device)
         t1 = time.perf_counter()
@@ -729,4 +737,6 @@ class HPModel(nn.Module):
             "time_selection_s": t1 - t0,
             "time_loss_s": t2 - t1,
         }
+        if selected:
+            stats["recheck_frac"] = selected["rechecked"] / selected["pairs"]
         return total, stats
