@@ -30,7 +30,7 @@ def _fp32_select(a, b, row_t, col_t, chunk):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("passes,size", [(1, (0.0025, 0.0040)), (3, (1e-4, 3e-4))])
+@pytest.mark.parametrize("passes,size", [(1, (0.0025, 0.0040)), (3, (5e-5, 1.2e-4))])
 def test_error_margins_hold_and_have_the_documented_size(passes, size):
     a, b = _unit(600, 384, seed=1), _unit(700, 384, seed=2)
     m = error_margins(a, b, passes)

@@ -79,15 +79,15 @@ def standardize(x: Tensor) -> Tensor:
     return (x - mean) / std
 
 
-def vit_attention_logits(attn: nn.Module, x: Tensor) -> Tensor:
+def vit_attention_logits(attn: nn.Module, qkv: Tensor) -> Tensor:
     """Pre-softmax attention logits of a timm ``Attention`` module.
 
-    attn: the module (uses its qkv, q_norm, k_norm, scale, num_heads, head_dim);
-    x: the module's input tokens [B, T, D]. Returns [B, heads, T, T] with
+    attn: the module (uses its q_norm, k_norm, scale, num_heads, head_dim); qkv: the output of its ``qkv``
+    layer in a forward pass [B, T, 3D] (captured, not recomputed). Returns [B, heads, T, T] with
     logits[b, h, i, j] = scale * q_i . k_j, exactly what timm softmaxes.
     """
-    b, t, _ = x.shape
-    qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    b, t, _ = qkv.shape
+    qkv = qkv.reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
     return (q * attn.scale) @ k.transpose(-2, -1)
 
@@ -206,7 +206,7 @@ class ViTBackbone(Backbone):
             return self.vit.forward_features(x), None
         last_attn = self.vit.blocks[-1].attn
         captured: list[Tensor] = []
-        hook = last_attn.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+        hook = last_attn.qkv.register_forward_hook(lambda _module, _args, out: captured.append(out))
         try:
             tokens = self.vit.forward_features(x)
         finally:

@@ -6,26 +6,29 @@ kind of GEMM the fp32 path runs, and decided on those values.
 
 The fast product. Each operand is split into bf16-valued pieces held in fp32: x1 = bf16(x), x2 = bf16(x - x1),
 and the remainders d = x - x1, r = x - x1 - x2 (all exact in fp32). One pass: y = a1 . b1. Three passes
-(``passes=3``, the bf16x3 scheme): y = [a1, a1, a2] . [b1, b2, b1], one GEMM over 3C. The GEMM takes bf16
-operands and gives fp32 (a bf16 GEMM with fp32 output on CUDA's tensor cores; an fp32 GEMM in oneDNN's bf16
-mode on CPU), so every product is exact and only the fp32 accumulation rounds.
+(``passes=3``, the bf16x3 scheme): y = a1 . b1 + [a1, a2] . [b2, b1], a GEMM over C and one over 2C for the
+small terms, added in fp32 (one GEMM over 3C would round its sum of small terms at the size of the large
+one's). The GEMMs take bf16 operands and give fp32 (a bf16 GEMM with fp32 output on CUDA's tensor cores; an
+fp32 GEMM in oneDNN's bf16 mode on CPU), so every product is exact and only the fp32 accumulation rounds.
 
 Error bound (C = dims, K = C x passes, v = 2^-24, gamma_n = n v / (1 - n v)). Exactly,
   one pass:    a.b - a1.b1 = d_a.b + a1.d_b
   three passes: a.b - (a1.b1 + a1.b2 + a2.b1) = r_a.b + a2.d_b + a1.r_b,
 each term bounded by the product of norms (Cauchy-Schwarz); norms are computed per row, so a row whose
-rounding happened to be small gets a small margin. Summing K exact products in fp32, in any order, adds at
-most gamma_K sum|p_k| <= gamma_K sum over the pieces' pairs of |x_p| |y_q|, counted twice to cover kernels
-whose accumulation rounds twice per step or truncates; the fp32 path's own value differs from a.b by at most
-gamma_C |a| |b|; K 2^-122 covers flushed subnormals. So for every pair
+rounding happened to be small gets a small margin. Summing n exact products in fp32, in any order, adds at
+most gamma_n sum|p_k| <= gamma_n sum over the pieces' pairs of |x_p| |y_q|, counted twice to cover kernels
+whose accumulation rounds twice per step or truncates: 2 gamma_C |a1| |b1| for the main GEMM, and for three
+passes 2 gamma_2C (|a1| |b2| + |a2| |b1|) for the small terms' GEMM and 2 v (the pieces' sum) for the add; the
+fp32 path's own value differs from a.b by at most gamma_C |a| |b|; K 2^-122 covers flushed subnormals. So
+for every pair
 
     |y_ij - s_ij| <= row_i + col_j + r0
 
 (one pass: row_i = |d_a,i| max|b|, col_j = max|a1| |d_b,j|; three passes: row_i = |r_a,i| max|b| +
 |a2_i| max|d_b|, col_j = max|a1| |r_b,j|; r0 the accumulation terms), with every norm inflated by
 (1 + (C+2) v) for its own fp32 rounding. For unit vectors of C = 384 that is about 0.0034 for one pass
-(from 0.0118 when the bound took bf16's worst case 2^-8 per element and a bf16 output) and about 2e-4 for
-three. The compare runs in fp32 against t +- m' with m' = m (1 + 2^-10) + 2^-20, which covers its own
+(from 0.0118 when the bound took bf16's worst case 2^-8 per element and a bf16 output) and about 8e-5 for
+three (1.7e-4 when the three passes were one GEMM over 3C). The compare runs in fp32 against t +- m' with m' = m (1 + 2^-10) + 2^-20, which covers its own
 rounding: y > t + m' implies s > t and y <= t - m' implies s <= t; only |y - t| < m' is recomputed.
 
 Thresholds that are themselves products (a row maximum over a pool) are found exactly first
@@ -34,8 +37,9 @@ the row's maximum, and their fp32 values give it.
 
 Bit-exactness with the fp32 path: that path computes ``a[rows] @ b.T`` a chunk of rows at a time
 (MKL sgemm on CPU). The re-check runs GEMMs of 16 consecutive rows against the union of their uncertain
-columns, padded to at least 32 columns, batched (bmm); a chunk of the fp32 path with fewer than 16 rows (a
-tail) is computed here exactly as that path does. That a GEMM's value for one element does not depend on
+columns, padded to at least 32 columns, batched (bmm) per width class (groups of 33-64 columns are padded to
+the widest of them, and so on: a group costs at most twice its own union); a chunk of the fp32 path with
+fewer than 16 rows (a tail) is computed here exactly as that path does. That a GEMM's value for one element does not depend on
 the GEMM's shape from 16 rows and 32 columns up is a property of the BLAS, not of IEEE arithmetic: MKL on an
 Intel AVX-512 CPU has it from 16 x 1, MKL on an AMD AVX2 CPU only from 12 columns (measured). So it is checked
 on the machine itself, once per (device, C, chunk, M, threads), on random operands of those shapes
@@ -111,13 +115,15 @@ def _margins(a: _Operand, b: _Operand, passes: int) -> _Margins:
     if passes == 1:
         row = a.rest * bmax
         col = a1 * b.rest
-        pieces = a1 * b1
+        accumulation = 2 * gamma(c) * a1 * b1
     else:
         a2, b2 = float(a.norm2.max()), float(b.norm2.max())
         row = a.rest * bmax + a.norm2 * float(b.d.max())
         col = a1 * b.rest
-        pieces = a1 * b1 + a1 * b2 + a2 * b1
-    r0 = gamma(c) * amax * bmax + 2 * gamma(k) * pieces + k * 2.0 ** -122
+        small = a1 * b2 + a2 * b1
+        add = 2 * _V * (1 + 2 * gamma(2 * c)) * (a1 * b1 + small)  # the fp32 sum of the two GEMMs
+        accumulation = 2 * gamma(c) * a1 * b1 + 2 * gamma(2 * c) * small + add
+    r0 = gamma(c) * amax * bmax + accumulation + k * 2.0 ** -122
     return _Margins(row + r0, col)
 
 
@@ -125,7 +131,15 @@ def _widen(m: Tensor) -> Tensor:
     return m * (1 + 2.0 ** -10) + 2.0 ** -20
 
 
-def _fast_product(a: Tensor, b: Tensor) -> Tensor:
+def _fast_product(a: Tensor, b: Tensor, dims: int) -> Tensor:
+    """The fast product of operands' ``fast`` pieces (module docstring): a1 . b1 for one pass (``dims`` columns),
+    a1 . b1 + [a1, a2] . [b2, b1] for three (3 x ``dims``)."""
+    if a.shape[1] == dims:
+        return _bf16_gemm(a, b)
+    return _bf16_gemm(a[:, :dims], b[:, :dims]) + _bf16_gemm(a[:, dims:], b[:, dims:])
+
+
+def _bf16_gemm(a: Tensor, b: Tensor) -> Tensor:
     """a @ b.T for bf16-valued fp32 operands, exact products accumulated in fp32, fp32 out: on CUDA a bf16 GEMM
     with fp32 output on tensor cores (no reduced-precision reduction); on CPU an fp32 GEMM in oneDNN's bf16
     mode (AMX / AVX512-BF16 where the CPU has them, else plain fp32: exact on these operands either way)."""
@@ -151,7 +165,7 @@ def _fast_product(a: Tensor, b: Tensor) -> Tensor:
 def fast_products(a: Tensor, b: Tensor, passes: int = 1) -> Tensor:
     """y = the fast GEMM's a_i . b_j (module docstring), [N, M] fp32."""
     fa, fb = _operand(a, passes, "left"), _operand(b, passes, "right")
-    return _fast_product(fa.fast, fb.fast)
+    return _fast_product(fa.fast, fb.fast, a.shape[1])
 
 
 def error_margins(a: Tensor, b: Tensor, passes: int = 1) -> Tensor:
@@ -245,7 +259,7 @@ def exact_row_max(a: Tensor, b: Tensor, chunk: int, passes: int = 1, stats: dict
                 out.append((rows @ fb.x.T).amax(dim=1))
             _count(stats, rows.shape[0] * b.shape[0], rows.shape[0] * b.shape[0], rows.shape[0] >= _MIN_TILE)
             continue
-        y = _fast_product(fa.fast[i:i + chunk], fb.fast)
+        y = _fast_product(fa.fast[i:i + chunk], fb.fast, a.shape[1])
         cand = y >= (y.amax(dim=1) - span[i:i + chunk])[:, None]
         with exact_fp32():
             r, _, vals = _recheck(rows, fb.x, cand)
@@ -279,7 +293,7 @@ def exact_select(a: Tensor, b: Tensor, threshold: Tensor, col_threshold: Tensor 
             mask[i:i + chunk] = sim > t if col_t is None else (sim > t) | (sim > col_t[None, :])
             _count(stats, sim.numel(), sim.numel(), rows.shape[0] >= _MIN_TILE)
             continue
-        y = _fast_product(fa.fast[i:i + chunk], fb.fast)
+        y = _fast_product(fa.fast[i:i + chunk], fb.fast, a.shape[1])
         e = float(_widen(m.row[i:i + chunk].max() + col_max))  # this chunk's margin m'
         sure, maybe = y > t + e, y > t - e
         if col_t is not None:

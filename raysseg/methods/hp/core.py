@@ -408,13 +408,16 @@ def neighbourhood_mask(h: int, w: int, device: torch.device | str = "cpu") -> Te
     return ((ys[:, None] - ys[None, :]).abs() <= 1) & ((xs[:, None] - xs[None, :]).abs() <= 1)
 
 
-def _row_quantiles(x: Tensor, q: float) -> Tensor:
-    """Linear-interpolated quantile of each last-dim row (same as torch.quantile), keepdim."""
+def _row_quantiles(x: Tensor, *qs: float) -> list[Tensor]:
+    """Linear-interpolated quantiles ``qs`` of each last-dim row (same as torch.quantile), keepdim; one sort."""
     s = x.sort(dim=-1).values
-    pos = q * (x.shape[-1] - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, x.shape[-1] - 1)
-    return (s[..., lo] + (pos - lo) * (s[..., hi] - s[..., lo])).unsqueeze(-1)
+    out = []
+    for q in qs:
+        pos = q * (x.shape[-1] - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, x.shape[-1] - 1)
+        out.append((s[..., lo] + (pos - lo) * (s[..., hi] - s[..., lo])).unsqueeze(-1))
+    return out
 
 
 @torch.no_grad()
@@ -430,7 +433,8 @@ def local_attention_weights(attn_logits: Tensor, h: int, w: int, sigma: float) -
               f"attn_logits must be [B, h*w, h*w] = [B, {h * w}, {h * w}] with the CLS token removed, "
               f"got {tuple(attn_logits.shape)}")
     x = attn_logits.detach().float()
-    x = x.clamp(min=_row_quantiles(x, 0.1), max=_row_quantiles(x, 0.9))
+    low, high = _row_quantiles(x, 0.1, 0.9)
+    x = x.clamp(min=low, max=high)
     a = x.softmax(dim=-1) * sigma
     a = a.masked_fill(a < a.mean(dim=-1, keepdim=True), 0.0)
     return a * neighbourhood_mask(h, w, x.device)
