@@ -34,7 +34,8 @@ Rows that are not within 1e-5 relative, and why (nothing of the method):
 
 Timing (unless ``--no-timing``): the same loop again with the released ViT, against ``HPTrainer.step_on`` with
 the project's timm ViT loaded from the same weights; both get the image and its augmented copy from outside
-(no augmentation on either side), one thread, CPU-seconds per iteration.
+(no augmentation on either side), one thread, CPU-seconds per iteration; ``--timing-rounds`` (3) rounds in turn,
+each cell the median over rounds.
 
 The released modules import packages unrelated to this (wandb, pytorch_lightning, torchmetrics): empty stand-in
 modules in ``sys.modules``, in this process only. Runs in the project's venv.
@@ -692,31 +693,44 @@ def our_step_times(weights: str, images: dict, *overrides: str) -> list[float]:
     return times
 
 
-def timing(rel, weights: str, images: dict) -> str:
+def timing(rel, weights: str, images: dict, rounds: int = 1) -> str:
     """CPU-seconds per iteration: the released loop vs ``HPTrainer.step_on`` (fp32 selection, and bf16 with the
     fp32 re-check), all with their ViT on the same images and the same augmented copies (no augmentation on any
-    side), one thread."""
-    rec = Recorder(rel, weights, {"memory": images["memory"], "train": images["train"]}, round_features=False)
-    rec.run()
-    # a step lasts from its batch's start to the next batch's start or the epoch's evaluation
-    theirs = np.array([rec.times[i + 1] - rec.times[i] for i in range(len(rec.times) - 1)
-                       if i not in rec.evaluations])[:BATCHES * EPOCHS]
-    columns = {"released run.py": theirs,
-               "ours, fp32": np.array(our_step_times(weights, images)),
-               "ours, bf16_recheck": np.array(our_step_times(weights, images, "hp.selection=bf16_recheck"))}
-    renew = {p["step"] for p in rec.pools[1:]}
+    side), one thread; ``rounds`` times in turn (released, ours fp32, ours bf16, released, ...), so that a
+    machine's load falls on every column alike. Each cell is the median over rounds of the round's value."""
+    runs: dict[str, list[np.ndarray]] = {"released run.py": [], "ours, fp32": [], "ours, bf16_recheck": []}
+    renew: set[int] = set()
+    for _ in range(rounds):
+        rec = Recorder(rel, weights, {"memory": images["memory"], "train": images["train"]}, round_features=False)
+        rec.run()
+        # a step lasts from its batch's start to the next batch's start or the epoch's evaluation
+        runs["released run.py"].append(np.array([rec.times[i + 1] - rec.times[i] for i in range(len(rec.times) - 1)
+                                                 if i not in rec.evaluations])[:BATCHES * EPOCHS])
+        runs["ours, fp32"].append(np.array(our_step_times(weights, images)))
+        runs["ours, bf16_recheck"].append(np.array(our_step_times(weights, images, "hp.selection=bf16_recheck")))
+        renew = {p["step"] for p in rec.pools[1:]}
     plain = [t for t in range(1, BATCHES * EPOCHS) if t not in renew]
     rows = [("mean of steps " + ",".join(map(str, plain)) + " (no renewal)", lambda v: np.mean(v[plain]))]
     rows += [(f"step {t} (Q_sp renewal: {POOL} pool images)", lambda v, t=t: v[t]) for t in sorted(renew)]
     lines = [f"CPU-seconds per iteration (1 thread; ViT-S/16, batch {B} at {S} px, pool of {POOL} images; steps 1-5, "
-             "renewals apart; released / ours in brackets)",
-             f"{'':<38}" + "".join(f"{name:>26}" for name in columns)]
+             f"renewals apart; median of {rounds} rounds in turn; released / ours in brackets)",
+             f"{'':<38}" + "".join(f"{name:>26}" for name in runs)]
+    theirs = runs["released run.py"]
     for label, pick in rows:
-        cells = [f"{pick(v):.3f}" + ("" if name == "released run.py" else f" ({pick(theirs) / pick(v):.2f}x)")
-                 for name, v in columns.items()]
+        cells = []
+        for name, per_round in runs.items():
+            value = float(np.median([pick(v) for v in per_round]))
+            ratio = float(np.median([pick(t) / pick(v) for t, v in zip(theirs, per_round)]))
+            cells.append(f"{value:.3f}" + ("" if name == "released run.py" else f" ({ratio:.2f}x)"))
         lines.append(f"{label:<38}" + "".join(f"{c:>26}" for c in cells))
-    for name, v in columns.items():
-        lines.append(f"{'every step, ' + name:<38}{' '.join(f'{x:.2f}' for x in v)}")
+    lines.append("ratio of the plain steps' mean in each round (released / ours):")
+    plain_mean = rows[0][1]
+    for name, per_round in list(runs.items())[1:]:
+        lines.append(f"  {name:<36}" + " ".join(f"{plain_mean(t) / plain_mean(v):.2f}x"
+                                               for t, v in zip(theirs, per_round)))
+    for name, per_round in runs.items():
+        for k, v in enumerate(per_round):
+            lines.append(f"{'every step, ' + name + f' (round {k + 1})':<50}{' '.join(f'{x:.2f}' for x in v)}")
     return "\n".join(lines)
 
 
@@ -746,6 +760,7 @@ def main() -> int:
     parser.add_argument("repo", type=Path, help="a copy of github.com/hynnsk/HP")
     parser.add_argument("--out", type=Path, default=ROOT / "tests/fixtures/parity/hp_released.npz")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--timing-rounds", type=int, default=3, help="timing runs in turn (median reported)")
     parser.add_argument("--timing-size", default="", metavar="B,S",
                         help="time at batch B and S px instead of the parity case's 2 and 64 (e.g. 8,224)")
     args = parser.parse_args()
@@ -775,7 +790,7 @@ def main() -> int:
         if args.timing_size:
             use_size(*(int(v) for v in args.timing_size.split(",")))
             images = make_images()
-        print(timing(rel, weights, images))
+        print(timing(rel, weights, images, args.timing_rounds))
     return 0
 
 

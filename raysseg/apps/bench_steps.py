@@ -322,7 +322,8 @@ def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utili
             print(f"[bench demand] {name}: {per_image:.0f} GFLOP per image at batch {paper_batch}, "
                   f"{exact:.1f} in exact fp32", flush=True)
     header = ["method", "papers batch", "GFLOP/image at B=2", "GFLOP/image at B=4", "GFLOP/image at the papers batch",
-              "of which exact fp32", "pairs re-checked at B=2 / 4", f"images/s per GPU at {100 * utilisation:.0f}% of {gpu_tflops:.0f} (bf16) "
+              "of which exact fp32", "pairs re-checked at B=2 / 4",
+              f"images/s per GPU at {100 * utilisation:.0f}% of {gpu_tflops:.0f} (bf16) "
               f"and {gpu_fp32_tflops:.0f} (fp32) TFLOP/s"]
     on = f"the images of {scenes}" if scenes else "synthetic scenes"
     lines = [f"### Demand: training images/s one GPU consumes (FLOPs of a step on {on}, torch.utils.flop_counter)",

@@ -26,26 +26,27 @@ for every pair
 
 (one pass: row_i = |d_a,i| max|b|, col_j = max|a1| |d_b,j|; three passes: row_i = |r_a,i| max|b| +
 |a2_i| max|d_b|, col_j = max|a1| |r_b,j|; r0 the accumulation terms), with every norm inflated by
-(1 + (C+2) v) for its own fp32 rounding. For unit vectors of C = 384 that is about 0.0034 for one pass
-(from 0.0118 when the bound took bf16's worst case 2^-8 per element and a bf16 output) and about 8e-5 for
-three (1.7e-4 when the three passes were one GEMM over 3C). The compare runs in fp32 against t +- m' with m' = m (1 + 2^-10) + 2^-20, which covers its own
-rounding: y > t + m' implies s > t and y <= t - m' implies s <= t; only |y - t| < m' is recomputed.
+(1 + (C+2) v) for its own fp32 rounding. For unit vectors of C = 384 that is 0.0034-0.004 for one pass (from 0.0118
+when the bound took bf16's worst case 2^-8 per element and a bf16 output) and about 8e-5 for three (1.7e-4 when the
+three passes were one GEMM over 3C). The compare runs in fp32 against t +- m' with m' = m (1 + 2^-10) + 2^-20,
+which covers its own rounding: y > t + m' implies s > t and y <= t - m' implies s <= t; only |y - t| < m' is
+recomputed.
 
 Thresholds that are themselves products (a row maximum over a pool) are found exactly first
 (:func:`exact_row_max`): candidates y_im >= max_m y_im - 2 m'_i contain every m whose fp32 product can be
 the row's maximum, and their fp32 values give it.
 
-Bit-exactness with the fp32 path: that path computes ``a[rows] @ b.T`` a chunk of rows at a time
-(MKL sgemm on CPU). The re-check runs GEMMs of 16 consecutive rows against the union of their uncertain
-columns, padded to at least 32 columns, batched (bmm) per width class (groups of 33-64 columns are padded to
-the widest of them, and so on: a group costs at most twice its own union); a chunk of the fp32 path with
-fewer than 16 rows (a tail) is computed here exactly as that path does. That a GEMM's value for one element does not depend on
-the GEMM's shape from 16 rows and 32 columns up is a property of the BLAS, not of IEEE arithmetic: MKL on an
-Intel AVX-512 CPU has it from 16 x 1, MKL on an AMD AVX2 CPU only from 12 columns (measured). So it is checked
-on the machine itself, once per (device, C, chunk, M, threads), on random operands of those shapes
-(:func:`recheck_is_exact`); where it fails the selection computes every product in fp32 (the fp32 path's
-decisions, at its speed) and ``stats["fallback"]`` says so. On CUDA that check covers cuBLAS; the fp32
-accumulation of bf16 tensor cores within the bound above is an assumption not yet checked on a GPU.
+Bit-exactness with the fp32 path: that path computes ``a[rows] @ b.T`` a chunk of rows at a time (MKL sgemm on
+CPU). The re-check runs GEMMs of 16 consecutive rows against the union of their uncertain columns, padded to at
+least 32 columns, batched (bmm) per width class (groups of 33-64 columns are padded to the widest of them, and so
+on: a group costs at most twice its own union); a chunk of the fp32 path with fewer than 16 rows (a tail) is
+computed here exactly as that path does. That a GEMM's value for one element does not depend on the GEMM's shape
+from 16 rows and 32 columns up is a property of the BLAS, not of IEEE arithmetic: MKL on an Intel AVX-512 CPU has
+it from 16 x 1, MKL on an AMD AVX2 CPU only from 12 columns (measured). So it is checked on the machine itself,
+once per (device, C, chunk, M, threads), on random operands of those shapes (:func:`recheck_is_exact`); where it
+fails the selection computes every product in fp32 (the fp32 path's decisions, at its speed) and
+``stats["fallback"]`` says so. On CUDA that check covers cuBLAS; the fp32 accumulation of bf16 tensor cores within
+the bound above is an assumption not yet checked on a GPU.
 Memory: the products of a chunk (chunk x columns floats, as in the fp32
 path), the re-check's gathered columns and results (each at most as many floats) and bool masks.
 """
