@@ -66,11 +66,11 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---|")
     fp32_ms = median_ms(lambda: hidden_positive_mask(f, pool, chunk), args.repeats)
     print(f"| fp32 | {fp32_ms:.1f} | 1.00x | | | |")
-    for passes, name in ((1, "bf16_recheck"), (3, "bf16x3_recheck")):
+    for scheme, name in (("bf16", "bf16_recheck"), ("bf16x3", "bf16x3_recheck"), ("fp16", "fp16_recheck")):
         ms = median_ms(lambda: hidden_positive_mask(f, pool, chunk, name), args.repeats)
         s_max, s_sel = {}, {}
-        same = torch.equal(exact_row_max(f, pool, chunk, passes, stats=s_max), crit)
-        got = exact_select(f, f, crit, crit, chunk=chunk, passes=passes, stats=s_sel)
+        same = torch.equal(exact_row_max(f, pool, chunk, scheme, stats=s_max), crit)
+        got = exact_select(f, f, crit, crit, chunk=chunk, scheme=scheme, stats=s_sel)
         got.fill_diagonal_(False)
         same = same and torch.equal(got, ref)
         print(f"| {name} | {ms:.1f} | {fp32_ms / ms:.2f}x | {s_sel['rechecked'] / s_sel['pairs']:.2%} | "

@@ -30,40 +30,42 @@ def _fp32_select(a, b, row_t, col_t, chunk):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("passes,size", [(1, (0.0025, 0.0040)), (3, (5e-5, 1.2e-4))])
-def test_error_margins_hold_and_have_the_documented_size(passes, size):
+@pytest.mark.parametrize("scheme,size", [("bf16", (0.0025, 0.0040)), ("bf16x3", (5e-5, 1.2e-4)),
+                                         ("fp16", (3e-4, 7e-4))])
+def test_error_margins_hold_and_have_the_documented_size(scheme, size):
     a, b = _unit(600, 384, seed=1), _unit(700, 384, seed=2)
-    m = error_margins(a, b, passes)
+    m = error_margins(a, b, scheme)
     assert size[0] < float(m.max()) < size[1]  # module docstring: unit vectors, C = 384
     exact = a.double() @ b.double().T
     fp32 = a @ b.T
-    assert ((fast_products(a, b, passes) - fp32).abs() < m).all()
-    assert ((fast_products(a, b, passes).double() - exact).abs() < m.double()).all()
+    assert ((fast_products(a, b, scheme) - fp32).abs() < m).all()
+    assert ((fast_products(a, b, scheme).double() - exact).abs() < m.double()).all()
     # adversarial worst case for the bound's form: all components rounding the same way
     x = torch.full((1, 384), 1.0 + 2.0 ** -8 - 2.0 ** -20)  # bf16 rounds each down by ~2^-8 relative
     x = x / x.norm()
-    assert float((fast_products(x, x, passes) - x @ x.T).abs()) < float(error_margins(x, x, passes))
+    assert float((fast_products(x, x, scheme) - x @ x.T).abs()) < float(error_margins(x, x, scheme))
 
 
 def test_the_fast_products_are_exact_products_of_bf16_values():
     """oneDNN's bf16 mode on bf16-valued inputs: only the fp32 accumulation rounds (far below bf16's error)."""
     a, b = _unit(64, 384, seed=3), _unit(80, 384, seed=4)
-    exact = a.bfloat16().double() @ b.bfloat16().double().T
-    assert float((fast_products(a, b, 1).double() - exact).abs().max()) < 2 * 384 * 2.0 ** -24
+    for scheme, piece in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        exact = a.to(piece).double() @ b.to(piece).double().T
+        assert float((fast_products(a, b, scheme).double() - exact).abs().max()) < 2 * 384 * 2.0 ** -24
 
 
 @pytest.mark.parametrize("n,m,c,chunk", [(700, 900, 384, 256), (520, 300, 256, 128), (300, 200, 27, 64),
                                          (261, 100, 384, 128)])  # 261 = 2 x 128 + a 5-row tail
-@pytest.mark.parametrize("passes", [1, 3])
-def test_random_unit_vectors_equal_fp32(n, m, c, chunk, passes):
+@pytest.mark.parametrize("scheme", ["bf16", "bf16x3", "fp16"])
+def test_random_unit_vectors_equal_fp32(n, m, c, chunk, scheme):
     f, q = _unit(n, c, seed=n), _unit(m, c, seed=m)
-    crit = exact_row_max(f, q, chunk, passes)
+    crit = exact_row_max(f, q, chunk, scheme)
     assert torch.equal(crit, anchor_criterion(f, q, chunk))
     stats = {}
-    got = exact_select(f, f, crit, crit, chunk=chunk, passes=passes, stats=stats)
+    got = exact_select(f, f, crit, crit, chunk=chunk, scheme=scheme, stats=stats)
     assert torch.equal(got, _fp32_select(f, f, crit, crit, chunk))
     assert 0 < stats["rechecked"] < 0.1 * stats["pairs"]  # shifted (concentrated) vectors: ~3% (one pass) here
-    selection = "bf16_recheck" if passes == 1 else "bf16x3_recheck"
+    selection = {"bf16": "bf16_recheck", "bf16x3": "bf16x3_recheck", "fp16": "fp16_recheck"}[scheme]
     assert torch.equal(hidden_positive_mask(f, q, chunk, selection), hidden_positive_mask(f, q, chunk))
 
 
@@ -84,6 +86,7 @@ def test_ties_at_the_threshold_equal_fp32_and_flip_without_the_recheck():
     crit = exact_row_max(f, q, chunk)
     assert torch.equal(crit, crit_ref)
     assert torch.equal(hidden_positive_mask(f, q, chunk, "bf16_recheck"), ref)
+    assert torch.equal(hidden_positive_mask(f, q, chunk, "fp16_recheck"), ref)
     # the same decisions on the fast products alone (thresholds included) are wrong: the test can fail
     low_crit = fast_products(f, q).amax(dim=1)
     low = fast_products(f, f)
@@ -131,13 +134,14 @@ def test_the_selection_counts_as_exact_fp32_flops_unless_its_products_are_bf16()
     with exact_fp32():
         assert count_flops_split(lambda: a @ b.T) == (gemm, gemm)
         assert count_flops_split(lambda: fast_products(a, b)) == (gemm, 0)
+        assert count_flops_split(lambda: fast_products(a, b, "fp16")) == (gemm, 0)  # an fp32 GEMM here, not exact
     assert count_flops_split(lambda: a @ b.T) == (gemm, 0)
     torch.manual_seed(0)
     model = HPModel(384, 32)
     feats = torch.randn(2, 384, 14, 14)
     q_ag, q_sp = torch.randn(100, 384), torch.randn(100, 32)
     counts = {}
-    for selection in ("fp32", "bf16_recheck"):
+    for selection in ("fp32", "bf16_recheck", "fp16_recheck"):
         model.selection = selection
         with exact_fp32():
             model.hidden_positives(feats, q_ag, q_sp, 0.5, 64)  # the re-check's self-check runs once, uncounted
@@ -146,8 +150,10 @@ def test_the_selection_counts_as_exact_fp32_flops_unless_its_products_are_bf16()
     products = 2 * n * n * 384 + 2 * n * 100 * 384  # patches against patches and against the pool, at least
     total, exact = counts["fp32"]
     assert exact >= products and exact > 0.9 * total
-    total_low, exact_low = counts["bf16_recheck"]
-    assert total_low - exact_low >= products and exact_low < 0.8 * exact
+    for low in ("bf16_recheck", "fp16_recheck"):
+        total_low, exact_low = counts[low]
+        assert total_low - exact_low >= products and exact_low < 0.8 * exact
+    assert counts["fp16_recheck"][1] < counts["bf16_recheck"][1]  # a narrower margin, less to re-check
 
 
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid images not present")
@@ -167,20 +173,22 @@ def test_real_camvid_features_equal_fp32_with_few_rechecks():
     crit = anchor_criterion(f, pool, chunk)
     ref = hidden_positive_mask(f, pool, chunk)
     shares = {}
-    for passes in (1, 3):
+    for scheme in ("bf16", "bf16x3", "fp16"):
         stats_max, stats_sel = {}, {}
-        assert torch.equal(exact_row_max(f, pool, chunk, passes, stats=stats_max), crit)
-        got = exact_select(f, f, crit, crit, chunk=chunk, passes=passes, stats=stats_sel)
+        assert torch.equal(exact_row_max(f, pool, chunk, scheme, stats=stats_max), crit)
+        got = exact_select(f, f, crit, crit, chunk=chunk, scheme=scheme, stats=stats_sel)
         got.fill_diagonal_(False)
         assert torch.equal(got, ref)
-        shares[passes] = stats_sel["rechecked"] / stats_sel["pairs"]
-        print(f"{passes} pass(es): re-checked {shares[passes]:.3%} of pairs in the mask, "
+        shares[scheme] = stats_sel["rechecked"] / stats_sel["pairs"]
+        print(f"{scheme}: re-checked {shares[scheme]:.3%} of pairs in the mask, "
               f"{stats_max['rechecked'] / stats_max['pairs']:.3%} of pairs for the row maxima")
-    # a random ViT's patches are concentrated (similarities crowd the thresholds): one pass's margin (~0.0034)
-    # leaves a few % to re-check (2.4% measured); three passes' (~2e-4) under 1% (0.6% measured, about half of
-    # it exact ties: the pool's patches are batch patches, so each row meets its own maximum)
-    assert shares[1] < 0.06
-    assert 0 < shares[3] < 0.01
+    # a random ViT's patches are concentrated (similarities crowd the thresholds): one bf16 pass's margin
+    # (~0.0035) leaves a few % to re-check (2.4% measured); three passes' (~8e-5) under 1% (0.47% measured, much of
+    # it exact ties: the pool's patches are batch patches, so each row meets its own maximum); one fp16 pass's
+    # (~5e-4) 0.94%
+    assert shares["bf16"] < 0.06
+    assert 0 < shares["bf16x3"] < 0.01
+    assert 0 < shares["fp16"] < shares["bf16"] / 2
 
 
 def test_a_blas_whose_gemm_values_depend_on_the_shape_falls_back_to_fp32(monkeypatch):

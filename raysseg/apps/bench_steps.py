@@ -285,7 +285,8 @@ def step_gflop(method: str, batch: int, overrides: list[str], scenes: str = "") 
 
 # The rows of `bench demand`: HP once per hp.selection (the selection's products in exact fp32, or in bf16 with
 # an fp32 re-check of the pairs near their thresholds).
-DEMAND_ROWS = {"hp": [["hp.selection=fp32"], ["hp.selection=bf16_recheck"], ["hp.selection=bf16x3_recheck"]]}
+DEMAND_ROWS = {"hp": [["hp.selection=fp32"], ["hp.selection=bf16_recheck"], ["hp.selection=bf16x3_recheck"],
+                      ["hp.selection=fp16_recheck"]]}
 
 
 def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utilisation: float = 0.4,

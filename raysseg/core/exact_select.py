@@ -4,12 +4,13 @@ A decision ``s_ij > t`` (s = a_i . b_j as the fp32 path computes it) is made on 
 y_ij lies farther than a proven margin from t; the pairs inside the margin are recomputed in fp32 by the same
 kind of GEMM the fp32 path runs, and decided on those values.
 
-The fast product. Each operand is split into bf16-valued pieces held in fp32: x1 = bf16(x), x2 = bf16(x - x1),
-and the remainders d = x - x1, r = x - x1 - x2 (all exact in fp32). One pass: y = a1 . b1. Three passes
-(``passes=3``, the bf16x3 scheme): y = a1 . b1 + [a1, a2] . [b2, b1], a GEMM over C and one over 2C for the
-small terms, added in fp32 (one GEMM over 3C would round its sum of small terms at the size of the large
-one's). The GEMMs take bf16 operands and give fp32 (a bf16 GEMM with fp32 output on CUDA's tensor cores; an
-fp32 GEMM in oneDNN's bf16 mode on CPU), so every product is exact and only the fp32 accumulation rounds.
+The fast product (:data:`SCHEMES`). Each operand is split into pieces valued in bf16 (or fp16) and held in
+fp32: x1 = bf16(x), x2 = bf16(x - x1), and the remainders d = x - x1, r = x - x1 - x2 (all exact in fp32). One
+pass (schemes bf16, fp16): y = a1 . b1. Three passes (bf16x3): y = a1 . b1 + [a1, a2] . [b2, b1], a GEMM over C
+and one over 2C for the small terms, added in fp32 (one GEMM over 3C would round its sum of small terms at the
+size of the large one's). The GEMMs take bf16 or fp16 operands and give fp32 (a GEMM with fp32 output on CUDA's
+tensor cores; on CPU an fp32 GEMM, in oneDNN's bf16 mode for bf16 pieces), so every product is exact (8 + 8 or
+11 + 11 significant bits fit fp32's 24) and only the fp32 accumulation rounds.
 
 Error bound (C = dims, K = C x passes, v = 2^-24, gamma_n = n v / (1 - n v)). Exactly,
   one pass:    a.b - a1.b1 = d_a.b + a1.d_b
@@ -26,11 +27,11 @@ for every pair
 
 (one pass: row_i = |d_a,i| max|b|, col_j = max|a1| |d_b,j|; three passes: row_i = |r_a,i| max|b| +
 |a2_i| max|d_b|, col_j = max|a1| |r_b,j|; r0 the accumulation terms), with every norm inflated by
-(1 + (C+2) v) for its own fp32 rounding. For unit vectors of C = 384 that is 0.0034-0.004 for one pass (from 0.0118
-when the bound took bf16's worst case 2^-8 per element and a bf16 output) and about 8e-5 for three (1.7e-4 when the
-three passes were one GEMM over 3C). The compare runs in fp32 against t +- m' with m' = m (1 + 2^-10) + 2^-20,
-which covers its own rounding: y > t + m' implies s > t and y <= t - m' implies s <= t; only |y - t| < m' is
-recomputed.
+(1 + (C+2) v) for its own fp32 rounding. For unit vectors of C = 384 that is 0.0034-0.004 for one bf16 pass
+(0.0118 when the bound took bf16's worst case 2^-8 per element and a bf16 output), about 5e-4 for one fp16 pass
+(11 significant bits to bf16's 8) and about 8e-5 for three bf16 passes (1.7e-4 when they were one GEMM over 3C).
+The compare runs in fp32 against t +- m' with m' = m (1 + 2^-10) + 2^-20, which covers its own rounding:
+y > t + m' implies s > t and y <= t - m' implies s <= t; only |y - t| < m' is recomputed.
 
 Thresholds that are themselves products (a row maximum over a pool) are found exactly first
 (:func:`exact_row_max`): candidates y_im >= max_m y_im - 2 m'_i contain every m whose fp32 product can be
@@ -57,9 +58,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from raysseg.core.precision import exact_fp32
+from raysseg.core.precision import exact_fp32, fast_product
 
-PASSES = (1, 3)
+
+@dataclass(frozen=True)
+class Scheme:
+    """How the fast products are made: each operand split into ``passes`` (1 or 3) pieces valued in ``piece``."""
+
+    piece: torch.dtype
+    passes: int
+
+
+# fp16 has 11 significant bits to bf16's 8, so one fp16 pass leaves a margin ~8x narrower than one bf16 pass at the
+# same tensor-core rate (fp16 x fp16 products are exact in fp32 too; unit vectors stay far inside fp16's range)
+SCHEMES = {"bf16": Scheme(torch.bfloat16, 1), "bf16x3": Scheme(torch.bfloat16, 3), "fp16": Scheme(torch.float16, 1)}
 _MIN_TILE = 16  # rows of a re-check GEMM (MKL's per-element value is shape-independent from here)
 _MIN_COLS = 32  # columns of a re-check GEMM at least (MKL on AVX2 takes another kernel below 12)
 _RECHECK_EXACT: dict[tuple, bool] = {}  # recheck_is_exact's answers on this machine
@@ -68,7 +80,8 @@ _V = 2.0 ** -24
 
 @dataclass(frozen=True)
 class _Operand:
-    """A matrix [N, C] in fp32, its bf16-valued pieces for the fast GEMM, and per-row norms for the bound."""
+    """A matrix [N, C] in fp32, its bf16- or fp16-valued pieces for the fast GEMM, and per-row norms for the
+    bound."""
 
     x: Tensor
     fast: Tensor      # [N, C x passes]: a1 (one pass) or [a1, a1, a2] / [b1, b2, b1] (three passes)
@@ -79,21 +92,21 @@ class _Operand:
     d: Tensor         # [N] |d| = |x - x1|
 
 
-def _bf16_valued(x: Tensor) -> Tensor:
-    return x.bfloat16().float()
+def _scheme(name: str) -> Scheme:
+    if name not in SCHEMES:
+        raise ValueError(f"exact_select: scheme must be one of {', '.join(SCHEMES)}, got {name!r}")
+    return SCHEMES[name]
 
 
-def _operand(x: Tensor, passes: int, side: str) -> _Operand:
-    if passes not in PASSES:
-        raise ValueError(f"exact_select: passes must be one of {PASSES}, got {passes!r}")
+def _operand(x: Tensor, scheme: Scheme, side: str) -> _Operand:
     x = x.float()
     infl = 1 + (x.shape[1] + 2) * _V
-    x1 = _bf16_valued(x)
+    x1 = x.to(scheme.piece).float()
     d = x - x1
-    if passes == 1:
+    if scheme.passes == 1:
         fast, x2, err = x1, torch.zeros_like(x[:, :1]), d
     else:
-        x2 = _bf16_valued(d)
+        x2 = d.to(scheme.piece).float()
         err = d - x2
         fast = torch.cat([x1, x1, x2] if side == "left" else [x1, x2, x1], dim=1)
     norm = lambda t: t.norm(dim=1) * infl  # noqa: E731
@@ -132,27 +145,34 @@ def _widen(m: Tensor) -> Tensor:
     return m * (1 + 2.0 ** -10) + 2.0 ** -20
 
 
-def _fast_product(a: Tensor, b: Tensor, dims: int) -> Tensor:
+def _fast_product(a: Tensor, b: Tensor, dims: int, piece: torch.dtype) -> Tensor:
     """The fast product of operands' ``fast`` pieces (module docstring): a1 . b1 for one pass (``dims`` columns),
     a1 . b1 + [a1, a2] . [b2, b1] for three (3 x ``dims``)."""
-    if a.shape[1] == dims:
-        return _bf16_gemm(a, b)
-    return _bf16_gemm(a[:, :dims], b[:, :dims]) + _bf16_gemm(a[:, dims:], b[:, dims:])
+    with fast_product():  # tensor cores' FLOPs on a GPU, whatever the CPU computes them in
+        if a.shape[1] == dims:
+            return _piece_gemm(a, b, piece)
+        return _piece_gemm(a[:, :dims], b[:, :dims], piece) + _piece_gemm(a[:, dims:], b[:, dims:], piece)
 
 
-def _bf16_gemm(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b.T for bf16-valued fp32 operands, exact products accumulated in fp32, fp32 out: on CUDA a bf16 GEMM
-    with fp32 output on tensor cores (no reduced-precision reduction); on CPU an fp32 GEMM in oneDNN's bf16
-    mode (AMX / AVX512-BF16 where the CPU has them, else plain fp32: exact on these operands either way)."""
+def _piece_gemm(a: Tensor, b: Tensor, piece: torch.dtype) -> Tensor:
+    """a @ b.T for ``piece``-valued fp32 operands, exact products accumulated in fp32, fp32 out. On CUDA a bf16 or
+    fp16 GEMM with fp32 output on tensor cores (no reduced-precision reduction). On CPU: bf16 pieces in oneDNN's
+    bf16 mode (AMX / AVX512-BF16 where the CPU has them, else plain fp32: exact on these operands either way);
+    fp16 pieces in plain fp32 (exact, at fp32's speed: oneDNN has no fp16 mode for fp32 matmuls)."""
     if a.is_cuda:
-        flag = torch.backends.cuda.matmul
-        old = flag.allow_bf16_reduced_precision_reduction
-        flag.allow_bf16_reduced_precision_reduction = False
+        matmul = torch.backends.cuda.matmul
+        name = ("allow_bf16_reduced_precision_reduction" if piece == torch.bfloat16
+                else "allow_fp16_reduced_precision_reduction")
+        old = getattr(matmul, name)
+        setattr(matmul, name, False)
         try:
             with torch.autocast("cuda", enabled=False):
-                return torch.mm(a.bfloat16(), b.bfloat16().T, out_dtype=torch.float32)
+                return torch.mm(a.to(piece), b.to(piece).T, out_dtype=torch.float32)
         finally:
-            flag.allow_bf16_reduced_precision_reduction = old
+            setattr(matmul, name, old)
+    if piece == torch.float16:
+        with exact_fp32(), torch.autocast("cpu", enabled=False):
+            return a @ b.T
     mkldnn = torch.backends.mkldnn.matmul
     old = mkldnn.fp32_precision
     mkldnn.fp32_precision = "bf16"
@@ -163,16 +183,18 @@ def _bf16_gemm(a: Tensor, b: Tensor) -> Tensor:
         mkldnn.fp32_precision = old
 
 
-def fast_products(a: Tensor, b: Tensor, passes: int = 1) -> Tensor:
-    """y = the fast GEMM's a_i . b_j (module docstring), [N, M] fp32."""
-    fa, fb = _operand(a, passes, "left"), _operand(b, passes, "right")
-    return _fast_product(fa.fast, fb.fast, a.shape[1])
+def fast_products(a: Tensor, b: Tensor, scheme: str = "bf16") -> Tensor:
+    """y = the fast GEMM's a_i . b_j (module docstring), [N, M] fp32; ``scheme`` one of :data:`SCHEMES`."""
+    sc = _scheme(scheme)
+    fa, fb = _operand(a, sc, "left"), _operand(b, sc, "right")
+    return _fast_product(fa.fast, fb.fast, a.shape[1], sc.piece)
 
 
-def error_margins(a: Tensor, b: Tensor, passes: int = 1) -> Tensor:
+def error_margins(a: Tensor, b: Tensor, scheme: str = "bf16") -> Tensor:
     """m'_ij >= |fast a_i . b_j - fp32 a_i . b_j| plus the compare's rounding, [N, M] (the per-pair form of
     the margins the selection uses per chunk)."""
-    m = _margins(_operand(a, passes, "left"), _operand(b, passes, "right"), passes)
+    sc = _scheme(scheme)
+    m = _margins(_operand(a, sc, "left"), _operand(b, sc, "right"), sc.passes)
     return _widen(m.row[:, None] + m.col[None, :])
 
 
@@ -244,13 +266,14 @@ def recheck_is_exact(device: torch.device, c_dim: int, chunk: int, m: int) -> bo
 
 
 @torch.no_grad()
-def exact_row_max(a: Tensor, b: Tensor, chunk: int, passes: int = 1, stats: dict | None = None) -> Tensor:
+def exact_row_max(a: Tensor, b: Tensor, chunk: int, scheme: str = "bf16", stats: dict | None = None) -> Tensor:
     """max_m a_i . b_m for each row i, equal bit for bit to ``cat([(a[i:i+chunk] @ b.T).amax(1)])`` in fp32.
 
     a [N, C], b [M, C] float32 -> [N] float32. ``stats`` (optional) gets "pairs" and "rechecked" added.
     """
-    fa, fb = _operand(a, passes, "left"), _operand(b, passes, "right")
-    m = _margins(fa, fb, passes)
+    sc = _scheme(scheme)
+    fa, fb = _operand(a, sc, "left"), _operand(b, sc, "right")
+    m = _margins(fa, fb, sc.passes)
     span = 2 * _widen(m.row + float(m.col.max()))  # [N]: 2 m'_i
     out = []
     for i in range(0, a.shape[0], chunk):
@@ -260,7 +283,7 @@ def exact_row_max(a: Tensor, b: Tensor, chunk: int, passes: int = 1, stats: dict
                 out.append((rows @ fb.x.T).amax(dim=1))
             _count(stats, rows.shape[0] * b.shape[0], rows.shape[0] * b.shape[0], rows.shape[0] >= _MIN_TILE)
             continue
-        y = _fast_product(fa.fast[i:i + chunk], fb.fast, a.shape[1])
+        y = _fast_product(fa.fast[i:i + chunk], fb.fast, a.shape[1], sc.piece)
         cand = y >= (y.amax(dim=1) - span[i:i + chunk])[:, None]
         with exact_fp32():
             r, _, vals = _recheck(rows, fb.x, cand)
@@ -272,16 +295,18 @@ def exact_row_max(a: Tensor, b: Tensor, chunk: int, passes: int = 1, stats: dict
 
 @torch.no_grad()
 def exact_select(a: Tensor, b: Tensor, threshold: Tensor, col_threshold: Tensor | None = None, *,
-                 chunk: int, passes: int = 1, stats: dict | None = None) -> Tensor:
+                 chunk: int, scheme: str = "bf16", stats: dict | None = None) -> Tensor:
     """bool [N, M]: a_i . b_j > threshold_i (or > col_threshold_j, when given), equal bit for bit to the fp32
     path ``a[i:i+chunk] @ b.T > threshold[i:i+chunk, None]`` (``| ... > col_threshold[None, :]``).
 
     a [N, C], b [M, C] float32; threshold [N], col_threshold [M] float32, computed exactly (e.g. by
-    :func:`exact_row_max`). ``passes``: 1 (bf16) or 3 (bf16x3, a margin ~20x narrower for 3x the fast
-    GEMM's work). ``stats`` (optional) gets "pairs" and "rechecked" added.
+    :func:`exact_row_max`). ``scheme``: "bf16" (one pass), "bf16x3" (three passes, a margin ~45x narrower for 3x
+    the fast GEMM's work) or "fp16" (one pass, ~8x narrower at bf16's tensor-core rate; on CPU at fp32's speed).
+    ``stats`` (optional) gets "pairs" and "rechecked" added.
     """
-    fa, fb = _operand(a, passes, "left"), _operand(b, passes, "right")
-    m = _margins(fa, fb, passes)
+    sc = _scheme(scheme)
+    fa, fb = _operand(a, sc, "left"), _operand(b, sc, "right")
+    m = _margins(fa, fb, sc.passes)
     col_max = float(m.col.max())
     row_t = threshold.float()
     col_t = None if col_threshold is None else col_threshold.float()
@@ -294,7 +319,7 @@ def exact_select(a: Tensor, b: Tensor, threshold: Tensor, col_threshold: Tensor 
             mask[i:i + chunk] = sim > t if col_t is None else (sim > t) | (sim > col_t[None, :])
             _count(stats, sim.numel(), sim.numel(), rows.shape[0] >= _MIN_TILE)
             continue
-        y = _fast_product(fa.fast[i:i + chunk], fb.fast, a.shape[1])
+        y = _fast_product(fa.fast[i:i + chunk], fb.fast, a.shape[1], sc.piece)
         e = float(_widen(m.row[i:i + chunk].max() + col_max))  # this chunk's margin m'
         sure, maybe = y > t + e, y > t - e
         if col_t is not None:

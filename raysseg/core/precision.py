@@ -18,13 +18,27 @@ import torch
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _exact_depth = 0  # how many exact_fp32 blocks the running code is inside
+_fast_depth = 0  # how many fast_product blocks (exact_select's fast GEMMs) the running code is inside
 
 
 def exact_fp32_active() -> bool:
     """Whether fp32 matmuls run now in exact fp32: inside :func:`exact_fp32` and not in one of
-    :mod:`raysseg.core.exact_select`'s bf16 fast products (which set oneDNN's fp32 mode to bf16 on CPU).
-    ``raysseg bench demand`` counts these FLOPs apart: a GPU runs them without tensor cores."""
-    return _exact_depth > 0 and torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+    :mod:`raysseg.core.exact_select`'s fast products (:func:`fast_product`; on CPU those run on fp32 tensors, bf16
+    ones in oneDNN's bf16 mode). ``raysseg bench demand`` counts these FLOPs apart: a GPU runs them without
+    tensor cores."""
+    return _exact_depth > 0 and _fast_depth == 0 and torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+
+
+@contextlib.contextmanager
+def fast_product():
+    """Marks a block as one of exact_select's fast products (bf16 or fp16 pieces, exact products): a GPU runs it on
+    tensor cores, so its FLOPs do not count as exact fp32 even where the CPU computes it in fp32."""
+    global _fast_depth
+    _fast_depth += 1
+    try:
+        yield
+    finally:
+        _fast_depth -= 1
 
 
 @contextlib.contextmanager

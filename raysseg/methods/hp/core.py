@@ -94,8 +94,9 @@ from raysseg.core.precision import at_least_fp32, exact_fp32
 
 BASE_TEMPERATURE = 0.07  # the released code multiplies the loss by tau / 0.07
 LOSS_FORMS = ("paper", "released")  # hp.loss_form: the paper's text, or the authors' released code
-# hp.selection: how the products of the selection are computed, and the exact_select passes of the low ones
-SELECTIONS = {"fp32": 0, "bf16_recheck": 1, "bf16x3_recheck": 3}
+# hp.selection: how the products of the selection are computed: exact fp32, or an exact_select scheme's fast
+# products with the fp32 re-check near the thresholds
+SELECTIONS = {"fp32": None, "bf16_recheck": "bf16", "bf16x3_recheck": "bf16x3", "fp16_recheck": "fp16"}
 
 
 class HPInputError(ValueError):
@@ -140,8 +141,8 @@ def _sync(device: torch.device) -> None:
 def anchor_criterion(feats: Tensor, pool: Tensor, chunk: int, selection: str = "fp32",
                      stats: dict | None = None) -> Tensor:
     """c_i = max_m cos(pool_m, f_i). feats [N, C], pool [M, C], both L2-normalised -> [N].
-    selection "bf16_recheck" / "bf16x3_recheck": bf16 products (one or three passes), fp32 re-check near the
-    maximum (core/exact_select.py), equal bit for bit; ``stats`` gets its "pairs" and "rechecked" added."""
+    selection "bf16_recheck" / "bf16x3_recheck" / "fp16_recheck": fast products (one bf16 pass, three, or one fp16
+    pass), fp32 re-check near the maximum (core/exact_select.py), equal bit for bit; ``stats`` gets its "pairs" and "rechecked" added."""
     _check_2d("anchor_criterion", "feats", feats)
     _check_2d("anchor_criterion", "pool", pool, feats.shape[1])
     _check_chunk("anchor_criterion", chunk)
@@ -153,7 +154,7 @@ def anchor_criterion(feats: Tensor, pool: Tensor, chunk: int, selection: str = "
     if selection not in SELECTIONS:
         _fail("anchor_criterion", f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     if SELECTIONS[selection]:
-        return exact_row_max(f, q, chunk, passes=SELECTIONS[selection], stats=stats)
+        return exact_row_max(f, q, chunk, SELECTIONS[selection], stats=stats)
     with exact_fp32():  # thresholds of a decision: fp32 whatever the caller's autocast
         return torch.cat([(f[i:i + chunk] @ q.T).amax(dim=1) for i in range(0, f.shape[0], chunk)])
 
@@ -165,7 +166,7 @@ def hidden_positive_mask(feats: Tensor, pool: Tensor, chunk: int, selection: str
 
     feats [N, C] and pool [M, C] L2-normalised -> bool [N, N]. Built chunk rows at a
     time, so the float work is chunk x N; in exact fp32 even inside an autocast region.
-    selection "bf16_recheck" / "bf16x3_recheck": the same mask from bf16 products (one or three passes) and
+    selection "bf16_recheck" / "bf16x3_recheck" / "fp16_recheck": the same mask from fast products and
     an fp32 re-check of the pairs near their thresholds (:func:`raysseg.core.exact_select.exact_select`), whose
     "pairs" and "rechecked" (the criterion's and the mask's) are added to ``stats``.
     """
@@ -173,7 +174,7 @@ def hidden_positive_mask(feats: Tensor, pool: Tensor, chunk: int, selection: str
     f = feats.float()
     n = f.shape[0]
     if SELECTIONS[selection]:
-        mask = exact_select(f, f, crit, crit, chunk=chunk, passes=SELECTIONS[selection], stats=stats)
+        mask = exact_select(f, f, crit, crit, chunk=chunk, scheme=SELECTIONS[selection], stats=stats)
         mask.fill_diagonal_(False)
         return mask
     mask = torch.empty(n, n, dtype=torch.bool, device=f.device)

@@ -27,11 +27,12 @@ class HPConfig:
                                   "a dropout sample per use, selection on dropped-out features, pools from new random "
                                   "patches, (t-w)/(T-w) ramp, per-epoch Q_sp renewal, projection head without weight "
                                   "decay or clipping, EMA from the pre-step weights); see methods/hp/core.py")
-    selection: str = setting("fp32", choices=("fp32", "bf16_recheck", "bf16x3_recheck"),
+    selection: str = setting("fp32", choices=("fp32", "bf16_recheck", "bf16x3_recheck", "fp16_recheck"),
                              help="fp32: the selection's products in exact fp32; bf16_recheck: in bf16 with an fp32 "
                                   "re-check of the pairs within the proven error bound of their threshold (the same "
                                   "positives bit for bit; raysseg/core/exact_select.py); bf16x3_recheck: three bf16 "
-                                  "passes, a ~20x narrower margin (for GPUs' tensor cores)")
+                                  "passes, a ~45x narrower margin; fp16_recheck: one fp16 pass, ~8x narrower (for "
+                                  "GPUs' tensor cores; on CPU its fast products run at fp32's speed)")
 
 
 def _head(cfg, backbone_dim: int):
