@@ -228,3 +228,31 @@ def test_recheck_pads_each_group_to_its_width_class_not_to_the_widest_group():
     assert torch.equal(torch.stack([r, c]), torch.stack(maybe.nonzero(as_tuple=True)))
     assert torch.equal(vals, ref[r, c])
     assert counter.get_total_flops() == 2 * 16 * 64 * (512 + 14 * 32)
+
+
+def test_the_recheck_groups_similar_rows_so_their_unions_are_narrower():
+    """Rows of two clusters, interleaved, each cluster with its own uncertain columns: 16 consecutive rows need
+    both clusters' columns, 16 rows along the first principal direction only one's; the values stay fp32's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from raysseg.core.exact_select import _recheck, _recheck_similar
+
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(2, 64, generator=g), dim=1)
+    a = F.normalize(centres[torch.arange(256) % 2] + 0.05 * torch.randn(256, 64, generator=g), dim=1)
+    b = _unit(512, 64, seed=1)
+    maybe = torch.zeros(256, 512, dtype=torch.bool)
+    maybe[0::2, :100] = True
+    maybe[1::2, 100:200] = True
+    with exact_fp32():
+        ref = a @ b.T
+        flops = {}
+        for name, fn in (("consecutive", _recheck), ("similar", _recheck_similar)):
+            with FlopCounterMode(display=False) as counter:
+                r, c, vals = fn(a, b, maybe)
+            flops[name] = counter.get_total_flops()
+            assert torch.equal(vals, ref[r, c])
+            got = torch.zeros(256, 512)
+            got[r, c] = vals
+            assert r.shape[0] == int(maybe.sum()) and torch.equal(got, torch.where(maybe, ref, torch.zeros(())))
+    assert flops["similar"] < 0.6 * flops["consecutive"]
