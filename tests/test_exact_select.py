@@ -256,3 +256,23 @@ def test_the_recheck_groups_similar_rows_so_their_unions_are_narrower():
             got[r, c] = vals
             assert r.shape[0] == int(maybe.sum()) and torch.equal(got, torch.where(maybe, ref, torch.zeros(())))
     assert flops["similar"] < 0.6 * flops["consecutive"]
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "bf16x3"])
+def test_a_against_itself_computes_half_the_fast_products_and_decides_the_same(scheme):
+    """exact_select(a, a): each chunk's fast products cover its own and later columns only; the pairs before them
+    are decided on the transposed products (re-checked as the fp32 path computes them); the mask equals fp32's."""
+    f = _unit(640, 96, seed=11)  # 5 chunks of 128
+    crit = exact_row_max(f, _unit(200, 96, seed=12), 128, scheme)
+    ref = _fp32_select(f, f, crit, crit, 128)
+    with exact_fp32():
+        counts = {name: count_flops_split(lambda: exact_select(f, other, crit, crit, chunk=128, scheme=scheme))
+                  for name, other in (("itself", f), ("a copy", f.clone()))}
+    stats = {}
+    assert torch.equal(exact_select(f, f, crit, crit, chunk=128, scheme=scheme, stats=stats), ref)
+    assert torch.equal(exact_select(f, f.clone(), crit, crit, chunk=128, scheme=scheme), ref)
+    assert stats["pairs"] == 640 * 640 and 0 < stats["rechecked"]
+    per_product = 2 * 96 * (3 if scheme == "bf16x3" else 1)
+    fast = {name: total - exact for name, (total, exact) in counts.items()}
+    assert fast["a copy"] == 640 * 640 * per_product
+    assert fast["itself"] == 128 * (640 + 512 + 384 + 256 + 128) * per_product  # 60% of it: chunks of 128

@@ -324,38 +324,84 @@ def exact_select(a: Tensor, b: Tensor, threshold: Tensor, col_threshold: Tensor 
     a [N, C], b [M, C] float32; threshold [N], col_threshold [M] float32, computed exactly (e.g. by
     :func:`exact_row_max`). ``scheme``: "bf16" (one pass), "bf16x3" (three passes, a margin ~45x narrower for 3x
     the fast GEMM's work) or "fp16" (one pass, ~8x narrower at bf16's tensor-core rate; on CPU at fp32's speed).
+    With ``b is a`` the fast products of each chunk cover only its own and later columns: the pairs before them
+    are decided on the transposed products (:func:`_symmetric_select`), half the fast GEMM's work.
     ``stats`` (optional) gets "pairs" and "rechecked" added.
     """
     sc = _scheme(scheme)
-    fa, fb = _operand(a, sc, "left"), _operand(b, sc, "right")
+    fa = _operand(a, sc, "left")
+    fb = _operand(b, sc, "right")
     m = _margins(fa, fb, sc.passes)
-    col_max = float(m.col.max())
     row_t = threshold.float()
     col_t = None if col_threshold is None else col_threshold.float()
-    mask = torch.empty(a.shape[0], b.shape[0], dtype=torch.bool, device=a.device)
-    for i in range(0, a.shape[0], chunk):
-        rows, t = fa.x[i:i + chunk], row_t[i:i + chunk, None]
-        if rows.shape[0] < _MIN_TILE or not recheck_is_exact(a.device, a.shape[1], rows.shape[0], b.shape[0]):
+    n, c_dim = a.shape
+    sizes = {min(chunk, n - i) for i in range(0, n, chunk)}
+    if b is a and col_t is not None and min(sizes) >= _MIN_TILE and all(
+            recheck_is_exact(a.device, c_dim, size, n) for size in sizes):
+        return _symmetric_select(fa, fb, m, row_t, col_t, chunk, sc.piece, stats)
+    col_max = float(m.col.max())
+    mask = torch.empty(n, b.shape[0], dtype=torch.bool, device=a.device)
+    for i in range(0, n, chunk):
+        rows, t = fa.x[i:i + chunk], row_t[i:i + chunk]
+        if rows.shape[0] < _MIN_TILE or not recheck_is_exact(a.device, c_dim, rows.shape[0], b.shape[0]):
             with exact_fp32():  # the fp32 path's GEMM, as it runs it (a small tail, or a BLAS without the property)
                 sim = rows @ fb.x.T
-            mask[i:i + chunk] = sim > t if col_t is None else (sim > t) | (sim > col_t[None, :])
+            mask[i:i + chunk] = sim > t[:, None] if col_t is None else (sim > t[:, None]) | (sim > col_t[None, :])
             _count(stats, sim.numel(), sim.numel(), rows.shape[0] >= _MIN_TILE)
             continue
-        y = _fast_product(fa.fast[i:i + chunk], fb.fast, a.shape[1], sc.piece)
+        y = _fast_product(fa.fast[i:i + chunk], fb.fast, c_dim, sc.piece)
         e = float(_widen(m.row[i:i + chunk].max() + col_max))  # this chunk's margin m'
-        sure, maybe = y > t + e, y > t - e
-        if col_t is not None:
-            sure |= y > (col_t + e)[None, :]
-            maybe |= y > (col_t - e)[None, :]
+        sure, maybe = _classify(y, t, col_t, e)
         del y
-        maybe &= ~sure
-        with exact_fp32():
-            r, c, vals = _recheck_similar(rows, fb.x, maybe)
-        if r.shape[0]:
-            sure[r, c] = vals > row_t[i + r] if col_t is None else (vals > row_t[i + r]) | (vals > col_t[c])
-        mask[i:i + chunk] = sure
-        _count(stats, sure.numel(), r.shape[0])
+        mask[i:i + chunk] = _settle(sure, maybe, rows, fb.x, t, col_t, stats)
     return mask
+
+
+def _symmetric_select(fa: _Operand, fb: _Operand, m: _Margins, row_t: Tensor, col_t: Tensor, chunk: int,
+                      piece: torch.dtype, stats: dict | None) -> Tensor:
+    """:func:`exact_select` of a against itself, every chunk of at least 16 rows. Chunk I's fast products y [I, J]
+    cover the columns J from its own first row on; the block below it (rows after I, columns I) is decided on
+    y.T: y_ij approximates s_ji (row j's fp32 value, as the fp32 path computes it in j's chunk) within the same
+    bound as s_ij, whose row part comes from i and column part from j, both within this chunk's margin. The
+    pairs of that block inside the margin are re-checked as rows j against columns i."""
+    n = fa.x.shape[0]
+    col_max = float(m.col.max())
+    mask = torch.empty(n, n, dtype=torch.bool, device=fa.x.device)
+    for i in range(0, n, chunk):
+        k = min(chunk, n - i)
+        y = _fast_product(fa.fast[i:i + k], fb.fast[i:], fa.x.shape[1], piece)  # [k, n - i]
+        e = float(_widen(m.row[i:i + k].max() + col_max))
+        sure, maybe = _classify(y, row_t[i:i + k], col_t[i:], e)
+        sure_below, maybe_below = _classify(y[:, k:].T, row_t[i + k:], col_t[i:i + k], e)
+        del y
+        rows = fa.x[i:i + k]
+        mask[i:i + k, i:] = _settle(sure, maybe, rows, fb.x[i:], row_t[i:i + k], col_t[i:], stats)
+        mask[i + k:, i:i + k] = _settle(sure_below, maybe_below, fa.x[i + k:], rows, row_t[i + k:],
+                                        col_t[i:i + k], stats)
+    return mask
+
+
+def _classify(y: Tensor, row_t: Tensor, col_t: Tensor | None, e: float) -> tuple[Tensor, Tensor]:
+    """(sure, maybe) bool like y [R, M]: y_ij > t + e for a threshold (sure positive), or within e of one."""
+    sure, maybe = y > (row_t + e)[:, None], y > (row_t - e)[:, None]
+    if col_t is not None:
+        sure |= y > (col_t + e)[None, :]
+        maybe |= y > (col_t - e)[None, :]
+    return sure, maybe & ~sure
+
+
+def _settle(sure: Tensor, maybe: Tensor, rows: Tensor, cols: Tensor, row_t: Tensor, col_t: Tensor | None,
+            stats: dict | None) -> Tensor:
+    """``sure`` with the ``maybe`` pairs decided on their fp32 values (rows [R, C] against cols [M, C])."""
+    if not bool(maybe.any()):
+        _count(stats, sure.numel(), 0)
+        return sure
+    with exact_fp32():
+        r, c, vals = _recheck_similar(rows, cols, maybe)
+    if r.shape[0]:
+        sure[r, c] = vals > row_t[r] if col_t is None else (vals > row_t[r]) | (vals > col_t[c])
+    _count(stats, sure.numel(), r.shape[0])
+    return sure
 
 
 def _count(stats: dict | None, pairs: int, rechecked: int, fallback: bool = False) -> None:
