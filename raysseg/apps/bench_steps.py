@@ -297,7 +297,9 @@ def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utili
     contrastive loss compare every patch of the batch with every other: quadratic in B), then taken at
     the papers' batch; the FLOPs in exact fp32 (decisions, :func:`raysseg.core.machine.count_flops_split`)
     are fitted apart. A step's time = utilisation x (tensor-core FLOPs / the GPU's dense bf16 peak + exact
-    fp32 FLOPs / its fp32 peak without tensor cores); defaults: H100 SXM / H200 datasheets, 989.4 and 67.
+    fp32 FLOPs / its fp32 peak without tensor cores); defaults: H100 SXM / H200 datasheets, 989.4 and 67. HP's
+    selection (its products: the fp32 row's exact FLOPs; in the others the FLOPs beyond the fp32 row's rest) gets
+    its share of that time.
     The steps run on synthetic scenes, or on the images of the folder ``scenes`` (HP's fp32 re-check of
     ``bf16_recheck`` is data-dependent: it re-computes only the pairs near their thresholds)."""
     def at_paper_batch(f1: float, f2: float, b1: int, b2: int, batch: int) -> float:
@@ -305,6 +307,7 @@ def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utili
         return f1 / b1 - quad * b1 + quad * batch
 
     rows = []
+    rest = 0.0  # HP: GFLOP per image outside the selection's products (the fp32 row's total less its exact part)
     for method in methods:
         cfg = _config(PAPER_SETTINGS[method][0], PAPER_SETTINGS[method][1])
         paper_batch = cfg.pretrain.batch_size if method == "moco" else cfg.train.batch_size
@@ -318,12 +321,17 @@ def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utili
             seconds = (per_image - exact) / (gpu_tflops * 1e3) + exact / (gpu_fp32_tflops * 1e3)
             name = method + (f" ({', '.join(variant)})" if variant else "")
             share = "-" if s1 is None else f"{s1:.1%} / {s2:.1%}"
+            selection = "-"
+            if method == "hp":
+                rest = per_image - exact if variant == ["hp.selection=fp32"] else rest
+                selected = (per_image - exact - rest) / (gpu_tflops * 1e3) + exact / (gpu_fp32_tflops * 1e3)
+                selection = f"{selected / seconds:.0%}"
             rows.append([name, f"{paper_batch}", f"{f1 / b1:.0f}", f"{f2 / b2:.0f}", f"{per_image:.0f}",
-                         f"{exact:.1f}", share, f"{utilisation / seconds:,.0f}"])
+                         f"{exact:.1f}", share, selection, f"{utilisation / seconds:,.0f}"])
             print(f"[bench demand] {name}: {per_image:.0f} GFLOP per image at batch {paper_batch}, "
                   f"{exact:.1f} in exact fp32", flush=True)
     header = ["method", "papers batch", "GFLOP/image at B=2", "GFLOP/image at B=4", "GFLOP/image at the papers batch",
-              "of which exact fp32", "pairs re-checked at B=2 / 4",
+              "of which exact fp32", "pairs re-checked at B=2 / 4", "selection's share of the FLOP-time",
               f"images/s per GPU at {100 * utilisation:.0f}% of {gpu_tflops:.0f} (bf16) "
               f"and {gpu_fp32_tflops:.0f} (fp32) TFLOP/s"]
     on = f"the images of {scenes}" if scenes else "synthetic scenes"
