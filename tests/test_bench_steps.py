@@ -55,3 +55,16 @@ def test_the_steps_can_run_on_a_folder_of_images(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["bench", "demand", "--method", "hp", "--scenes", str(tmp_path / "images" / "a" / "none")])
     assert stop.value.code == 2 and "--scenes" in capsys.readouterr().err
+
+
+def test_bench_gpu_times_hp_with_each_low_precision_selection(capsys):
+    """`bench gpu` (here its CPU mode) gives HP a bf16 row per low-precision selection, named, with its share of
+    pairs re-checked; the positives are the fp32 selection's, so only the speed differs."""
+    from raysseg.apps.bench_steps import GPU_SELECTIONS, bench_gpu
+
+    text = bench_gpu(device="cpu", precisions=("bf16",), methods=("hp",), steps=1, paper=False)
+    rows = [line for line in text.splitlines() if line.startswith("| hp")]
+    assert [row.split(" | ")[0] for row in rows] == ["| hp"] + [f"| hp ({s})" for s in GPU_SELECTIONS]
+    printed = capsys.readouterr().out
+    for selection in GPU_SELECTIONS:
+        assert f"[bench gpu] hp ({selection}) bf16:" in printed and "of pairs re-checked" in printed

@@ -253,23 +253,35 @@ def bench_step_local(method: str, device: str, precision: str, steps: int, paper
                  f"{', images of ' + scenes if scenes else ''}), median of {steps} steps", [result])
 
 
+# HP's low-precision selections, timed in bf16 beside its exact fp32 one by `bench gpu`
+GPU_SELECTIONS = ("bf16_recheck", "bf16x3_recheck", "fp16_recheck")
+
+
 def bench_gpu(device: str = "cuda", precisions=("fp32", "bf16"), methods=tuple(PAPER_SETTINGS), steps: int = 8,
               paper: bool = True) -> str:
-    """Every method's step at the papers' settings in each precision: one table (``paper=False``: the CPU mode)."""
+    """Every method's step at the papers' settings in each precision: one table (``paper=False``: the CPU mode).
+    HP also runs in bf16 with each of :data:`GPU_SELECTIONS` (its row names the selection and prints the share of
+    pairs re-checked)."""
     results = []
     for method in methods:
-        for precision in precisions:
+        runs = [(precision, []) for precision in precisions]
+        if method == "hp" and "bf16" in precisions:
+            runs += [("bf16", [f"hp.selection={selection}"]) for selection in GPU_SELECTIONS]
+        for precision, overrides in runs:
+            name = method + "".join(f" ({o.split('=')[1]})" for o in overrides)
             t0 = time.perf_counter()
             try:
-                results.append(step_benchmark(method, device, precision, [], steps=steps, paper=paper))
+                results.append(step_benchmark(method, device, precision, overrides, steps=steps, paper=paper))
             except torch.OutOfMemoryError as exc:
-                print(f"[bench gpu] {method} {precision}: out of memory ({' '.join(str(exc).split())[:120]})", flush=True)
+                print(f"[bench gpu] {name} {precision}: out of memory ({' '.join(str(exc).split())[:120]})", flush=True)
                 continue
             finally:
                 if torch.device(device).type == "cuda":
                     torch.cuda.empty_cache()
             r = results[-1]
-            print(f"[bench gpu] {method} {precision}: {r.images_per_s:.1f} images/s "
+            r.method = name
+            share = "" if r.recheck_frac is None else f", {r.recheck_frac:.2%} of pairs re-checked"
+            print(f"[bench gpu] {name} {precision}: {r.images_per_s:.1f} images/s{share} "
                   f"({time.perf_counter() - t0:.0f} s with setup)", flush=True)
     return table(f"Training step per method, {'papers settings' if paper else 'CPU mode'}, "
                  f"median of {steps} steps", results)
