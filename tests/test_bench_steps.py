@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from raysseg.apps.bench_steps import HEADER, PAPER_SETTINGS
+from raysseg.apps.bench_steps import GPU_SELECTIONS, HEADER, PAPER_SETTINGS
 
 BLOCKED = ("ray", "mlflow", "faiss", "pyarrow", "boto3", "botocore")
 RUN = f"""
@@ -27,7 +27,12 @@ def test_gpu_benchmark_cpu_mode_runs_without_ray_mlflow_faiss(tmp_path):
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0] == "| " + " | ".join(HEADER) + " |"
     done = {(row.split(" | ")[0][2:], row.split(" | ")[3]) for row in rows[1:]}
-    assert done == {(m, p) for m in PAPER_SETTINGS for p in ("fp32", "bf16")}
+    # HP also in bf16 once per low-precision selection, its line giving the share of pairs re-checked
+    assert done == ({(m, p) for m in PAPER_SETTINGS for p in ("fp32", "bf16")}
+                    | {(f"hp ({s})", "bf16") for s in GPU_SELECTIONS})
+    for selection in GPU_SELECTIONS:
+        line = next(x for x in proc.stdout.splitlines() if x.startswith(f"[bench gpu] hp ({selection}) bf16:"))
+        assert "of pairs re-checked" in line, line
     for row in rows[1:]:
         cells = row.strip("| ").split(" | ")
         assert float(cells[4]) > 0 and "nan" not in row, row  # images/s, and every FLOP/s share computed
@@ -56,15 +61,3 @@ def test_the_steps_can_run_on_a_folder_of_images(tmp_path, capsys):
         cli.main(["bench", "demand", "--method", "hp", "--scenes", str(tmp_path / "images" / "a" / "none")])
     assert stop.value.code == 2 and "--scenes" in capsys.readouterr().err
 
-
-def test_bench_gpu_times_hp_with_each_low_precision_selection(capsys):
-    """`bench gpu` (here its CPU mode) gives HP a bf16 row per low-precision selection, named, with its share of
-    pairs re-checked; the positives are the fp32 selection's, so only the speed differs."""
-    from raysseg.apps.bench_steps import GPU_SELECTIONS, bench_gpu
-
-    text = bench_gpu(device="cpu", precisions=("bf16",), methods=("hp",), steps=1, paper=False)
-    rows = [line for line in text.splitlines() if line.startswith("| hp")]
-    assert [row.split(" | ")[0] for row in rows] == ["| hp"] + [f"| hp ({s})" for s in GPU_SELECTIONS]
-    printed = capsys.readouterr().out
-    for selection in GPU_SELECTIONS:
-        assert f"[bench gpu] hp ({selection}) bf16:" in printed and "of pairs re-checked" in printed
