@@ -235,7 +235,7 @@ def test_the_recheck_groups_similar_rows_so_their_unions_are_narrower():
     both clusters' columns, 16 rows along the first principal direction only one's; the values stay fp32's."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from raysseg.core.exact_select import _recheck, _recheck_similar
+    from raysseg.core.exact_select import _principal_key, _recheck, _recheck_similar
 
     g = torch.Generator().manual_seed(0)
     centres = F.normalize(torch.randn(2, 64, generator=g), dim=1)
@@ -247,7 +247,8 @@ def test_the_recheck_groups_similar_rows_so_their_unions_are_narrower():
     with exact_fp32():
         ref = a @ b.T
         flops = {}
-        for name, fn in (("consecutive", _recheck), ("similar", _recheck_similar)):
+        for name, fn in (("consecutive", _recheck),
+                         ("similar", lambda a, b, maybe: _recheck_similar(a, b, maybe, _principal_key(a)))):
             with FlopCounterMode(display=False) as counter:
                 r, c, vals = fn(a, b, maybe)
             flops[name] = counter.get_total_flops()

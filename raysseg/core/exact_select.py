@@ -38,7 +38,7 @@ Thresholds that are themselves products (a row maximum over a pool) are found ex
 the row's maximum, and their fp32 values give it.
 
 Bit-exactness with the fp32 path: that path computes ``a[rows] @ b.T`` a chunk of rows at a time (MKL sgemm on
-CPU). The re-check runs GEMMs of 16 rows (neighbours along the chunk's first principal direction, so that their
+CPU). The re-check runs GEMMs of 16 rows (neighbours along the rows' first principal direction, so that their
 uncertain columns overlap) against the union of their uncertain columns, padded to at
 least 32 columns, batched (bmm) per width class (groups of 33-64 columns are padded to the widest of them, and so
 on: a group costs at most twice its own union); a chunk of the fp32 path with fewer than 16 rows (a tail) is
@@ -239,22 +239,22 @@ def _recheck(a: Tensor, b: Tensor, maybe: Tensor) -> tuple[Tensor, Tensor, Tenso
     return r, c, values
 
 
-def _similar_rows_together(rows: Tensor, iterations: int = 8) -> Tensor:
-    """A permutation of ``rows`` [R, C] that sorts them along their first principal direction (power iterations
-    from the row farthest from the mean): 16 neighbours in it have similar products, so their uncertain columns
-    overlap and a re-check group's union is narrower (on HP's CamVid selections 15-35% less re-check work than
-    16 consecutive patches)."""
-    x = rows - rows.mean(dim=0)
+def _principal_key(x: Tensor, iterations: int = 8) -> Tensor:
+    """[R]: each row of ``x`` [R, C] projected on the rows' first principal direction (power iterations from the
+    row farthest from the mean). Rows sorted by it have similar products, so their uncertain columns overlap
+    and a re-check group's union is narrower (on HP's CamVid selections 15-35% less re-check work than 16
+    consecutive patches). Computed once per selection, for all its chunks."""
+    x = x - x.mean(dim=0)
     v = x[x.norm(dim=1).argmax()]
     for _ in range(iterations):
         v = x.T @ (x @ v)
         v = v / v.norm().clamp(min=1e-30)
-    return (x @ v).argsort()
+    return x @ v
 
 
-def _recheck_similar(rows: Tensor, b: Tensor, maybe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_recheck` with the rows grouped by :func:`_similar_rows_together`: (rows, cols, values)."""
-    order = _similar_rows_together(rows)
+def _recheck_similar(rows: Tensor, b: Tensor, maybe: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_recheck` with the rows grouped in the order of their ``key`` [R] (:func:`_principal_key`)."""
+    order = key.argsort()
     r, c, values = _recheck(rows[order], b, maybe[order])
     return order[r], c, values
 
@@ -281,7 +281,8 @@ def recheck_is_exact(device: torch.device, c_dim: int, chunk: int, m: int) -> bo
             # rows of very different densities, grouped as the selection groups them (not consecutive): groups
             # of every width class in one call, some groups empty
             density = torch.rand(chunk, 1, generator=g) ** 4
-            r, c, vals = _recheck_similar(a, b, (torch.rand(chunk, m, generator=g) < density).to(device))
+            maybe = (torch.rand(chunk, m, generator=g) < density).to(device)
+            r, c, vals = _recheck_similar(a, b, maybe, _principal_key(a))
             ok = ok and bool(torch.equal(vals, ref[r, c]))
         _RECHECK_EXACT[key] = ok
     return _RECHECK_EXACT[key]
@@ -297,6 +298,7 @@ def exact_row_max(a: Tensor, b: Tensor, chunk: int, scheme: str = "bf16", stats:
     fa, fb = _operand(a, sc, "left"), _operand(b, sc, "right")
     m = _margins(fa, fb, sc.passes)
     span = 2 * _widen(m.row + float(m.col.max()))  # [N]: 2 m'_i
+    key = _principal_key(fa.x)
     out = []
     for i in range(0, a.shape[0], chunk):
         rows = fa.x[i:i + chunk]
@@ -308,7 +310,7 @@ def exact_row_max(a: Tensor, b: Tensor, chunk: int, scheme: str = "bf16", stats:
         y = _fast_product(fa.fast[i:i + chunk], fb.fast, a.shape[1], sc.piece)
         cand = y >= (y.amax(dim=1) - span[i:i + chunk])[:, None]
         with exact_fp32():
-            r, _, vals = _recheck_similar(rows, fb.x, cand)
+            r, _, vals = _recheck_similar(rows, fb.x, cand, key[i:i + chunk])
         best = torch.full((rows.shape[0],), float("-inf"), device=a.device)
         out.append(best.scatter_reduce(0, r, vals, reduce="amax"))
         _count(stats, y.numel(), r.shape[0])
@@ -335,10 +337,11 @@ def exact_select(a: Tensor, b: Tensor, threshold: Tensor, col_threshold: Tensor 
     row_t = threshold.float()
     col_t = None if col_threshold is None else col_threshold.float()
     n, c_dim = a.shape
+    key = _principal_key(fa.x)
     sizes = {min(chunk, n - i) for i in range(0, n, chunk)}
     if b is a and col_t is not None and min(sizes) >= _MIN_TILE and all(
             recheck_is_exact(a.device, c_dim, size, n) for size in sizes):
-        return _symmetric_select(fa, fb, m, row_t, col_t, chunk, sc.piece, stats)
+        return _symmetric_select(fa, fb, m, row_t, col_t, key, chunk, sc.piece, stats)
     col_max = float(m.col.max())
     mask = torch.empty(n, b.shape[0], dtype=torch.bool, device=a.device)
     for i in range(0, n, chunk):
@@ -353,12 +356,12 @@ def exact_select(a: Tensor, b: Tensor, threshold: Tensor, col_threshold: Tensor 
         e = float(_widen(m.row[i:i + chunk].max() + col_max))  # this chunk's margin m'
         sure, maybe = _classify(y, t, col_t, e)
         del y
-        mask[i:i + chunk] = _settle(sure, maybe, rows, fb.x, t, col_t, stats)
+        mask[i:i + chunk] = _settle(sure, maybe, rows, fb.x, t, col_t, key[i:i + chunk], stats)
     return mask
 
 
-def _symmetric_select(fa: _Operand, fb: _Operand, m: _Margins, row_t: Tensor, col_t: Tensor, chunk: int,
-                      piece: torch.dtype, stats: dict | None) -> Tensor:
+def _symmetric_select(fa: _Operand, fb: _Operand, m: _Margins, row_t: Tensor, col_t: Tensor, key: Tensor,
+                      chunk: int, piece: torch.dtype, stats: dict | None) -> Tensor:
     """:func:`exact_select` of a against itself, every chunk of at least 16 rows. Chunk I's fast products y [I, J]
     cover the columns J from its own first row on; the block below it (rows after I, columns I) is decided on
     y.T: y_ij approximates s_ji (row j's fp32 value, as the fp32 path computes it in j's chunk) within the same
@@ -375,9 +378,9 @@ def _symmetric_select(fa: _Operand, fb: _Operand, m: _Margins, row_t: Tensor, co
         sure_below, maybe_below = _classify(y[:, k:].T, row_t[i + k:], col_t[i:i + k], e)
         del y
         rows = fa.x[i:i + k]
-        mask[i:i + k, i:] = _settle(sure, maybe, rows, fb.x[i:], row_t[i:i + k], col_t[i:], stats)
+        mask[i:i + k, i:] = _settle(sure, maybe, rows, fb.x[i:], row_t[i:i + k], col_t[i:], key[i:i + k], stats)
         mask[i + k:, i:i + k] = _settle(sure_below, maybe_below, fa.x[i + k:], rows, row_t[i + k:],
-                                        col_t[i:i + k], stats)
+                                        col_t[i:i + k], key[i + k:], stats)
     return mask
 
 
@@ -391,16 +394,16 @@ def _classify(y: Tensor, row_t: Tensor, col_t: Tensor | None, e: float) -> tuple
 
 
 def _settle(sure: Tensor, maybe: Tensor, rows: Tensor, cols: Tensor, row_t: Tensor, col_t: Tensor | None,
-            stats: dict | None) -> Tensor:
-    """``sure`` with the ``maybe`` pairs decided on their fp32 values (rows [R, C] against cols [M, C])."""
-    if not bool(maybe.any()):
-        _count(stats, sure.numel(), 0)
-        return sure
-    with exact_fp32():
-        r, c, vals = _recheck_similar(rows, cols, maybe)
-    if r.shape[0]:
+            key: Tensor, stats: dict | None) -> Tensor:
+    """``sure`` with the ``maybe`` pairs decided on their fp32 values (rows [R, C] against cols [M, C]; the rows
+    grouped by ``key`` [R])."""
+    if bool(maybe.any()):
+        with exact_fp32():
+            r, c, vals = _recheck_similar(rows, cols, maybe, key)
         sure[r, c] = vals > row_t[r] if col_t is None else (vals > row_t[r]) | (vals > col_t[c])
-    _count(stats, sure.numel(), r.shape[0])
+        _count(stats, sure.numel(), r.shape[0])
+    else:
+        _count(stats, sure.numel(), 0)
     return sure
 
 

@@ -142,7 +142,8 @@ def anchor_criterion(feats: Tensor, pool: Tensor, chunk: int, selection: str = "
                      stats: dict | None = None) -> Tensor:
     """c_i = max_m cos(pool_m, f_i). feats [N, C], pool [M, C], both L2-normalised -> [N].
     selection "bf16_recheck" / "bf16x3_recheck" / "fp16_recheck": fast products (one bf16 pass, three, or one fp16
-    pass), fp32 re-check near the maximum (core/exact_select.py), equal bit for bit; ``stats`` gets its "pairs" and "rechecked" added."""
+    pass), fp32 re-check near the maximum (core/exact_select.py), equal bit for bit; ``stats`` gets its "pairs"
+    and "rechecked" added."""
     _check_2d("anchor_criterion", "feats", feats)
     _check_2d("anchor_criterion", "pool", pool, feats.shape[1])
     _check_chunk("anchor_criterion", chunk)
