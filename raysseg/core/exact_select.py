@@ -172,7 +172,7 @@ def _piece_gemm(a: Tensor, b: Tensor, piece: torch.dtype) -> Tensor:
         finally:
             setattr(matmul, name, old)
     if piece == torch.float16:
-        with exact_fp32(), torch.autocast("cpu", enabled=False):
+        with exact_fp32():  # IEEE fp32 (no oneDNN bf16 mode, no autocast): exact on fp16-valued operands
             return a @ b.T
     mkldnn = torch.backends.mkldnn.matmul
     old = mkldnn.fp32_precision
