@@ -367,3 +367,32 @@ def test_every_method_that_takes_a_vit_runs_on_dinov2(method):
     assert cfg.model.backbone == "vit_small_patch14_reg4_dinov2"
     losses = {k: v for k, v in stats.items() if k.startswith("loss")}
     assert losses and all(np.isfinite(v) for v in losses.values()), stats
+
+
+def test_vit_linears_run_on_onednn_only_where_nothing_else_changes():
+    """A frozen CPU forward takes oneDNN's fused linear (+GELU) and equals timm's own modules to float32
+    rounding; with gradients or autocast it is F.linear exactly as before; the state dict is timm's."""
+    import timm
+    from raysseg.core.backbones import ONEDNN, OneDnnLinear
+
+    model = _seeded("vit_small_patch16", 0).eval()
+    reference = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True)
+    assert list(model.vit.state_dict()) == list(reference.state_dict())
+    reference.load_state_dict(model.vit.state_dict())
+    reference.eval()
+    mlp = model.vit.blocks[0].mlp
+    assert isinstance(mlp.fc1, OneDnnLinear) and mlp.fc1.gelu == "none" and mlp.fc2.gelu is None
+    assert isinstance(mlp.act, torch.nn.Identity)
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        assert mlp.fc1._onednn_applies(torch.randn(2, 13, 384)) == ONEDNN
+        torch.testing.assert_close(model.forward_tokens(x)[0], reference.forward_features(x), rtol=0, atol=5e-5)
+    tokens = torch.randn(2, 13, 384, requires_grad=True)
+    assert not mlp.fc1._onednn_applies(tokens)
+    expected = torch.nn.functional.gelu(torch.nn.functional.linear(tokens, mlp.fc1.weight, mlp.fc1.bias))
+    assert torch.equal(mlp.fc1(tokens), expected)  # the autograd path is the plain one, bit for bit
+    mlp.fc1(tokens).sum().backward()
+    assert tokens.grad is not None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not mlp.fc2._onednn_applies(torch.randn(2, 13, 1536))
+        assert mlp.fc2(torch.randn(2, 13, 1536)).dtype == torch.bfloat16

@@ -24,7 +24,9 @@ from raysseg.methods.hp.core import (
     local_attention_weights,
     mix_codes,
     neighbourhood_mask,
+    rows_any,
     sample_negatives,
+    weighted_nll_sum,
     weighted_supcon_loss,
 )
 
@@ -154,6 +156,32 @@ def test_loss_matches_loop_reference():
     anchors = F.normalize(torch.randn(z.shape, generator=torch.Generator().manual_seed(9)), dim=1)
     torch.testing.assert_close(weighted_supcon_loss(z, w, neg, 0.6, 4, anchors=anchors),
                                loop_reference(z, w, neg, 0.6, anchors=anchors))
+
+
+def test_weighted_nll_sum_closed_form_gradient():
+    """The loss core's hand-written backward: finite differences in float64 (task-specific-only pairs
+    outside the denominator included), and autograd through the plain expression in fp32 and bf16."""
+    g = torch.Generator().manual_seed(3)
+    a = F.normalize(torch.randn(7, 5, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    z = F.normalize(torch.randn(11, 5, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    pos, sp, neg = (torch.rand(7, 11, generator=g) < p for p in (0.3, 0.2, 0.3))
+    denom = pos | neg
+    denom[:, 0] = True
+    w = pos.float() + 0.4 * sp.float()
+    assert (w[~denom] > 0).any()
+    assert torch.autograd.gradcheck(lambda a, z: weighted_nll_sum(a, z, w, denom, 0.7), (a, z))
+
+    def plain(a, z):
+        logits = (a @ z.T).float() / 0.7
+        return (w * (logits.masked_fill(~denom, float("-inf")).logsumexp(1, keepdim=True) - logits)).sum()
+
+    a32, z32 = (t.detach().float().requires_grad_() for t in (a, z))
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ours, ref = weighted_nll_sum(a32, z32, w, denom, 0.7), plain(a32, z32)
+        assert torch.equal(ours, ref)  # the forward is the plain expression's, bit for bit
+        for got, want in zip(torch.autograd.grad(ours, (a32, z32)), torch.autograd.grad(ref, (a32, z32))):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_loss_hand_computed_value():
@@ -498,3 +526,11 @@ def test_the_losses_give_the_same_gradients_with_and_without_recomputing_their_l
         results.append((loss.detach(), z.grad))
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-6)
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+
+
+def test_rows_any_equals_torch_any_on_contiguous_and_sliced_masks():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(40, 33, generator=g) < 0.03
+    mask[3] = False
+    for m in (mask, mask[5:17], mask[:, 4:20], mask.T):
+        assert torch.equal(rows_any(m), m.any(dim=1))

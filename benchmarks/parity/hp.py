@@ -34,7 +34,7 @@ Rows that are not within 1e-5 relative, and why (nothing of the method):
 
 Timing (unless ``--no-timing``): the same loop again with the released ViT, against ``HPTrainer.step_on`` with
 the project's timm ViT loaded from the same weights; both get the image and its augmented copy from outside
-(no augmentation on either side), one thread, CPU-seconds per iteration; ``--timing-rounds`` (3) rounds in turn,
+(no augmentation on either side), one thread (``--threads``), CPU-seconds per iteration; ``--timing-rounds`` (3) rounds in turn,
 each cell the median over rounds.
 
 The released modules import packages unrelated to this (wandb, pytorch_lightning, torchmetrics): empty stand-in
@@ -65,6 +65,7 @@ from raysseg.config import load_config  # noqa: E402
 from raysseg.core.backbones import BackboneOutput, standardize  # noqa: E402
 from raysseg.methods.base import TrainContext  # noqa: E402
 from raysseg.methods.hp.core import HPModel, hidden_positive_mask  # noqa: E402
+from raysseg.methods.hp.spec import HPConfig  # noqa: E402
 from raysseg.methods.hp.trainer import HPTrainer  # noqa: E402
 from raysseg.methods.registry import build_segmenter  # noqa: E402
 from raysseg.methods.shared import LocalSharedState  # noqa: E402
@@ -669,8 +670,9 @@ def golden(rec: Recorder) -> dict[str, np.ndarray]:
 
 
 def our_step_times(weights: str, images: dict, *overrides: str) -> list[float]:
-    """CPU-seconds of each ``HPTrainer.step_on`` over the timing loop's images (config ``overrides`` on top)."""
-    cfg = project_config(weights, *overrides)
+    """CPU-seconds of each ``HPTrainer.step_on`` over the timing loop's images (config ``overrides`` on top), at
+    the default ``hp.chunk`` (the parity case's 16 exercises the chunking at 64 px; this times what users run)."""
+    cfg = project_config(weights, f"hp.chunk={HPConfig().chunk}", *overrides)
     torch.manual_seed(SEED)
     seg = build_segmenter(cfg)
     paths = [f"pool{i}" for i in range(POOL)]
@@ -712,7 +714,8 @@ def timing(rel, weights: str, images: dict, rounds: int = 1) -> str:
     plain = [t for t in range(1, BATCHES * EPOCHS) if t not in renew]
     rows = [("mean of steps " + ",".join(map(str, plain)) + " (no renewal)", lambda v: np.mean(v[plain]))]
     rows += [(f"step {t} (Q_sp renewal: {POOL} pool images)", lambda v, t=t: v[t]) for t in sorted(renew)]
-    lines = [f"CPU-seconds per iteration (1 thread; ViT-S/16, batch {B} at {S} px, pool of {POOL} images; steps 1-5, "
+    threads = torch.get_num_threads()
+    lines = [f"CPU-seconds per iteration ({threads} thread{'s' * (threads > 1)}; ViT-S/16, batch {B} at {S} px, pool of {POOL} images; steps 1-5, "
              f"renewals apart; median of {rounds} rounds in turn; released / ours in brackets)",
              f"{'':<38}" + "".join(f"{name:>26}" for name in runs)]
     theirs = runs["released run.py"]
@@ -761,6 +764,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "tests/fixtures/parity/hp_released.npz")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--timing-rounds", type=int, default=3, help="timing runs in turn (median reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the timing (the parity case: 1)")
     parser.add_argument("--timing-size", default="", metavar="B,S",
                         help="time at batch B and S px instead of the parity case's 2 and 64 (e.g. 8,224)")
     args = parser.parse_args()
@@ -790,6 +794,7 @@ def main() -> int:
         if args.timing_size:
             use_size(*(int(v) for v in args.timing_size.split(",")))
             images = make_images()
+        torch.set_num_threads(args.threads)
         print(timing(rel, weights, images, args.timing_rounds))
     return 0
 

@@ -218,6 +218,12 @@ def sample_negatives(positive_any: Tensor, rho: float, generator: torch.Generato
 # ----------------------------------------------------------------------------- contrastive loss
 
 
+def rows_any(mask: Tensor) -> Tensor:
+    """bool [r, N] -> bool [r]: whether each row has a True. ``mask.any(dim=1)`` computes the same, but
+    torch's bool reduction on CPU is ~30x slower than a max over the same bytes (3 ms vs 0.1 ms at 1568^2)."""
+    return mask.view(torch.uint8).amax(dim=1).bool()
+
+
 def _weights(parts: tuple[Tensor, ...], coefs: tuple[float, ...]) -> Tensor:
     return sum(c * p.to(torch.float32) for c, p in zip(coefs, parts))
 
@@ -228,10 +234,52 @@ def _chunk_nll_sum(anchors: Tensor, z: Tensor, neg: Tensor, *parts: Tensor,
     w = _weights(parts, coefs)
     pos = w > 0
     # Rows without positives get a full (finite) denominator; their w = 0 removes them.
-    denom = pos | neg | ~pos.any(dim=1, keepdim=True)
-    logits = at_least_fp32(anchors @ z.T) / tau  # under autocast the product is bf16/fp16; the softmax sums are fp32
-    lse = logits.masked_fill(~denom, float("-inf")).logsumexp(dim=1, keepdim=True)
-    return (w * (lse - logits)).sum()
+    denom = pos | neg | ~rows_any(pos)[:, None]
+    return weighted_nll_sum(anchors, z, w, denom, tau)
+
+
+def weighted_nll_sum(anchors: Tensor, z: Tensor, w: Tensor, denom: Tensor, tau: float) -> Tensor:
+    """sum_ij w_ij * (logsumexp_{k : denom_ik} l_ik - l_ij), l = a.z / tau, with its gradient in closed form.
+
+    anchors [r, D], z [N, D]; w float [r, N] (>= 0; an entry outside denom still counts its -l_ij);
+    denom bool [r, N] with a True in every row -> scalar. Under autocast the product is bf16/fp16 and
+    everything after it fp32 (float64 inputs stay float64). The forward's values are those of
+    ``(w * (logits.masked_fill(~denom, -inf).logsumexp(1, keepdim=True) - logits)).sum()`` bit for bit;
+    the backward uses dS/dl_ik = W_i p_ik - w_ik (W_i = sum_j w_ij, p the softmax over denom_i) from the
+    exponentials kept in forward, instead of autograd's chain through masked_fill, logsumexp and the
+    weighted difference (about half the [r, N] passes, and no exponential computed twice)."""
+    return _WeightedNLLSum.apply(anchors, z, w, denom, tau)
+
+
+class _WeightedNLLSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchors: Tensor, z: Tensor, w: Tensor, denom: Tensor, tau: float) -> Tensor:
+        product = anchors @ z.T  # under autocast the product is bf16/fp16; the softmax sums are fp32
+        logits = at_least_fp32(product) / tau
+        # torch.logsumexp's own steps (amax, infinite maxima set to 0, exp of the shifted row, sum, log + max)
+        masked = logits.masked_fill(~denom, float("-inf"))
+        shift = masked.amax(dim=1, keepdim=True)
+        shift.masked_fill_(shift.abs() == float("inf"), 0)
+        exps = masked.sub_(shift).exp_()
+        sums = exps.sum(dim=1, keepdim=True)
+        lse = sums.log().add_(shift)
+        ctx.save_for_backward(anchors, z, w, exps, sums)
+        ctx.tau, ctx.product_dtype = tau, product.dtype
+        return (w * (lse - logits)).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        anchors, z, w, exps, sums = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            scale = w.sum(dim=1, keepdim=True, dtype=sums.dtype).div_(sums)
+            d_logits = (exps * scale).sub_(w).mul_(grad / ctx.tau)  # dS/dl, then through l = product / tau
+            d_product = d_logits.to(ctx.product_dtype)
+            d_anchors = d_z = None
+            if ctx.needs_input_grad[0]:
+                d_anchors = (d_product @ z.to(ctx.product_dtype)).to(anchors.dtype)
+            if ctx.needs_input_grad[1]:
+                d_z = (d_product.T @ anchors.to(ctx.product_dtype)).to(z.dtype)
+        return d_anchors, d_z, None, None, None
 
 
 @torch.no_grad()
@@ -344,9 +392,7 @@ def _released_image_sum(anchors: Tensor, z: Tensor, pos_ag: Tensor, pos_sp: Tens
     if pos_sp is not None:
         w = w + lam * pos_sp.to(torch.float32)
     denom = pos_ag | neg  # released (4): P_ag plus the shared random mask (self removed)
-    logits = at_least_fp32(anchors @ z.T) / tau
-    lse = logits.masked_fill(~denom, float("-inf")).logsumexp(dim=1, keepdim=True)
-    return (w * (lse - logits)).sum()
+    return weighted_nll_sum(anchors, z, w, denom, tau)
 
 
 def released_supcon_per_image(z: Tensor, pos_ag: Tensor, pos_sp: Tensor | None, lam: float, neg_shared: Tensor,
@@ -380,7 +426,7 @@ def released_supcon_per_image(z: Tensor, pos_ag: Tensor, pos_sp: Tensor | None, 
     if tau <= 0:
         _fail("released_supcon_per_image", f"tau must be > 0, got {tau}")
     use_sp = pos_sp is not None and lam > 0
-    kept = pos_ag.any(dim=1)  # released (3)
+    kept = rows_any(pos_ag)  # released (3)
     use_ckpt = _checkpointed(z, a)
     cols = torch.arange(total, device=z.device)
     losses = []
@@ -669,7 +715,7 @@ class HPModel(nn.Module):
             "loss_consistency": float(reg.detach()),
             "lam": float(lam),
             "pos_per_anchor": float(counts.sum()) / n,
-            "neg_per_anchor": float(neg.sum()) / n,
+            "neg_per_anchor": float(torch.count_nonzero(neg)) / n,
             "kept_frac": float((counts > 0).sum()) / n,
             "time_selection_s": t1 - t0,
             "time_loss_s": t2 - t1,
@@ -737,7 +783,7 @@ class HPModel(nn.Module):
             "loss_lhp": float(lhp.detach().mean()),
             "loss_consistency": float(reg.detach()),
             "lam": float(lam),
-            "pos_per_anchor": float(positives.sum()) / n,
+            "pos_per_anchor": float(torch.count_nonzero(positives)) / n,
             "neg_per_anchor": float(neg.sum()) * b / n,
             "kept_frac": float(kept.sum()) / n,
             "time_selection_s": t1 - t0,
