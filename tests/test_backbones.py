@@ -396,3 +396,16 @@ def test_vit_linears_run_on_onednn_only_where_nothing_else_changes():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert not mlp.fc2._onednn_applies(torch.randn(2, 13, 1536))
         assert mlp.fc2(torch.randn(2, 13, 1536)).dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_compiled_frozen_vit_on_cpu_equals_eager():
+    """torch.compile traces the plain F.linear path (inductor cannot lower oneDNN's op on parameters)."""
+    model = _seeded("vit_small_patch16", 0, frozen=True)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        eager = model(x, with_attention=True)
+        model.compile()
+        compiled = model(x, with_attention=True)
+    torch.testing.assert_close(compiled.features, eager.features, rtol=0, atol=5e-5)
+    torch.testing.assert_close(compiled.attn_logits, eager.attn_logits, rtol=0, atol=5e-5)

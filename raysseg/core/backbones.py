@@ -100,12 +100,13 @@ ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in 
 class OneDnnLinear(nn.Module):
     """A ViT's ``nn.Linear``, optionally with the GELU that follows it, on oneDNN where that is safe.
 
-    It keeps the layer's own ``weight`` and ``bias`` (same parameters, same state-dict keys). Where the
-    product is float32 on CPU, with no gradient to record and no autocast (a frozen backbone's forward),
-    it runs ``torch.ops.mkldnn._linear_pointwise`` with the GELU fused; elsewhere (GPU, autocast,
-    training) ``F.linear`` and ``F.gelu``, as before. Same float32 precision, a different kernel: outputs
-    differ from MKL's sgemm by rounding (a few ULPs). On the benchmarks' AMD EPYC (1 thread) oneDNN ran
-    ViT-S/16's linears 10-25% faster than MKL's sgemm, and the whole forward about 6-13% faster.
+    It keeps the layer's own ``weight`` and ``bias`` (same parameters, same state-dict keys). A frozen
+    backbone's eager forward (float32 on CPU, no gradient to record, no autocast, not traced by
+    torch.compile) runs ``torch.ops.mkldnn._linear_pointwise`` with the GELU fused. Everything else (GPU,
+    autocast, training, compiled graphs, whose inductor lowers that op only for frozen constants) runs
+    ``F.linear`` and ``F.gelu`` as before. Same float32 precision, another kernel: outputs differ from
+    MKL's sgemm by rounding. On the benchmarks' AMD EPYC a ViT-S/16 forward ran 1.17x (1 thread) and
+    1.22x (2 threads) as fast as with MKL's sgemm (benchmarks/vit_linears.py).
 
     x: [..., in_features] -> [..., out_features]; ``gelu``: None, "none" (erf) or "tanh"."""
 
@@ -124,7 +125,7 @@ class OneDnnLinear(nn.Module):
     def _onednn_applies(self, x: Tensor) -> bool:
         if not ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
             return False
-        if torch.is_autocast_enabled("cpu"):
+        if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
             return False
         return not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, self.weight, self.bias))
