@@ -448,7 +448,8 @@ def test_hp_model_skips_specific_set_at_lambda_zero_and_local_term_without_atten
 MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     import torch.nn.functional as F
-    from raysseg.methods.hp.core import hidden_positive_mask, sample_negatives, ghp_supcon_loss
+    from raysseg.methods.hp.core import (hidden_positive_mask, sample_negatives, ghp_supcon_loss,
+                                         released_supcon_per_image, shared_negatives)
 
     def peak():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux: KiB)
@@ -467,6 +468,16 @@ MEMORY_SCRIPT = textwrap.dedent("""
     small = hidden_positive_mask(feats[:300], pool, chunk=256)
     ghp_supcon_loss(z[:300], small, None, 0.0, sample_negatives(small, 0.5, None), 0.6, 256)[0].backward()
     z.grad = None
+    if sys.argv[1] == "released":  # two masks (task-agnostic, task-specific), 100 images of 200 patches
+        pos_ag = hidden_positive_mask(feats, pool, chunk=256)
+        pos_sp = hidden_positive_mask(F.normalize(torch.randn(n, c), dim=1), pool, chunk=256)
+        neg = shared_negatives(200, n, 0.02, torch.Generator().manual_seed(0))
+        base = peak()
+        losses, kept = released_supcon_per_image(z, pos_ag, pos_sp, 0.5, neg, 0.6)
+        losses.mean().backward()
+        assert torch.isfinite(losses).all() and kept.any() and torch.isfinite(z.grad).all()
+        print(peak() - base)
+        sys.exit(0)
     base = peak()
     pos = hidden_positive_mask(feats, pool, chunk=256)
     neg = sample_negatives(pos, 0.02, torch.Generator().manual_seed(0), chunk=256)
@@ -496,6 +507,15 @@ def test_memory_stays_far_below_dense_n_by_n():
     growth = peak_growth("workload")  # mask + negatives + loss forward + backward
     # Masks plus chunk buffers; one dense float N x N (let alone masks + it) would exceed this.
     assert growth < masks + 0.25 * dense_float, (growth, masks, dense_float)
+
+
+@pytest.mark.slow
+def test_released_loss_keeps_no_per_image_mask_copies_for_backward():
+    """Its recomputing checkpoint is handed the batch's masks and takes each image's rows inside, so what waits
+    for backward is not a copy of the rows (three bool [n, N] per image: 3 N^2 bytes, 1.2 GB here)."""
+    n = 20000
+    growth = peak_growth("released")  # the two masks exist before the measure starts
+    assert growth < n * n, growth  # one image's float buffers (~0.24 GB); the copies alone would be 3 N^2
 
 
 @pytest.mark.parametrize("form", ["paper", "released"])

@@ -384,14 +384,19 @@ def shared_negatives(n: int, total: int, rho: float, generator: torch.Generator 
 
 
 def _released_image_sum(anchors: Tensor, z: Tensor, pos_ag: Tensor, pos_sp: Tensor | None, lam: float,
-                        neg: Tensor, tau: float) -> Tensor:
+                        neg_shared: Tensor, rows: Tensor, start: int, tau: float) -> Tensor:
     """sum over kept rows of sum_j w_ij (logsumexp_{n in P_ag u neg} l_in - l_ij), rows = one image's anchors.
 
-    anchors [r, D] (every row has a task-agnostic positive), z [N, D], pos_ag/pos_sp/neg bool [r, N]."""
-    w = pos_ag.to(torch.float32)
+    anchors [r, D] (the rows' anchors; every row has a task-agnostic positive), z [N, D], pos_ag / pos_sp
+    bool [N, N] (the whole batch's), neg_shared [n, N], rows [r] the anchors' indices, start the image's first.
+    The rows' masks are taken here, so a recomputing checkpoint keeps no [r, N] copy alive until backward."""
+    ag = pos_ag[rows]
+    w = ag.to(torch.float32)
     if pos_sp is not None:
-        w = w + lam * pos_sp.to(torch.float32)
-    denom = pos_ag | neg  # released (4): P_ag plus the shared random mask (self removed)
+        w = w + lam * pos_sp[rows].to(torch.float32)
+    cols = torch.arange(z.shape[0], device=z.device)
+    neg = neg_shared[rows - start] & (cols[None, :] != rows[:, None])  # released (4): self removed
+    denom = ag | neg  # released (4): P_ag plus the shared random mask
     return weighted_nll_sum(anchors, z, w, denom, tau)
 
 
@@ -428,18 +433,15 @@ def released_supcon_per_image(z: Tensor, pos_ag: Tensor, pos_sp: Tensor | None, 
     use_sp = pos_sp is not None and lam > 0
     kept = rows_any(pos_ag)  # released (3)
     use_ckpt = _checkpointed(z, a)
-    cols = torch.arange(total, device=z.device)
     losses = []
     for start in range(0, total, n):
         rows = torch.arange(start, start + n, device=z.device)[kept[start:start + n]]
         if len(rows) == 0:
             losses.append(z.sum() * 0 + a.sum() * 0)
             continue
-        ag, sp = pos_ag[rows], pos_sp[rows] if use_sp else None
-        with torch.no_grad():
-            neg = neg_shared[rows - start] & (cols[None, :] != rows[:, None])  # (4)
-            weight = ag.sum() + (lam * sp.sum() if sp is not None else 0.0)
-        args = (a[rows], z, ag, sp, lam, neg, tau)
+        with torch.no_grad():  # count_nonzero: a bool sum would first widen the rows to int64
+            weight = torch.count_nonzero(pos_ag[rows]) + (lam * torch.count_nonzero(pos_sp[rows]) if use_sp else 0.0)
+        args = (a[rows], z, pos_ag, pos_sp if use_sp else None, lam, neg_shared, rows, start, tau)
         part = (checkpoint(_released_image_sum, *args, use_reentrant=False) if use_ckpt
                 else _released_image_sum(*args))
         losses.append(part / weight * (tau / BASE_TEMPERATURE))  # released (2)
@@ -784,7 +786,7 @@ class HPModel(nn.Module):
             "loss_consistency": float(reg.detach()),
             "lam": float(lam),
             "pos_per_anchor": float(torch.count_nonzero(positives)) / n,
-            "neg_per_anchor": float(neg.sum()) * b / n,
+            "neg_per_anchor": float(torch.count_nonzero(neg)) * b / n,
             "kept_frac": float(kept.sum()) / n,
             "time_selection_s": t1 - t0,
             "time_loss_s": t2 - t1,
