@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from raysseg.core.exact_select import error_margins, exact_row_max, exact_select, fast_products
+from raysseg.core.exact_select import error_margins, exact_row_max, exact_select, fast_products, mask_any
 from raysseg.core.machine import count_flops_split
 from raysseg.core.precision import exact_fp32
 from raysseg.methods.hp.core import HPModel, anchor_criterion, hidden_positive_mask
@@ -277,3 +277,14 @@ def test_a_against_itself_computes_half_the_fast_products_and_decides_the_same(s
     fast = {name: total - exact for name, (total, exact) in counts.items()}
     assert fast["a copy"] == 640 * 640 * per_product
     assert fast["itself"] == 128 * (640 + 512 + 384 + 256 + 128) * per_product  # 60% of it: chunks of 128
+
+
+def test_mask_any_equals_torch_any_on_contiguous_sliced_and_grouped_masks():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(48, 33, generator=g) < 0.03
+    mask[3] = False
+    for m in (mask, mask[5:17], mask[:, 4:20], mask.T):
+        for dim in (0, 1):
+            assert torch.equal(mask_any(m, dim), m.any(dim=dim))
+    grouped = mask.view(3, 16, 33)
+    assert torch.equal(mask_any(grouped, 1), grouped.any(dim=1))

@@ -24,7 +24,6 @@ from raysseg.methods.hp.core import (
     local_attention_weights,
     mix_codes,
     neighbourhood_mask,
-    rows_any,
     sample_negatives,
     weighted_nll_sum,
     weighted_supcon_loss,
@@ -546,11 +545,3 @@ def test_the_losses_give_the_same_gradients_with_and_without_recomputing_their_l
         results.append((loss.detach(), z.grad))
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-6)
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
-
-
-def test_rows_any_equals_torch_any_on_contiguous_and_sliced_masks():
-    g = torch.Generator().manual_seed(0)
-    mask = torch.rand(40, 33, generator=g) < 0.03
-    mask[3] = False
-    for m in (mask, mask[5:17], mask[:, 4:20], mask.T):
-        assert torch.equal(rows_any(m), m.any(dim=1))

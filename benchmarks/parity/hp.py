@@ -34,8 +34,8 @@ Rows that are not within 1e-5 relative, and why (nothing of the method):
 
 Timing (unless ``--no-timing``): the same loop again with the released ViT, against ``HPTrainer.step_on`` with
 the project's timm ViT loaded from the same weights; both get the image and its augmented copy from outside
-(no augmentation on either side), one thread (``--threads``), CPU-seconds per iteration; ``--timing-rounds`` (3) rounds in turn,
-each cell the median over rounds.
+(no augmentation on either side), one thread (``--threads``), CPU-seconds per iteration; ``--timing-rounds`` (3)
+rounds in turn, each cell the median over rounds.
 
 The released modules import packages unrelated to this (wandb, pytorch_lightning, torchmetrics): empty stand-in
 modules in ``sys.modules``, in this process only. Runs in the project's venv.
@@ -715,8 +715,9 @@ def timing(rel, weights: str, images: dict, rounds: int = 1) -> str:
     rows = [("mean of steps " + ",".join(map(str, plain)) + " (no renewal)", lambda v: np.mean(v[plain]))]
     rows += [(f"step {t} (Q_sp renewal: {POOL} pool images)", lambda v, t=t: v[t]) for t in sorted(renew)]
     threads = torch.get_num_threads()
-    lines = [f"CPU-seconds per iteration ({threads} thread{'s' * (threads > 1)}; ViT-S/16, batch {B} at {S} px, pool of {POOL} images; steps 1-5, "
-             f"renewals apart; median of {rounds} rounds in turn; released / ours in brackets)",
+    lines = [f"CPU-seconds per iteration ({threads} thread{'s' * (threads > 1)}; ViT-S/16, batch {B} at {S} px, "
+             f"pool of {POOL} images; steps 1-5, renewals apart; median of {rounds} rounds in turn; released / ours "
+             "in brackets)",
              f"{'':<38}" + "".join(f"{name:>26}" for name in runs)]
     theirs = runs["released run.py"]
     for label, pick in rows:

@@ -213,7 +213,7 @@ def _recheck(a: Tensor, b: Tensor, maybe: Tensor) -> tuple[Tensor, Tensor, Tenso
         return r, c, torch.empty(0, device=a.device)
     groups = -(-n // _MIN_TILE)
     full = (groups - 1) * _MIN_TILE
-    union = torch.cat([maybe[:full].view(groups - 1, _MIN_TILE, m).any(dim=1), maybe[full:].any(dim=0)[None]])
+    union = torch.cat([mask_any(maybe[:full].view(groups - 1, _MIN_TILE, m), 1), mask_any(maybe[full:], 0)[None]])
     position = union.cumsum(dim=1) - 1  # [G, M]: a column's place among its group's columns
     width = position[:, -1] + 1  # [G]
     start = torch.clamp(torch.arange(groups, device=a.device) * _MIN_TILE, max=n - _MIN_TILE)
@@ -237,6 +237,12 @@ def _recheck(a: Tensor, b: Tensor, maybe: Tensor) -> tuple[Tensor, Tensor, Tenso
         gp = g[pick]
         values[pick] = out[slot[gp], r[pick] - start[gp], position[gp, c[pick]]]
     return r, c, values
+
+
+def mask_any(mask: Tensor, dim: int) -> Tensor:
+    """``mask.any(dim=dim)`` for a bool mask, as a max over its bytes: torch's bool reduction along a dim is ~30x
+    slower on CPU (2.8 ms against 0.08 for the rows of a 1,568^2 mask)."""
+    return mask.view(torch.uint8).amax(dim=dim).bool()
 
 
 def _principal_key(x: Tensor, iterations: int = 8) -> Tensor:

@@ -89,7 +89,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from raysseg.core.exact_select import exact_row_max, exact_select
+from raysseg.core.exact_select import exact_row_max, exact_select, mask_any
 from raysseg.core.precision import at_least_fp32, exact_fp32
 
 BASE_TEMPERATURE = 0.07  # the released code multiplies the loss by tau / 0.07
@@ -218,12 +218,6 @@ def sample_negatives(positive_any: Tensor, rho: float, generator: torch.Generato
 # ----------------------------------------------------------------------------- contrastive loss
 
 
-def rows_any(mask: Tensor) -> Tensor:
-    """bool [r, N] -> bool [r]: whether each row has a True. ``mask.any(dim=1)`` computes the same, but
-    torch's bool reduction on CPU is ~30x slower than a max over the same bytes (3 ms vs 0.1 ms at 1568^2)."""
-    return mask.view(torch.uint8).amax(dim=1).bool()
-
-
 def _weights(parts: tuple[Tensor, ...], coefs: tuple[float, ...]) -> Tensor:
     return sum(c * p.to(torch.float32) for c, p in zip(coefs, parts))
 
@@ -234,7 +228,7 @@ def _chunk_nll_sum(anchors: Tensor, z: Tensor, neg: Tensor, *parts: Tensor,
     w = _weights(parts, coefs)
     pos = w > 0
     # Rows without positives get a full (finite) denominator; their w = 0 removes them.
-    denom = pos | neg | ~rows_any(pos)[:, None]
+    denom = pos | neg | ~mask_any(pos, 1)[:, None]
     return weighted_nll_sum(anchors, z, w, denom, tau)
 
 
@@ -431,7 +425,7 @@ def released_supcon_per_image(z: Tensor, pos_ag: Tensor, pos_sp: Tensor | None, 
     if tau <= 0:
         _fail("released_supcon_per_image", f"tau must be > 0, got {tau}")
     use_sp = pos_sp is not None and lam > 0
-    kept = rows_any(pos_ag)  # released (3)
+    kept = mask_any(pos_ag, 1)  # released (3)
     use_ckpt = _checkpointed(z, a)
     losses = []
     for start in range(0, total, n):
