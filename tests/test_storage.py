@@ -195,6 +195,17 @@ def test_seaweed_server_needs_credentials_and_binary(tmp_path, monkeypatch):
         storage.find_weed()
 
 
+def test_seaweed_volume_limit_does_not_depend_on_free_disk(s3_server):
+    """weed's default limit is free disk / volume size, one volume per bucket: a CI machine with less
+    free disk failed every PUT to its ninth-or-so bucket. The limit is now ours."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{s3_server.master_port}/dir/status", timeout=10) as response:
+        topology = json.load(response)["Topology"]
+    assert topology["Max"] == s3_server.max_volumes == 1000
+
+
 def test_seaweed_server_logs_in_its_dir(s3_server):
     assert s3_server.log_path.parent == s3_server.data_dir
     assert s3_server.log_path.stat().st_size > 0

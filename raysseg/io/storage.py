@@ -843,6 +843,9 @@ class SeaweedServer:
     call :meth:`start` / :meth:`stop`.
 
     ``s3_port`` None picks free ports for every component (safe next to other servers).
+    ``max_volumes`` bounds the volume files (each bucket gets its own; they grow as written, nothing is
+    preallocated). weed's own default divides the free disk by the volume size, so on a machine with
+    8 GB free the ninth bucket cannot take writes (INTERNAL_FAILURE on every PUT).
     Credentials default to AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the environment.
     """
 
@@ -854,6 +857,7 @@ class SeaweedServer:
         secret_key: str | None = None,
         s3_port: int | None = None,
         startup_timeout_s: float = 60.0,
+        max_volumes: int = 1000,
     ):
         self.data_dir = Path(data_dir).absolute()
         self.access_key = access_key or os.environ.get("AWS_ACCESS_KEY_ID")
@@ -864,9 +868,11 @@ class SeaweedServer:
                 "(or pass access_key/secret_key)"
             )
         self.startup_timeout_s = startup_timeout_s
+        self.max_volumes = max_volumes
         self._requested_s3_port = s3_port
         self.s3_port: int | None = None
         self._ports: tuple[int, ...] | None = None
+        self.master_port: int | None = None  # the master's HTTP API (/dir/status: volume counts)
         self.metrics_port: int | None = None  # Prometheus metrics (request counts by type): see request_count
         self.log_path = self.data_dir / "weed.log"
         self._proc: subprocess.Popen | None = None
@@ -911,13 +917,14 @@ class SeaweedServer:
             fixed = {self._requested_s3_port} if self._requested_s3_port else set()
             picked = _pick_ports(5, fixed)
             self._ports = (*picked, self._requested_s3_port or _pick_ports(1, set(picked))[0])
-        master, volume, filer, admin, self.metrics_port, self.s3_port = self._ports
+        self.master_port, volume, filer, admin, self.metrics_port, self.s3_port = self._ports
         cmd = [
             weed, f"-logdir={self.data_dir / 'logs'}", "mini",
             f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
             "-s3.autoCreateBucket=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+            f"-volume.max={self.max_volumes}",
+            f"-master.port={self.master_port}", f"-volume.port={volume}", f"-filer.port={filer}",
             f"-admin.port={admin}", f"-s3.port={self.s3_port}",
             f"-metricsPort={self.metrics_port}", "-metricsIp=127.0.0.1",
         ]
