@@ -545,3 +545,12 @@ def test_the_losses_give_the_same_gradients_with_and_without_recomputing_their_l
         results.append((loss.detach(), z.grad))
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-6)
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+
+
+def test_union_count_by_row_chunks_equals_the_union_mask():
+    from raysseg.methods.hp.core import _union_count
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(37, 23, generator=g) < 0.3, torch.rand(37, 23, generator=g) < 0.2
+    assert _union_count(a, b, 8) == int((a | b).sum()) != int(a.sum()) + int(b.sum())
+    assert _union_count(a, None, 8) == int(a.sum())

@@ -215,6 +215,13 @@ def sample_negatives(positive_any: Tensor, rho: float, generator: torch.Generato
     return neg
 
 
+def _union_count(a: Tensor, b: Tensor | None, chunk: int) -> int:
+    """How many entries of bool [N, M] masks a | b are set, chunk rows at a time (no third [N, M] mask)."""
+    if b is None:
+        return int(torch.count_nonzero(a))
+    return sum(int(torch.count_nonzero(a[i:i + chunk] | b[i:i + chunk])) for i in range(0, a.shape[0], chunk))
+
+
 # ----------------------------------------------------------------------------- contrastive loss
 
 
@@ -771,7 +778,6 @@ class HPModel(nn.Module):
         reg = consistency_loss(z, z_aug)
         contrast = ((ghp + lhp) / 2).mean()  # released (1)
         total = contrast + alpha * reg
-        positives = pos_ag if pos_sp is None else pos_ag | pos_sp
         n = kept.numel()
         stats = {
             "loss_total": float(total.detach()),
@@ -779,7 +785,7 @@ class HPModel(nn.Module):
             "loss_lhp": float(lhp.detach().mean()),
             "loss_consistency": float(reg.detach()),
             "lam": float(lam),
-            "pos_per_anchor": float(torch.count_nonzero(positives)) / n,
+            "pos_per_anchor": _union_count(pos_ag, pos_sp, chunk) / n,
             "neg_per_anchor": float(torch.count_nonzero(neg)) * b / n,
             "kept_frac": float(kept.sum()) / n,
             "time_selection_s": t1 - t0,
