@@ -73,8 +73,8 @@ def test_cached_rows_are_those_of_a_direct_decode(size, synth_data, tmp_path):
 
 def test_bad_images_are_invalid_rows_counted_and_listed(synth_data, tmp_path):
     split = _split(synth_data, tmp_path)
+    good = sorted((split / "images").glob("*.png"))[0].read_bytes()  # before empty.png exists (tmpfs lists it first)
     (split / "images" / "empty.png").write_bytes(b"")
-    good = (split / "images").glob("*.png").__next__().read_bytes()
     (split / "images" / "truncated.png").write_bytes(good[: len(good) // 2])
     lines = []
     prepared = prepare(str(split), 32, "auto", log=lines.append)
