@@ -6,6 +6,10 @@ adopted (BENCHMARKS.md, "Two ways to narrow the re-check").
 2. Row tiles of 4 or 8 instead of 16: the re-check's GEMM work (rows x union of uncertain columns, before and
    after the width classes' padding) and its gathered columns, and whether this machine's batched GEMMs give
    the full GEMM's values bit for bit at that tile.
+3. The transposed layout: blocks of 32-128 contiguous columns, each against the gathered rows with an uncertain
+   pair in it (padded to a power of two, at least 16, as today's widths are), beside today's 16-row tiles against their gathered columns: GEMM work, FLOP per
+   byte of gathered operand moved (written, then read), and a roofline time on an H100 (67 TFLOP/s fp32,
+   3.35 TB/s) relative to today's.
 
 Features: a random ViT-S/16 on CamVid train images at 224 px, anchors against themselves with row thresholds
 over a pool of half of them (as benchmarks/exact_select.py).
@@ -84,6 +88,20 @@ def main() -> None:
         exact = " / ".join("yes" if tile_is_exact(f, tile, w) else "no" for w in (32, 8))
         print(f"| {tile} | {float(width.sum()) * tile / floor:.1f}x | {float(padded.sum()) * tile / floor:.1f}x | "
               f"{float(width.sum()):,.0f} | {exact} |")
+        if tile == 16:
+            today = (2 * 16 * float(padded.sum()) * f.shape[1], 8 * float(padded.sum()) * f.shape[1])
+    roofline = lambda flops, moved: max(flops / 67e12, moved / 3.35e12)  # noqa: E731
+    print("\n| layout | GEMM work / pairs | FLOP per byte moved | roofline time vs today | GEMMs before batching |"
+          "\n|---|---:|---:|---:|---:|")
+    print(f"| 16-row tiles x gathered columns (today) | {today[0] / (2 * 16 * f.shape[1]) * 16 / floor:.1f}x | "
+          f"{today[0] / today[1]:.0f} | 1.00 | {n // 16} |")
+    for block in (32, 64, 128):
+        blocks = n // block
+        rows = es.mask_any(maybe_fp16[:, :blocks * block].view(n, blocks, block), 2).sum(dim=0).double()
+        rows = torch.where(rows > 0, 2 ** torch.ceil(torch.log2(rows.clamp(min=16))), 0.0)  # padded as today's widths
+        flops, moved = 2 * float(rows.sum()) * block * f.shape[1], 8 * float(rows.sum()) * f.shape[1]
+        print(f"| {block}-column blocks x gathered rows | {float(rows.sum()) * block / floor:.1f}x | "
+              f"{flops / moved:.0f} | {roofline(flops, moved) / roofline(*today):.2f} | {int((rows > 0).sum())} |")
 
 
 if __name__ == "__main__":
