@@ -396,6 +396,10 @@ def test_vit_linears_run_on_onednn_only_where_nothing_else_changes():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert not mlp.fc2._onednn_applies(torch.randn(2, 13, 1536))
         assert mlp.fc2(torch.randn(2, 13, 1536)).dtype == torch.bfloat16
+    from raysseg.core.machine import count_flops
+
+    with torch.no_grad():  # the FLOP counter counts oneDNN's linears as it counts timm's
+        assert count_flops(lambda: model.forward_tokens(x)) == count_flops(lambda: reference.forward_features(x))
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,16 @@ class OneDnnLinear(nn.Module):
     def extra_repr(self) -> str:
         out, inp = self.weight.shape
         return f"in_features={inp}, out_features={out}, bias={self.bias is not None}, gelu={self.gelu}"
+
+
+if ONEDNN:
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _linear_pointwise_flops(x_shape, w_shape, *args, **kwargs) -> int:
+        """torch.utils.flop_counter's count for oneDNN's linear, as for F.linear's: 2 x rows x in x out (without
+        it the counter skips the op, and a frozen CPU ViT's linears vanish from `bench demand` and `bench step`)."""
+        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
 
 
 def use_onednn_linears(vit: nn.Module) -> None:
