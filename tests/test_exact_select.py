@@ -117,9 +117,9 @@ def test_hp_model_selection_setting_gives_the_same_masks():
             model.selection = selection
             _, loss_stats = model.loss(feats, feats, None, q_ag, q_sp, 0.5, tau=0.2, rho=0.1, alpha=1.0, sigma=1.0,
                                        chunk=64, generator=torch.Generator().manual_seed(0), loss_form=form)
-            assert ("recheck_frac" in loss_stats) == (selection != "fp32")
+            assert ("recheck_frac" in loss_stats) == ("recheck_gathered_gb" in loss_stats) == (selection != "fp32")
             if selection != "fp32":
-                assert 0 < loss_stats["recheck_frac"] < 1
+                assert 0 < loss_stats["recheck_frac"] < 1 and loss_stats["recheck_gathered_gb"] > 0
     model.selection = "fp16"
     with pytest.raises(ValueError, match="selection must be one of fp32, bf16_recheck"):
         model.hidden_positives(feats, q_ag, None, 0.0, 64)
@@ -210,7 +210,8 @@ def test_a_blas_whose_gemm_values_depend_on_the_shape_falls_back_to_fp32(monkeyp
 def test_recheck_pads_each_group_to_its_width_class_not_to_the_widest_group():
     """One group with every column uncertain, fourteen with one each, one with none: the fp32 values of exactly the
     uncertain pairs, and GEMM work of 16 x (512 + 14 x 32) columns (the wide group, then the narrow ones padded to
-    32), not 16 groups x 512."""
+    32), not 16 groups x 512; its gathers write those groups' rows and columns, (15 x 16 + 512 + 14 x 32) x 64
+    floats."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from raysseg.core.exact_select import _recheck
@@ -223,11 +224,13 @@ def test_recheck_pads_each_group_to_its_width_class_not_to_the_widest_group():
             maybe[16 * group + group % 16, 7 * group] = True
     with exact_fp32():
         ref = a @ b.T
+        stats = {}
         with FlopCounterMode(display=False) as counter:
-            r, c, vals = _recheck(a, b, maybe)
+            r, c, vals = _recheck(a, b, maybe, stats)
     assert torch.equal(torch.stack([r, c]), torch.stack(maybe.nonzero(as_tuple=True)))
     assert torch.equal(vals, ref[r, c])
     assert counter.get_total_flops() == 2 * 16 * 64 * (512 + 14 * 32)
+    assert stats["gathered"] == (15 * 16 + 512 + 14 * 32) * 64
 
 
 def test_the_recheck_groups_similar_rows_so_their_unions_are_narrower():

@@ -68,6 +68,7 @@ class StepResult:
     step_gflop: float = 0.0  # everything one step runs, backward included
     step_exact_gflop: float = 0.0  # of which in exact fp32 (decisions: no tensor cores on a GPU)
     recheck_frac: float | None = None  # HP's low-precision selection: share of its pairs re-checked in fp32
+    recheck_gathered_gb: float | None = None  # and what that re-check's gathers write (its GEMMs read it again)
     peak_flops: float = float("nan")
     peak_source: str = ""
 
@@ -184,6 +185,7 @@ def step_benchmark(method: str, device: str, precision: str, overrides: list[str
     total, exact = count_flops_split(lambda: counted.update(rig.trainer.train_step(batch_rows, warmup + steps)))
     result.step_gflop, result.step_exact_gflop = total / 1e9, exact / 1e9
     result.recheck_frac = counted.get("recheck_frac")
+    result.recheck_gathered_gb = counted.get("recheck_gathered_gb")
     x = standardize(torch.from_numpy(batch_rows["image"]).to(dev).permute(0, 3, 1, 2).float().div(255))
     fwd_s, fwd_flops = _time_backbone(rig.seg.backbone, x, prec, dev, repeats=max(3, steps // 2))
     result.backbone_fwd_s, result.backbone_gflop_per_image = fwd_s, fwd_flops / 1e9 / batch
@@ -287,12 +289,14 @@ def bench_gpu(device: str = "cuda", precisions=("fp32", "bf16"), methods=tuple(P
                  f"median of {steps} steps", results)
 
 
-def step_gflop(method: str, batch: int, overrides: list[str], scenes: str = "") -> tuple[float, float, float | None]:
+def step_gflop(method: str, batch: int, overrides: list[str],
+               scenes: str = "") -> tuple[float, float, float | None, float]:
     """GFLOP of one training step of ``method`` at the papers' settings with ``batch`` images, counted on the CPU,
-    how many of them run in exact fp32, and the share of HP's selection pairs re-checked (None without one)."""
+    how many of them run in exact fp32, the share of HP's selection pairs re-checked (None without one) and the GB
+    its re-check gathers (0 without one)."""
     result = step_benchmark(method, "cpu", "fp32", [f"train.batch_size={batch}", f"pretrain.batch_size={batch}",
                                                     *overrides], steps=1, warmup=1, paper=True, scenes=scenes)
-    return result.step_gflop, result.step_exact_gflop, result.recheck_frac
+    return result.step_gflop, result.step_exact_gflop, result.recheck_frac, result.recheck_gathered_gb or 0.0
 
 
 # The rows of `bench demand`: HP once per hp.selection (the selection's products in exact fp32, or in bf16 with
@@ -301,8 +305,8 @@ DEMAND_ROWS = {"hp": [["hp.selection=fp32"], ["hp.selection=bf16_recheck"], ["hp
                       ["hp.selection=fp16_recheck"]]}
 
 
-def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utilisation: float = 0.4,
-                 methods: tuple[str, ...] = tuple(PAPER_SETTINGS), scenes: str = "") -> str:
+def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, gpu_tb_s: float = 3.35,
+                 utilisation: float = 0.4, methods: tuple[str, ...] = tuple(PAPER_SETTINGS), scenes: str = "") -> str:
     """Images/s one GPU would consume per method at the papers' settings, from FLOPs counted on the CPU.
 
     A step's FLOPs are counted at two small batches and fitted as a * B + b * B^2 (HP's selection and
@@ -312,6 +316,10 @@ def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utili
     fp32 FLOPs / its fp32 peak without tensor cores); defaults: H100 SXM / H200 datasheets, 989.4 and 67. HP's
     selection (its products: the fp32 row's exact FLOPs; in the others the FLOPs beyond the fp32 row's rest) gets
     its share of that time.
+    The low-precision selections' re-check multiplies rows and columns its gathers first write out (counted, and
+    fitted the same way): written, then read, at ``gpu_tb_s`` (H100 SXM: 3.35 TB/s; H200: 4.8) that can take
+    longer than its FLOPs. The last two columns price the exact part at the longer of the two, at the same
+    utilisation: a roofline, so still a lower bound on the time.
     The steps run on synthetic scenes, or on the images of the folder ``scenes`` (HP's fp32 re-check of
     ``bf16_recheck`` is data-dependent: it re-computes only the pairs near their thresholds)."""
     def at_paper_batch(f1: float, f2: float, b1: int, b2: int, batch: int) -> float:
@@ -328,24 +336,30 @@ def bench_demand(gpu_tflops: float = 989.4, gpu_fp32_tflops: float = 67.0, utili
         small = ["hp.pool_size=64", "hp.warmup=0"] if method == "hp" else []
         for variant in DEMAND_ROWS.get(method, [[]]):
             b1, b2 = (2, 4)
-            (f1, e1, s1), (f2, e2, s2) = (step_gflop(method, b, small + variant, scenes) for b in (b1, b2))
+            (f1, e1, s1, g1), (f2, e2, s2, g2) = (step_gflop(method, b, small + variant, scenes) for b in (b1, b2))
             per_image, exact = at_paper_batch(f1, f2, b1, b2, paper_batch), at_paper_batch(e1, e2, b1, b2, paper_batch)
-            seconds = (per_image - exact) / (gpu_tflops * 1e3) + exact / (gpu_fp32_tflops * 1e3)
+            gathered = at_paper_batch(g1, g2, b1, b2, paper_batch)  # GB per image
+            fast_s, exact_s = (per_image - exact) / (gpu_tflops * 1e3), exact / (gpu_fp32_tflops * 1e3)
+            exact_roof_s = max(exact_s, 2 * gathered / (gpu_tb_s * 1e3))  # written, then read
+            seconds, roof_seconds = fast_s + exact_s, fast_s + exact_roof_s
             name = method + (f" ({', '.join(variant)})" if variant else "")
             share = "-" if s1 is None else f"{s1:.1%} / {s2:.1%}"
-            selection = "-"
+            selection = roof_selection = "-"
             if method == "hp":
                 rest = per_image - exact if variant == ["hp.selection=fp32"] else rest
-                selected = (per_image - exact - rest) / (gpu_tflops * 1e3) + exact / (gpu_fp32_tflops * 1e3)
-                selection = f"{selected / seconds:.0%}"
+                fast_selected = (per_image - exact - rest) / (gpu_tflops * 1e3)
+                selection = f"{(fast_selected + exact_s) / seconds:.0%}"
+                roof_selection = f"{(fast_selected + exact_roof_s) / roof_seconds:.0%}"
             rows.append([name, f"{paper_batch}", f"{f1 / b1:.0f}", f"{f2 / b2:.0f}", f"{per_image:.0f}",
-                         f"{exact:.1f}", share, selection, f"{utilisation / seconds:,.0f}"])
+                         f"{exact:.1f}", share, selection, f"{utilisation / seconds:,.0f}", f"{gathered:.2f}",
+                         roof_selection, f"{utilisation / roof_seconds:,.0f}"])
             print(f"[bench demand] {name}: {per_image:.0f} GFLOP per image at batch {paper_batch}, "
                   f"{exact:.1f} in exact fp32", flush=True)
     header = ["method", "papers batch", "GFLOP/image at B=2", "GFLOP/image at B=4", "GFLOP/image at the papers batch",
               "of which exact fp32", "pairs re-checked at B=2 / 4", "selection's share of the FLOP-time",
               f"images/s per GPU at {100 * utilisation:.0f}% of {gpu_tflops:.0f} (bf16) "
-              f"and {gpu_fp32_tflops:.0f} (fp32) TFLOP/s"]
+              f"and {gpu_fp32_tflops:.0f} (fp32) TFLOP/s", "re-check's gathers, GB/image",
+              f"selection's share with the gathers at {gpu_tb_s:g} TB/s", "images/s then"]
     on = f"the images of {scenes}" if scenes else "synthetic scenes"
     lines = [f"### Demand: training images/s one GPU consumes (FLOPs of a step on {on}, torch.utils.flop_counter)",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -199,14 +199,16 @@ def error_margins(a: Tensor, b: Tensor, scheme: str = "bf16") -> Tensor:
     return _widen(m.row[:, None] + m.col[None, :])
 
 
-def _recheck(a: Tensor, b: Tensor, maybe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _recheck(a: Tensor, b: Tensor, maybe: Tensor, stats: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """fp32 values of the pairs where ``maybe`` [R, M] (R >= 16 rows of a) is True: (rows, cols, values).
 
     Each group of 16 consecutive rows (the last group takes the last 16 rows) is multiplied with the union of its
     uncertain columns, as the fp32 path's GEMM computes them. Groups with no uncertain pair are skipped; the others
     run as batched GEMMs (bmm: the same per-element values as one GEMM, measured) per width class (unions of up
     to 32, 64, 128, ... columns, each class padded to its own widest union), in batches whose gathered columns
-    stay within the fp32 path's R x M floats. So a group costs at most twice its own union, not the widest's."""
+    stay within the fp32 path's R x M floats. So a group costs at most twice its own union, not the widest's.
+    ``stats`` (optional) gets "gathered" added: the floats the gathers write (rows and columns of the groups),
+    which the batched GEMMs then read; on a GPU they, not the FLOPs, bound the re-check."""
     n, m, c_dim = a.shape[0], b.shape[0], a.shape[1]
     r, c = maybe.nonzero(as_tuple=True)
     if r.shape[0] == 0:
@@ -228,6 +230,8 @@ def _recheck(a: Tensor, b: Tensor, maybe: Tensor) -> tuple[Tensor, Tensor, Tenso
         columns = torch.zeros(members.shape[0], widest, dtype=torch.long, device=a.device)  # padded with column 0
         columns[slot_of, position[members[slot_of], col_of]] = col_of
         rows = a[start[members][:, None] + tile]  # [Gk, 16, C]
+        if stats is not None:
+            stats["gathered"] = stats.get("gathered", 0) + members.shape[0] * (_MIN_TILE + widest) * c_dim
         per_batch = max(1, (n * m) // (widest * c_dim))
         out = torch.cat([torch.bmm(rows[s:s + per_batch], b[columns[s:s + per_batch]].transpose(1, 2))
                          for s in range(0, members.shape[0], per_batch)])  # [Gk, 16, widest]
@@ -258,10 +262,11 @@ def _principal_key(x: Tensor, iterations: int = 8) -> Tensor:
     return x @ v
 
 
-def _recheck_similar(rows: Tensor, b: Tensor, maybe: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _recheck_similar(rows: Tensor, b: Tensor, maybe: Tensor, key: Tensor,
+                     stats: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_recheck` with the rows grouped in the order of their ``key`` [R] (:func:`_principal_key`)."""
     order = key.argsort()
-    r, c, values = _recheck(rows[order], b, maybe[order])
+    r, c, values = _recheck(rows[order], b, maybe[order], stats)
     return order[r], c, values
 
 
@@ -298,7 +303,8 @@ def recheck_is_exact(device: torch.device, c_dim: int, chunk: int, m: int) -> bo
 def exact_row_max(a: Tensor, b: Tensor, chunk: int, scheme: str = "bf16", stats: dict | None = None) -> Tensor:
     """max_m a_i . b_m for each row i, equal bit for bit to ``cat([(a[i:i+chunk] @ b.T).amax(1)])`` in fp32.
 
-    a [N, C], b [M, C] float32 -> [N] float32. ``stats`` (optional) gets "pairs" and "rechecked" added.
+    a [N, C], b [M, C] float32 -> [N] float32. ``stats`` (optional) gets "pairs", "rechecked" and "gathered"
+    (:func:`_recheck`) added.
     """
     sc = _scheme(scheme)
     fa, fb = _operand(a, sc, "left"), _operand(b, sc, "right")
@@ -316,7 +322,7 @@ def exact_row_max(a: Tensor, b: Tensor, chunk: int, scheme: str = "bf16", stats:
         y = _fast_product(fa.fast[i:i + chunk], fb.fast, a.shape[1], sc.piece)
         cand = y >= (y.amax(dim=1) - span[i:i + chunk])[:, None]
         with exact_fp32():
-            r, _, vals = _recheck_similar(rows, fb.x, cand, key[i:i + chunk])
+            r, _, vals = _recheck_similar(rows, fb.x, cand, key[i:i + chunk], stats)
         best = torch.full((rows.shape[0],), float("-inf"), device=a.device)
         out.append(best.scatter_reduce(0, r, vals, reduce="amax"))
         _count(stats, y.numel(), r.shape[0])
@@ -334,7 +340,7 @@ def exact_select(a: Tensor, b: Tensor, threshold: Tensor, col_threshold: Tensor 
     the fast GEMM's work) or "fp16" (one pass, ~8x narrower at bf16's tensor-core rate; on CPU at fp32's speed).
     With ``b is a`` the fast products of each chunk cover only its own and later columns: the pairs before them
     are decided on the transposed products (:func:`_symmetric_select`), half the fast GEMM's work.
-    ``stats`` (optional) gets "pairs" and "rechecked" added.
+    ``stats`` (optional) gets "pairs", "rechecked" and "gathered" (:func:`_recheck`) added.
     """
     sc = _scheme(scheme)
     fa = _operand(a, sc, "left")
@@ -405,7 +411,7 @@ def _settle(sure: Tensor, maybe: Tensor, rows: Tensor, cols: Tensor, row_t: Tens
     grouped by ``key`` [R])."""
     if bool(maybe.any()):
         with exact_fp32():
-            r, c, vals = _recheck_similar(rows, cols, maybe, key)
+            r, c, vals = _recheck_similar(rows, cols, maybe, key, stats)
         sure[r, c] = vals > row_t[r] if col_t is None else (vals > row_t[r]) | (vals > col_t[c])
         _count(stats, sure.numel(), r.shape[0])
     else:

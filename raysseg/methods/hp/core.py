@@ -215,6 +215,15 @@ def sample_negatives(positive_any: Tensor, rho: float, generator: torch.Generato
     return neg
 
 
+def _recheck_stats(selected: dict) -> dict[str, float]:
+    """A low-precision selection's share of pairs re-checked in fp32, and the GB its re-check gathers (rows and
+    columns written out for the batched GEMMs, which read them again); empty for the fp32 selection."""
+    if not selected:
+        return {}
+    return {"recheck_frac": selected["rechecked"] / selected["pairs"],
+            "recheck_gathered_gb": 4 * selected.get("gathered", 0) / 1e9}
+
+
 def _union_count(a: Tensor, b: Tensor | None, chunk: int) -> int:
     """How many entries of bool [N, M] masks a | b are set, chunk rows at a time (no third [N, M] mask)."""
     if b is None:
@@ -669,7 +678,8 @@ class HPModel(nn.Module):
         Returns (loss, stats) with float stats: loss parts, lam, mean positives and
         negatives per anchor, fraction of anchors kept, and wall-clock seconds of the
         selection (masks + negatives) and of the heads + contrastive forward; with a low-precision
-        ``selection``, the share of pairs its fp32 re-check recomputed ("recheck_frac").
+        ``selection``, the share of pairs its fp32 re-check recomputed ("recheck_frac") and the GB that re-check
+        gathers ("recheck_gathered_gb").
         loss_form "released": :meth:`released_loss` (module docstring, points 1-5).
         """
         if feats.dim() != 4 or feats_aug.shape != feats.shape:
@@ -723,8 +733,7 @@ class HPModel(nn.Module):
             "time_selection_s": t1 - t0,
             "time_loss_s": t2 - t1,
         }
-        if selected:
-            stats["recheck_frac"] = selected["rechecked"] / selected["pairs"]
+        stats.update(_recheck_stats(selected))
         return total, stats
 
     def released_loss(self, feats: Tensor, feats_aug: Tensor, attn_logits: Tensor | None, q_ag: Tensor,
@@ -791,6 +800,5 @@ class HPModel(nn.Module):
             "time_selection_s": t1 - t0,
             "time_loss_s": t2 - t1,
         }
-        if selected:
-            stats["recheck_frac"] = selected["rechecked"] / selected["pairs"]
+        stats.update(_recheck_stats(selected))
         return total, stats
