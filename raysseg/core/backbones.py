@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -136,9 +137,7 @@ class OneDnnLinear(nn.Module):
         return f"in_features={inp}, out_features={out}, bias={self.bias is not None}, gelu={self.gelu}"
 
 
-if ONEDNN:
-    from torch.utils.flop_counter import register_flop_formula
-
+if ONEDNN and torch.ops.mkldnn._linear_pointwise not in flop_registry:  # a later torch may count it itself
     @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
     def _linear_pointwise_flops(x_shape, w_shape, *args, **kwargs) -> int:
         """torch.utils.flop_counter's count for oneDNN's linear, as for F.linear's: 2 x rows x in x out (without
