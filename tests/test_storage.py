@@ -196,8 +196,8 @@ def test_seaweed_server_needs_credentials_and_binary(tmp_path, monkeypatch):
 
 
 def test_seaweed_volume_limit_does_not_depend_on_free_disk(s3_server):
-    """weed's default limit is free disk / volume size, one volume per bucket: a CI machine with less
-    free disk failed every PUT to its ninth-or-so bucket. The limit is now ours."""
+    """weed's default limit is free disk / volume size, one volume per bucket: on a CI machine with less
+    free disk, every PUT to the suite's last buckets failed. The limit is now ours."""
     import json
     import urllib.request
 

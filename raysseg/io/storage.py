@@ -844,8 +844,8 @@ class SeaweedServer:
 
     ``s3_port`` None picks free ports for every component (safe next to other servers).
     ``max_volumes`` bounds the volume files (each bucket gets its own; they grow as written, nothing is
-    preallocated). weed's own default divides the free disk by the volume size, so on a machine with
-    8 GB free the ninth bucket cannot take writes (INTERNAL_FAILURE on every PUT).
+    preallocated). weed's own default divides the free disk by its volume size (28 volumes with 29 GB
+    free), so once that many buckets exist the next cannot take writes (INTERNAL_FAILURE on every PUT).
     Credentials default to AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the environment.
     """
 
